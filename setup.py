@@ -1,0 +1,35 @@
+"""wildactor-kernels: Triton kernels and model optimizations for identity-preserving video DiTs."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="wildactor-kernels",
+    version="0.1.0",
+    description=(
+        "Triton kernels (I-RoPE, asymmetric attention, reference-only LoRA, FP8) and a reference "
+        "WildActor video DiT with reference K/V cache, quantization and ONNX/TensorRT export."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["wildactor_kernels*", "model*", "benchmarks*"]),
+    install_requires=[
+        # 2.13.0 (the CI pin) and the device's 2.11 both satisfy this range.
+        "torch>=2.4,<2.14",
+        "triton>=3.0; platform_system=='Linux'",
+        "einops>=0.7",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.33", "onnx>=1.17", "onnxruntime>=1.20",
+                 "onnxscript>=0.2"],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
+        "quant": ["bitsandbytes>=0.45"],
+        "trt": ["tensorrt>=10.0"],
+        "flash": ["flash-attn>=2.6"],
+    },
+    entry_points={"console_scripts": ["wildactor=model.cli:main"]},
+    license="Apache-2.0",
+)

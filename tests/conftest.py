@@ -1,0 +1,53 @@
+"""Test setup shared by the whole suite.
+
+- Without a CUDA device the Triton kernels run under the interpreter. ``TRITON_INTERPRET`` is
+  read when ``@triton.jit`` decorates, so it is set here, before any kernel module is imported.
+- ``nan_empty``: makes ``torch.empty``/``empty_like`` return NaN-filled float tensors for one test,
+  so a kernel that skips a write fails (fla's habit).
+- ``@pytest.mark.gpu``: skipped with a reason when there is no CUDA device.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped on CPU)")
+    config.addinivalue_line("markers", "slow: longer tests (still part of the default run)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; this machine has none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def _fill(t):
+        if t.is_floating_point() and not t.is_meta:
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: _fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _fill(real_empty_like(*a, **k)))
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,75 @@
+"""Assertions and fp64 ground truths shared by the tests."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, atol: float = 0.0,
+                         rtol: float = 0.0, name: str = "tensor") -> None:
+    """allclose that says what differs: count, worst index, NaN/inf disagreements."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    nan_a, nan_e = torch.isnan(a), torch.isnan(e)
+    if not torch.equal(nan_a, nan_e):
+        idx = (nan_a != nan_e).nonzero()[:5].tolist()
+        raise AssertionError(f"{name}: NaN pattern differs ({int((nan_a != nan_e).sum())} "
+                             f"elements, first at {idx})")
+    inf_a, inf_e = torch.isinf(a), torch.isinf(e)
+    if not torch.equal(inf_a, inf_e):
+        raise AssertionError(f"{name}: inf pattern differs")
+    fin = ~(nan_a | inf_a)
+    diff = (a - e).abs().where(fin, torch.zeros_like(a))
+    bad = diff > atol + rtol * e.abs()
+    if bad.any():
+        worst = int(diff.argmax())
+        idx = list(torch.unravel_index(torch.tensor(worst), a.shape))
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{a.numel()} elements differ beyond atol={atol:g} rtol={rtol:g};"
+            f" max abs diff {diff.max().item():.3e} at {[int(i) for i in idx]} "
+            f"(actual {a.flatten()[worst].item():.6g}, expected {e.flatten()[worst].item():.6g})")
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().double().cpu() - b.detach().double().cpu()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_within_baseline(out: torch.Tensor, baseline: torch.Tensor, truth: torch.Tensor,
+                           factor: float = 2.0, atol: float = 1e-5, name: str = "out") -> None:
+    """flash-attn's rule: the kernel's error against an fp64 truth is at most ``factor`` times
+    the error of plain PyTorch in the same precision, plus a small ``atol``."""
+    assert not torch.isnan(out).any(), f"{name}: NaN in output (unwritten elements?)"
+    e_out, e_base = max_err(out, truth), max_err(baseline, truth)
+    assert e_out <= factor * e_base + atol, (
+        f"{name}: kernel error {e_out:.3e} > {factor} x baseline error {e_base:.3e} + {atol:g}")
+
+
+def dense_asym_attention_fp64(q, k, v, num_video, scale=None):
+    """fp64 hand computation with an explicit N x N mask (tests only)."""
+    q, k, v = q.double(), k.double(), v.double()
+    n, d = q.shape[1], q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    s = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
+    allowed = torch.ones(n, n, dtype=torch.bool)
+    allowed[num_video:, :num_video] = False  # references never read video keys
+    s = s.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("bhnm,bmhd->bnhd", s.softmax(-1), v)
+
+
+def rope_fp64(x, pos, head_dim, theta=10000.0):
+    """fp64 I-RoPE by the formula of DESIGN §3, independent of the library's tables."""
+    d_h = d_w = 2 * (head_dim // 6)
+    dims = [head_dim - d_h - d_w, d_h, d_w]
+    angles = []
+    for a, d_a in enumerate(dims):
+        i = torch.arange(d_a // 2, dtype=torch.float64)
+        angles.append(pos[:, a : a + 1].double() * theta ** (-2 * i / d_a))
+    ang = torch.cat(angles, 1)[None, :, None, :]
+    x = x.double()
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x0 * ang.cos() - x1 * ang.sin()
+    out[..., 1::2] = x0 * ang.sin() + x1 * ang.cos()
+    return out

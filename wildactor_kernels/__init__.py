@@ -1,0 +1,33 @@
+"""wildactor_kernels: Triton kernels for identity-preserving video DiTs (WildActor).
+
+Public ops (each takes ``backend="auto" | "triton" | "reference"`` and supports autograd):
+
+- I-RoPE: :class:`TokenLayout`, :func:`irope_positions`, :func:`rope_cos_sin`,
+  :func:`apply_rope`, :func:`qk_norm_rope` (Wan q/k RMSNorm across heads + I-RoPE);
+- asymmetric attention: :func:`asym_attention`, :func:`cached_asym_attention`;
+- reference-only LoRA: :func:`ref_lora_linear`, :class:`RefLoRALinear`.
+
+Each op lives in its own sub-package with ``reference.py`` (the maths), ``kernels.py`` (Triton)
+and ``op.py`` (checks + dispatch).
+"""
+
+from .attention import asym_attention, cached_asym_attention
+from .layout import TokenLayout, axis_dims, irope_positions, rope_cos_sin
+from .lora import RefLoRALinear, ref_lora_linear
+from .rope import apply_rope, qk_norm_rope
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TokenLayout",
+    "irope_positions",
+    "rope_cos_sin",
+    "axis_dims",
+    "apply_rope",
+    "qk_norm_rope",
+    "asym_attention",
+    "cached_asym_attention",
+    "ref_lora_linear",
+    "RefLoRALinear",
+    "__version__",
+]

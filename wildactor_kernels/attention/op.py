@@ -1,0 +1,81 @@
+"""Public asymmetric-attention ops: input checks, then Triton kernels or the reference."""
+
+from __future__ import annotations
+
+import torch
+
+from .._utils import (check_head_dim, check_num_video, check_rope_tables, check_same_device,
+                      check_tensor, resolve_backend)
+from .reference import asym_attention_ref, cached_asym_attention_ref
+
+
+def _check_qkv(names: tuple[str, str, str], q, k, v) -> None:
+    for name, t in zip(names, (q, k, v)):
+        check_tensor(name, t, ndim=4, floating=True)
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"{names[0]}, {names[1]}, {names[2]} must share one shape [B, N, H, D]; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{names[0]}, {names[1]}, {names[2]} must share one dtype; got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+    check_head_dim(names[0], q.shape[-1])
+
+
+def asym_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_video: int,
+                   cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                   scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Asymmetric identity-preserving attention (AIPA).
+
+    Video queries (the first ``num_video`` tokens) attend to all N keys; reference queries
+    attend to the reference keys only.
+
+    Args:
+        q, k, v: ``[B, N, H, D]``, one float dtype, tokens video-first.
+        num_video: ``Nv`` in ``[0, N]``.
+        cos, sin: optional float ``[N, D//2]``: when given, q and k are rotated first.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        backend: ``"auto" | "triton" | "reference"``.
+    Returns:
+        ``[B, N, H, D]`` in the dtype of q. Differentiable in q, k, v.
+    """
+    _check_qkv(("q", "k", "v"), q, k, v)
+    b, n, h, d = q.shape
+    num_video = check_num_video(num_video, n)
+    check_rope_tables(cos, sin, n, d)
+    check_same_device(q=q, k=k, v=v, cos=cos, sin=sin)
+    if resolve_backend(backend, q) == "reference":
+        return asym_attention_ref(q, k, v, num_video, cos, sin, scale)
+    from .kernels import asym_attention_triton
+
+    return asym_attention_triton(q, k, v, num_video, cos, sin, scale)
+
+
+def cached_asym_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tensor,
+                          ref_k: torch.Tensor, ref_v: torch.Tensor,
+                          cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                          scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Video queries over ``[video K/V; cached reference K/V]``, without concatenating them.
+
+    Args:
+        q_v, k_v, v_v: ``[B, Nv, H, D]`` video projections (cos/sin ``[Nv, D//2]`` rotate q_v, k_v).
+        ref_k, ref_v: ``[B, Nr, H, D]`` cached reference keys (already rotated) and values.
+    Returns:
+        ``[B, Nv, H, D]`` in the dtype of q_v.
+    """
+    _check_qkv(("q_v", "k_v", "v_v"), q_v, k_v, v_v)
+    check_tensor("ref_k", ref_k, ndim=4, floating=True)
+    check_tensor("ref_v", ref_v, ndim=4, floating=True)
+    b, nv, h, d = q_v.shape
+    if ref_k.shape != ref_v.shape:
+        raise ValueError(f"ref_k and ref_v must share one shape, got {tuple(ref_k.shape)} and "
+                         f"{tuple(ref_v.shape)}")
+    if ref_k.shape[0] != b or ref_k.shape[2:] != (h, d):
+        raise ValueError(f"ref_k must have shape [B, Nr, H, D] = [{b}, Nr, {h}, {d}], got "
+                         f"{tuple(ref_k.shape)}")
+    check_rope_tables(cos, sin, nv, d)
+    check_same_device(q_v=q_v, k_v=k_v, v_v=v_v, ref_k=ref_k, ref_v=ref_v, cos=cos, sin=sin)
+    if resolve_backend(backend, q_v) == "reference":
+        return cached_asym_attention_ref(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale)
+    from .kernels import cached_asym_attention_triton
+
+    return cached_asym_attention_triton(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale)

@@ -1,0 +1,1 @@
+"""FP8 quantization kernels (per-token activation quantization, scaled GEMM)."""
