@@ -1,0 +1,37 @@
+"""The reference WildActor model: config, model, sampler, quantization and export (DESIGN §6-7).
+
+Names are resolved lazily so that ``import model`` stays cheap and an optional dependency of
+one part (onnxruntime, tensorrt, bitsandbytes) never breaks the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "WildActorConfig": "config",
+    "WildActor": "wildactor",
+    "Reference": "wildactor",
+    "RefCache": "wildactor",
+    "FlowMatchSampler": "sampler",
+    "sample_views": "view_sampling",
+    "quantize_model": "quant",
+    "quantization_report": "quant",
+    "export_onnx": "export",
+    "OnnxWildActor": "export",
+    "build_engine": "tensorrt",
+    "TensorRTWildActor": "tensorrt",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        mod = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+        return getattr(mod, name)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
