@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -23,7 +23,7 @@ logger = logging.getLogger("wildactor_kernels")
 BACKENDS = ("auto", "triton", "reference")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

@@ -12,8 +12,8 @@ channel order ``[t | h | w]``; pairs are interleaved (channels ``2p, 2p+1``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import torch
 

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from .._utils import (check_head_dim, check_num_video, check_rope_tables, check_same_device,
-                      check_tensor, resolve_backend)
+from .._utils import (
+    check_head_dim,
+    check_num_video,
+    check_rope_tables,
+    check_same_device,
+    check_tensor,
+    resolve_backend,
+)
 from .reference import asym_attention_ref, cached_asym_attention_ref
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._utils import (check_head_dim, check_rope_tables, check_same_device, check_tensor,
-                      resolve_backend)
+from .._utils import check_head_dim, check_rope_tables, check_same_device, check_tensor, resolve_backend
 from .reference import apply_rope_ref, qk_norm_rope_ref
 
 
