@@ -1,0 +1,449 @@
+"""Triton kernels for I-RoPE and for Wan's q/k RMSNorm fused with I-RoPE.
+
+The maths is :mod:`wildactor_kernels.rope.reference` (``apply_rope_ref``, ``qk_norm_rope_ref``);
+this file holds, top to bottom: the ``@triton.jit`` kernels (autotune configs directly above
+them), the launchers ``rope_fwd`` / ``qk_norm_rope_fwd`` / ``qk_norm_rope_bwd`` (checks, allocation,
+grid), the autograd Functions and the two entry points called by :mod:`.op`.
+
+Layout: ``x, q, k: [B, N, H, D]`` with a unit-stride last dim and any other strides (q and k are
+often views into a fused QKV projection ``[B, N, 3, H, D]``); ``cos, sin: [N, D//2]`` float32.
+Results are contiguous. All maths runs in fp32; loads/stores use the input dtype.
+
+Design (the ops are memory bound, so the aim is one read and one write of every element):
+
+- one program owns ``BLOCK_N`` tokens of one sample and walks all of their heads in chunks of
+  ``BLOCK_H``, so the ``[BLOCK_N, D//2]`` cos/sin tile is loaded once and reused for every head;
+- the head dim is padded to ``D_PAD`` (next power of two) with masks, so D = 24, 80, ... work;
+- interleaved pairs are formed in registers (``reshape`` + ``split``/``join``) from one
+  contiguous, vectorisable load instead of two stride-2 loads;
+- the RMSNorm is over ``H*D`` (up to 5120 for Wan-14B), too wide for one register tile, so
+  the fused kernel makes two passes over the head chunks of its tokens: the first sums squares,
+  the second normalises, scales, rotates and stores. The second pass re-reads a few tens of KB
+  per program, which comes from L1/L2 rather than HBM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .._utils import interpreter_active
+
+# Under the CPU interpreter every program is simulated in Python: autotuning there would only
+# multiply the test time, so a single fixed config is used. BLOCK_H = 2 under the interpreter
+# makes the tests (H = 1 and 3) exercise both the head-chunk loop and the head mask.
+_INTERPRET = interpreter_active()
+
+# Elements of one [BLOCK_N, BLOCK_H, D_PAD] register tile on GPU: 4096 fp32 values are 32 per
+# thread at 4 warps, which leaves room for the pair split/join without spilling.
+_TILE_ELEMS = 4096
+
+
+def _configs(gpu: list[tuple[int, int]]) -> list[triton.Config]:
+    """Autotune space on GPU, a single config under the interpreter. ``gpu``: (BLOCK_N, warps)."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_N": 16}, num_warps=1)]
+    return [triton.Config({"BLOCK_N": bn}, num_warps=nw) for bn, nw in gpu]
+
+
+def _block_h(args: dict) -> int:
+    """Heads per loop iteration: fill the register tile budget, never more heads than exist."""
+    if _INTERPRET:
+        return 2
+    return min(triton.next_power_of_2(args["H"]), max(1, _TILE_ELEMS // (args["BLOCK_N"] * args["D_PAD"])))
+
+
+# =========================================================================== jit helpers
+@triton.jit
+def _rotate_pairs(b_x, b_cos, b_sin, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, D_PAD: tl.constexpr):
+    """Rotate interleaved pairs of ``b_x [BLOCK_N, BLOCK_H, D_PAD]`` (fp32) by
+    ``b_cos, b_sin [BLOCK_N, 1, D_PAD // 2]``: ``(x0, x1) -> (x0 c - x1 s, x0 s + x1 c)``."""
+    b_x0, b_x1 = tl.split(tl.reshape(b_x, (BLOCK_N, BLOCK_H, D_PAD // 2, 2)))
+    b_y0 = b_x0 * b_cos - b_x1 * b_sin
+    b_y1 = b_x0 * b_sin + b_x1 * b_cos
+    return tl.reshape(tl.join(b_y0, b_y1), (BLOCK_N, BLOCK_H, D_PAD))
+
+
+@triton.jit
+def _load_cos_sin(p_cos, p_sin, o_n, m_n, HALF, D_PAD: tl.constexpr):
+    """``[BLOCK_N, 1, D_PAD // 2]`` fp32 tiles of the (contiguous ``[N, D//2]``) tables."""
+    o_p = tl.arange(0, D_PAD // 2)
+    o_cs = o_n[:, None] * HALF + o_p[None, :]
+    m_cs = m_n[:, None] & (o_p < HALF)[None, :]
+    b_cos = tl.load(p_cos + o_cs, mask=m_cs, other=0.0).to(tl.float32)
+    b_sin = tl.load(p_sin + o_cs, mask=m_cs, other=0.0).to(tl.float32)
+    return b_cos[:, None, :], b_sin[:, None, :]
+
+
+# =========================================================================== apply_rope
+@triton.autotune(
+    configs=_configs([(4, 4), (8, 4), (16, 4), (16, 8), (32, 8)]),
+    key=["H", "D_PAD"],
+)
+@triton.heuristics({"BLOCK_H": _block_h})
+@triton.jit
+def _rope_kernel(
+    p_x, p_cos, p_sin, p_y,
+    N, H, D,
+    stride_xb, stride_xn, stride_xh,
+    CONJ: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """One program: ``BLOCK_N`` tokens of sample ``i_b``, every head. ``y`` is contiguous.
+
+    ``CONJ`` rotates by ``-angle`` (sin -> -sin): the backward of a rotation is its transpose.
+    """
+    i_n, i_b = tl.program_id(0), tl.program_id(1)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    o_hh = tl.arange(0, BLOCK_H)
+    o_d = tl.arange(0, D_PAD)
+    m_d = o_d < D
+
+    b_cos, b_sin = _load_cos_sin(p_cos, p_sin, o_n, m_n, D // 2, D_PAD)
+    if CONJ:
+        b_sin = -b_sin
+
+    # int64 row offsets: a fused-QKV view of a large video can pass 2**31 elements.
+    o_xrow = i_b.to(tl.int64) * stride_xb + o_n.to(tl.int64) * stride_xn
+    o_yrow = (i_b.to(tl.int64) * N + o_n) * H * D
+    for i_h in range(0, H, BLOCK_H):
+        o_h = i_h + o_hh
+        m_x = m_n[:, None, None] & (o_h < H)[None, :, None] & m_d[None, None, :]
+        o_x = o_xrow[:, None, None] + (o_h * stride_xh)[None, :, None] + o_d[None, None, :]
+        b_x = tl.load(p_x + o_x, mask=m_x, other=0.0).to(tl.float32)
+        b_y = _rotate_pairs(b_x, b_cos, b_sin, BLOCK_N, BLOCK_H, D_PAD)
+        o_y = o_yrow[:, None, None] + (o_h * D)[None, :, None] + o_d[None, None, :]
+        tl.store(p_y + o_y, b_y.to(p_y.dtype.element_ty), mask=m_x)
+
+
+# =========================================================================== qk_norm_rope
+@triton.autotune(
+    configs=_configs([(2, 4), (4, 4), (4, 8), (8, 8), (16, 8)]),
+    key=["H", "D_PAD"],
+)
+@triton.heuristics({"BLOCK_H": _block_h})
+@triton.jit
+def _qk_norm_rope_fwd_kernel(
+    p_q, p_k, p_w, p_cos, p_sin, p_y, p_rstd,
+    B, N, H, D,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    eps,
+    HAS_WEIGHT: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """One program: ``BLOCK_N`` tokens of sample ``i_b`` of q (``i_qk = 0``) or k (``i_qk = 1``).
+
+    ``p_w``: ``[2, H*D]`` fp32 (q row, k row); ``p_y``: ``[2, B, N, H, D]``; ``p_rstd``: ``[2, B, N]``
+    fp32 (saved for the backward). q and k share one launch so small shapes still fill the GPU.
+    """
+    i_n, i_b, i_qk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # Select q or k by scalar selects, not branches: both arms are plain pointer/int values.
+    is_q = i_qk == 0
+    p_x = tl.where(is_q, p_q, p_k)
+    stride_xb = tl.where(is_q, stride_qb, stride_kb)
+    stride_xn = tl.where(is_q, stride_qn, stride_kn)
+    stride_xh = tl.where(is_q, stride_qh, stride_kh)
+
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    o_hh = tl.arange(0, BLOCK_H)
+    o_d = tl.arange(0, D_PAD)
+    m_d = o_d < D
+    o_xrow = i_b.to(tl.int64) * stride_xb + o_n.to(tl.int64) * stride_xn
+    o_tok = (i_qk * B + i_b).to(tl.int64) * N + o_n  # token index inside [2, B, N]
+
+    # ---- pass 1: sum of squares over the whole H*D feature of each token
+    b_ss = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for i_h in range(0, H, BLOCK_H):
+        o_h = i_h + o_hh
+        m_x = m_n[:, None, None] & (o_h < H)[None, :, None] & m_d[None, None, :]
+        o_x = o_xrow[:, None, None] + (o_h * stride_xh)[None, :, None] + o_d[None, None, :]
+        b_x = tl.load(p_x + o_x, mask=m_x, other=0.0).to(tl.float32)
+        b_ss += tl.sum(tl.sum(b_x * b_x, axis=2), axis=1)
+    b_rstd = tl.rsqrt(b_ss / (H * D) + eps)
+    tl.store(p_rstd + o_tok, b_rstd, mask=m_n)
+
+    # ---- pass 2: normalise, scale, rotate, store (the re-read is served by L1/L2)
+    b_cos, b_sin = _load_cos_sin(p_cos, p_sin, o_n, m_n, D // 2, D_PAD)
+    for i_h in range(0, H, BLOCK_H):
+        o_h = i_h + o_hh
+        m_h = o_h < H
+        m_x = m_n[:, None, None] & m_h[None, :, None] & m_d[None, None, :]
+        o_x = o_xrow[:, None, None] + (o_h * stride_xh)[None, :, None] + o_d[None, None, :]
+        b_x = tl.load(p_x + o_x, mask=m_x, other=0.0).to(tl.float32)
+        b_x = b_x * b_rstd[:, None, None]
+        if HAS_WEIGHT:
+            o_w = i_qk * H * D + o_h[:, None] * D + o_d[None, :]
+            b_w = tl.load(p_w + o_w, mask=m_h[:, None] & m_d[None, :], other=0.0)
+            b_x = b_x * b_w[None, :, :]
+        b_y = _rotate_pairs(b_x, b_cos, b_sin, BLOCK_N, BLOCK_H, D_PAD)
+        o_y = o_tok[:, None, None] * (H * D) + (o_h * D)[None, :, None] + o_d[None, None, :]
+        tl.store(p_y + o_y, b_y.to(p_y.dtype.element_ty), mask=m_x)
+
+
+# No autotune here: the kernel accumulates weight-gradient partials with read-modify-write, so
+# autotune's replays would need reset hooks, and the tile follows the same budget as the forward.
+@triton.heuristics({"BLOCK_H": _block_h})
+@triton.jit
+def _qk_norm_rope_bwd_kernel(
+    p_q, p_k, p_dyq, p_dyk, p_w, p_cos, p_sin, p_rstd, p_dx, p_dw,
+    B, N, H, D, G,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_dqb, stride_dqn, stride_dqh,
+    stride_dkb, stride_dkn, stride_dkh,
+    HAS_WEIGHT: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Program ``(i_g, i_qk)`` walks token blocks ``i_g, i_g + G, ...`` of the flattened ``B*N``
+    tokens of q or k.
+
+    With ``x̂ = x * rstd``, ``n = x̂ * w`` and ``g = R(-angle) dy`` (the transposed rotation):
+    ``dw += sum_tokens g * x̂``, ``dn = g * w``, ``dx = rstd * (dn - x̂ * mean_HD(dn * x̂))``.
+    The mean needs the whole token first, hence two passes again. ``p_dw`` is ``[2, G, H*D]``
+    fp32 zeros; each program owns one row (no atomics) and the launcher sums the G rows.
+    A grid of G programs rather than one per token block keeps that partial buffer small.
+    """
+    i_g, i_qk = tl.program_id(0), tl.program_id(1)
+    is_q = i_qk == 0
+    p_x = tl.where(is_q, p_q, p_k)
+    p_dy = tl.where(is_q, p_dyq, p_dyk)
+    stride_xb = tl.where(is_q, stride_qb, stride_kb)
+    stride_xn = tl.where(is_q, stride_qn, stride_kn)
+    stride_xh = tl.where(is_q, stride_qh, stride_kh)
+    stride_db = tl.where(is_q, stride_dqb, stride_dkb)
+    stride_dn = tl.where(is_q, stride_dqn, stride_dkn)
+    stride_dh = tl.where(is_q, stride_dqh, stride_dkh)
+
+    o_hh = tl.arange(0, BLOCK_H)
+    o_d = tl.arange(0, D_PAD)
+    m_d = o_d < D
+    p_dw_row = p_dw + (i_qk * G + i_g).to(tl.int64) * H * D
+    for i_t in range(i_g * BLOCK_N, B * N, G * BLOCK_N):
+        o_t = i_t + tl.arange(0, BLOCK_N)  # flattened (b, n)
+        m_t = o_t < B * N
+        o_b = (o_t // N).to(tl.int64)
+        o_n = o_t % N
+        o_xrow = o_b * stride_xb + o_n.to(tl.int64) * stride_xn
+        o_drow = o_b * stride_db + o_n.to(tl.int64) * stride_dn
+        o_tok = i_qk.to(tl.int64) * B * N + o_t
+        b_rstd = tl.load(p_rstd + o_tok, mask=m_t, other=0.0)
+        b_cos, b_sin = _load_cos_sin(p_cos, p_sin, o_n, m_t, D // 2, D_PAD)
+        b_sin = -b_sin
+
+        # ---- pass 1: sum over H*D of dn * x (times rstd / (H*D) below gives mean(dn * x̂))
+        b_c = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for i_h in range(0, H, BLOCK_H):
+            o_h = i_h + o_hh
+            m_h = o_h < H
+            m_x = m_t[:, None, None] & m_h[None, :, None] & m_d[None, None, :]
+            o_x = o_xrow[:, None, None] + (o_h * stride_xh)[None, :, None] + o_d[None, None, :]
+            o_dy = o_drow[:, None, None] + (o_h * stride_dh)[None, :, None] + o_d[None, None, :]
+            b_x = tl.load(p_x + o_x, mask=m_x, other=0.0).to(tl.float32)
+            b_dy = tl.load(p_dy + o_dy, mask=m_x, other=0.0).to(tl.float32)
+            b_dn = _rotate_pairs(b_dy, b_cos, b_sin, BLOCK_N, BLOCK_H, D_PAD)
+            if HAS_WEIGHT:
+                o_w = i_qk * H * D + o_h[:, None] * D + o_d[None, :]
+                b_w = tl.load(p_w + o_w, mask=m_h[:, None] & m_d[None, :], other=0.0)
+                b_dn = b_dn * b_w[None, :, :]
+            b_c += tl.sum(tl.sum(b_dn * b_x, axis=2), axis=1)
+        b_c = b_c * b_rstd / (H * D)
+
+        # ---- pass 2: dx, and this program's share of dw
+        for i_h in range(0, H, BLOCK_H):
+            o_h = i_h + o_hh
+            m_h = o_h < H
+            m_x = m_t[:, None, None] & m_h[None, :, None] & m_d[None, None, :]
+            o_x = o_xrow[:, None, None] + (o_h * stride_xh)[None, :, None] + o_d[None, None, :]
+            o_dy = o_drow[:, None, None] + (o_h * stride_dh)[None, :, None] + o_d[None, None, :]
+            b_xhat = tl.load(p_x + o_x, mask=m_x, other=0.0).to(tl.float32) * b_rstd[:, None, None]
+            b_dy = tl.load(p_dy + o_dy, mask=m_x, other=0.0).to(tl.float32)
+            b_g = _rotate_pairs(b_dy, b_cos, b_sin, BLOCK_N, BLOCK_H, D_PAD)
+            b_dn = b_g
+            if HAS_WEIGHT:
+                o_w = o_h[:, None] * D + o_d[None, :]
+                m_w = m_h[:, None] & m_d[None, :]
+                b_w = tl.load(p_w + i_qk * H * D + o_w, mask=m_w, other=0.0)
+                b_dn = b_g * b_w[None, :, :]
+                b_dw = tl.load(p_dw_row + o_w, mask=m_w, other=0.0)
+                tl.store(p_dw_row + o_w, b_dw + tl.sum(b_g * b_xhat, axis=0), mask=m_w)
+            b_dx = (b_dn - b_xhat * b_c[:, None, None]) * b_rstd[:, None, None]
+            o_dx = o_tok[:, None, None] * (H * D) + (o_h * D)[None, :, None] + o_d[None, None, :]
+            tl.store(p_dx + o_dx, b_dx.to(p_dx.dtype.element_ty), mask=m_x)
+
+
+# =========================================================================== launchers
+def _device_ctx(t: torch.Tensor):
+    """Launch on the tensor's GPU (multi-GPU processes), nothing to do on CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _unit_last(name: str, t: torch.Tensor) -> torch.Tensor:
+    # The kernels address the head dim as a contiguous vector (vectorised loads); a strided last
+    # dim is rare (no fused projection produces one), so it costs a copy rather than a code path.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # [N, D//2] is small next to x; fp32 contiguous lets the kernel index it with one stride.
+    return cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous()
+
+
+def rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, conj: bool = False) -> torch.Tensor:
+    """Rotate ``x [B, N, H, D]`` (unit-stride last dim, other strides free) by ``cos, sin
+    [N, D//2]``; ``conj=True`` rotates by the opposite angle. Returns contiguous ``x.dtype``."""
+    b, n, h, d = x.shape
+    x = _unit_last("x", x)
+    cos, sin = _tables(cos, sin)
+    y = torch.empty((b, n, h, d), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b)
+    with _device_ctx(x):
+        _rope_kernel[grid](
+            x, cos, sin, y, n, h, d, x.stride(0), x.stride(1), x.stride(2),
+            CONJ=conj, D_PAD=triton.next_power_of_2(d),
+        )
+    return y
+
+
+def _stack_weights(q_weight, k_weight, hd: int, device) -> torch.Tensor | None:
+    """``[2, H*D]`` fp32 (q row, k row), or None when neither weight is given. A single missing
+    weight becomes ones: the kernel then has one code path and the grad is just not returned."""
+    if q_weight is None and k_weight is None:
+        return None
+    ones = torch.ones(hd, dtype=torch.float32, device=device)
+    return torch.stack([ones if w is None else w.to(torch.float32) for w in (q_weight, k_weight)])
+
+
+def qk_norm_rope_fwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor | None, cos: torch.Tensor,
+                     sin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launcher of the fused forward. ``w``: ``[2, H*D]`` fp32 or None.
+
+    Returns ``(q', k', rstd)``: contiguous ``[B, N, H, D]`` views of one ``[2, B, N, H, D]``
+    buffer, and ``rstd [2, B, N]`` fp32 for the backward.
+    """
+    if q.dtype != k.dtype:
+        raise TypeError(f"q and k must share one dtype, got {q.dtype} and {k.dtype}")
+    b, n, h, d = q.shape
+    q, k = _unit_last("q", q), _unit_last("k", k)
+    y = torch.empty((2, b, n, h, d), dtype=q.dtype, device=q.device)
+    rstd = torch.empty((2, b, n), dtype=torch.float32, device=q.device)
+    if y.numel() == 0:
+        return y[0], y[1], rstd
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b, 2)
+    with _device_ctx(q):
+        _qk_norm_rope_fwd_kernel[grid](
+            q, k, w if w is not None else rstd, cos, sin, y, rstd,
+            b, n, h, d,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            float(eps),
+            HAS_WEIGHT=w is not None, D_PAD=triton.next_power_of_2(d),
+        )
+    return y[0], y[1], rstd
+
+
+def _bwd_block(d_pad: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) of the backward: x, dy and their rotations are live at once, so the
+    tile is split over 8 warps on GPU."""
+    if _INTERPRET:
+        return 16, 1
+    return (4, 8) if d_pad >= 64 else (8, 4)
+
+
+def qk_norm_rope_bwd(q, k, dyq, dyk, w, cos, sin, rstd):
+    """Launcher of the fused backward. Returns ``(dq, dk, dw)`` with ``dw [2, H*D]`` fp32 or None."""
+    b, n, h, d = q.shape
+    q, k = _unit_last("q", q), _unit_last("k", k)
+    dyq, dyk = _unit_last("dyq", dyq.to(q.dtype)), _unit_last("dyk", dyk.to(q.dtype))
+    d_pad = triton.next_power_of_2(d)
+    block_n, num_warps = _bwd_block(d_pad)
+    n_blocks = triton.cdiv(b * n, block_n)
+    if _INTERPRET:
+        # Few programs, so the interpreter tests cover programs that walk several token blocks.
+        g = min(n_blocks, 4)
+    else:
+        g = min(n_blocks, 2 * torch.cuda.get_device_properties(q.device).multi_processor_count)
+    g = max(g, 1)
+    dx = torch.empty((2, b, n, h, d), dtype=q.dtype, device=q.device)
+    dw = torch.zeros((2, g, h * d), dtype=torch.float32, device=q.device) if w is not None else None
+    if dx.numel() == 0:
+        return dx[0], dx[1], (dw.sum(1) if dw is not None else None)
+    with _device_ctx(q):
+        _qk_norm_rope_bwd_kernel[(g, 2)](
+            q, k, dyq, dyk, w if w is not None else rstd, cos, sin, rstd, dx,
+            dw if dw is not None else rstd,
+            b, n, h, d, g,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            dyq.stride(0), dyq.stride(1), dyq.stride(2), dyk.stride(0), dyk.stride(1), dyk.stride(2),
+            HAS_WEIGHT=w is not None, D_PAD=d_pad, BLOCK_N=block_n, num_warps=num_warps,
+        )
+    return dx[0], dx[1], (dw.sum(1) if dw is not None else None)
+
+
+# =========================================================================== autograd
+class _ApplyRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        cos, sin = _tables(cos, sin)
+        ctx.save_for_backward(cos, sin)
+        return rope_fwd(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        # A rotation's adjoint is the rotation by the opposite angle.
+        return rope_fwd(dy, cos, sin, conj=True), None, None
+
+
+class _QKNormRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, q_weight, k_weight, cos, sin, eps):
+        cos, sin = _tables(cos, sin)
+        w = _stack_weights(q_weight, k_weight, q.shape[2] * q.shape[3], q.device)
+        yq, yk, rstd = qk_norm_rope_fwd(q, k, w, cos, sin, eps)
+        ctx.save_for_backward(q, k, w, cos, sin, rstd)
+        ctx.weight_dtypes = tuple(None if t is None else t.dtype for t in (q_weight, k_weight))
+        return yq, yk
+
+    @staticmethod
+    def backward(ctx, dyq, dyk):
+        q, k, w, cos, sin, rstd = ctx.saved_tensors
+        dq, dk, dw = qk_norm_rope_bwd(q, k, dyq, dyk, w, cos, sin, rstd)
+        dqw, dkw = (None if dt is None else dw[i].to(dt) for i, dt in enumerate(ctx.weight_dtypes))
+        return dq, dk, dqw, dkw, None, None, None
+
+
+# =========================================================================== entry points
+def apply_rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Triton I-RoPE. ``x [B, N, H, D]`` float (fp32/fp16/bf16), ``cos, sin [N, D//2]``.
+
+    Returns contiguous ``[B, N, H, D]`` in ``x.dtype``; differentiable in ``x`` (the tables are
+    constants). Inputs are assumed checked by :func:`wildactor_kernels.apply_rope`.
+    """
+    return _ApplyRope.apply(x, cos, sin)
+
+
+def qk_norm_rope_triton(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None,
+                        k_weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                        eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton RMSNorm across heads (over ``H*D``, optional weight ``[H*D]``) then I-RoPE, q and k
+    in one launch. ``q, k [B, N, H, D]`` one float dtype; ``cos, sin [N, D//2]``.
+
+    Returns ``(q', k')`` contiguous in the input dtype; differentiable in q, k and the weights.
+    Unlike the reference, the normalised value is not rounded to the input dtype before the
+    rotation (one rounding instead of two), so low-precision results are slightly closer to
+    the fp64 truth.
+    """
+    return _QKNormRope.apply(q, k, q_weight, k_weight, cos, sin, eps)
