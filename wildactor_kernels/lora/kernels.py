@@ -1,0 +1,446 @@
+"""Triton kernels for the reference-only LoRA linear (DESIGN §5).
+
+Maths (reference: :func:`wildactor_kernels.lora.reference.ref_lora_linear_ref`)::
+
+    y = x W^T + b;   y[:, Nv:] += s * (x[:, Nv:] A^T) B^T      x [B, N, Din], W [Dout, Din],
+                                                               A [r, Din], B [Dout, r]
+
+Two kernels serve the forward, the backward and the folded inference path:
+
+- ``_lora_shrink_kernel``: ``T = s * X_r P`` for the reference rows only (``X_r [B, Nr, K]``,
+  ``P [K, r]``): the thin "shrink" GEMM of LoRA. Forward: ``X = x, P = A^T``; backward:
+  ``X = dy, P = B`` (``U = s dy_r B``).
+- ``_lora_gemm_kernel``: ``out = X Wt (+ bias)`` over all rows, fp32 accumulation, where the
+  M tiles are laid out per sample and per region so that a tile never holds both video and
+  reference rows (nor rows of two samples). On reference tiles the epilogue either adds
+  ``T Lt`` (``REF_MODE=1``: the LoRA "expand", one more ``tl.dot`` of depth ``r``) or the
+  main loop streams a second weight ``Wt_ref`` (``REF_MODE=2``: folded ``W + s B A``).
+  Forward: ``X = x, Wt = W^T, Lt = B^T``; backward ``dx``: ``X = dy, Wt = W, Lt = A``.
+
+Video-only tiles skip the LoRA work with a scalar branch on program-id arithmetic
+(``i_m >= cdiv(Nv, BLOCK_M)``), which Triton lowers to a uniform ``scf.if``: no extra loads,
+no extra MMA, no tensor-valued control flow.
+
+The remaining backward pieces are plain torch (cuBLAS), on purpose:
+``dA = U^T x_r`` ([r, Din]) and ``dB = dy_r^T T`` ([Dout, r]) have a tiny output and a long
+reduction over ``B*Nr`` rows (a split-K shape cuBLAS already picks well; together they are
+``2r/Dout + 2r/Din`` of the main GEMM's work on reference rows only), and ``dW = dy^T x``,
+``db = sum(dy)`` are exactly the base layer's own backward with nothing to fuse into them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .._utils import interpreter_active
+
+__all__ = ["ref_lora_linear_triton", "ref_folded_linear_triton", "lora_gemm", "lora_shrink"]
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# fixed tiles under the CPU interpreter (autotuning there would run every config)
+_INTERP_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
+_INTERP_SHRINK = dict(BLOCK_M=32, BLOCK_K=32)
+
+
+# ----------------------------------------------------------------------------- helpers
+@triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``acc += a @ b``. UPCAST: the interpreter's bf16 dot is wrong (triton#11584), so bf16
+    tiles go through fp32 there. IEEE: fp32 inputs honour torch's default (no TF32)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+def _rank_block(r: int, cap: int) -> int:
+    """Rank tile: a power of two >= 16 (the smallest tl.dot side), at most ``cap``."""
+    return min(max(16, triton.next_power_of_2(r)), cap)
+
+
+def _dot_flags(dtype: torch.dtype) -> tuple[bool, bool]:
+    upcast = interpreter_active() and dtype == torch.bfloat16
+    ieee = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return upcast, ieee
+
+
+def _m_bucket(m: int) -> int:
+    """Autotune key for the row count: tokens per call change with the resolution, a
+    power-of-two bucket keeps the tuned config without retuning on every new N."""
+    return triton.next_power_of_2(max(int(m), 1))
+
+
+# ----------------------------------------------------------------------------- shrink
+_SHRINK_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bk, w, s in [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (32, 128, 4, 4),
+                         (128, 128, 8, 3)]
+]
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, p_ptr, t_ptr,
+    NR, ROW0, K, RANK, M_BUCKET, scale,
+    stride_xb, stride_xn, stride_xk,
+    stride_pk, stride_pr,
+    stride_tb, stride_tn, stride_tr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """``T[b, m, :] = scale * X[b, ROW0 + m, :] @ P`` for ``m < NR``; grid (M tiles, r tiles, B)."""
+    i_m, i_r, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < NR
+    # rows past NR are clamped onto the last row: in-bounds unmasked loads, never stored
+    o_m_ld = tl.minimum(o_m, NR - 1)
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_r = o_r < RANK
+    o_k = tl.arange(0, BLOCK_K)
+
+    p_x = (x_ptr + i_b.to(tl.int64) * stride_xb + (ROW0 + o_m_ld).to(tl.int64)[:, None] * stride_xn
+           + o_k[None, :] * stride_xk)
+    p_p = p_ptr + o_k[:, None] * stride_pk + o_r[None, :] * stride_pr
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            b_x = tl.load(p_x)
+            b_p = tl.load(p_p, mask=m_r[None, :], other=0.0)
+        else:
+            m_k = o_k < K - k * BLOCK_K
+            b_x = tl.load(p_x, mask=m_k[None, :], other=0.0)
+            b_p = tl.load(p_p, mask=m_k[:, None] & m_r[None, :], other=0.0)
+        acc = _mma(b_x, b_p, acc, UPCAST, IEEE)
+        p_x += BLOCK_K * stride_xk
+        p_p += BLOCK_K * stride_pk
+    acc = acc * scale
+    p_t = t_ptr + i_b.to(tl.int64) * stride_tb + o_m[:, None] * stride_tn + o_r[None, :] * stride_tr
+    tl.store(p_t, acc.to(t_ptr.dtype.element_ty), mask=m_m[:, None] & m_r[None, :])
+
+
+_shrink_kernel = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_lora_shrink_kernel)
+_shrink_kernel_tuned = triton.autotune(configs=_SHRINK_CONFIGS, key=["M_BUCKET", "K", "RANK"])(_shrink_kernel)
+
+
+def lora_shrink(x: torch.Tensor, p: torch.Tensor, scale: float, row0: int) -> torch.Tensor:
+    """``scale * x[:, row0:] @ p`` -> ``[B, N - row0, r]`` in ``x.dtype`` (fp32 accumulation).
+
+    ``x [B, N, K]`` with unit stride on the last dim (any batch/row strides); ``p [K, r]``
+    (any strides, e.g. a transposed view of ``lora_A``).
+    """
+    bsz, n, k = x.shape
+    rank = p.shape[1]
+    nr = n - row0
+    t = torch.empty((bsz, nr, rank), device=x.device, dtype=x.dtype)
+    if nr == 0 or bsz == 0:
+        return t
+    block_r = _rank_block(rank, 128)
+    upcast, ieee = _dot_flags(x.dtype)
+    args = (x, p, t, nr, row0, k, rank, _m_bucket(bsz * nr), float(scale),
+            x.stride(0), x.stride(1), x.stride(2), p.stride(0), p.stride(1),
+            t.stride(0), t.stride(1), t.stride(2))
+    meta = dict(BLOCK_R=block_r, UPCAST=upcast, IEEE=ieee)
+
+    def grid(m):
+        return (triton.cdiv(nr, m["BLOCK_M"]), triton.cdiv(rank, block_r), bsz)
+
+    if interpreter_active():
+        _shrink_kernel[grid](*args, **meta, **_INTERP_SHRINK)
+    else:
+        _shrink_kernel_tuned[grid](*args, **meta)
+    return t
+
+
+# ----------------------------------------------------------------------------- main GEMM
+# Hopper-friendly tiles (bf16); configs that do not fit (fp32 inputs) fail to compile and the
+# autotuner drops them, the 64x64 ones fit every dtype.
+_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [
+        (128, 256, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 128, 64, 4, 4),
+        (128, 256, 32, 8, 4),
+        (64, 256, 32, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 3),
+    ]
+]
+
+
+@triton.jit
+def _lora_gemm_kernel(
+    x_ptr, w_ptr, wref_ptr, bias_ptr, t_ptr, l_ptr, out_ptr,
+    N, NUM_VIDEO, K, NOUT, RANK, M_BUCKET,
+    stride_xb, stride_xn, stride_xk,
+    stride_wk, stride_wn,
+    stride_vk, stride_vn,
+    stride_tb, stride_tn, stride_tr,
+    stride_lr, stride_ln,
+    stride_ob, stride_on, stride_oo,
+    HAS_BIAS: tl.constexpr, REF_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """``out[b, n] = X[b, n] @ Wt (+ bias)``, plus on reference rows (``n >= NUM_VIDEO``):
+    REF_MODE 1: ``+ T[b, n - NUM_VIDEO] @ Lt``; REF_MODE 2: ``Wt_ref`` replaces ``Wt``.
+
+    X ``[B, N, K]``, Wt/Wt_ref ``[K, NOUT]`` (strides wk/wn, vk/vn), T ``[B, N - NUM_VIDEO, RANK]``,
+    Lt ``[RANK, NOUT]``, out ``[B, N, NOUT]``. Grid: (M tiles x N tiles of one sample, B).
+    """
+    # ---- tile id -> (region tile i_m, column tile i_n); grouped order for L2 reuse of Wt
+    pid, i_b = tl.program_id(0), tl.program_id(1)
+    tiles_v = tl.cdiv(NUM_VIDEO, BLOCK_M)
+    tiles_m = tiles_v + tl.cdiv(N - NUM_VIDEO, BLOCK_M)
+    tiles_n = tl.cdiv(NOUT, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    i_m = first_m + (pid % per_group) % group_m
+    i_n = (pid % per_group) // group_m
+
+    # video tiles cover rows [0, Nv), reference tiles rows [Nv, N): no tile mixes the two
+    is_ref = i_m >= tiles_v
+    row0 = tl.where(is_ref, NUM_VIDEO + (i_m - tiles_v) * BLOCK_M, i_m * BLOCK_M)
+    row_end = tl.where(is_ref, N, NUM_VIDEO)
+
+    o_m = row0 + tl.arange(0, BLOCK_M)
+    m_m = o_m < row_end
+    o_m_ld = tl.minimum(o_m, row_end - 1)  # clamped rows: unmasked, in-bounds, never stored
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < NOUT
+    o_k = tl.arange(0, BLOCK_K)
+
+    p_x = (x_ptr + i_b.to(tl.int64) * stride_xb + o_m_ld.to(tl.int64)[:, None] * stride_xn
+           + o_k[None, :] * stride_xk)
+    p_w = w_ptr + o_k[:, None] * stride_wk + o_n.to(tl.int64)[None, :] * stride_wn
+    step_w = BLOCK_K * stride_wk
+    if REF_MODE == 2:
+        if is_ref:  # folded inference: reference tiles stream W_ref = W + s B A instead
+            p_w = wref_ptr + o_k[:, None] * stride_vk + o_n.to(tl.int64)[None, :] * stride_vn
+            step_w = BLOCK_K * stride_vk
+
+    # ---- main loop: X tile [BLOCK_M, BLOCK_K] @ Wt tile [BLOCK_K, BLOCK_N], fp32 accumulator
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            b_x = tl.load(p_x)
+            b_w = tl.load(p_w, mask=m_n[None, :], other=0.0)
+        else:
+            m_k = o_k < K - k * BLOCK_K
+            b_x = tl.load(p_x, mask=m_k[None, :], other=0.0)
+            b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)
+        acc = _mma(b_x, b_w, acc, UPCAST, IEEE)
+        p_x += BLOCK_K * stride_xk
+        p_w += step_w
+
+    # ---- LoRA expand on reference tiles only: acc += T [BLOCK_M, r] @ Lt [r, BLOCK_N]
+    if REF_MODE == 1:
+        if is_ref:
+            p_t = (t_ptr + i_b.to(tl.int64) * stride_tb
+                   + (o_m_ld - NUM_VIDEO).to(tl.int64)[:, None] * stride_tn)
+            for r0 in range(0, RANK, BLOCK_R):
+                o_r = r0 + tl.arange(0, BLOCK_R)
+                m_r = o_r < RANK  # rank padded to BLOCK_R (>= 16) with zeros
+                b_t = tl.load(p_t + o_r[None, :] * stride_tr, mask=m_r[None, :], other=0.0)
+                b_l = tl.load(l_ptr + o_r[:, None] * stride_lr + o_n[None, :] * stride_ln,
+                              mask=m_r[:, None] & m_n[None, :], other=0.0)
+                acc = _mma(b_t, b_l, acc, UPCAST, IEEE)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    p_o = (out_ptr + i_b.to(tl.int64) * stride_ob + o_m.to(tl.int64)[:, None] * stride_on
+           + o_n[None, :] * stride_oo)
+    tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+
+
+_gemm_kernel = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_lora_gemm_kernel)
+_gemm_kernel_tuned = triton.autotune(
+    configs=_GEMM_CONFIGS, key=["M_BUCKET", "K", "NOUT", "RANK", "REF_MODE", "HAS_BIAS"],
+)(_gemm_kernel)
+
+
+def lora_gemm(x: torch.Tensor, wt: torch.Tensor, num_video: int, bias: torch.Tensor | None = None,
+              t: torch.Tensor | None = None, lt: torch.Tensor | None = None,
+              wt_ref: torch.Tensor | None = None) -> torch.Tensor:
+    """Launcher of ``_lora_gemm_kernel``.
+
+    Args:
+        x: ``[B, N, K]``, unit stride on the last dim (any batch/row strides).
+        wt: ``[K, NOUT]`` (any strides: pass ``W.t()`` for a forward, ``W`` for ``dx``).
+        num_video: rows ``n < num_video`` of each sample are video rows.
+        bias: ``[NOUT]`` or None.
+        t, lt: LoRA expand ``t [B, N - num_video, r]`` and ``lt [r, NOUT]``, added on reference rows.
+        wt_ref: ``[K, NOUT]`` weight for reference rows (folded mode); exclusive with ``t``.
+    Returns:
+        ``[B, N, NOUT]`` contiguous, in ``x.dtype``.
+    """
+    bsz, n, k = x.shape
+    nout = wt.shape[1]
+    out = torch.empty((bsz, n, nout), device=x.device, dtype=x.dtype)
+    if out.numel() == 0:
+        return out
+    nr = n - num_video
+    ref_mode = 0
+    if nr > 0 and t is not None:
+        ref_mode = 1
+    elif nr > 0 and wt_ref is not None:
+        ref_mode = 2
+    rank = t.shape[2] if ref_mode == 1 else 1
+    t_ = t if ref_mode == 1 else x
+    lt_ = lt if ref_mode == 1 else wt
+    v_ = wt_ref if ref_mode == 2 else wt
+    upcast, ieee = _dot_flags(x.dtype)
+    args = (x, wt, v_, bias if bias is not None else x, t_, lt_, out,
+            n, num_video, k, nout, rank, _m_bucket(bsz * n),
+            x.stride(0), x.stride(1), x.stride(2),
+            wt.stride(0), wt.stride(1), v_.stride(0), v_.stride(1),
+            *(t_.stride() if ref_mode == 1 else (0, 0, 0)), *(lt_.stride() if ref_mode == 1 else (0, 0)),
+            out.stride(0), out.stride(1), out.stride(2))
+    meta = dict(HAS_BIAS=bias is not None, REF_MODE=ref_mode, BLOCK_R=_rank_block(rank, 64),
+                UPCAST=upcast, IEEE=ieee)
+
+    def grid(m):
+        tiles_m = triton.cdiv(num_video, m["BLOCK_M"]) + triton.cdiv(nr, m["BLOCK_M"])
+        return (tiles_m * triton.cdiv(nout, m["BLOCK_N"]), bsz)
+
+    if interpreter_active():
+        _gemm_kernel[grid](*args, **meta, **_INTERP_GEMM)
+    else:
+        _gemm_kernel_tuned[grid](*args, **meta)
+    return out
+
+
+# ----------------------------------------------------------------------------- autograd
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any batch/row strides but want unit stride on the reduced dim."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _flat_rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+class _RefLoRALinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, num_video):
+        x = _unit_last(x)
+        nr = x.shape[1] - num_video
+        t = lora_shrink(x, lora_a.t(), scale, num_video) if nr > 0 else None  # [B, Nr, r]
+        y = lora_gemm(x, weight.t(), num_video, bias=bias, t=t, lt=lora_b.t())
+        ctx.save_for_backward(x, weight, lora_a, lora_b, t)
+        ctx.scale, ctx.num_video, ctx.has_bias = scale, num_video, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_a, lora_b, t = ctx.saved_tensors
+        s, nv = ctx.scale, ctx.num_video
+        need_dx, need_dw, need_db, need_da, need_dlb = ctx.needs_input_grad[:5]
+        dy = _unit_last(dy)
+        nr = x.shape[1] - nv
+        dx = dw = db = da = dlb = None
+        # U = s dy_r B [B, Nr, r]: shared by dx's epilogue and dA
+        u = lora_shrink(dy, lora_b, s, nv) if nr > 0 and (need_dx or need_da) else None
+        if need_dx:
+            dx = lora_gemm(dy, weight, nv, t=u, lt=lora_a)
+        if need_da:
+            da = (torch.einsum("bnr,bnd->rd", u, x[:, nv:]) if nr > 0 else torch.zeros_like(lora_a))
+        if need_dlb:
+            dlb = (torch.einsum("bno,bnr->or", dy[:, nv:], t) if nr > 0 else torch.zeros_like(lora_b))
+        if need_dw:
+            dw = _flat_rows(dy).t() @ _flat_rows(x)
+        if need_db and ctx.has_bias:
+            db = dy.sum((0, 1))
+        return dx, dw, db, da, dlb, None, None
+
+
+class _RefFoldedLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, weight_ref, bias, num_video):
+        x = _unit_last(x)
+        y = lora_gemm(x, weight.t(), num_video, bias=bias, wt_ref=weight_ref.t())
+        ctx.save_for_backward(x, weight, weight_ref)
+        ctx.num_video, ctx.has_bias = num_video, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, weight_ref = ctx.saved_tensors
+        nv = ctx.num_video
+        need_dx, need_dw, need_dwr, need_db = ctx.needs_input_grad[:4]
+        dy = _unit_last(dy)
+        dx = dw = dwr = db = None
+        if need_dx:
+            dx = lora_gemm(dy, weight, nv, wt_ref=weight_ref)
+        if need_dw:
+            dw = _flat_rows(dy[:, :nv]).t() @ _flat_rows(x[:, :nv])
+        if need_dwr:
+            dwr = _flat_rows(dy[:, nv:]).t() @ _flat_rows(x[:, nv:])
+        if need_db and ctx.has_bias:
+            db = dy.sum((0, 1))
+        return dx, dw, dwr, db, None
+
+
+# ----------------------------------------------------------------------------- public
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """x's dtype, or the autocast dtype when CUDA autocast is on (what F.linear would use)."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return x.dtype
+
+
+def _no_autocast(x: torch.Tensor):
+    # inputs are already in the compute dtype; keep autocast from re-casting the torch pieces
+    return torch.autocast("cuda", enabled=False) if x.is_cuda else contextlib.nullcontext()
+
+
+def _cast(dtype: torch.dtype, *ts: torch.Tensor | None) -> list[torch.Tensor | None]:
+    # differentiable casts outside the Function: autograd returns grads in the callers' dtypes
+    return [t if t is None or t.dtype == dtype else t.to(dtype) for t in ts]
+
+
+def ref_lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                           num_video: int) -> torch.Tensor:
+    """Triton reference-only LoRA linear (inputs already checked by ``ref_lora_linear``).
+
+    ``x [B, N, Din]``, ``weight [Dout, Din]``, ``bias [Dout] | None``, ``lora_a [r, Din]``,
+    ``lora_b [Dout, r]`` -> ``[B, N, Dout]`` in x's dtype (fp16, bf16 or fp32; the others
+    are cast to it). Differentiable in every tensor argument.
+    """
+    dtype = _compute_dtype(x)
+    if dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"ref_lora_linear (triton): dtype must be one of {_SUPPORTED_DTYPES}, got {dtype}")
+    x, weight, bias, lora_a, lora_b = _cast(dtype, x, weight, bias, lora_a, lora_b)
+    with _no_autocast(x):
+        return _RefLoRALinearFn.apply(x, weight, bias, lora_a, lora_b, float(scale), int(num_video))
+
+
+def ref_folded_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_ref: torch.Tensor,
+                             bias: torch.Tensor | None, num_video: int) -> torch.Tensor:
+    """One GEMM with the weight chosen per tile: ``x_v W^T + b`` on video rows and
+    ``x_r W_ref^T + b`` on reference rows (folded LoRA, ``W_ref = W + s B A``).
+
+    ``x [B, N, Din]``, ``weight, weight_ref [Dout, Din]``, ``bias [Dout] | None`` ->
+    ``[B, N, Dout]`` in x's dtype. Differentiable in every tensor argument.
+    """
+    dtype = _compute_dtype(x)
+    if dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"folded linear (triton): dtype must be one of {_SUPPORTED_DTYPES}, got {dtype}")
+    if weight_ref.shape != weight.shape:
+        raise ValueError(f"weight_ref must have the shape of weight {tuple(weight.shape)}, "
+                         f"got {tuple(weight_ref.shape)}")
+    x, weight, weight_ref, bias = _cast(dtype, x, weight, weight_ref, bias)
+    with _no_autocast(x):
+        return _RefFoldedLinearFn.apply(x, weight, weight_ref, bias, int(num_video))
