@@ -1,1 +1,31 @@
-"""FP8 quantization kernels (per-token activation quantization, scaled GEMM)."""
+"""FP8 quantization: reference maths (``reference.py``), the per-token quantization kernel
+(``kernels.py``), its public op (``op.py``) and the FP8 linear with its GEMM paths
+(``linear.py``). Module swapping for whole models lives in :mod:`model.quant`."""
+
+from .linear import GEMM_PATHS, GEMMS, fp8_gemm, fp8_linear, resolve_fp8_gemm
+from .op import per_token_quant_fp8
+from .reference import (
+    AMAX_EPS,
+    FP8_DTYPE,
+    FP8_MAX,
+    dequantize_fp8,
+    fp8_linear_emulated,
+    per_token_quant_fp8_ref,
+    quantize_weight_fp8,
+)
+
+__all__ = [
+    "per_token_quant_fp8",
+    "per_token_quant_fp8_ref",
+    "quantize_weight_fp8",
+    "dequantize_fp8",
+    "fp8_linear",
+    "fp8_linear_emulated",
+    "fp8_gemm",
+    "resolve_fp8_gemm",
+    "GEMMS",
+    "GEMM_PATHS",
+    "FP8_DTYPE",
+    "FP8_MAX",
+    "AMAX_EPS",
+]
