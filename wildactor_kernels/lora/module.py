@@ -3,6 +3,21 @@
 State-dict keys: ``weight``/``bias`` exactly as the base ``nn.Linear`` (so a diffusers Wan
 checkpoint loads unchanged) plus PEFT-named adapters ``lora_A.weight [r, Din]`` and
 ``lora_B.weight [Dout, r]``. ``lora_B`` starts at zero: an untrained adapter is a no-op.
+
+Folded inference (``fold_mode``): reference rows may use a cached ``W_ref = W + s B A``
+instead of the low-rank path, i.e. two plain GEMMs (or, on the Triton backend, one GEMM that
+picks ``W`` or ``W_ref`` per M tile). The cache is not part of the state dict, costs one
+extra ``[Dout, Din]`` weight per layer, and is rebuilt whenever ``weight``, ``lora_A`` or
+``lora_B`` change (their autograd ``_version`` counters, storage, dtype or device, or the
+scale); :meth:`RefLoRALinear.unfold` drops it explicitly.
+
+- ``"unfold"``: always the low-rank path (:func:`wildactor_kernels.ref_lora_linear`).
+- ``"fold"``: always ``W_ref``; raises if autograd needs grads of ``weight``/``lora_*``
+  (a folded weight would silently drop them). Grads of ``x`` and ``bias`` still flow.
+- ``"auto"`` (default): unfolded whenever those grads are needed (training); in inference,
+  folded only if :attr:`RefLoRALinear.AUTO_FOLD_INFERENCE` is True. It is False until GPU
+  measurement (``benchmarks/bench_lora.py``) shows the folded path faster at the shapes
+  that matter, so "auto" is unfolded for now.
 """
 
 from __future__ import annotations
@@ -13,7 +28,37 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._utils import check_num_video, resolve_backend
 from .op import ref_lora_linear
+
+FOLD_MODES = ("auto", "fold", "unfold")
+
+
+def folded_linear_torch(x: torch.Tensor, weight: torch.Tensor, weight_ref: torch.Tensor,
+                        bias: torch.Tensor | None, num_video: int) -> torch.Tensor:
+    """Two plain GEMMs: ``x_v W^T + b`` on video rows, ``x_r W_ref^T + b`` on reference rows.
+
+    ``x [B, N, Din]``, ``weight, weight_ref [Dout, Din]``, ``bias [Dout] | None`` ->
+    ``[B, N, Dout]``. Differentiable (through a concatenation when autograd records).
+    """
+    same_dtype = all(t is None or t.dtype == x.dtype for t in (weight, weight_ref, bias))
+    records = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                              for t in (x, weight, weight_ref, bias))
+    if records or not same_dtype or torch.is_autocast_enabled(x.device.type):
+        return torch.cat([F.linear(x[:, :num_video], weight, bias),
+                          F.linear(x[:, num_video:], weight_ref, bias)], dim=1)
+    # inference: each GEMM writes its rows of one output (out[b, rows] is contiguous), no cat
+    bsz, n, _ = x.shape
+    out = torch.empty((bsz, n, weight.shape[0]), device=x.device, dtype=x.dtype)
+    for b in range(bsz):
+        for rows, w in ((slice(0, num_video), weight), (slice(num_video, n), weight_ref)):
+            if rows.start == rows.stop:
+                continue
+            if bias is None:
+                torch.mm(x[b, rows], w.t(), out=out[b, rows])
+            else:
+                torch.addmm(bias, x[b, rows], w.t(), out=out[b, rows])
+    return out
 
 
 class RefLoRALinear(nn.Module):
@@ -24,7 +69,15 @@ class RefLoRALinear(nn.Module):
         rank: adapter rank ``r`` (0 disables the adapter).
         alpha: LoRA alpha; the scale is ``alpha / r`` (default ``alpha = r``: scale 1).
         backend: default backend of the op (``"auto" | "triton" | "reference"``).
+
+    Attributes:
+        fold_mode: ``"auto" | "fold" | "unfold"`` (see the module docstring); default "auto".
+        AUTO_FOLD_INFERENCE: class-wide switch of "auto" in inference (False until measured).
     """
+
+    #: Whether ``fold_mode="auto"`` folds in inference. Flip only on a GPU measurement
+    #: (benchmarks/bench_lora.py) showing the folded path faster than the unfolded kernel.
+    AUTO_FOLD_INFERENCE: bool = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int = 0,
                  alpha: float | None = None, backend: str = "auto", device=None, dtype=None):
@@ -41,6 +94,8 @@ class RefLoRALinear(nn.Module):
             self.lora_B = nn.Linear(self.rank, out_features, bias=False, **fk)
         else:
             self.lora_A = self.lora_B = None
+        self._fold_mode = "auto"
+        self._fold_cache: tuple[tuple, torch.Tensor] | None = None  # (key, W_ref), not state
         self.reset_parameters()
 
     @property
@@ -62,13 +117,97 @@ class RefLoRALinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B.weight)
 
+    # ------------------------------------------------------------------ folded inference
+    @property
+    def fold_mode(self) -> str:
+        return self._fold_mode
+
+    @fold_mode.setter
+    def fold_mode(self, mode: str) -> None:
+        if mode not in FOLD_MODES:
+            raise ValueError(f"fold_mode must be one of {FOLD_MODES}, got {mode!r}")
+        self._fold_mode = mode
+
+    def fold(self) -> RefLoRALinear:
+        """Switch to ``fold_mode="fold"`` and build ``W_ref`` now."""
+        self.fold_mode = "fold"
+        if self.rank > 0:
+            self.folded_weight()
+        return self
+
+    def unfold(self) -> RefLoRALinear:
+        """Switch to ``fold_mode="unfold"`` and free the cached ``W_ref``."""
+        self.fold_mode = "unfold"
+        self.invalidate_fold_cache()
+        return self
+
+    def invalidate_fold_cache(self) -> None:
+        """Drop ``W_ref``; the next folded forward rebuilds it (needed only after changes the
+        version counters do not see, e.g. writes through ``.data``)."""
+        self._fold_cache = None
+
+    def _fold_key(self) -> tuple | None:
+        ps = (self.weight, self.lora_A.weight, self.lora_B.weight)
+        try:
+            versions = tuple(p._version for p in ps)
+        except RuntimeError:  # inference tensors have no version counter: never cache
+            return None
+        return (versions, tuple(p.data_ptr() for p in ps), tuple(p.dtype for p in ps),
+                self.weight.device, self.scale)
+
+    @torch.no_grad()
+    def folded_weight(self) -> torch.Tensor:
+        """``W_ref = W + s B A`` ``[Dout, Din]`` in ``weight.dtype`` (cached, no grad)."""
+        if self.rank == 0:
+            raise RuntimeError("a rank-0 RefLoRALinear has no adapter to fold")
+        key = self._fold_key()
+        if key is not None and self._fold_cache is not None and self._fold_cache[0] == key:
+            return self._fold_cache[1]
+        w, a, b = self.weight, self.lora_A.weight, self.lora_B.weight
+        if a.dtype == w.dtype and b.dtype == w.dtype:
+            w_ref = torch.addmm(w, b, a, alpha=self.scale)  # one rounding (fp32 epilogue)
+        else:
+            w_ref = torch.addmm(w.float(), b.float(), a.float(), alpha=self.scale).to(w.dtype)
+        self._fold_cache = (key, w_ref) if key is not None else None
+        return w_ref
+
+    def _needs_param_grads(self) -> bool:
+        return torch.is_grad_enabled() and (self.weight.requires_grad or self.lora_A.weight.requires_grad
+                                            or self.lora_B.weight.requires_grad)
+
+    def _use_fold(self) -> bool:
+        if self._fold_mode == "unfold":
+            return False
+        if self._fold_mode == "fold":
+            if self._needs_param_grads():
+                raise RuntimeError(
+                    "RefLoRALinear(fold_mode='fold') cannot train: weight/lora_A/lora_B need grads, "
+                    "which a folded weight would drop. Use fold_mode='auto' or 'unfold', or run "
+                    "under torch.no_grad() / with the parameters frozen.")
+            return True
+        return RefLoRALinear.AUTO_FOLD_INFERENCE and not self._needs_param_grads()
+
+    def _apply(self, fn, recurse=True):
+        self._fold_cache = None  # .to()/.half()/... : the cached W_ref would be stale
+        return super()._apply(fn, recurse)
+
+    # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, num_video: int | None = None) -> torch.Tensor:
         """``x [B, N, Din]``; ``num_video=None`` (or N) means no reference rows: a plain linear."""
         if self.rank == 0 or num_video is None or num_video >= x.shape[-2] or x.ndim != 3:
             return F.linear(x, self.weight, self.bias)
+        if self._use_fold():
+            num_video = check_num_video(num_video, x.shape[1])
+            w_ref = self.folded_weight()
+            if resolve_backend(self.backend, x) == "triton":
+                from .kernels import ref_folded_linear_triton
+
+                return ref_folded_linear_triton(x, self.weight, w_ref, self.bias, num_video)
+            return folded_linear_torch(x, self.weight, w_ref, self.bias, num_video)
         return ref_lora_linear(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight,
                                self.scale, num_video, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, rank={self.rank}, alpha={self.alpha}")
+                f"bias={self.bias is not None}, rank={self.rank}, alpha={self.alpha}, "
+                f"fold_mode={self._fold_mode!r}")
