@@ -87,14 +87,3 @@ def test_key_sets_match_exactly():
     wan.load_state_dict({k: v for k, v in ours.state_dict().items() if k in backbone_keys}, strict=True)
     rank0 = WildActor(cfg.replace(lora_rank=0))
     assert set(rank0.state_dict()) == wan_keys
-
-
-def test_meta_param_counts_match_diffusers_configs():
-    """Backbone counts equal diffusers' on the real Wan configs (built on meta: nothing allocated)."""
-    for name in ("wan2.1-1.3b", "wan2.2-5b", "wan2.1-14b"):
-        cfg = WildActorConfig.preset(name)
-        with torch.device("meta"):
-            wan = WanTransformer3DModel(**cfg.to_diffusers_config())
-        ours = WildActor(cfg, device="meta")
-        assert all(p.is_meta for p in ours.parameters())
-        assert ours.num_parameters() == sum(p.numel() for p in wan.parameters()), name
