@@ -1,0 +1,718 @@
+"""Quantization of the WildActor backbone as config + module swap, the torchao way (DESIGN §7).
+
+``quantize_model(m, mode)`` replaces the frozen base linears of every transformer block in
+place and returns ``m``:
+
+- self-attention ``blocks.{i}.attn1.{to_q,to_k,to_v,to_out.0}`` and the FFN
+  ``blocks.{i}.ffn.net.0.proj`` / ``blocks.{i}.ffn.net.2`` (``RefLoRALinear``: their
+  reference-only adapters ``lora_A`` / ``lora_B`` are kept as they are, trainable, same PEFT
+  keys, applied in plain torch to the reference rows on top of the quantized base);
+- cross-attention ``blocks.{i}.attn2.{to_q,to_k,to_v,to_out.0}`` (``nn.Linear``).
+
+Patch/condition embeddings, time and text MLPs, modulation tables, norms and the output head
+are not touched (pass ``module_filter_fn(module, fqn) -> bool`` to choose other layers).
+
+Modes (one frozen dataclass config each):
+
+``"fp8"`` (:class:`Float8Config`, H100 class): weights float8_e4m3fn with per-output-channel
+    fp32 scales (``weight``, ``weight_scale [N, 1]``); activations quantized per token at every
+    call (the Triton kernel on CUDA, the torch reference on CPU); the GEMM is rowwise
+    ``torch._scaled_mm`` on sm_89+ and an emulated fp32 matmul of the same FP8 codes elsewhere
+    (CPU). Which one runs is decided per layer and is never silent: ``logger.warning`` at
+    conversion and at first use, ``layer.gemm_path`` / ``layer.fallback_reason`` on every
+    converted layer, and the ``fallbacks`` field of :func:`quantization_report`.
+    Per-token activation scales keep a token's codes independent of the other tokens in the
+    batch, so the reference K/V cache still equals the joint forward after quantization.
+``"int8"`` (:class:`Int8Config`): bitsandbytes ``Linear8bitLt`` (LLM.int8, weight-only int8
+    with outlier decomposition), frozen.
+``"nf4"`` (:class:`NF4Config`): bitsandbytes ``Linear4bit`` with ``quant_type="nf4"`` (QLoRA
+    storage), frozen; adapters train on top of it (QLoRA-style).
+
+Saving: ``m.state_dict()`` of a quantized model holds the codes and scales as plain tensors;
+:func:`save_quantized` / :func:`load_quantized` write and read them with safetensors (load into
+a model built and quantized the same way, as with torchao). Loading a *float* checkpoint into an
+FP8 model quantizes its weights on the fly.
+
+Quality: :func:`quantization_report` gives the SQNR (dB) of each converted layer and of the
+model output against the unquantized model; :func:`run_quantize_report` builds a random model
+and prints that table (the ``wildactor quantize-report`` command).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from wildactor_kernels.lora.module import RefLoRALinear
+from wildactor_kernels.quant import FP8_DTYPE, quantize_weight_fp8, resolve_fp8_gemm
+from wildactor_kernels.quant.linear import GEMMS
+
+logger = logging.getLogger("wildactor_kernels")
+
+MODES = ("fp8", "int8", "nf4")
+
+__all__ = [
+    "MODES",
+    "Float8Config",
+    "Int8Config",
+    "NF4Config",
+    "Float8Linear",
+    "Float8RefLoRALinear",
+    "quantize_model",
+    "default_module_filter",
+    "quantized_modules",
+    "quantization_report",
+    "format_report",
+    "run_quantize_report",
+    "save_quantized",
+    "load_quantized",
+    "sqnr_db",
+]
+
+
+# =========================================================================== configs
+@dataclass(frozen=True)
+class Float8Config:
+    """FP8 (e4m3) weights per output channel, activations per token, rowwise-scaled GEMM.
+
+    Attributes:
+        gemm: ``"auto"`` (rowwise ``torch._scaled_mm`` on CUDA sm_89+, emulated elsewhere, with
+            a warning), ``"scaled_mm"`` (always; it also runs on CPU with torch >= 2.5), or
+            ``"emulate"`` (fp32 matmul of the FP8 codes, any device).
+        act_backend: backend of the per-token activation quantization
+            (``"auto" | "triton" | "reference"``).
+        use_fast_accum: ``_scaled_mm`` fast accumulation (torchao's inference default).
+    """
+
+    gemm: str = "auto"
+    act_backend: str = "auto"
+    use_fast_accum: bool = True
+
+    def __post_init__(self) -> None:
+        if self.gemm not in GEMMS:
+            raise ValueError(f"Float8Config.gemm must be one of {GEMMS}, got {self.gemm!r}")
+        if self.act_backend not in ("auto", "triton", "reference"):
+            raise ValueError(f"Float8Config.act_backend must be 'auto', 'triton' or 'reference', "
+                             f"got {self.act_backend!r}")
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    """bitsandbytes LLM.int8 (``Linear8bitLt``, ``has_fp16_weights=False``).
+
+    Attributes:
+        threshold: outlier threshold of the mixed-precision decomposition (0 disables it).
+    """
+
+    threshold: float = 6.0
+
+
+@dataclass(frozen=True)
+class NF4Config:
+    """bitsandbytes 4-bit NormalFloat (``Linear4bit``, QLoRA storage).
+
+    Attributes:
+        compute_dtype: dtype of the dequantized matmul (None: the layer's weight dtype).
+        blocksize: elements per absmax block (64 as QLoRA).
+        double_quant: quantize the absmax statistics too (QLoRA's double quantization).
+    """
+
+    compute_dtype: torch.dtype | None = None
+    blocksize: int = 64
+    double_quant: bool = True
+
+
+_CONFIG_TYPES = {"fp8": Float8Config, "int8": Int8Config, "nf4": NF4Config}
+
+
+# =========================================================================== FP8 modules
+class Float8Linear(nn.Module):
+    """``nn.Linear`` replacement with float8_e4m3fn weights and per-token FP8 activations.
+
+    State: ``weight [N, K]`` float8_e4m3fn (frozen parameter), ``weight_scale [N, 1]`` fp32
+    buffer (``W ~ weight * weight_scale``), ``bias [N]`` (frozen, original dtype) or None.
+    ``forward(x [..., K]) -> [..., N]`` in ``x.dtype``; gradients flow to ``x`` (and to the bias
+    when it requires grad) through the dequantized weight.
+
+    Attributes set at first use: ``gemm_path`` (``"scaled_mm"`` or ``"emulate"``) and
+    ``fallback_reason`` (None, or why the fast path does not run).
+
+    ``.to(dtype)`` / ``.half()`` leave the FP8 weight and its fp32 scales alone (a float cast of
+    the codes would silently drop the scales); device moves apply to them as usual.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 config: Float8Config | None = None, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.config = config or Float8Config()
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, device=device, dtype=FP8_DTYPE),
+                                   requires_grad=False)
+        self.register_buffer("weight_scale", torch.ones(out_features, 1, device=device, dtype=torch.float32))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype),
+                                     requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.gemm_path: str | None = None
+        self.fallback_reason: str | None = None
+        self._fuse_bias = True
+
+    @classmethod
+    def from_float(cls, lin: nn.Module, config: Float8Config | None = None) -> Float8Linear:
+        """Quantize ``lin`` (``nn.Linear`` or anything with ``weight [N, K]`` and ``bias``)."""
+        w = lin.weight
+        new = cls(w.shape[1], w.shape[0], bias=lin.bias is not None, config=config,
+                  device=w.device, dtype=w.dtype)
+        new._copy_base_from(lin)
+        return new
+
+    def _copy_base_from(self, lin: nn.Module) -> None:
+        q, s = quantize_weight_fp8(lin.weight.detach())
+        self.weight.data = q
+        self.weight_scale.copy_(s)
+        if lin.bias is not None:
+            self.bias.data = lin.bias.detach().clone()
+        self.resolve_path(lin.weight.device)
+
+    # ---------------------------------------------------------------- GEMM path
+    def resolve_path(self, device: torch.device) -> str:
+        """Decide (and record) the GEMM path for ``device``; warns when it is not the fast one."""
+        path, reason = resolve_fp8_gemm(self.config.gemm, device)
+        if (path, reason) != (self.gemm_path, self.fallback_reason):
+            self.gemm_path, self.fallback_reason = path, reason
+            self._fuse_bias = True
+            self._path_device = torch.device(device).type
+        return path
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        from wildactor_kernels.quant.linear import _Fp8LinearFn
+
+        if self.gemm_path is None or getattr(self, "_path_device", None) != x.device.type:
+            self.resolve_path(x.device)
+        cfg = self.config
+        if self.gemm_path == "scaled_mm":
+            try:
+                return _Fp8LinearFn.apply(x, self.weight, self.weight_scale, self.bias, "scaled_mm",
+                                          cfg.act_backend, cfg.use_fast_accum, self._fuse_bias)
+            except RuntimeError as e:  # e.g. a torch build without rowwise-scaled FP8 GEMMs
+                if self._fuse_bias and self.bias is not None:
+                    self._fuse_bias = False
+                    logger.warning("Float8Linear: torch._scaled_mm with a fused bias failed (%s); adding "
+                                   "the bias after the GEMM", str(e).splitlines()[0])
+                    return self._base(x)
+                self.gemm_path = "emulate"
+                self.fallback_reason = f"torch._scaled_mm failed at run time: {str(e).splitlines()[0]}"
+                logger.warning("Float8Linear: %s; using the emulated FP8 GEMM", self.fallback_reason)
+        return _Fp8LinearFn.apply(x, self.weight, self.weight_scale, self.bias, "emulate",
+                                  cfg.act_backend, cfg.use_fast_accum, True)
+
+    def forward(self, x: torch.Tensor, num_video: int | None = None) -> torch.Tensor:
+        return self._base(x)
+
+    # ---------------------------------------------------------------- dtype safety
+    def _apply(self, fn, recurse=True):
+        keep = {"weight": self.weight.detach(), "weight_scale": self.weight_scale.detach()}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            cur = getattr(self, name)
+            if cur.dtype != old.dtype:  # a dtype cast: undo it, keep the device move
+                fixed = old.to(cur.device)
+                if name == "weight":
+                    self.weight = nn.Parameter(fixed, requires_grad=False)
+                else:
+                    self.weight_scale = fixed
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        w = state_dict.get(prefix + "weight")
+        if w is not None and w.dtype != FP8_DTYPE and w.is_floating_point():
+            # a float checkpoint (e.g. diffusers Wan): quantize it as the conversion does
+            q, s = quantize_weight_fp8(w)
+            state_dict[prefix + "weight"], state_dict[prefix + "weight_scale"] = q, s
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, weight=float8_e4m3fn per-channel, act=per-token, "
+                f"gemm={self.gemm_path}")
+
+
+class _RefLoRAMixin:
+    """Reference-only adapter kept in high precision on top of a quantized base linear.
+
+    Same attributes and PEFT keys as :class:`RefLoRALinear` (``rank``, ``alpha``, ``scale``,
+    ``lora_A.weight [r, Din]``, ``lora_B.weight [Dout, r]``); the adapter modules are the
+    original ones (trainable as before). ``y[:, Nv:] += s * B(A(x[:, Nv:]))``.
+    """
+
+    def _take_lora(self, src: nn.Module | None) -> None:
+        rank = int(getattr(src, "rank", 0) or 0)
+        self.rank = rank
+        self.alpha = float(getattr(src, "alpha", max(rank, 1)))
+        self.backend = getattr(src, "backend", "auto")
+        if rank > 0:
+            self.lora_A, self.lora_B = src.lora_A, src.lora_B
+        else:
+            self.lora_A = self.lora_B = None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.rank > 0 else 0.0
+
+    def _add_ref_lora(self, x: torch.Tensor, y: torch.Tensor, num_video: int | None) -> torch.Tensor:
+        if self.rank == 0 or num_video is None or x.ndim != 3 or num_video >= x.shape[1]:
+            return y
+        x_r = x[:, num_video:]
+        delta = self.lora_B(self.lora_A(x_r.to(self.lora_A.weight.dtype))) * self.scale
+        return torch.cat([y[:, :num_video], y[:, num_video:] + delta.to(y.dtype)], dim=1)
+
+
+class Float8RefLoRALinear(_RefLoRAMixin, Float8Linear):
+    """FP8 version of :class:`~wildactor_kernels.RefLoRALinear`: FP8 base for every row, bf16
+    (original dtype) reference-only adapter on top. ``forward(x [B, N, Din], num_video=None)``."""
+
+    @classmethod
+    def from_float(cls, lin: nn.Module, config: Float8Config | None = None) -> Float8RefLoRALinear:
+        new = super().from_float(lin, config)
+        new._take_lora(lin)
+        return new
+
+    def forward(self, x: torch.Tensor, num_video: int | None = None) -> torch.Tensor:
+        return self._add_ref_lora(x, self._base(x), num_video)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", rank={self.rank}, alpha={self.alpha}"
+
+
+# =========================================================================== bitsandbytes modules
+def _import_bnb():
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise ImportError(
+            "quantize_model(mode='int8' | 'nf4') needs bitsandbytes, which is not installed: "
+            "`pip install 'bitsandbytes>=0.45'` (or `pip install wildactor-kernels[quant]`). "
+            "mode='fp8' needs only torch."
+        ) from e
+    return bnb
+
+
+@functools.cache
+def _bnb_classes() -> dict[str, type]:
+    """The bitsandbytes-backed layers (defined on first use: bitsandbytes is optional)."""
+    bnb = _import_bnb()
+
+    class Int8Linear(_RefLoRAMixin, bnb.nn.Linear8bitLt):
+        """bitsandbytes ``Linear8bitLt`` (frozen int8 base) + optional reference-only adapter.
+        Keys: ``weight`` int8, ``SCB`` fp32 row scales, ``weight_format``, ``bias``, ``lora_*``."""
+
+        def forward(self, x: torch.Tensor, num_video: int | None = None) -> torch.Tensor:
+            # LLM.int8 computes in fp16: cast here instead of bitsandbytes warning at every call
+            y = super().forward(x.to(torch.float16)).to(x.dtype)
+            return self._add_ref_lora(x, y, num_video)
+
+    class NF4Linear(_RefLoRAMixin, bnb.nn.Linear4bit):
+        """bitsandbytes ``Linear4bit`` (frozen NF4 base) + optional reference-only adapter.
+        Keys: ``weight`` packed uint8, ``weight.absmax`` / ``weight.quant_map`` / ... (quant
+        state), ``bias``, ``lora_*``."""
+
+        def forward(self, x: torch.Tensor, num_video: int | None = None) -> torch.Tensor:
+            return self._add_ref_lora(x, super().forward(x), num_video)
+
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                  unexpected_keys, error_msgs):
+            # bitsandbytes' Linear4bit saves its quant state next to the packed weight but has no
+            # loader for it: rebuild the parameter from the saved codes and statistics.
+            key = prefix + "weight"
+            stats = {k[len(key) + 1:]: v for k, v in state_dict.items() if k.startswith(key + ".")}
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+            if stats and key in state_dict:
+                for k in stats:  # consumed here, not unexpected
+                    if key + "." + k in unexpected_keys:
+                        unexpected_keys.remove(key + "." + k)
+                dev = self.weight.device
+                self.weight = bnb.nn.Params4bit.from_prequantized(
+                    data=state_dict[key], quantized_stats=stats, requires_grad=False, device=dev,
+                    module=self)
+
+    Int8Linear.__module__ = NF4Linear.__module__ = __name__
+    Int8Linear.__qualname__, NF4Linear.__qualname__ = "Int8Linear", "NF4Linear"
+    return {"Int8Linear": Int8Linear, "NF4Linear": NF4Linear}
+
+
+def __getattr__(name: str):
+    if name in ("Int8Linear", "NF4Linear"):
+        return _bnb_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _to_int8(lin: nn.Module, cfg: Int8Config) -> nn.Module:
+    bnb = _import_bnb()
+    cls = _bnb_classes()["Int8Linear"]
+    w = lin.weight.detach()
+    new = cls(w.shape[1], w.shape[0], bias=lin.bias is not None, has_fp16_weights=False,
+              threshold=cfg.threshold, device="meta")
+    # Int8Params quantizes when it moves off the CPU onto a device (the CPU included).
+    new.weight = bnb.nn.Int8Params(w.cpu().clone(), requires_grad=False, has_fp16_weights=False)
+    if lin.bias is not None:
+        new.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+    new = new.to(w.device)
+    new._take_lora(lin)
+    return new
+
+
+def _to_nf4(lin: nn.Module, cfg: NF4Config) -> nn.Module:
+    bnb = _import_bnb()
+    cls = _bnb_classes()["NF4Linear"]
+    w = lin.weight.detach()
+    new = cls(w.shape[1], w.shape[0], bias=lin.bias is not None, compute_dtype=cfg.compute_dtype or w.dtype,
+              compress_statistics=cfg.double_quant, quant_type="nf4", device="meta")
+    new.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, blocksize=cfg.blocksize,
+                                   compress_statistics=cfg.double_quant, quant_type="nf4", module=new)
+    if lin.bias is not None:
+        new.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+    new = new.to(w.device)  # Params4bit quantizes on its first .to(device)
+    new._take_lora(lin)
+    return new
+
+
+# =========================================================================== conversion
+_BLOCK_LINEAR = re.compile(
+    r"(^|\.)blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|attn2\.(to_q|to_k|to_v|to_out\.0)"
+    r"|ffn\.net\.(0\.proj|2))$")
+
+
+def default_module_filter(module: nn.Module, fqn: str) -> bool:
+    """The frozen base linears of the transformer blocks (diffusers-Wan names): self- and
+    cross-attention q, k, v, o and both FFN linears. Everything else stays unquantized."""
+    return isinstance(module, (nn.Linear, RefLoRALinear)) and bool(_BLOCK_LINEAR.search(fqn))
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    if isinstance(module, Float8Linear):
+        return True
+    cache = _bnb_classes.cache_info().currsize  # never import bitsandbytes just to check
+    return bool(cache) and isinstance(module, tuple(_bnb_classes().values()))
+
+
+def quantized_modules(m: nn.Module) -> dict[str, nn.Module]:
+    """``{fqn: module}`` of every layer converted by :func:`quantize_model` in ``m``."""
+    return {n: mod for n, mod in m.named_modules() if _is_quantized(mod)}
+
+
+def quantize_model(m: nn.Module, mode: str, *,
+                   module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
+                   emulate: bool | None = None,
+                   config: Float8Config | Int8Config | NF4Config | None = None) -> nn.Module:
+    """Convert the base linears of ``m`` in place and return ``m``.
+
+    Args:
+        m: a WildActor (or any module; see ``module_filter_fn``). Cast it to its working dtype
+            (e.g. bf16) *before* quantizing: the quantized weights keep their own dtype.
+        mode: ``"fp8" | "int8" | "nf4"``.
+        module_filter_fn: ``(module, fqn) -> bool`` choosing the ``nn.Linear`` /
+            ``RefLoRALinear`` layers to convert (default :func:`default_module_filter`).
+        emulate: FP8 only. ``True`` forces the emulated GEMM, ``False`` requires rowwise
+            ``torch._scaled_mm``, ``None`` (default) lets the device decide (with a warning
+            when it falls back).
+        config: a :class:`Float8Config` / :class:`Int8Config` / :class:`NF4Config` matching
+            ``mode`` (default: the dataclass defaults).
+    Returns:
+        ``m``, with ``m.quantization = {"mode", "config", "converted": [fqn, ...]}``.
+    Raises:
+        ValueError: unknown mode, config of the wrong type, ``emulate`` with a bitsandbytes
+            mode, or no layer matched. ImportError: bitsandbytes missing for int8 / nf4.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization mode {mode!r}; valid modes: {', '.join(MODES)}")
+    if config is None:
+        config = _CONFIG_TYPES[mode]()
+    if not isinstance(config, _CONFIG_TYPES[mode]):
+        raise ValueError(f"mode {mode!r} takes a {_CONFIG_TYPES[mode].__name__}, got {type(config).__name__}")
+    if emulate is not None:
+        if mode != "fp8":
+            raise ValueError("emulate applies to mode='fp8' only (bitsandbytes picks its own kernels)")
+        config = Float8Config(**{**asdict(config), "gemm": "emulate" if emulate else "scaled_mm"})
+    if mode in ("int8", "nf4"):
+        _import_bnb()
+    filt = module_filter_fn or default_module_filter
+
+    targets = [(fqn, mod) for fqn, mod in m.named_modules()
+               if fqn and isinstance(mod, (nn.Linear, RefLoRALinear)) and not _is_quantized(mod)
+               and filt(mod, fqn)]
+    if not targets:
+        raise ValueError(f"quantize_model({mode!r}): no nn.Linear / RefLoRALinear matched the module filter")
+    converted = []
+    for fqn, mod in targets:
+        if mode == "fp8":
+            cls = Float8RefLoRALinear if isinstance(mod, RefLoRALinear) else Float8Linear
+            new = cls.from_float(mod, config)
+        elif mode == "int8":
+            new = _to_int8(mod, config)
+        else:
+            new = _to_nf4(mod, config)
+        new.train(mod.training)
+        parent_name, _, child = fqn.rpartition(".")
+        setattr(m.get_submodule(parent_name) if parent_name else m, child, new)
+        converted.append(fqn)
+
+    if mode == "fp8":
+        reasons: dict[str, int] = {}
+        for fqn in converted:
+            r = m.get_submodule(fqn).fallback_reason
+            if r is not None:
+                reasons[r] = reasons.get(r, 0) + 1
+        for r, n in reasons.items():
+            logger.warning("quantize_model('fp8'): %d of %d layers use the emulated FP8 GEMM: %s",
+                           n, len(converted), r)
+    prev = getattr(m, "quantization", None)
+    info = {"mode": mode, "config": config, "converted": converted}
+    if isinstance(prev, dict) and prev.get("converted"):  # a second call on other layers
+        info["converted"] = list(prev["converted"]) + converted
+    object.__setattr__(m, "quantization", info)
+    logger.info("quantize_model(%r): converted %d layers", mode, len(converted))
+    return m
+
+
+# =========================================================================== save / load
+def save_quantized(m: nn.Module, path: str) -> None:
+    """Write ``m.state_dict()`` (codes, scales, bitsandbytes quant state, adapters) to a
+    safetensors file, with the quantization mode in its metadata."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().contiguous() for k, v in m.state_dict().items() if isinstance(v, torch.Tensor)}
+    mode = getattr(m, "quantization", {}).get("mode", "none")
+    save_file(sd, path, metadata={"quantization_mode": mode, "format": "wildactor-quantized"})
+
+
+def load_quantized(m: nn.Module, path: str, strict: bool = True) -> nn.Module:
+    """Load a :func:`save_quantized` file into ``m``, which must have been built and quantized
+    with the same mode (the torchao habit: construct, convert, then load)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    want = getattr(m, "quantization", {}).get("mode", "none")
+    got = meta.get("quantization_mode", "none")
+    if got != want:
+        raise ValueError(f"{path} holds a {got!r}-quantized state dict but the model is {want!r}; call "
+                         f"quantize_model(m, {got!r}) before loading")
+    dev = next((p.device for p in m.parameters()), torch.device("cpu"))
+    m.load_state_dict(load_file(path, device=str(dev)), strict=strict)
+    return m
+
+
+# =========================================================================== quality report
+def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(||ref||^2 / ||ref - test||^2)`` in dB (fp64);
+    ``inf`` when equal."""
+    r = ref.detach().double()
+    t = test.detach().double().to(r.device)
+    noise = (r - t).pow(2).sum().item()
+    signal = r.pow(2).sum().item()
+    if noise == 0.0:
+        return math.inf
+    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out:
+        return _first_tensor(out[0])
+    if isinstance(out, dict) and out:
+        return _first_tensor(next(iter(out.values())))
+    for name in ("sample", "out"):
+        if hasattr(out, name):
+            return getattr(out, name)
+    raise TypeError(f"cannot find a tensor in the model output of type {type(out).__name__}")
+
+
+def _state_bytes(mod: nn.Module, skip_lora: bool = True) -> int:
+    return sum(v.numel() * v.element_size() for k, v in mod.state_dict().items()
+               if isinstance(v, torch.Tensor) and not (skip_lora and "lora_" in k))
+
+
+def _call(m: nn.Module, inputs: Any):
+    if isinstance(inputs, dict):
+        return m(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return m(*inputs)
+    return m(inputs)
+
+
+@torch.no_grad()
+def quantization_report(m_ref: nn.Module, m_quant: nn.Module, inputs: Any) -> dict:
+    """SQNR of a quantized model against its unquantized twin on the same inputs.
+
+    Args:
+        m_ref: the unquantized model; m_quant: the same weights after :func:`quantize_model`.
+        inputs: forward arguments, a dict of keyword arguments or a tuple of positional ones.
+    Returns:
+        a dict with ``output_sqnr_db`` (model output, quantized vs reference) and ``layers``, one
+        entry per converted layer: ``sqnr_db`` (the quantized layer applied to exactly the input
+        the reference layer saw, against the reference output: this layer's own error) and
+        ``sqnr_e2e_db`` (the layer's output inside the quantized model, errors of earlier layers
+        included). Also ``min_layer_sqnr_db``, ``mean_layer_sqnr_db``, ``mode``, ``fallbacks``
+        (FP8 layers not on the fast GEMM, with the reason), ``gemm_paths`` and ``bytes`` of the
+        converted base layers before and after.
+    """
+    qmods = quantized_modules(m_quant)
+    if not qmods:
+        raise ValueError("m_quant has no quantized layers: call quantize_model first")
+    rec_ref: dict[str, list] = {n: [] for n in qmods}
+    rec_q: dict[str, list] = {n: [] for n in qmods}
+    handles = []
+
+    def ref_hook(name):
+        def hook(mod, args, kwargs, out):
+            rec_ref[name].append((args, dict(kwargs), out))
+        return hook
+
+    def q_hook(name):
+        def hook(mod, args, out):
+            rec_q[name].append(out)
+        return hook
+
+    try:
+        for name, qm in qmods.items():
+            handles.append(m_ref.get_submodule(name).register_forward_hook(ref_hook(name), with_kwargs=True))
+            handles.append(qm.register_forward_hook(q_hook(name)))
+        y_ref = _first_tensor(_call(m_ref, inputs))
+        y_q = _first_tensor(_call(m_quant, inputs))
+    finally:
+        for h in handles:
+            h.remove()
+
+    layers = []
+    for name, qm in qmods.items():
+        refs, outs = rec_ref[name], rec_q[name]
+        if not refs:
+            continue
+        iso_r, iso_q = [], []
+        for args, kwargs, out in refs:
+            iso_r.append(out.float().flatten())
+            iso_q.append(qm(*args, **kwargs).float().flatten())
+        iso = sqnr_db(torch.cat(iso_r), torch.cat(iso_q))
+        e2e = float("nan")
+        if len(outs) == len(refs):
+            e2e = sqnr_db(torch.cat([o.float().flatten() for _, _, o in refs]),
+                          torch.cat([o.float().flatten() for o in outs]))
+        w = m_ref.get_submodule(name).weight
+        layers.append({"name": name, "type": type(qm).__name__, "in_features": w.shape[1],
+                       "out_features": w.shape[0], "sqnr_db": iso, "sqnr_e2e_db": e2e})
+
+    fallbacks, paths = [], {}
+    for name, qm in qmods.items():
+        if isinstance(qm, Float8Linear):
+            paths[qm.gemm_path] = paths.get(qm.gemm_path, 0) + 1
+            if qm.fallback_reason:
+                fallbacks.append({"name": name, "gemm_path": qm.gemm_path, "reason": qm.fallback_reason})
+    info = getattr(m_quant, "quantization", {}) or {}
+    mode = info.get("mode") or next(iter({_mode_of(q) for q in qmods.values()}))
+    iso_vals = [ly["sqnr_db"] for ly in layers]
+    return {
+        "mode": mode,
+        "output_sqnr_db": sqnr_db(y_ref, y_q),
+        "min_layer_sqnr_db": min(iso_vals) if iso_vals else float("nan"),
+        "mean_layer_sqnr_db": sum(iso_vals) / len(iso_vals) if iso_vals else float("nan"),
+        "num_converted": len(qmods),
+        "layers": layers,
+        "fallbacks": fallbacks,
+        "gemm_paths": paths,
+        "bytes": {"base_ref": sum(_state_bytes(m_ref.get_submodule(n)) for n in qmods),
+                  "base_quant": sum(_state_bytes(q) for q in qmods.values())},
+    }
+
+
+def _mode_of(mod: nn.Module) -> str:
+    if isinstance(mod, Float8Linear):
+        return "fp8"
+    return "int8" if type(mod).__name__ == "Int8Linear" else "nf4"
+
+
+def format_report(report: dict) -> str:
+    """Markdown table of a :func:`quantization_report` result."""
+    lines = [f"quantization: {report['mode']}  |  model output SQNR: {report['output_sqnr_db']:.2f} dB  |  "
+             f"converted layers: {report['num_converted']}  |  base bytes: "
+             f"{report['bytes']['base_ref'] / 2**20:.2f} MiB -> "
+             f"{report['bytes']['base_quant'] / 2**20:.2f} MiB",
+             "",
+             "| layer | type | in | out | SQNR (dB, own error) | SQNR (dB, in model) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for ly in report["layers"]:
+        lines.append(f"| {ly['name']} | {ly['type']} | {ly['in_features']} | {ly['out_features']} | "
+                     f"{ly['sqnr_db']:.2f} | {ly['sqnr_e2e_db']:.2f} |")
+    lines.append(f"| **model output** | | | | | **{report['output_sqnr_db']:.2f}** |")
+    if report.get("gemm_paths"):
+        lines += ["", "FP8 GEMM paths: " + ", ".join(f"{k}: {v}" for k, v in report["gemm_paths"].items())]
+    for fb in {f["reason"] for f in report.get("fallbacks", [])}:
+        lines.append(f"fallback: {fb}")
+    return "\n".join(lines)
+
+
+def _random_inputs(cfg, device, dtype, seed: int, frames: int = 2, height: int = 8, width: int = 8,
+                   text_len: int = 8):
+    from model import Reference
+
+    g = torch.Generator().manual_seed(seed)
+    c = cfg.in_channels
+    latents = torch.randn(1, c, frames, height, width, generator=g)
+    refs = [Reference("face", torch.randn(1, c, 1, height // 2, width // 2, generator=g).to(device, dtype)),
+            Reference("body", torch.randn(1, c, 1, height, width // 2, generator=g).to(device, dtype))]
+    return dict(latents=latents.to(device, dtype), timestep=torch.tensor([500.0], device=device),
+                context=torch.randn(1, text_len, cfg.text_dim, generator=g).to(device, dtype), refs=refs)
+
+
+def _randomize_adapters(m: nn.Module, seed: int) -> None:
+    """Trained adapters are not zero: give lora_B small random values so the reference rows
+    exercise the adapter path in the report."""
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, p in m.named_parameters():
+        if name.endswith("lora_B.weight"):
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def run_quantize_report(preset: str, mode: str, *, device: str | torch.device | None = None,
+                        layers: int | None = None, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                        print_table: bool = True) -> dict:
+    """Build a random WildActor (``preset``, ``layers`` blocks), quantize a copy with ``mode`` and
+    return :func:`quantization_report` on random latents, text and two references (face, body),
+    with ``report["table"]`` the markdown table (printed unless ``print_table=False``).
+
+    ``device=None`` picks CUDA when available. ``layers``: override the depth (for a
+    wan2.2-5b-shaped stack on CPU use ``layers=2``). ``dtype``: model and input dtype (bf16: the
+    SQNR is measured against the bf16 model, as DESIGN §7 states).
+    """
+    from model import WildActor, WildActorConfig
+
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization mode {mode!r}; valid modes: {', '.join(MODES)}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(seed)
+    cfg = WildActorConfig.preset(preset, **({"num_layers": layers} if layers else {}))
+    m_ref = WildActor(cfg)
+    _randomize_adapters(m_ref, seed)
+    m_ref = m_ref.to(device=device, dtype=dtype).eval()
+    m_q = quantize_model(copy.deepcopy(m_ref), mode)
+    rep = quantization_report(m_ref, m_q, _random_inputs(cfg, device, dtype, seed))
+    rep.update(preset=preset, num_layers=cfg.num_layers, device=str(device),
+               dtype=str(dtype).replace("torch.", ""))
+    rep["table"] = (f"preset {preset} ({cfg.num_layers} layers, dim {cfg.dim}), {rep['dtype']} on {device}\n"
+                    + format_report(rep))
+    if print_table:
+        print(rep["table"])
+    return rep
