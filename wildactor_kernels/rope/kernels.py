@@ -68,11 +68,14 @@ def _rotate_pairs(b_x, b_cos, b_sin, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexp
 
 
 @triton.jit
-def _load_cos_sin(p_cos, p_sin, o_n, m_n, HALF, D_PAD: tl.constexpr):
-    """``[BLOCK_N, 1, D_PAD // 2]`` fp32 tiles of the (contiguous ``[N, D//2]``) tables."""
+def _load_cos_sin(p_cos, p_sin, o_n, m_n, stride_cn, D, D_PAD: tl.constexpr):
+    """``[BLOCK_N, 1, D_PAD // 2]`` fp32 tiles of the ``[N, D//2]`` tables (unit last stride).
+
+    The row stride is an argument, not ``D // 2`` computed in the kernel, so Triton sees its
+    divisibility and vectorises the table loads too."""
     o_p = tl.arange(0, D_PAD // 2)
-    o_cs = o_n[:, None] * HALF + o_p[None, :]
-    m_cs = m_n[:, None] & (o_p < HALF)[None, :]
+    o_cs = o_n[:, None] * stride_cn + o_p[None, :]
+    m_cs = m_n[:, None] & (o_p < D // 2)[None, :]
     b_cos = tl.load(p_cos + o_cs, mask=m_cs, other=0.0).to(tl.float32)
     b_sin = tl.load(p_sin + o_cs, mask=m_cs, other=0.0).to(tl.float32)
     return b_cos[:, None, :], b_sin[:, None, :]
@@ -88,7 +91,7 @@ def _load_cos_sin(p_cos, p_sin, o_n, m_n, HALF, D_PAD: tl.constexpr):
 def _rope_kernel(
     p_x, p_cos, p_sin, p_y,
     N, H, D,
-    stride_xb, stride_xn, stride_xh,
+    stride_xb, stride_xn, stride_xh, stride_cn,
     CONJ: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -105,7 +108,7 @@ def _rope_kernel(
     o_d = tl.arange(0, D_PAD)
     m_d = o_d < D
 
-    b_cos, b_sin = _load_cos_sin(p_cos, p_sin, o_n, m_n, D // 2, D_PAD)
+    b_cos, b_sin = _load_cos_sin(p_cos, p_sin, o_n, m_n, stride_cn, D, D_PAD)
     if CONJ:
         b_sin = -b_sin
 
@@ -134,7 +137,7 @@ def _qk_norm_rope_fwd_kernel(
     B, N, H, D,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
-    eps,
+    stride_cn, eps,
     HAS_WEIGHT: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -173,7 +176,7 @@ def _qk_norm_rope_fwd_kernel(
     tl.store(p_rstd + o_tok, b_rstd, mask=m_n)
 
     # ---- pass 2: normalise, scale, rotate, store (the re-read is served by L1/L2)
-    b_cos, b_sin = _load_cos_sin(p_cos, p_sin, o_n, m_n, D // 2, D_PAD)
+    b_cos, b_sin = _load_cos_sin(p_cos, p_sin, o_n, m_n, stride_cn, D, D_PAD)
     for i_h in range(0, H, BLOCK_H):
         o_h = i_h + o_hh
         m_h = o_h < H
@@ -201,6 +204,7 @@ def _qk_norm_rope_bwd_kernel(
     stride_kb, stride_kn, stride_kh,
     stride_dqb, stride_dqn, stride_dqh,
     stride_dkb, stride_dkn, stride_dkh,
+    stride_cn,
     HAS_WEIGHT: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -239,7 +243,7 @@ def _qk_norm_rope_bwd_kernel(
         o_drow = o_b * stride_db + o_n.to(tl.int64) * stride_dn
         o_tok = i_qk.to(tl.int64) * B * N + o_t
         b_rstd = tl.load(p_rstd + o_tok, mask=m_t, other=0.0)
-        b_cos, b_sin = _load_cos_sin(p_cos, p_sin, o_n, m_t, D // 2, D_PAD)
+        b_cos, b_sin = _load_cos_sin(p_cos, p_sin, o_n, m_t, stride_cn, D, D_PAD)
         b_sin = -b_sin
 
         # ---- pass 1: sum over H*D of dn * x (times rstd / (H*D) below gives mean(dn * x̂))
@@ -276,6 +280,10 @@ def _qk_norm_rope_bwd_kernel(
                 m_w = m_h[:, None] & m_d[None, :]
                 b_w = tl.load(p_w + i_qk * H * D + o_w, mask=m_w, other=0.0)
                 b_dn = b_g * b_w[None, :, :]
+                # The thread that loads an element of the dw row need not be the one that stored
+                # it on the previous token block (layouts differ, small tiles are replicated):
+                # the barrier makes those global stores visible inside the program first.
+                tl.debug_barrier()
                 b_dw = tl.load(p_dw_row + o_w, mask=m_w, other=0.0)
                 tl.store(p_dw_row + o_w, b_dw + tl.sum(b_g * b_xhat, axis=0), mask=m_w)
             b_dx = (b_dn - b_xhat * b_c[:, None, None]) * b_rstd[:, None, None]
@@ -312,7 +320,7 @@ def rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, conj: bool =
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b)
     with _device_ctx(x):
         _rope_kernel[grid](
-            x, cos, sin, y, n, h, d, x.stride(0), x.stride(1), x.stride(2),
+            x, cos, sin, y, n, h, d, x.stride(0), x.stride(1), x.stride(2), cos.stride(0),
             CONJ=conj, D_PAD=triton.next_power_of_2(d),
         )
     return y
@@ -348,18 +356,18 @@ def qk_norm_rope_fwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor | None, c
             q, k, w if w is not None else rstd, cos, sin, y, rstd,
             b, n, h, d,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            float(eps),
+            cos.stride(0), float(eps),
             HAS_WEIGHT=w is not None, D_PAD=triton.next_power_of_2(d),
         )
     return y[0], y[1], rstd
 
 
-def _bwd_block(d_pad: int) -> tuple[int, int]:
-    """(BLOCK_N, num_warps) of the backward: x, dy and their rotations are live at once, so the
-    tile is split over 8 warps on GPU."""
+def _bwd_block() -> tuple[int, int]:
+    """(BLOCK_N, num_warps) of the backward: x, dy, their rotations and the weights are live at
+    once, so the tile is split over 8 warps (about 16 values a thread, no spills on sm_90)."""
     if _INTERPRET:
         return 16, 1
-    return (4, 8) if d_pad >= 64 else (8, 4)
+    return 4, 8
 
 
 def qk_norm_rope_bwd(q, k, dyq, dyk, w, cos, sin, rstd):
@@ -368,7 +376,7 @@ def qk_norm_rope_bwd(q, k, dyq, dyk, w, cos, sin, rstd):
     q, k = _unit_last("q", q), _unit_last("k", k)
     dyq, dyk = _unit_last("dyq", dyq.to(q.dtype)), _unit_last("dyk", dyk.to(q.dtype))
     d_pad = triton.next_power_of_2(d)
-    block_n, num_warps = _bwd_block(d_pad)
+    block_n, num_warps = _bwd_block()
     n_blocks = triton.cdiv(b * n, block_n)
     if _INTERPRET:
         # Few programs, so the interpreter tests cover programs that walk several token blocks.
@@ -387,6 +395,7 @@ def qk_norm_rope_bwd(q, k, dyq, dyk, w, cos, sin, rstd):
             b, n, h, d, g,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             dyq.stride(0), dyq.stride(1), dyq.stride(2), dyk.stride(0), dyk.stride(1), dyk.stride(2),
+            cos.stride(0),
             HAS_WEIGHT=w is not None, D_PAD=d_pad, BLOCK_N=block_n, num_warps=num_warps,
         )
     return dx[0], dx[1], (dw.sum(1) if dw is not None else None)
