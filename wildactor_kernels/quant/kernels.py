@@ -56,14 +56,16 @@ def _per_token_quant_fp8_kernel(
     o_xm = o_m.to(tl.int64) * stride_xm
     o_qm = o_m.to(tl.int64) * stride_qm
     o_k = tl.arange(0, BLOCK_K)
+    # div_rn (IEEE division), not `/` (approximate div.full.f32 on NVIDIA): the codes then match
+    # the torch reference bit for bit; the kernel is memory-bound, the slower division is free.
 
     if SINGLE_PASS:
         # ---- whole row in registers: read once
         m_x = m_m[:, None] & (o_k < K)[None, :]
         b_x = tl.load(p_x + o_xm[:, None] + o_k[None, :] * stride_xk, mask=m_x, other=0.0).to(tl.float32)
         b_amax = tl.max(tl.abs(b_x), axis=1)
-        b_s = tl.math.div_rn(tl.maximum(b_amax, AMAX_EPS), FP8_MAX)
-        b_q = tl.math.div_rn(b_x, b_s[:, None])
+        b_s = tl.math.div_rn(tl.maximum(b_amax, AMAX_EPS), tl.full([BLOCK_M], FP8_MAX, tl.float32))
+        b_q = tl.math.div_rn(b_x, tl.broadcast_to(b_s[:, None], (BLOCK_M, BLOCK_K)))
         b_q = tl.minimum(tl.maximum(b_q, -FP8_MAX), FP8_MAX)
         m_q = m_m[:, None] & (o_k < K_OUT)[None, :]
         tl.store(p_q + o_qm[:, None] + o_k[None, :], b_q.to(p_q.dtype.element_ty), mask=m_q)
@@ -74,13 +76,14 @@ def _per_token_quant_fp8_kernel(
             m_x = m_m[:, None] & ((k0 + o_k) < K)[None, :]
             b_x = tl.load(p_x + o_xm[:, None] + (k0 + o_k)[None, :] * stride_xk, mask=m_x, other=0.0)
             b_amax = tl.maximum(b_amax, tl.max(tl.abs(b_x.to(tl.float32)), axis=1))
-        b_s = tl.math.div_rn(tl.maximum(b_amax, AMAX_EPS), FP8_MAX)
+        b_s = tl.math.div_rn(tl.maximum(b_amax, AMAX_EPS), tl.full([BLOCK_M], FP8_MAX, tl.float32))
+        b_sb = tl.broadcast_to(b_s[:, None], (BLOCK_M, BLOCK_K))
         # ---- sweep 2: codes (the row is re-read from L2); covers the zero padding up to K_OUT
         for k0 in range(0, K_OUT, BLOCK_K):
             m_x = m_m[:, None] & ((k0 + o_k) < K)[None, :]
             b_x = tl.load(p_x + o_xm[:, None] + (k0 + o_k)[None, :] * stride_xk, mask=m_x,
                           other=0.0).to(tl.float32)
-            b_q = tl.math.div_rn(b_x, b_s[:, None])
+            b_q = tl.math.div_rn(b_x, b_sb)
             b_q = tl.minimum(tl.maximum(b_q, -FP8_MAX), FP8_MAX)
             m_q = m_m[:, None] & ((k0 + o_k) < K_OUT)[None, :]
             tl.store(p_q + o_qm[:, None] + (k0 + o_k)[None, :], b_q.to(p_q.dtype.element_ty), mask=m_q)
