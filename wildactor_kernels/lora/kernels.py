@@ -73,6 +73,12 @@ def _dot_flags(dtype: torch.dtype) -> tuple[bool, bool]:
     return upcast, ieee
 
 
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The interpreter casts fp32 -> bf16 by truncation (the GPU rounds to nearest even):
+    there the kernels store fp32 and the launcher rounds with torch."""
+    return torch.float32 if interpreter_active() and dtype == torch.bfloat16 else dtype
+
+
 def _m_bucket(m: int) -> int:
     """Autotune key for the row count: tokens per call change with the resolution, a
     power-of-two bucket keeps the tuned config without retuning on every new N."""
@@ -140,9 +146,9 @@ def lora_shrink(x: torch.Tensor, p: torch.Tensor, scale: float, row0: int) -> to
     bsz, n, k = x.shape
     rank = p.shape[1]
     nr = n - row0
-    t = torch.empty((bsz, nr, rank), device=x.device, dtype=x.dtype)
+    t = torch.empty((bsz, nr, rank), device=x.device, dtype=_out_dtype(x.dtype))
     if nr == 0 or bsz == 0:
-        return t
+        return t.to(x.dtype)
     block_r = _rank_block(rank, 128)
     upcast, ieee = _dot_flags(x.dtype)
     args = (x, p, t, nr, row0, k, rank, _m_bucket(bsz * nr), float(scale),
@@ -157,7 +163,7 @@ def lora_shrink(x: torch.Tensor, p: torch.Tensor, scale: float, row0: int) -> to
         _shrink_kernel[grid](*args, **meta, **_INTERP_SHRINK)
     else:
         _shrink_kernel_tuned[grid](*args, **meta)
-    return t
+    return t.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- main GEMM
@@ -287,9 +293,9 @@ def lora_gemm(x: torch.Tensor, wt: torch.Tensor, num_video: int, bias: torch.Ten
     """
     bsz, n, k = x.shape
     nout = wt.shape[1]
-    out = torch.empty((bsz, n, nout), device=x.device, dtype=x.dtype)
+    out = torch.empty((bsz, n, nout), device=x.device, dtype=_out_dtype(x.dtype))
     if out.numel() == 0:
-        return out
+        return out.to(x.dtype)
     nr = n - num_video
     ref_mode = 0
     if nr > 0 and t is not None:
@@ -318,7 +324,7 @@ def lora_gemm(x: torch.Tensor, wt: torch.Tensor, num_video: int, bias: torch.Ten
         _gemm_kernel[grid](*args, **meta, **_INTERP_GEMM)
     else:
         _gemm_kernel_tuned[grid](*args, **meta)
-    return out
+    return out.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -354,10 +360,11 @@ class _RefLoRALinearFn(torch.autograd.Function):
         u = lora_shrink(dy, lora_b, s, nv) if nr > 0 and (need_dx or need_da) else None
         if need_dx:
             dx = lora_gemm(dy, weight, nv, t=u, lt=lora_a)
+        # one GEMM over all B*Nr rows (a per-sample bmm + sum would round each partial)
         if need_da:
-            da = (torch.einsum("bnr,bnd->rd", u, x[:, nv:]) if nr > 0 else torch.zeros_like(lora_a))
+            da = _flat_rows(u).t() @ _flat_rows(x[:, nv:]) if nr > 0 else torch.zeros_like(lora_a)
         if need_dlb:
-            dlb = (torch.einsum("bno,bnr->or", dy[:, nv:], t) if nr > 0 else torch.zeros_like(lora_b))
+            dlb = _flat_rows(dy[:, nv:]).t() @ _flat_rows(t) if nr > 0 else torch.zeros_like(lora_b)
         if need_dw:
             dw = _flat_rows(dy).t() @ _flat_rows(x)
         if need_db and ctx.has_bias:
