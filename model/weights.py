@@ -147,8 +147,8 @@ def from_pretrained(directory: str, device: torch.device | str | None = None,
     if overrides:
         cfg = cfg.replace(**overrides)
     sd = load_file(os.path.join(directory, WEIGHTS_NAME), device=str(device or "cpu"))
-    if dtype is None:
-        dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), torch.float32)
+    if dtype is None:  # the saved compute dtype (a few fp32-kept tensors aside, see WildActor.cast)
+        dtype = sd["patch_embedding.weight"].dtype if "patch_embedding.weight" in sd else torch.float32
     model = WildActor(cfg, device="meta", dtype=dtype)
     load_wan_state_dict(model, sd, strict=True)
     return model

@@ -29,6 +29,7 @@ Shape vocabulary: ``B`` batch, ``Nv``/``Nr`` video/reference tokens, ``H`` heads
 from __future__ import annotations
 
 import math
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
@@ -36,6 +37,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import wildactor_kernels as wk
 from wildactor_kernels import RefLoRALinear, TokenLayout
@@ -43,6 +45,9 @@ from wildactor_kernels import RefLoRALinear, TokenLayout
 from .config import WildActorConfig
 
 REF_KINDS = ("face", "body")
+#: parameters kept in fp32 by :meth:`WildActor.cast` (diffusers' ``_keep_in_fp32_modules``)
+KEEP_FP32 = re.compile(r"^(condition_embedder\.time_embedder\.|(blocks\.\d+\.)?scale_shift_table$"
+                       r"|blocks\.\d+\.norm2\.)")
 Tensor = torch.Tensor
 
 
@@ -192,9 +197,9 @@ class ConditionEmbedder(nn.Module):
 
     def time(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """``t [M]`` float in ``[0, 1000]`` -> ``temb [M, dim]`` and the 6-vector modulation input
-        ``e [M, 6, dim]`` (in the time embedder's dtype)."""
+        ``e [M, 6, dim]``, in the dtype of ``time_proj`` (the time embedder itself may stay fp32)."""
         s = timestep_sinusoid(t, self.freq_dim).to(self.time_embedder.linear_1.weight.dtype)
-        temb = self.time_embedder(s)
+        temb = self.time_embedder(s).to(self.time_proj.weight.dtype)
         e = self.time_proj(F.silu(temb)).unflatten(-1, (6, self.dim))
         return temb, e
 
@@ -413,6 +418,10 @@ class WildActor(nn.Module):
         self.proj_out = nn.Linear(d, cfg.out_channels * math.prod(cfg.patch_size), **fk)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, d, **fk) / d**0.5)
         self._rope_cache: OrderedDict = OrderedDict()
+        #: recompute each block in backward (joint path, training) to save activation memory
+        self.gradient_checkpointing = False
+        if dtype is not None:
+            self.cast(dtype)
         self.freeze_backbone()
 
     # ------------------------------------------------------------------ parameters
@@ -440,6 +449,15 @@ class WildActor(nn.Module):
         return sum(p.numel() for name, p in self.named_parameters()
                    if include_adapters or not _is_adapter(name))
 
+    def cast(self, dtype: torch.dtype) -> WildActor:
+        """Cast parameters to ``dtype``, except those diffusers keeps in fp32 (the timestep
+        embedder, the modulation tables, the cross-attention norm), as ``WildActor(cfg, dtype=...)``
+        does. ``model.to(dtype)`` casts everything, which also works (maths stays fp32 inside)."""
+        for name, p in self.named_parameters():
+            low = dtype in (torch.bfloat16, torch.float16)
+            p.data = p.data.to(torch.float32 if low and KEEP_FP32.match(name) else dtype)
+        return self
+
     def set_backend(self, backend: str) -> None:
         """Switch the kernel backend (``"auto" | "triton" | "reference"``) of every op."""
         self.cfg = self.cfg.replace(backend=backend)
@@ -450,7 +468,7 @@ class WildActor(nn.Module):
     # ------------------------------------------------------------------ layout and RoPE
     def video_grid(self, latent_shape: Sequence[int]) -> tuple[int, int, int]:
         """Token grid ``(T, Hg, Wg)`` of a latent shape ``[..., T, H, W]``."""
-        t, h, w = (int(s) for s in latent_shape[-3:])
+        t, h, w = latent_shape[-3:]  # no int(): symbolic sizes stay symbolic under torch.export
         pt, ph, pw = self.cfg.patch_size
         return t // pt, h // ph, w // pw
 
@@ -646,7 +664,10 @@ class WildActor(nn.Module):
         e_ref = self.reference_modulation() if ref_grids else None
         text = self.condition_embedder.text(context.to(self.dtype))
         for block in self.blocks:
-            x, _, _ = block(x, nv, e_video, e_ref, text, cos, sin)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, nv, e_video, e_ref, text, cos, sin, use_reentrant=False)[0]
+            else:
+                x, _, _ = block(x, nv, e_video, e_ref, text, cos, sin)
         return self._head(x[:, :nv], temb, grid)
 
     # ------------------------------------------------------------------ weights (model/weights.py)

@@ -203,6 +203,20 @@ def test_lora_training_lowers_loss_and_touches_only_adapters():
     assert n_adapter == m.num_parameters(include_adapters=True) - m.num_parameters()
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    m = _model(lora_scale=0.1).train()
+    x, t, ctx = _inputs(t=2, h=4, w=4)
+    refs = _refs()
+    grads = []
+    for ckpt in (False, True):
+        m.gradient_checkpointing = ckpt
+        m.zero_grad()
+        m(x, t, ctx, refs=refs).square().mean().backward()
+        grads.append([p.grad.clone() for p in m.trainable_parameters()])
+    for g0, g1 in zip(*grads):
+        assert_close_verbose(g1, g0, atol=1e-6)
+
+
 # ============================================================================ builds and counts
 def _adapter_count(cfg: WildActorConfig) -> int:
     r, d, f = cfg.lora_rank, cfg.dim, cfg.ffn_dim
@@ -266,6 +280,16 @@ def test_bf16_forward_tracks_fp32():
     rel = (yb.float() - y32).norm() / y32.norm()
     assert rel < 3e-2, float(rel)
     assert (yc.float() - yb.float()).norm() / y32.norm() < 3e-2
+    # WildActor(cfg, dtype=bf16) / cast(): diffusers' fp32-kept parameters stay fp32
+    mk = WildActor(TINY, dtype=torch.bfloat16)
+    kept = {n for n, p in mk.named_parameters() if p.dtype == torch.float32}
+    assert "scale_shift_table" in kept and "blocks.1.scale_shift_table" in kept
+    assert "blocks.0.norm2.weight" in kept and "condition_embedder.time_embedder.linear_2.bias" in kept
+    assert mk.patch_embedding.weight.dtype == torch.bfloat16 and len(kept) == 4 + 1 + 3 * TINY.num_layers
+    mk.load_wan_state_dict({k: v for k, v in m.state_dict().items() if "lora_" not in k})
+    with torch.no_grad():
+        yk = mk(x, t, ctx, refs=refs)
+    assert (yk.float() - y32).norm() / y32.norm() < 3e-2
 
 
 # ============================================================================ weights I/O

@@ -14,7 +14,7 @@ from model.wildactor import _is_adapter
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import WanTransformer3DModel  # noqa: E402
-from helpers import max_err  # noqa: E402
+from helpers import assert_within_baseline, max_err  # noqa: E402
 
 CASES = [
     pytest.param(WildActorConfig.preset("tiny"), (1, 3, 4, 6), 7, id="tiny-B1-T3-4x6"),
@@ -87,3 +87,16 @@ def test_key_sets_match_exactly():
     wan.load_state_dict({k: v for k, v in ours.state_dict().items() if k in backbone_keys}, strict=True)
     rank0 = WildActor(cfg.replace(lora_rank=0))
     assert set(rank0.state_dict()) == wan_keys
+
+
+def test_bf16_error_within_twice_diffusers_bf16_error():
+    """Low precision: our bf16 error against the fp32 truth is at most 2x diffusers' bf16 error."""
+    cfg = WildActorConfig.preset("tiny")
+    wan, ours = _wan_and_ours(cfg)
+    x, ts, ctx = torch.randn(2, 4, 3, 6, 8), torch.tensor([900.0, 10.0]), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        truth = wan(x, ts, ctx, return_dict=False)[0]
+        wan_bf16 = wan.to(torch.bfloat16)(x.bfloat16(), ts, ctx.bfloat16(), return_dict=False)[0]
+        ours_bf16 = ours.cast(torch.bfloat16)(x, ts, ctx)
+    assert ours_bf16.dtype == torch.bfloat16
+    assert_within_baseline(ours_bf16.float(), wan_bf16.float(), truth, factor=2.0, atol=1e-3)
