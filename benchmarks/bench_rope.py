@@ -1,0 +1,259 @@
+"""Microbenchmark: I-RoPE (``apply_rope``) and fused q/k RMSNorm + I-RoPE (``qk_norm_rope``).
+
+Measures, on the DESIGN §8 shapes, the forward and forward+backward of
+
+- ``triton``:  the library's Triton kernels (``backend="triton"``);
+- ``eager``:   the plain-PyTorch reference (``backend="reference"``);
+- ``compile``: ``torch.compile`` of that reference (the fused-by-Inductor peer);
+- ``flash_attn``: flash-attn's interleaved ``apply_rotary_emb`` (apply_rope only, when installed;
+  it takes cos/sin in the input dtype, so its tables are rounded to bf16).
+
+q and k are views into a fused ``[B, N, 3, H, D]`` QKV tensor, as they come out of the model's
+projection. Times are ``triton.testing.do_bench`` medians with 20/80 % quantiles. GB/s counts
+the bytes an ideal kernel moves (every input read once, every output written once, tables
+included), so it is comparable across implementations and with the HBM peak.
+
+Usage::
+
+    python benchmarks/bench_rope.py                                 # all shapes, bf16
+    python benchmarks/bench_rope.py --shapes wan5b-720p --ops rope --modes fwd
+    python benchmarks/bench_rope.py --out rope_h100.json            # -> benchmarks/results/
+
+Without a CUDA device the script says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import wildactor_kernels as wk  # noqa: E402
+from wildactor_kernels.rope.reference import apply_rope_ref, qk_norm_rope_ref  # noqa: E402
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# DESIGN §8. Reference kinds are not fixed by the table: the first two are faces, the rest bodies.
+SHAPES = {
+    "wan5b-720p": dict(B=1, H=24, D=128, video=(31, 22, 40), refs=5, ref_grid=(22, 40)),
+    "wan1.3b-480p": dict(B=1, H=12, D=128, video=(21, 30, 52), refs=5, ref_grid=(30, 52)),
+    "wan14b-720p": dict(B=1, H=40, D=128, video=(21, 45, 80), refs=3, ref_grid=(45, 80)),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Dense HBM peaks (bytes/s) for the % of peak column; --peak-gbps overrides.
+HBM_PEAK = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "A100": 2.0e12}
+
+
+def _layout(spec: dict) -> wk.TokenLayout:
+    kinds = ["face", "face", "body", "body", "body"][: spec["refs"]]
+    return wk.TokenLayout(spec["video"], [(k, *spec["ref_grid"]) for k in kinds])
+
+
+def _peak(name: str, override: float | None) -> float | None:
+    if override:
+        return override * 1e9
+    for key, val in HBM_PEAK.items():
+        if key in name:
+            return val
+    return None
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- workloads
+def _rope_case(spec, dtype, device):
+    """Inputs, the implementations and the ideal byte counts of apply_rope on one shape."""
+    layout = _layout(spec)
+    b, h, d, n = spec["B"], spec["H"], spec["D"], layout.num_tokens
+    cos, sin = wk.rope_cos_sin(wk.irope_positions(layout).to(device), d)
+    qkv = torch.randn(b, n, 3, h, d, device=device, dtype=dtype, requires_grad=True)
+    es = qkv.element_size()
+    x_bytes = b * n * h * d * es
+    table_bytes = 2 * cos.numel() * cos.element_size()
+    impls = {
+        "triton": lambda x: wk.apply_rope(x, cos, sin, backend="triton"),
+        "eager": lambda x: apply_rope_ref(x, cos, sin),
+        "compile": torch.compile(lambda x: apply_rope_ref(x, cos, sin), dynamic=False),
+    }
+    try:
+        from flash_attn.layers.rotary import apply_rotary_emb
+
+        cos_lp, sin_lp = cos.to(dtype), sin.to(dtype)
+        impls["flash_attn"] = lambda x: apply_rotary_emb(x, cos_lp, sin_lp, interleaved=True)
+    except Exception:
+        pass
+
+    def run(fn):
+        return (fn(qkv[:, :, 0]),)
+
+    return dict(
+        leaves=[qkv], run=run, impls=impls, ref="eager", n=n,
+        bytes_fwd=2 * x_bytes + table_bytes,
+        bytes_bwd=2 * x_bytes + table_bytes,  # read dy, write dx
+    )
+
+
+def _qk_case(spec, dtype, device, eps=1e-6):
+    layout = _layout(spec)
+    b, h, d, n = spec["B"], spec["H"], spec["D"], layout.num_tokens
+    cos, sin = wk.rope_cos_sin(wk.irope_positions(layout).to(device), d)
+    qkv = torch.randn(b, n, 3, h, d, device=device, dtype=dtype, requires_grad=True)
+    qw = (1 + 0.1 * torch.randn(h * d, device=device)).to(dtype).requires_grad_()
+    kw = (1 + 0.1 * torch.randn(h * d, device=device)).to(dtype).requires_grad_()
+    es = qkv.element_size()
+    x_bytes = 2 * b * n * h * d * es  # q and k
+    table_bytes = 2 * cos.numel() * cos.element_size()
+    w_bytes = 2 * h * d * es
+    ref = lambda q, k: qk_norm_rope_ref(q, k, qw, kw, cos, sin, eps)
+    impls = {
+        "triton": lambda q, k: wk.qk_norm_rope(q, k, qw, kw, cos, sin, eps, backend="triton"),
+        "eager": ref,
+        "compile": torch.compile(ref, dynamic=False),
+    }
+
+    def run(fn):
+        return fn(qkv[:, :, 0], qkv[:, :, 1])
+
+    return dict(
+        leaves=[qkv, qw, kw], run=run, impls=impls, ref="eager", n=n,
+        bytes_fwd=2 * x_bytes + table_bytes + w_bytes,
+        # read x, dy, w, tables; write dx and dw
+        bytes_bwd=3 * x_bytes + table_bytes + 2 * w_bytes,
+    )
+
+
+CASES = {"rope": _rope_case, "qk_norm_rope": _qk_case}
+
+
+# --------------------------------------------------------------------------- measurement
+def _bench(fn, grad_to_none, warmup, rep):
+    from triton.testing import do_bench
+
+    med, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8],
+                             grad_to_none=grad_to_none)
+    return med, p20, p80
+
+
+def _max_err(outs, ref_outs) -> float:
+    return max((a.float() - b.float()).abs().max().item() for a, b in zip(outs, ref_outs))
+
+
+def _parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--ops", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    ap.add_argument("--impls", nargs="+", default=None,
+                    help="subset of triton eager compile flash_attn (default: all available)")
+    ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    ap.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
+    ap.add_argument("--rep", type=int, default=100, help="do_bench repetitions (ms)")
+    ap.add_argument("--peak-gbps", type=float, default=None, help="HBM peak for the %% column")
+    ap.add_argument("--out", default=None,
+                    help="JSON file to append this run to; a bare name goes to benchmarks/results/")
+    return ap.parse_args(argv)
+
+
+def run_benchmarks(args, device, peak=None, bench=_bench) -> list[dict]:
+    """Measure every (op, shape, mode, impl) and print one line each. Returns the rows."""
+    dtype = DTYPES[args.dtype]
+    print(f"{'op':13s} {'mode':8s} {'shape':13s} {'impl':10s} {'ms':>8s} {'p20':>8s} {'p80':>8s} "
+          f"{'GB/s':>7s} {'%peak':>6s} {'max|err|':>9s}")
+    rows = []
+    for op in args.ops:
+        for shape in args.shapes:
+            case = CASES[op](SHAPES[shape], dtype, device)
+            run, leaves = case["run"], case["leaves"]
+            impls = {k: v for k, v in case["impls"].items() if args.impls is None or k in args.impls}
+            with torch.no_grad():
+                ref_outs = run(case["impls"][case["ref"]])
+            for mode in args.modes:
+                for name, fn in impls.items():
+                    row = dict(op=op, mode=mode, shape=shape, impl=name, dtype=args.dtype,
+                               N=case["n"], **{k: SHAPES[shape][k] for k in ("B", "H", "D")})
+                    try:
+                        with torch.no_grad():
+                            row["max_abs_err_vs_eager"] = _max_err(run(fn), ref_outs)
+                        if mode == "fwd":
+                            def call(fn=fn, run=run):
+                                with torch.no_grad():
+                                    run(fn)
+                            nbytes = case["bytes_fwd"]
+                        else:
+                            grads = [torch.randn_like(o) for o in run(fn)]
+
+                            def call(fn=fn, run=run, grads=grads):
+                                torch.autograd.backward(run(fn), grads)
+                            nbytes = case["bytes_fwd"] + case["bytes_bwd"]
+                        med, p20, p80 = bench(call, leaves, args.warmup, args.rep)
+                        gbps = nbytes / (med * 1e-3) / 1e9
+                        row.update(ms=med, ms_p20=p20, ms_p80=p80, bytes=nbytes, gbps=gbps,
+                                   pct_peak=(100 * gbps * 1e9 / peak) if peak else None)
+                        pct = f"{row['pct_peak']:6.1f}" if peak else f"{'-':>6s}"
+                        print(f"{op:13s} {mode:8s} {shape:13s} {name:10s} {med:8.3f} {p20:8.3f} "
+                              f"{p80:8.3f} {gbps:7.0f} {pct} {row['max_abs_err_vs_eager']:9.2e}")
+                    except Exception as e:  # a failing peer must not hide the other numbers
+                        row["error"] = f"{type(e).__name__}: {e}"[:500]
+                        print(f"{op:13s} {mode:8s} {shape:13s} {name:10s} ERROR {row['error'][:80]}")
+                    rows.append(row)
+            del case, run, leaves, impls, ref_outs
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _append_json(path: str, run: dict) -> None:
+    path = path if os.path.dirname(path) else os.path.join(RESULTS_DIR, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    runs = []
+    if os.path.exists(path):
+        with open(path) as fh:
+            old = json.load(fh)
+        runs = old if isinstance(old, list) else [old]
+    runs.append(run)
+    with open(path, "w") as fh:
+        json.dump(runs, fh, indent=1)
+    print(f"# appended {len(run['results'])} rows to {path}")
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    if not torch.cuda.is_available():
+        print("bench_rope: no CUDA device here; these benchmarks time GPU kernels and have nothing "
+              "to measure on the CPU (the Triton interpreter is for correctness only). Exiting.")
+        return 0
+
+    import triton
+
+    device = torch.device("cuda")
+    gpu = torch.cuda.get_device_name(device)
+    peak = _peak(gpu, args.peak_gbps)
+    print(f"# {gpu} | torch {torch.__version__} | triton {triton.__version__} | {args.dtype}"
+          + (f" | HBM peak {peak / 1e9:.0f} GB/s" if peak else ""))
+    rows = run_benchmarks(args, device, peak)
+    if args.out:
+        _append_json(args.out, dict(
+            benchmark="bench_rope", gpu=gpu, torch=torch.__version__, triton=triton.__version__,
+            commit=_git_commit(), date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            dtype=args.dtype, hbm_peak_gbps=peak / 1e9 if peak else None, warmup_ms=args.warmup,
+            rep_ms=args.rep, results=rows,
+        ))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
