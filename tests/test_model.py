@@ -217,6 +217,33 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert_close_verbose(g1, g0, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_triton_backend_matches_reference():
+    """The whole model on the Triton kernels (GPU, or the CPU interpreter) = the reference backend:
+    joint and cached forward, and the adapter gradients."""
+    from wildactor_kernels._utils import interpreter_active, triton_available
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if not triton_available() or (dev == "cpu" and not interpreter_active()):
+        pytest.skip("needs Triton on CUDA or TRITON_INTERPRET=1")
+    m = _model(lora_scale=0.1).to(dev).train()
+    x, t, ctx = (a.to(dev) for a in _inputs(b=1, t=2, h=4, w=4))
+    refs = [Reference(r.kind, r.latent.to(dev)) for r in _refs()]
+    outs, grads = [], []
+    for backend in ("reference", "triton"):
+        m.set_backend(backend)
+        m.zero_grad()
+        y = m(x, t, ctx, refs=refs)
+        y.square().mean().backward()
+        with torch.no_grad():
+            outs.append((y.detach(), m(x, t, ctx, ref_cache=m.encode_references(refs))))
+        grads.append([p.grad.clone() for p in m.trainable_parameters()])
+    assert_close_verbose(outs[1][0], outs[0][0], atol=1e-4, name="joint")
+    assert_close_verbose(outs[1][1], outs[0][1], atol=1e-4, name="cached")
+    for g1, g0 in zip(grads[1], grads[0]):
+        assert_close_verbose(g1, g0, atol=1e-5, rtol=1e-3, name="adapter grad")
+
+
 # ============================================================================ builds and counts
 def _adapter_count(cfg: WildActorConfig) -> int:
     r, d, f = cfg.lora_rank, cfg.dim, cfg.ffn_dim
