@@ -241,6 +241,37 @@ def test_qk_norm_rope_rejects_mixed_dtypes():
         wk.qk_norm_rope(q, q.half(), None, None, cos, sin, backend="triton")
 
 
+def test_broadcast_grads_and_empty_sequences():
+    """``loss = y.sum()`` hands the backward a stride-0 (expanded) gradient; N = 0 launches nothing."""
+    _, cos, sin = _tables("N37", 16)
+    x = torch.randn(2, 37, 3, 16, requires_grad=True)
+    wk.apply_rope(x, cos, sin, backend="triton").sum().backward()
+    gx = x.grad.clone()
+    x.grad = None
+    apply_rope_ref(x, cos, sin).sum().backward()
+    assert_close_verbose(gx, x.grad, atol=1e-5, rtol=1e-5, name="dx (expanded dy)")
+
+    q, k = (torch.randn(2, 37, 3, 16, requires_grad=True) for _ in range(2))
+    w = torch.rand(48, requires_grad=True)
+    qo, ko = wk.qk_norm_rope(q, k, w, None, cos, sin, backend="triton")
+    got = torch.autograd.grad(qo.sum() + ko.sum(), (q, k, w))
+    qo, ko = qk_norm_rope_ref(q, k, w, None, cos, sin)
+    want = torch.autograd.grad(qo.sum() + ko.sum(), (q, k, w))
+    for name, a, e in zip(("dq", "dk", "dw"), got, want):
+        assert_close_verbose(a, e, atol=1e-4, rtol=1e-4, name=name + " (expanded dy)")
+
+    x0 = torch.randn(2, 0, 3, 16, requires_grad=True)
+    cos0, sin0 = cos[:0], sin[:0]
+    y0 = wk.apply_rope(x0, cos0, sin0, backend="triton")
+    assert y0.shape == x0.shape
+    y0.sum().backward()
+    q0, k0 = (torch.randn(2, 0, 3, 16, requires_grad=True) for _ in range(2))
+    w0 = torch.rand(48, requires_grad=True)
+    out = wk.qk_norm_rope(q0, k0, w0, w0, cos0, sin0, backend="triton")
+    dw0 = torch.autograd.grad(out[0].sum() + out[1].sum(), w0)[0]
+    assert torch.equal(dw0, torch.zeros_like(dw0))
+
+
 # =========================================================================== GPU only
 GPU_LAYOUTS = {
     # A short wan-720p-like clip: 22x40 latent grid, 4 frames, two references of the same grid.
@@ -270,3 +301,60 @@ def test_apply_rope_gpu(b, h, d, dtype):
 def test_qk_norm_rope_gpu(h, d, weights, fused, dtype):
     _run_qk_norm_rope(1, GPU_LAYOUTS["wan720p-T4"], h, d, dtype, weights=weights, fused=fused,
                       device="cuda")
+
+
+# =========================================================================== compile for sm_90
+_SM90_COMPILE = r'''
+import os, sys
+os.environ["TRITON_INTERPRET"] = "0"  # real JITFunctions, not interpreted ones
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from wildactor_kernels.rope import kernels as K
+
+def jit(f):
+    while not isinstance(f, triton.runtime.jit.JITFunction):
+        f = f.fn
+    return f
+
+def build(f, types, consts, num_warps):
+    fn = jit(f)
+    sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
+    # what Triton's launcher infers for 16-aligned pointers and strides divisible by 16
+    div = [i for i, a in enumerate(fn.arg_names) if a not in consts and a != "eps"]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in div}
+    k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    ptx = k.asm["ptx"]
+    assert ".v4." in ptx or "v4.b32" in ptx, f"{fn.__name__}: no vectorised global loads"
+    print(fn.__name__, "ok")
+
+x = "*bf16"
+build(K._rope_kernel, dict(p_x=x, p_cos="*fp32", p_sin="*fp32", p_y=x),
+      dict(CONJ=True, D_PAD=128, BLOCK_N=8, BLOCK_H=4), 4)
+build(K._qk_norm_rope_fwd_kernel,
+      dict(p_q=x, p_k=x, p_w="*fp32", p_cos="*fp32", p_sin="*fp32", p_y=x, p_rstd="*fp32", eps="fp32"),
+      dict(HAS_WEIGHT=True, D_PAD=128, BLOCK_N=4, BLOCK_H=8), 4)
+build(K._qk_norm_rope_bwd_kernel,
+      dict(p_q=x, p_k=x, p_dyq=x, p_dyk=x, p_w="*fp32", p_cos="*fp32", p_sin="*fp32",
+           p_rstd="*fp32", p_dx=x, p_dw="*fp32"),
+      dict(HAS_WEIGHT=True, D_PAD=32, BLOCK_N=4, BLOCK_H=32), 8)
+'''
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter does not run Triton's compiler: build PTX + cubin for sm_90 (H100/H200)
+    ahead of time, so a kernel that only the GPU toolchain rejects fails here too."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True, env=env,
+                         cwd=root, timeout=300)
+    if res.returncode and "ptxas" in res.stderr and "not found" in res.stderr.lower():
+        pytest.skip("this triton build ships no ptxas")
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]

@@ -18,8 +18,10 @@ Design (the ops are memory bound, so the aim is one read and one write of every 
   contiguous, vectorisable load instead of two stride-2 loads;
 - the RMSNorm is over ``H*D`` (up to 5120 for Wan-14B), too wide for one register tile, so
   the fused kernel makes two passes over the head chunks of its tokens: the first sums squares,
-  the second normalises, scales, rotates and stores. The second pass re-reads a few tens of KB
-  per program, which comes from L1/L2 rather than HBM.
+  the second normalises, scales, rotates and stores. The second pass re-reads only the program's
+  own few tens of KB, which should still sit in L1/L2 (to be confirmed on the GPU with
+  ``benchmarks/bench_rope.py``; the alternative, a token's whole feature in registers, would
+  pad 5120 to 8192 lanes and spill).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from .._utils import interpreter_active
 _INTERPRET = interpreter_active()
 
 # Elements of one [BLOCK_N, BLOCK_H, D_PAD] register tile on GPU: 4096 fp32 values are 32 per
-# thread at 4 warps, which leaves room for the pair split/join without spilling.
+# thread at 4 warps, which leaves room for the pair split/join (ptxas for sm_90: no spills).
 _TILE_ELEMS = 4096
 
 
@@ -297,7 +299,7 @@ def _device_ctx(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _unit_last(name: str, t: torch.Tensor) -> torch.Tensor:
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
     # The kernels address the head dim as a contiguous vector (vectorised loads); a strided last
     # dim is rare (no fused projection produces one), so it costs a copy rather than a code path.
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -312,7 +314,7 @@ def rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, conj: bool =
     """Rotate ``x [B, N, H, D]`` (unit-stride last dim, other strides free) by ``cos, sin
     [N, D//2]``; ``conj=True`` rotates by the opposite angle. Returns contiguous ``x.dtype``."""
     b, n, h, d = x.shape
-    x = _unit_last("x", x)
+    x = _unit_last(x)
     cos, sin = _tables(cos, sin)
     y = torch.empty((b, n, h, d), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
@@ -345,7 +347,7 @@ def qk_norm_rope_fwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor | None, c
     if q.dtype != k.dtype:
         raise TypeError(f"q and k must share one dtype, got {q.dtype} and {k.dtype}")
     b, n, h, d = q.shape
-    q, k = _unit_last("q", q), _unit_last("k", k)
+    q, k = _unit_last(q), _unit_last(k)
     y = torch.empty((2, b, n, h, d), dtype=q.dtype, device=q.device)
     rstd = torch.empty((2, b, n), dtype=torch.float32, device=q.device)
     if y.numel() == 0:
@@ -373,8 +375,8 @@ def _bwd_block() -> tuple[int, int]:
 def qk_norm_rope_bwd(q, k, dyq, dyk, w, cos, sin, rstd):
     """Launcher of the fused backward. Returns ``(dq, dk, dw)`` with ``dw [2, H*D]`` fp32 or None."""
     b, n, h, d = q.shape
-    q, k = _unit_last("q", q), _unit_last("k", k)
-    dyq, dyk = _unit_last("dyq", dyq.to(q.dtype)), _unit_last("dyk", dyk.to(q.dtype))
+    q, k = _unit_last(q), _unit_last(k)
+    dyq, dyk = _unit_last(dyq.to(q.dtype)), _unit_last(dyk.to(q.dtype))
     d_pad = triton.next_power_of_2(d)
     block_n, num_warps = _bwd_block()
     n_blocks = triton.cdiv(b * n, block_n)
