@@ -53,7 +53,7 @@ import torch.nn as nn
 
 from wildactor_kernels.lora.module import RefLoRALinear
 from wildactor_kernels.quant import FP8_DTYPE, quantize_weight_fp8, resolve_fp8_gemm
-from wildactor_kernels.quant.linear import GEMMS
+from wildactor_kernels.quant.linear import GEMMS, _warn_once
 
 logger = logging.getLogger("wildactor_kernels")
 
@@ -184,20 +184,23 @@ class Float8Linear(nn.Module):
         self.resolve_path(lin.weight.device)
 
     # ---------------------------------------------------------------- GEMM path
-    def resolve_path(self, device: torch.device) -> str:
-        """Decide (and record) the GEMM path for ``device``; warns when it is not the fast one."""
+    def resolve_path(self, device: torch.device, warn: bool = False) -> str:
+        """Decide (and record) the GEMM path for ``device``; with ``warn``, log (once per
+        distinct reason) when ``gemm="auto"`` cannot take the fast path."""
         path, reason = resolve_fp8_gemm(self.config.gemm, device)
+        self._path_device = torch.device(device).type
         if (path, reason) != (self.gemm_path, self.fallback_reason):
             self.gemm_path, self.fallback_reason = path, reason
             self._fuse_bias = True
-            self._path_device = torch.device(device).type
+            if warn and reason is not None and self.config.gemm == "auto":
+                _warn_once(f"Float8Linear: {reason}")
         return path
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         from wildactor_kernels.quant.linear import _Fp8LinearFn
 
         if self.gemm_path is None or getattr(self, "_path_device", None) != x.device.type:
-            self.resolve_path(x.device)
+            self.resolve_path(x.device, warn=True)
         cfg = self.config
         if self.gemm_path == "scaled_mm":
             try:
@@ -384,6 +387,10 @@ def _to_nf4(lin: nn.Module, cfg: NF4Config) -> nn.Module:
     if lin.bias is not None:
         new.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
     new = new.to(w.device)  # Params4bit quantizes on its first .to(device)
+    # bitsandbytes' AVX512-BF16 CPU inference path repacks the weight in place at the first eval
+    # forward (absmax rounded to bf16; needs N % 32 == 0 and K % 64 == 0, fails otherwise): off,
+    # so eval and train compute the same thing and the saved state never depends on a forward.
+    new.support_avx512bf16_for_cpu = False
     new._take_lora(lin)
     return new
 
@@ -474,9 +481,9 @@ def quantize_model(m: nn.Module, mode: str, *,
             r = m.get_submodule(fqn).fallback_reason
             if r is not None:
                 reasons[r] = reasons.get(r, 0) + 1
+        log = logger.warning if config.gemm == "auto" else logger.info  # asked for: not a surprise
         for r, n in reasons.items():
-            logger.warning("quantize_model('fp8'): %d of %d layers use the emulated FP8 GEMM: %s",
-                           n, len(converted), r)
+            log("quantize_model('fp8'): %d of %d layers use the emulated FP8 GEMM: %s", n, len(converted), r)
     prev = getattr(m, "quantization", None)
     info = {"mode": mode, "config": config, "converted": converted}
     if isinstance(prev, dict) and prev.get("converted"):  # a second call on other layers
