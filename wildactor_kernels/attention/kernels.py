@@ -172,29 +172,48 @@ def _fwd_range(acc, l_i, m_i, q, K, V, COS, SIN, n_keys, stride_kn, stride_vn, s
 
 
 def _fwd_configs():
-    if interpreter_active():
+    if interpreter_active():  # one small fixed tile: quick tests that still cover ragged tails
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    cfgs = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
-    out = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfgs]
-    # safe fallback: small tiles, shallow pipeline (fits pre-Hopper shared memory)
-    out.append(triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2))
-    return out
+    # sm90 candidates (BLOCK_M, BLOCK_N, warps, stages): none of them spills for D=128 when
+    # compiled by triton 3.6 for sm_90; the last one is a small fallback for other GPUs.
+    cfgs = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3),
+            (64, 32, 4, 2)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfgs]
 
 
-def _prune_by_head_dim(configs, named_args, **kwargs):
-    """Drop tiles whose K/V pipeline cannot fit next to a 256-wide head; keep at least one."""
-    bd = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 128))
-    if bd <= 128:
-        return configs
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 and c.num_stages <= 2]
-    return kept or configs[-1:]
+_SMEM_LIMIT = 227 * 1024  # per-block opt-in shared memory on H100/H200
+
+
+def _smem_estimate(kind: str, cfg, block_d: int, elem: int, rotate: bool) -> int:
+    """Shared memory of one program as triton 3.6 lays it out for sm_90: the streamed operand
+    pair sits in ``num_stages`` buffers, the fp32 cos/sin tiles of the streamed operand in
+    ``num_stages - 1``, the resident tiles once (checked against compiled kernels, D = 128)."""
+    bm, bn, st = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_stages
+    stream, resident = (bm, bn) if kind == "dkdv" else (bn, bm)
+    nres = 1 if kind == "fwd" else 2
+    cs = (st - 1) * stream * block_d * 4 if rotate else 0
+    return st * 2 * stream * block_d * elem + cs + nres * resident * block_d * elem
+
+
+def _make_prune(kind: str):
+    def prune(configs, named_args, **kwargs):
+        """Drop candidates that cannot fit in shared memory, so no time is spent compiling them;
+        always keep at least the smallest one."""
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
+        rotate = bool(kwargs.get("ROTATE", named_args.get("ROTATE", False)))
+        q = named_args.get("Q")
+        elem = q.element_size() if hasattr(q, "element_size") else 2
+        est = [(_smem_estimate(kind, c, block_d, elem, rotate), i) for i, c in enumerate(configs)]
+        kept = [configs[i] for e, i in est if e <= _SMEM_LIMIT]
+        return kept or [configs[min(est)[1]]]
+    return prune
 
 
 @triton.autotune(configs=_fwd_configs(), key=["HEAD_DIM", "ROTATE", "CACHED", "DOT_PREC"],
-                 prune_configs_by={"early_config_prune": _prune_by_head_dim})
+                 prune_configs_by={"early_config_prune": _make_prune("fwd")})
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, K2, V2, O, LSE, COS, SIN,
+    Q, K, V, K2, V2, Out, LSE, COS, SIN,
     stride_qb, stride_qn, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -270,16 +289,16 @@ def _attn_fwd_kernel(
 
     # ---- epilogue
     o = acc / l_i[:, None]
-    o_base = O + i_b * stride_ob + i_h * stride_oh + q_start.to(tl.int64) * stride_on
+    o_base = Out + i_b * stride_ob + i_h * stride_oh + q_start.to(tl.int64) * stride_on
     p_o = o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
-    tl.store(p_o, o.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(p_o, o.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     lse = m_i + tl.log2(l_i)
     tl.store(LSE + i_bh.to(tl.int64) * NQ + q_start + offs_m, lse, mask=m_ok)
 
 
 # =========================================================================== backward
 @triton.jit
-def _attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_on, stride_oh, stride_od,
+def _attn_bwd_preprocess_kernel(Out, DO, DELTA, stride_ob, stride_on, stride_oh, stride_od,
                                 stride_dob, stride_don, stride_doh, stride_dod, H, NQ,
                                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                 BLOCK_M: tl.constexpr):
@@ -291,7 +310,7 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_on, stride_oh, s
     rows = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m = (rows < NQ)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + i_b * stride_ob + i_h * stride_oh + rows[:, None].to(tl.int64) * stride_on
+    o = tl.load(Out + i_b * stride_ob + i_h * stride_oh + rows[:, None].to(tl.int64) * stride_on
                 + offs_d[None, :] * stride_od, mask=m, other=0.0).to(tl.float32)
     do = tl.load(DO + i_b * stride_dob + i_h * stride_doh + rows[:, None].to(tl.int64) * stride_don
                  + offs_d[None, :] * stride_dod, mask=m, other=0.0).to(tl.float32)
@@ -327,17 +346,17 @@ def _bwd_configs(kind: str):
     if interpreter_active():
         blk = {"BLOCK_M": 16, "BLOCK_N": 32} if kind == "dkdv" else {"BLOCK_M": 32, "BLOCK_N": 16}
         return [triton.Config(blk, num_warps=4, num_stages=1)]
-    if kind == "dkdv":  # a tall key block, a short query block streamed through it
-        cfgs = [(64, 128, 8, 2), (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)]
-    else:  # dq: a tall query block, short key blocks streamed
-        cfgs = [(128, 64, 8, 2), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
+    if kind == "dkdv":  # one key block resident, query blocks streamed through it
+        cfgs = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2)]
+    else:  # dq: one query block resident, key blocks streamed
+        cfgs = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (128, 128, 8, 2)]
     out = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfgs]
     out.append(triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2))  # fallback
     return out
 
 
 @triton.autotune(configs=_bwd_configs("dkdv"), key=["HEAD_DIM", "ROTATE", "CACHED", "DOT_PREC"],
-                 prune_configs_by={"early_config_prune": _prune_by_head_dim})
+                 prune_configs_by={"early_config_prune": _make_prune("dkdv")})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, K2, V2, DO, LSE, DELTA, DK, DV, DK2, DV2, COS, SIN,
@@ -499,7 +518,7 @@ def _dq_range(dq, q, do, lse, delta, K, V, COS, SIN, n_keys, stride_kn, stride_v
 
 
 @triton.autotune(configs=_bwd_configs("dq"), key=["HEAD_DIM", "ROTATE", "CACHED", "DOT_PREC"],
-                 prune_configs_by={"early_config_prune": _prune_by_head_dim})
+                 prune_configs_by={"early_config_prune": _make_prune("dq")})
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, K2, V2, DO, LSE, DELTA, DQ, COS, SIN,
