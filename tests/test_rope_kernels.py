@@ -229,6 +229,12 @@ def test_qk_norm_rope_fused_qkv_views(dtype):
     _run_qk_norm_rope(2, "N37", 3, 24, dtype, weights="both", fused=True)
 
 
+def test_qk_norm_rope_wan14b_width():
+    """H*D = 5120 (Wan-14B: 40 heads x 128): the norm spans several head chunks, the last one
+    partly masked. Few tokens keep the interpreter quick."""
+    _run_qk_norm_rope(1, "N18-refs-only", 40, 128, torch.float32, weights="both")
+
+
 def test_qk_norm_rope_one_weight_fp32_weights_fp16_inputs():
     """Only q has a norm weight, kept in fp32 (master weights) while activations are fp16."""
     _run_qk_norm_rope(2, "N37", 3, 16, torch.float16, weights="q-only", weight_dtype=torch.float32)

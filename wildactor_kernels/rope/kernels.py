@@ -35,8 +35,9 @@ import triton.language as tl
 from .._utils import interpreter_active
 
 # Under the CPU interpreter every program is simulated in Python: autotuning there would only
-# multiply the test time, so a single fixed config is used. BLOCK_H = 2 under the interpreter
-# makes the tests (H = 1 and 3) exercise both the head-chunk loop and the head mask.
+# multiply the test time, so a single fixed config is used. Its BLOCK_H (2 for H <= 4, else 16)
+# makes the small test shapes (H = 1, 3) and the Wan-14B width (H = 40: chunks 16+16+8 of 16)
+# exercise both the head-chunk loop and the head mask, in few interpreted iterations.
 _INTERPRET = interpreter_active()
 
 # Elements of one [BLOCK_N, BLOCK_H, D_PAD] register tile on GPU: 4096 fp32 values are 32 per
@@ -54,7 +55,7 @@ def _configs(gpu: list[tuple[int, int]]) -> list[triton.Config]:
 def _block_h(args: dict) -> int:
     """Heads per loop iteration: fill the register tile budget, never more heads than exist."""
     if _INTERPRET:
-        return 2
+        return 2 if args["H"] <= 4 else 16
     return min(triton.next_power_of_2(args["H"]), max(1, _TILE_ELEMS // (args["BLOCK_N"] * args["D_PAD"])))
 
 
