@@ -13,8 +13,8 @@ import logging
 import pytest
 import torch
 import torch.nn as nn
+from helpers import assert_close_verbose
 
-from tests.helpers import assert_close_verbose
 from wildactor_kernels.quant import (
     FP8_DTYPE,
     FP8_MAX,
