@@ -23,8 +23,11 @@ Modes (one frozen dataclass config each):
     converted layer, and the ``fallbacks`` field of :func:`quantization_report`.
     Per-token activation scales keep a token's codes independent of the other tokens in the
     batch, so the reference K/V cache still equals the joint forward after quantization.
-``"int8"`` (:class:`Int8Config`): bitsandbytes ``Linear8bitLt`` (LLM.int8, weight-only int8
-    with outlier decomposition), frozen.
+``"int8"`` (:class:`Int8Config`): bitsandbytes ``Linear8bitLt`` (LLM.int8: int8 weights with
+    per-row scales, activations quantized per row, outlier columns in fp16), frozen. With
+    ``threshold > 0`` the outlier columns are chosen over all rows of the call, so a video row's
+    result can depend on which reference rows are present: cache == joint then holds only up
+    to that effect (``Int8Config(threshold=0.0)`` makes every row independent again).
 ``"nf4"`` (:class:`NF4Config`): bitsandbytes ``Linear4bit`` with ``quant_type="nf4"`` (QLoRA
     storage), frozen; adapters train on top of it (QLoRA-style).
 
@@ -206,6 +209,8 @@ class Float8Linear(nn.Module):
             try:
                 return _Fp8LinearFn.apply(x, self.weight, self.weight_scale, self.bias, "scaled_mm",
                                           cfg.act_backend, cfg.use_fast_accum, self._fuse_bias)
+            except torch.cuda.OutOfMemoryError:
+                raise  # not a missing feature: the emulated path would need even more memory
             except RuntimeError as e:  # e.g. a torch build without rowwise-scaled FP8 GEMMs
                 if self._fuse_bias and self.bias is not None:
                     self._fuse_bias = False

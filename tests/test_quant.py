@@ -219,6 +219,29 @@ def test_fp8_conversion(tiny):
     assert len(mq.quantization["converted"]) == 10 * len(mq.blocks)
 
 
+@pytest.mark.parametrize("mode, cls_name, dtype", [("int8", "Int8Linear", torch.int8),
+                                                   ("nf4", "NF4Linear", torch.uint8)])
+def test_bnb_conversion(tiny, mode, cls_name, dtype):
+    m, _ = tiny
+    mq = _quantized(m, mode)
+    for name in BASE + CROSS:
+        mod = mq.get_submodule(f"blocks.1.{name}")
+        assert type(mod).__name__ == cls_name and mod.weight.dtype == dtype and not mod.weight.requires_grad
+        assert (mod.lora_A is not None) == (name in BASE)
+        assert _bytes(mod) < _bytes(m.get_submodule(f"blocks.1.{name}"))
+    assert type(mq.proj_out) is nn.Linear and type(mq.condition_embedder.time_proj) is nn.Linear
+
+
+def test_module_filter(tiny):
+    from model.quant import Float8Linear, quantized_modules
+
+    m, _ = tiny
+    mq = _quantized(m, "fp8", module_filter_fn=lambda mod, fqn: ".attn2." in fqn)
+    want = sorted(f"blocks.{i}.{n}" for i in range(len(m.blocks)) for n in CROSS)
+    assert sorted(quantized_modules(mq)) == want
+    assert not isinstance(mq.blocks[0].attn1.to_q, Float8Linear)
+
+
 @pytest.mark.parametrize("mode, floor", [("fp8", 25.0), ("int8", 25.0), ("nf4", 12.0)])
 def test_sqnr_floor(tiny, mode, floor):
     """Measured: (1) SQNR of the model output (velocity of the video latents, joint forward with
