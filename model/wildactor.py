@@ -398,8 +398,14 @@ class WildActor(nn.Module):
             (then load weights with :meth:`load_wan_state_dict` or use :meth:`from_pretrained`).
 
     The backbone is frozen (``requires_grad=False``); the adapters are trainable
-    (:meth:`trainable_parameters`). Norms, modulation and the timestep embedding maths run in
-    fp32 whatever the parameter dtype, as in diffusers.
+    (:meth:`trainable_parameters`). Norms and modulation maths run in fp32 whatever the parameter
+    dtype; a low-precision ``dtype`` (or :meth:`cast`) keeps the parameters diffusers keeps in fp32
+    (timestep embedder, modulation tables, cross-attention norm), as diffusers does.
+
+    Main entry points: :meth:`forward` (joint path with ``refs``, cached path with ``ref_cache``),
+    :meth:`encode_references` (-> :class:`RefCache`); pure-tensor core for export:
+    :meth:`patchify`, :meth:`embed_references`, :meth:`rope_tables`, :meth:`reference_kv`,
+    :meth:`denoise`, :meth:`bind_ref_cache`.
     """
 
     def __init__(self, cfg: WildActorConfig, device: torch.device | str | None = None,
