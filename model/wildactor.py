@@ -99,6 +99,9 @@ class RefCache:
     v: list[Tensor]
     refs: list[tuple[str, int, int]] = field(default_factory=list)
     video_grid: tuple[int, int, int] = (0, 0, 0)
+    # K/V as last bound by WildActor.bind_ref_cache (grid, batch, device, dtype), reused by every
+    # step of a generation; not part of the cache's value.
+    _bound: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_layers(self) -> int:
@@ -617,25 +620,31 @@ class WildActor(nn.Module):
     def bind_ref_cache(self, cache: RefCache, video_grid: tuple[int, int, int],
                        batch_size: int) -> tuple[list[Tensor], list[Tensor]]:
         """The cache's K/V ready for :meth:`denoise`: keys rotated for ``video_grid``, batch
-        expanded to ``batch_size``, model dtype and device."""
+        expanded to ``batch_size``, model dtype and device. The result is memoised on the cache
+        for the same grid/batch/dtype, so a grid-free cache costs one rotation per generation."""
         if not isinstance(cache, RefCache):
             raise TypeError(f"ref_cache must be a RefCache, got {type(cache).__name__}")
         if cache.num_layers == 0:
             return [], []
         if cache.num_layers != len(self.blocks):
             raise ValueError(f"ref_cache has {cache.num_layers} layers; this model has {len(self.blocks)}")
-        cache = cache.expand(batch_size).to(device=self.device, dtype=self.dtype)
-        ks = cache.k
-        if tuple(cache.video_grid) != tuple(video_grid):
-            # Rotations compose additively: R(p + o) = R(o) R(p); every reference token moves by the
-            # same offset o when the video grid changes.
-            s = 1 if self.cfg.spatial_shift else 0
-            (t0, h0, w0), (t1, h1, w1) = cache.video_grid, video_grid
+        c = self.cfg
+        key = (tuple(video_grid), batch_size, str(self.device), self.dtype, c.spatial_shift, c.theta)
+        if cache._bound is not None and cache._bound[0] == key:  # same grid as the previous step
+            return list(cache._bound[1]), list(cache._bound[2])
+        bound = cache.to(device=self.device, dtype=self.dtype)
+        if tuple(bound.video_grid) != tuple(video_grid):
+            # Rotations compose additively, R(p + o) = R(o) R(p), and every reference token moves by
+            # the same offset o when the video grid changes.
+            s = 1 if c.spatial_shift else 0
+            (t0, h0, w0), (t1, h1, w1) = bound.video_grid, video_grid
             off = torch.tensor([[t1 - t0, (h1 - h0) * s, (w1 - w0) * s]], dtype=torch.int64)
-            cos, sin = wk.rope_cos_sin(off.expand(cache.num_ref, 3), self.cfg.head_dim, self.cfg.theta)
+            cos, sin = wk.rope_cos_sin(off.expand(bound.num_ref, 3), c.head_dim, c.theta)
             cos, sin = cos.to(self.device), sin.to(self.device)
-            ks = [wk.apply_rope(k, cos, sin, backend=self.cfg.backend) for k in ks]
-        return list(ks), list(cache.v)
+            bound.k = [wk.apply_rope(k, cos, sin, backend=c.backend) for k in bound.k]
+        bound = bound.expand(batch_size)
+        cache._bound = (key, bound.k, bound.v)
+        return list(bound.k), list(bound.v)
 
     def forward(self, latents: Tensor, timestep: Tensor | float, context: Tensor,
                 refs: Sequence[Reference] | None = None, ref_cache: RefCache | None = None) -> Tensor:

@@ -78,12 +78,15 @@ def test_one_cache_serves_several_video_shapes():
     m = _model()
     refs = _refs()
     cache = m.encode_references(refs)
-    for shape in [(1, 4, 2, 4, 4), (1, 4, 5, 8, 2)]:
+    for shape in [(1, 4, 2, 4, 4), (1, 4, 5, 8, 2), (1, 4, 2, 4, 4)]:
         x, ctx = torch.randn(shape), torch.randn(1, 3, 32)
         t = torch.tensor([333.0])
         with torch.no_grad():
             assert_close_verbose(m(x, t, ctx, ref_cache=cache), m(x, t, ctx, refs=refs), atol=1e-5,
                                  name=f"video {shape}")
+    k1, _ = m.bind_ref_cache(cache, (2, 2, 2), 1)
+    k2, _ = m.bind_ref_cache(cache, (2, 2, 2), 1)
+    assert k1[0] is k2[0]  # memoised: the rotation happens once per grid, not once per step
 
 
 def test_output_depends_on_references():
