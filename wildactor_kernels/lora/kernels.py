@@ -190,7 +190,6 @@ def _lora_gemm_kernel(
     N, NUM_VIDEO, K, NOUT, RANK, M_BUCKET,
     stride_xb, stride_xn, stride_xk,
     stride_wk, stride_wn,
-    stride_vk, stride_vn,
     stride_tb, stride_tn, stride_tr,
     stride_lr, stride_ln,
     stride_ob, stride_on, stride_oo,
@@ -201,7 +200,7 @@ def _lora_gemm_kernel(
     """``out[b, n] = X[b, n] @ Wt (+ bias)``, plus on reference rows (``n >= NUM_VIDEO``):
     REF_MODE 1: ``+ T[b, n - NUM_VIDEO] @ Lt``; REF_MODE 2: ``Wt_ref`` replaces ``Wt``.
 
-    X ``[B, N, K]``, Wt/Wt_ref ``[K, NOUT]`` (strides wk/wn, vk/vn), T ``[B, N - NUM_VIDEO, RANK]``,
+    X ``[B, N, K]``, Wt and Wt_ref ``[K, NOUT]`` (both with strides wk/wn), T ``[B, N - NUM_VIDEO, RANK]``,
     Lt ``[RANK, NOUT]``, out ``[B, N, NOUT]``. Grid: (M tiles x N tiles of one sample, B).
     """
     # ---- tile id -> (region tile i_m, column tile i_n); grouped order for L2 reuse of Wt
@@ -229,12 +228,15 @@ def _lora_gemm_kernel(
 
     p_x = (x_ptr + i_b.to(tl.int64) * stride_xb + o_m_ld.to(tl.int64)[:, None] * stride_xn
            + o_k[None, :] * stride_xk)
-    p_w = w_ptr + o_k[:, None] * stride_wk + o_n.to(tl.int64)[None, :] * stride_wn
-    step_w = BLOCK_K * stride_wk
+    o_w = o_k[:, None] * stride_wk + o_n.to(tl.int64)[None, :] * stride_wn
     if REF_MODE == 2:
-        if is_ref:  # folded inference: reference tiles stream W_ref = W + s B A instead
-            p_w = wref_ptr + o_k[:, None] * stride_vk + o_n.to(tl.int64)[None, :] * stride_vn
-            step_w = BLOCK_K * stride_vk
+        # folded inference: reference tiles stream W_ref = W + s B A (same strides as W)
+        if is_ref:
+            p_w = wref_ptr + o_w
+        else:
+            p_w = w_ptr + o_w
+    else:
+        p_w = w_ptr + o_w
 
     # ---- main loop: X tile [BLOCK_M, BLOCK_K] @ Wt tile [BLOCK_K, BLOCK_N], fp32 accumulator
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -248,7 +250,7 @@ def _lora_gemm_kernel(
             b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)
         acc = _mma(b_x, b_w, acc, UPCAST, IEEE)
         p_x += BLOCK_K * stride_xk
-        p_w += step_w
+        p_w += BLOCK_K * stride_wk
 
     # ---- LoRA expand on reference tiles only: acc += T [BLOCK_M, r] @ Lt [r, BLOCK_N]
     if REF_MODE == 1:
@@ -287,7 +289,8 @@ def lora_gemm(x: torch.Tensor, wt: torch.Tensor, num_video: int, bias: torch.Ten
         num_video: rows ``n < num_video`` of each sample are video rows.
         bias: ``[NOUT]`` or None.
         t, lt: LoRA expand ``t [B, N - num_video, r]`` and ``lt [r, NOUT]``, added on reference rows.
-        wt_ref: ``[K, NOUT]`` weight for reference rows (folded mode); exclusive with ``t``.
+        wt_ref: ``[K, NOUT]`` weight for reference rows (folded mode), with the strides of ``wt``;
+            exclusive with ``t``.
     Returns:
         ``[B, N, NOUT]`` contiguous, in ``x.dtype``.
     """
@@ -302,6 +305,8 @@ def lora_gemm(x: torch.Tensor, wt: torch.Tensor, num_video: int, bias: torch.Ten
         ref_mode = 1
     elif nr > 0 and wt_ref is not None:
         ref_mode = 2
+    if ref_mode == 2 and wt_ref.stride() != wt.stride():
+        raise ValueError(f"wt_ref must have the strides of wt {wt.stride()}, got {wt_ref.stride()}")
     rank = t.shape[2] if ref_mode == 1 else 1
     t_ = t if ref_mode == 1 else x
     lt_ = lt if ref_mode == 1 else wt
@@ -310,7 +315,7 @@ def lora_gemm(x: torch.Tensor, wt: torch.Tensor, num_video: int, bias: torch.Ten
     args = (x, wt, v_, bias if bias is not None else x, t_, lt_, out,
             n, num_video, k, nout, rank, _m_bucket(bsz * n),
             x.stride(0), x.stride(1), x.stride(2),
-            wt.stride(0), wt.stride(1), v_.stride(0), v_.stride(1),
+            wt.stride(0), wt.stride(1),
             *(t_.stride() if ref_mode == 1 else (0, 0, 0)), *(lt_.stride() if ref_mode == 1 else (0, 0)),
             out.stride(0), out.stride(1), out.stride(2))
     meta = dict(HAS_BIAS=bias is not None, REF_MODE=ref_mode, BLOCK_R=_rank_block(rank, 64),
@@ -376,6 +381,8 @@ class _RefFoldedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, weight_ref, bias, num_video):
         x = _unit_last(x)
+        # one stride pair serves both weights in the kernel (no copy for nn.Linear weights)
+        weight, weight_ref = weight.contiguous(), weight_ref.contiguous()
         y = lora_gemm(x, weight.t(), num_video, bias=bias, wt_ref=weight_ref.t())
         ctx.save_for_backward(x, weight, weight_ref)
         ctx.num_video, ctx.has_bias = num_video, bias is not None
