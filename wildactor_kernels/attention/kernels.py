@@ -732,9 +732,12 @@ def _asym_attention_fwd_op(q, k, v, num_video, cos, sin, scale):
 
 
 @_asym_attention_fwd_op.register_fake
-def _(q, k, v, num_video, cos, sin, scale):
+def _asym_fwd_fake(q, k, v, num_video, cos, sin, scale):
     b, n, h, d = q.shape
     return q.new_empty((b, n, h, d)), q.new_empty((b, h, n), dtype=torch.float32)
+
+
+_asym_attention_fwd_op.register_kernel("meta", _asym_fwd_fake)  # meta tensors never reach the kernels
 
 
 @torch.library.custom_op(
@@ -746,8 +749,11 @@ def _asym_attention_bwd_op(do, q, k, v, o, lse, num_video, cos, sin, scale):
 
 
 @_asym_attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, num_video, cos, sin, scale):
+def _asym_bwd_fake(do, q, k, v, o, lse, num_video, cos, sin, scale):
     return (q.new_empty(tuple(q.shape)), q.new_empty(tuple(k.shape)), q.new_empty(tuple(v.shape)))
+
+
+_asym_attention_bwd_op.register_kernel("meta", _asym_bwd_fake)  # meta tensors never reach the kernels
 
 
 def _asym_setup_context(ctx, inputs, output):
@@ -778,9 +784,12 @@ def _cached_fwd_op(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale):
 
 
 @_cached_fwd_op.register_fake
-def _(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale):
+def _cached_fwd_fake(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale):
     b, n, h, d = q_v.shape
     return q_v.new_empty((b, n, h, d)), q_v.new_empty((b, h, n), dtype=torch.float32)
+
+
+_cached_fwd_op.register_kernel("meta", _cached_fwd_fake)  # meta tensors never reach the kernels
 
 
 @torch.library.custom_op(
@@ -793,10 +802,13 @@ def _cached_bwd_op(do, q_v, k_v, v_v, ref_k, ref_v, o, lse, cos, sin, scale):
 
 
 @_cached_bwd_op.register_fake
-def _(do, q_v, k_v, v_v, ref_k, ref_v, o, lse, cos, sin, scale):
+def _cached_bwd_fake(do, q_v, k_v, v_v, ref_k, ref_v, o, lse, cos, sin, scale):
     return (q_v.new_empty(tuple(q_v.shape)), q_v.new_empty(tuple(k_v.shape)),
             q_v.new_empty(tuple(v_v.shape)), q_v.new_empty(tuple(ref_k.shape)),
             q_v.new_empty(tuple(ref_v.shape)))
+
+
+_cached_bwd_op.register_kernel("meta", _cached_bwd_fake)  # meta tensors never reach the kernels
 
 
 def _cached_setup_context(ctx, inputs, output):

@@ -1,0 +1,477 @@
+"""Triton asymmetric-attention kernels against an fp64 ground truth and the PyTorch reference.
+
+flash-attn's rule throughout: the kernel's error against the fp64 truth (dense softmax with an
+explicit N x N mask, I-RoPE by the formula of DESIGN §3) is at most twice the error of the
+reference backend run in the same dtype, plus a small atol; for the forward pass and for every
+gradient. Token counts are not block multiples (37 + 11, 211 + 0, 0 + 29), head dims include
+non-powers of two (24), rotation runs both fused in the kernel and as a prologue, inputs are
+views into a fused QKV tensor, and ``nan_empty`` turns any element a kernel forgets to write
+into NaN. Under the CPU interpreter the file checks fp32 and fp16 (and bf16 through the
+interpreter's fp32 upcast); model-sized bf16/fp16 shapes are GPU-marked.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import assert_close_verbose, assert_within_baseline, dense_asym_attention_fp64, rope_fp64
+
+import wildactor_kernels as wk
+from wildactor_kernels.attention import kernels as K
+
+pytestmark = pytest.mark.usefixtures("nan_empty")
+
+HAS_CUDA = torch.cuda.is_available()
+
+# Token layouts: odd counts, never a multiple of a block size; one with no references, one with
+# no video (Nv = 0 is plain reference self-attention).
+LAYOUTS = {
+    "Nv37-Nr11": wk.TokenLayout((1, 1, 37), [("face", 2, 3), ("body", 1, 5)]),
+    "Nv211-Nr0": wk.TokenLayout((1, 1, 211)),
+    "Nv0-Nr29": wk.TokenLayout((0, 4, 4), [("face", 3, 3), ("body", 4, 5)]),
+}
+
+DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _tables(layout: wk.TokenLayout, d: int, device="cpu"):
+    pos = wk.irope_positions(layout, face_offset=1, body_offset=2, spatial_shift=True)
+    cos, sin = wk.rope_cos_sin(pos.to(device), d)
+    return pos, cos, sin
+
+
+def _atol(truth: torch.Tensor, dtype: torch.dtype) -> float:
+    """flash-attn's absolute slack: twice the rounding of the truth's magnitude in ``dtype``
+    (``(x + 0.3 - 0.3) - x``), never below 1e-5."""
+    t = truth.detach().to(dtype)
+    rounding = ((t + 0.3 - 0.3) - t).abs().max().item() if t.numel() else 0.0
+    return max(2.0 * rounding, 1e-5)
+
+
+def _check(name: str, out: torch.Tensor, base: torch.Tensor, truth: torch.Tensor, dtype) -> None:
+    assert out.dtype == dtype, f"{name}: dtype {out.dtype} != {dtype}"
+    assert_within_baseline(out, base, truth, atol=_atol(truth, dtype), name=name)
+
+
+def _leaves(*ts, dtype=None):
+    return [t.detach().to(dtype or t.dtype).requires_grad_() for t in ts]
+
+
+def _grads(out: torch.Tensor, do: torch.Tensor, inputs) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(out, inputs, do))
+
+
+def _truth_joint(q, k, v, num_video, pos, d, scale=None):
+    """fp64 output and (dq, dk, dv) of rotate-then-attend; ``pos=None``: no rotation."""
+    q64, k64, v64 = _leaves(q, k, v, dtype=torch.float64)
+    qr, kr = (q64, k64) if pos is None else (rope_fp64(q64, pos, d), rope_fp64(k64, pos, d))
+    return dense_asym_attention_fp64(qr, kr, v64, num_video, scale), (q64, k64, v64)
+
+
+def _make_qkv(b, n, h, d, dtype, fused_qkv=False):
+    if fused_qkv:  # views into one projection output [B, N, 3, H, D], as the model produces
+        qkv = torch.randn(b, n, 3, h, d, dtype=torch.float32).to(dtype)
+        return qkv.unbind(2)
+    return [torch.randn(b, n, h, d, dtype=torch.float32).to(dtype) for _ in range(3)]
+
+
+def _run_joint(layout_name, b, h, d, dtype, rope, monkeypatch, fused_qkv=False, scale=None):
+    layout = LAYOUTS[layout_name]
+    nv, n = layout.num_video, layout.num_tokens
+    if rope != "none":
+        monkeypatch.setattr(K, "ROPE_MODE", rope)
+        pos, cos, sin = _tables(layout, d)
+    else:
+        pos = cos = sin = None
+    q, k, v = _make_qkv(b, n, h, d, dtype, fused_qkv)
+    if fused_qkv:
+        assert not q.is_contiguous()
+    do = torch.randn(b, n, h, d).to(dtype)
+
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    if fused_qkv:  # keep the views: gradients flow into the views' strides
+        base = torch.stack([q, k, v], 2).detach().requires_grad_()
+        leaves = list(base.unbind(2))
+    out = wk.asym_attention(*leaves, nv, cos, sin, scale, backend="triton")
+    grads = _grads(out, do, [base] if fused_qkv else leaves)
+    if fused_qkv:
+        grads = list(grads[0].unbind(2))
+
+    ref_in = _leaves(q, k, v)
+    ref = wk.asym_attention(*ref_in, nv, cos, sin, scale, backend="reference")
+    ref_grads = _grads(ref, do, ref_in)
+
+    truth, t_in = _truth_joint(q, k, v, nv, pos, d, scale)
+    t_grads = _grads(truth, do.double(), t_in)
+
+    assert out.shape == (b, n, h, d) and out.is_contiguous()
+    _check("out", out, ref, truth, dtype)
+    for name, g, rg, tg in zip(("dq", "dk", "dv"), grads, ref_grads, t_grads):
+        _check(name, g, rg, tg, dtype)
+    return out
+
+
+# =========================================================================== joint attention
+JOINT_CASES = [
+    # layout, B, H, D, dtype, rope
+    pytest.param("Nv37-Nr11", 2, 2, 64, "fp32", "none", id="Nv37-Nr11-B2-H2-D64-fp32"),
+    pytest.param("Nv37-Nr11", 2, 2, 64, "fp16", "fused", id="Nv37-Nr11-B2-H2-D64-fp16-fused"),
+    pytest.param("Nv37-Nr11", 2, 2, 64, "fp16", "prologue", id="Nv37-Nr11-B2-H2-D64-fp16-prologue"),
+    pytest.param("Nv37-Nr11", 1, 3, 24, "fp32", "fused", id="Nv37-Nr11-B1-H3-D24-fp32-fused"),
+    pytest.param("Nv37-Nr11", 2, 1, 16, "fp16", "none", id="Nv37-Nr11-B2-H1-D16-fp16"),
+    pytest.param("Nv37-Nr11", 1, 1, 128, "fp16", "fused", id="Nv37-Nr11-B1-H1-D128-fp16-fused"),
+    pytest.param("Nv37-Nr11", 1, 2, 128, "fp32", "prologue", id="Nv37-Nr11-B1-H2-D128-fp32-prologue"),
+    pytest.param("Nv211-Nr0", 1, 1, 64, "fp16", "none", id="Nv211-Nr0-B1-H1-D64-fp16"),
+    pytest.param("Nv211-Nr0", 1, 1, 24, "fp32", "fused", id="Nv211-Nr0-B1-H1-D24-fp32-fused"),
+    pytest.param("Nv0-Nr29", 2, 2, 64, "fp32", "fused", id="Nv0-Nr29-B2-H2-D64-fp32-fused"),
+    pytest.param("Nv0-Nr29", 1, 2, 16, "fp16", "prologue", id="Nv0-Nr29-B1-H2-D16-fp16-prologue"),
+]
+
+
+@pytest.mark.parametrize("layout, b, h, d, dtype, rope", JOINT_CASES)
+def test_asym_attention(layout, b, h, d, dtype, rope, monkeypatch):
+    _run_joint(layout, b, h, d, DT[dtype], rope, monkeypatch)
+
+
+@pytest.mark.parametrize("rope", ["none", "fused", "prologue"])
+def test_asym_attention_fused_qkv_views(rope, monkeypatch):
+    """q, k, v as strided views into one [B, N, 3, H, D] tensor (no copies in the kernel)."""
+    _run_joint("Nv37-Nr11", 2, 2, 32, torch.float16, rope, monkeypatch, fused_qkv=True)
+
+
+def test_asym_attention_bf16_interpreter_upcast(monkeypatch):
+    """bf16 under the interpreter: tiles are upcast before every dot (triton-lang/triton#11584)."""
+    _run_joint("Nv37-Nr11", 1, 2, 32, torch.bfloat16, "fused", monkeypatch)
+
+
+def test_asym_attention_custom_scale(monkeypatch):
+    _run_joint("Nv37-Nr11", 1, 2, 32, torch.float32, "none", monkeypatch, scale=0.3)
+
+
+def test_asym_attention_negative_scale(monkeypatch):
+    """The forward's running max uses the min of the raw scores when the scale is negative."""
+    _run_joint("Nv37-Nr11", 1, 1, 32, torch.float32, "fused", monkeypatch, scale=-0.2)
+
+
+def test_rope_modes_agree():
+    """Fused rotation and the prologue round the rotated q/k to the input dtype the same way."""
+    layout = LAYOUTS["Nv37-Nr11"]
+    _, cos, sin = _tables(layout, 32)
+    q, k, v = _make_qkv(1, layout.num_tokens, 2, 32, torch.float16)
+    o_f = K.asym_attention_triton(q, k, v, layout.num_video, cos, sin, rope_mode="fused")
+    o_p = K.asym_attention_triton(q, k, v, layout.num_video, cos, sin, rope_mode="prologue")
+    assert_close_verbose(o_f, o_p, atol=2e-3, rtol=0, name="fused vs prologue")
+    with pytest.raises(ValueError, match="rope_mode"):
+        K.asym_attention_triton(q, k, v, layout.num_video, cos, sin, rope_mode="inline")
+
+
+# =========================================================================== cached attention
+def _run_cached(nv, nr, b, h, d, dtype, rope, monkeypatch):
+    if rope != "none":
+        monkeypatch.setattr(K, "ROPE_MODE", rope)
+        layout = wk.TokenLayout((1, 1, nv))
+        pos, cos, sin = _tables(layout, d)
+    else:
+        pos = cos = sin = None
+    q, k, v = _make_qkv(b, nv, h, d, dtype)
+    rk, rv = _make_qkv(b, nr, h, d, dtype)[:2]
+    do = torch.randn(b, nv, h, d).to(dtype)
+
+    ins = _leaves(q, k, v, rk, rv)
+    out = wk.cached_asym_attention(*ins, cos, sin, backend="triton")
+    grads = _grads(out, do, ins)
+    ref_in = _leaves(q, k, v, rk, rv)
+    ref = wk.cached_asym_attention(*ref_in, cos, sin, backend="reference")
+    ref_grads = _grads(ref, do, ref_in)
+
+    t_in = _leaves(q, k, v, rk, rv, dtype=torch.float64)
+    qr, kr = (t_in[0], t_in[1]) if pos is None else (rope_fp64(t_in[0], pos, d), rope_fp64(t_in[1], pos, d))
+    kk, vv = torch.cat([kr, t_in[3]], 1), torch.cat([t_in[2], t_in[4]], 1)
+    truth = torch.einsum("bnhm,bmhd->bnhd",
+                         (torch.einsum("bnhd,bmhd->bnhm", qr, kk) / math.sqrt(d)).softmax(-1), vv)
+    t_grads = _grads(truth, do.double(), t_in)
+
+    assert out.shape == (b, nv, h, d)
+    _check("out", out, ref, truth, dtype)
+    for name, g, rg, tg in zip(("dq_v", "dk_v", "dv_v", "dref_k", "dref_v"), grads, ref_grads, t_grads):
+        _check(name, g, rg, tg, dtype)
+
+
+CACHED_CASES = [
+    # Nv, Nr, B, H, D, dtype, rope
+    pytest.param(37, 11, 2, 2, 64, "fp32", "fused", id="Nv37-Nr11-B2-H2-D64-fp32-fused"),
+    pytest.param(37, 11, 1, 2, 64, "fp16", "prologue", id="Nv37-Nr11-B1-H2-D64-fp16-prologue"),
+    pytest.param(37, 29, 2, 1, 24, "fp16", "none", id="Nv37-Nr29-B2-H1-D24-fp16"),
+    pytest.param(45, 0, 1, 2, 16, "fp32", "fused", id="Nv45-Nr0-B1-H2-D16-fp32-fused-empty-cache"),
+    pytest.param(20, 40, 1, 1, 128, "fp16", "fused", id="Nv20-Nr40-B1-H1-D128-fp16-fused"),
+]
+
+
+@pytest.mark.parametrize("nv, nr, b, h, d, dtype, rope", CACHED_CASES)
+def test_cached_asym_attention(nv, nr, b, h, d, dtype, rope, monkeypatch):
+    _run_cached(nv, nr, b, h, d, DT[dtype], rope, monkeypatch)
+
+
+def test_cached_no_video_queries():
+    """Nv = 0: an empty output, and zero gradients for the cache (no query reads it)."""
+    q, k, v = _leaves(*_make_qkv(1, 0, 2, 16, torch.float32))
+    rk, rv = _leaves(*_make_qkv(1, 7, 2, 16, torch.float32)[:2])
+    out = wk.cached_asym_attention(q, k, v, rk, rv, backend="triton")
+    assert out.shape == (1, 0, 2, 16)
+    (out.sum() + 0 * (rk.sum() + rv.sum())).backward()
+    assert torch.equal(rk.grad, torch.zeros_like(rk)) and torch.equal(rv.grad, torch.zeros_like(rv))
+
+
+@pytest.mark.parametrize("rope", ["fused", "prologue"])
+def test_cached_equals_joint_video_rows(rope, monkeypatch):
+    """Cached attention over the rotated reference K/V gives the joint op's video rows, and the
+    same gradients for the video q/k/v."""
+    monkeypatch.setattr(K, "ROPE_MODE", rope)
+    layout = LAYOUTS["Nv37-Nr11"]
+    nv, d = layout.num_video, 32
+    _, cos, sin = _tables(layout, d)
+    q, k, v = _leaves(*_make_qkv(2, layout.num_tokens, 2, d, torch.float32))
+    o = wk.asym_attention(q, k, v, nv, cos, sin, backend="triton")
+    do = torch.randn_like(o)
+    do[:, nv:] = 0  # only the video rows feed the loss
+    o.backward(do)
+
+    ref_k = wk.apply_rope(k.detach()[:, nv:], cos[nv:], sin[nv:], backend="reference")
+    qv, kv, vv = _leaves(q[:, :nv], k[:, :nv], v[:, :nv])
+    oc = wk.cached_asym_attention(qv, kv, vv, ref_k, v.detach()[:, nv:], cos[:nv], sin[:nv],
+                                  backend="triton")
+    oc.backward(do[:, :nv])
+    assert_close_verbose(oc, o[:, :nv], atol=1e-5, name="cached vs joint out")
+    for name, a, b_ in (("dq", qv.grad, q.grad), ("dk", kv.grad, k.grad), ("dv", vv.grad, v.grad)):
+        assert_close_verbose(a, b_[:, :nv], atol=1e-5, name=f"cached vs joint {name}")
+
+
+# =========================================================================== API, ops, compile
+def test_rejects_unsupported_dtype_and_head_dim():
+    q = torch.randn(1, 5, 1, 16, dtype=torch.float64)
+    with pytest.raises(TypeError, match="support"):
+        K.asym_attention_triton(q, q, q, 3)
+    q = torch.randn(1, 5, 1, 258)
+    with pytest.raises(ValueError, match="head_dim"):
+        K.asym_attention_triton(q, q, q, 3)
+
+
+def test_default_rope_mode_is_documented():
+    assert K.ROPE_MODE in K.ROPE_MODES == ("fused", "prologue")
+
+
+def test_custom_ops_opcheck():
+    """Schema, fake (meta) kernels, autograd registration and AOT dispatch of the library ops."""
+    b, n, h, d, nv = 1, 20, 2, 16, 13
+    q, k, v = (torch.randn(b, n, h, d, requires_grad=True) for _ in range(3))
+    ang = torch.rand(n, d // 2)
+    torch.library.opcheck(torch.ops.wildactor.asym_attention_fwd.default,
+                          (q, k, v, nv, ang.cos(), ang.sin(), 0.25))
+    rk, rv = (torch.randn(b, 7, h, d, requires_grad=True) for _ in range(2))
+    torch.library.opcheck(torch.ops.wildactor.cached_asym_attention_fwd.default,
+                          (q, k, v, rk, rv, None, None, 0.25))
+
+
+def test_fake_kernels_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 9, 3, 24, dtype=torch.float16)
+        rk = torch.empty(2, 4, 3, 24, dtype=torch.float16)
+        o, lse = torch.ops.wildactor.asym_attention_fwd(q, q, q, 5, None, None, 0.2)
+        assert o.shape == q.shape and o.dtype == q.dtype and lse.shape == (2, 3, 9)
+        assert lse.dtype == torch.float32
+        o, lse = torch.ops.wildactor.cached_asym_attention_fwd(q, q, q, rk, rk, None, None, 0.2)
+        assert o.shape == q.shape and lse.shape == (2, 3, 9)
+        grads = torch.ops.wildactor.cached_asym_attention_bwd(q, q, q, q, rk, rk, q, lse, None, None, 0.2)
+        assert [g.shape for g in grads] == [q.shape] * 3 + [rk.shape] * 2
+    q = torch.empty(2, 9, 3, 24, dtype=torch.bfloat16, device="meta")
+    o, lse = torch.ops.wildactor.asym_attention_fwd(q, q, q, 5, None, None, 0.2)
+    assert o.is_meta and o.shape == q.shape and lse.shape == (2, 3, 9)  # never the Triton launch
+
+
+@pytest.mark.parametrize("rope", ["none", "fused"])
+def test_torch_compile_fullgraph(rope, monkeypatch):
+    """No graph break around the op: fullgraph compile (AOT autograd, no codegen) of forward and
+    backward, equal to eager. (The "prologue" mode is traced only as far as the rope op allows.)"""
+    monkeypatch.undo()  # nan_empty's Python-level torch.empty patch is not traceable by dynamo
+    monkeypatch.setattr(K, "ROPE_MODE", "fused")
+    layout = LAYOUTS["Nv37-Nr11"]
+    _, cos, sin = _tables(layout, 16)
+    if rope == "none":
+        cos = sin = None
+    q, k, v = _leaves(*_make_qkv(1, layout.num_tokens, 2, 16, torch.float32))
+
+    def loss(q, k, v):
+        o = wk.asym_attention(q, k, v, layout.num_video, cos, sin, backend="triton")
+        return (o.float() ** 2).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    gc = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    ge = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    for a, b_ in zip(gc, ge):
+        assert_close_verbose(a, b_, atol=1e-6, name="compiled grad")
+
+
+# =========================================================================== compile for sm_90
+_SM90_COMPILE = r'''
+import os, re, sys
+os.environ["TRITON_INTERPRET"] = "0"  # real JITFunctions: configs and kernels as on the GPU
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from wildactor_kernels.attention import kernels as K
+
+INTS = ("H", "NQ", "NV", "NK2")
+
+def build(kernel, consts, cfg):
+    fn = kernel.fn
+    consts = dict(consts, **cfg.kwargs)
+    sig, attrs = {}, {}
+    for i, a in enumerate(fn.arg_names):
+        if a in consts:
+            sig[a] = "constexpr"
+        elif a.startswith("stride") and a.endswith("d"):
+            sig[a] = "constexpr"; consts[a] = 1  # unit-stride head dim, as Triton specialises it
+        elif a.endswith("scale"):
+            sig[a] = "fp32"
+        elif a in INTS or a.startswith("stride"):
+            sig[a] = "i32"
+            if a.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[a] = "*fp32" if a in ("LSE", "DELTA", "COS", "SIN") else "*bf16"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    ptx = k.asm["ptx"]
+    assert "wgmma.mma_async" in ptx, f"{fn.__name__}: no wgmma (Hopper tensor-core path)"
+    assert k.metadata.shared <= K._SMEM_LIMIT, f"{fn.__name__}: {k.metadata.shared} B shared"
+    print(fn.__name__, consts.get("ROTATE"), consts.get("CACHED"), "ok", k.metadata.shared)
+
+for rotate, cached in ((False, False), (True, True)):
+    c = dict(HEAD_DIM=128, BLOCK_D=128, ROTATE=rotate, CACHED=cached, DOT_F32=False, DOT_PREC="ieee")
+    for kern, kind in ((K._attn_fwd_kernel, "fwd"), (K._attn_bwd_dkdv_kernel, "dkdv"),
+                       (K._attn_bwd_dq_kernel, "dq")):
+        extra = dict(SCALE_NEG=False) if kind == "fwd" else {}
+        cfg = K._make_prune(kind)(kern.configs, {}, BLOCK_D=128, ROTATE=rotate)[0]
+        build(kern, dict(c, **extra), cfg)
+'''
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter never runs Triton's compiler: build PTX + cubin for sm_90 (H100/H200)
+    ahead of time for the first autotune candidate of every kernel, plain and with fused
+    rotation + cache, and check the wgmma path and the shared-memory budget."""
+    pytest.importorskip("triton.backends.nvidia")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True,
+                         env=env, cwd=root, timeout=300)
+    if res.returncode and "ptxas" in res.stderr and "not found" in res.stderr.lower():
+        pytest.skip("this triton build ships no ptxas")
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+
+
+# =========================================================================== GPU only
+GPU_LAYOUTS = {
+    # a short wan-720p-like clip (4 frames of 22x40) with two references of the same grid
+    "wan720p-T4": wk.TokenLayout((4, 22, 40), [("face", 22, 40), ("body", 22, 40)]),
+    "odd": wk.TokenLayout((3, 17, 23), [("face", 9, 11), ("body", 13, 7)]),
+}
+
+
+def _gpu_joint(layout, b, h, d, dtype, rope, fused_qkv=False):
+    """On the GPU the truth is the fp32 reference (fp64 N x N would not fit for long clips)."""
+    nv, n = layout.num_video, layout.num_tokens
+    cos = sin = None
+    if rope != "none":
+        _, cos, sin = _tables(layout, d, device="cuda")
+    q, k, v = (t.cuda() for t in _make_qkv(b, n, h, d, torch.float32, fused_qkv))
+    do = torch.randn(b, n, h, d, device="cuda")
+    t_in = _leaves(q, k, v)
+    truth = wk.asym_attention(*t_in, nv, cos, sin, backend="reference")
+    t_grads = _grads(truth, do, t_in)
+    ins = _leaves(q, k, v, dtype=dtype)
+    out = K.asym_attention_triton(*ins, nv, cos, sin, rope_mode=rope if rope != "none" else None)
+    grads = _grads(out, do.to(dtype), ins)
+    r_in = _leaves(q, k, v, dtype=dtype)
+    ref = wk.asym_attention(*r_in, nv, cos, sin, backend="reference")
+    r_grads = _grads(ref, do.to(dtype), r_in)
+    _check("out", out, ref, truth, dtype)
+    for name, g, rg, tg in zip(("dq", "dk", "dv"), grads, r_grads, t_grads):
+        _check(name, g, rg, tg, dtype)
+
+
+GPU_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("layout, h, d, rope", [
+    pytest.param("wan720p-T4", 4, 128, "fused", id="wan720p-T4-H4-D128-fused"),
+    pytest.param("wan720p-T4", 4, 128, "prologue", id="wan720p-T4-H4-D128-prologue"),
+    pytest.param("wan720p-T4", 2, 128, "none", id="wan720p-T4-H2-D128"),
+    pytest.param("odd", 3, 64, "fused", id="odd-H3-D64-fused"),
+    pytest.param("odd", 2, 96, "none", id="odd-H2-D96"),
+    pytest.param("odd", 1, 256, "fused", id="odd-H1-D256-fused"),
+])
+def test_asym_attention_gpu(layout, h, d, rope, dtype):
+    _gpu_joint(GPU_LAYOUTS[layout], 1, h, d, dtype, rope)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_asym_attention_gpu_fused_qkv(dtype):
+    _gpu_joint(GPU_LAYOUTS["odd"], 2, 4, 128, dtype, "fused", fused_qkv=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("rope", ["fused", "prologue"])
+def test_cached_gpu(rope, dtype):
+    layout = GPU_LAYOUTS["wan720p-T4"]
+    nv, nr, h, d = layout.num_video, layout.num_ref, 4, 128
+    _, cos, sin = _tables(wk.TokenLayout(layout.video), d, device="cuda")
+    q, k, v = (t.cuda() for t in _make_qkv(1, nv, h, d, torch.float32))
+    rk, rv = (t.cuda() for t in _make_qkv(1, nr, h, d, torch.float32)[:2])
+    do = torch.randn(1, nv, h, d, device="cuda")
+    t_in = _leaves(q, k, v, rk, rv)
+    truth = wk.cached_asym_attention(*t_in, cos, sin, backend="reference")
+    t_grads = _grads(truth, do, t_in)
+    ins = _leaves(q, k, v, rk, rv, dtype=dtype)
+    out = K.cached_asym_attention_triton(*ins, cos, sin, rope_mode=rope)
+    grads = _grads(out, do.to(dtype), ins)
+    r_in = _leaves(q, k, v, rk, rv, dtype=dtype)
+    ref = wk.cached_asym_attention(*r_in, cos, sin, backend="reference")
+    r_grads = _grads(ref, do.to(dtype), r_in)
+    _check("out", out, ref, truth, dtype)
+    for name, g, rg, tg in zip(("dq_v", "dk_v", "dv_v", "dref_k", "dref_v"), grads, r_grads, t_grads):
+        _check(name, g, rg, tg, dtype)
+
+
+@pytest.mark.gpu
+def test_torch_compile_inductor_gpu():
+    """fullgraph Inductor compile around the op on CUDA: no graph break, same result."""
+    layout = GPU_LAYOUTS["odd"]
+    _, cos, sin = _tables(layout, 64, device="cuda")
+    q, k, v = (t.cuda().to(torch.bfloat16).requires_grad_()
+               for t in _make_qkv(1, layout.num_tokens, 2, 64, torch.float32))
+
+    def loss(q, k, v):
+        o = wk.asym_attention(q * 1.0, k, v, layout.num_video, cos, sin)
+        return (o.float() ** 2).sum()
+
+    torch._dynamo.reset()
+    gc = torch.autograd.grad(torch.compile(loss, fullgraph=True)(q, k, v), (q, k, v))
+    ge = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    for a, b_ in zip(gc, ge):
+        assert_close_verbose(a, b_, atol=2e-2, rtol=2e-2, name="compiled grad")
