@@ -95,7 +95,8 @@ class FlowMatchSampler:
         refs = list(refs) if refs else []
         cache = None
         if refs and self.use_ref_cache:
-            cache = model.encode_references(refs)  # once per generation: every step, both branches
+            # once per generation, for every step and both branches; keys rotated for this grid
+            cache = model.encode_references(refs, video_shape=x.shape)
         elif refs and cfg:
             refs = [type(r)(r.kind, _repeat_batch(r.latent, 2 * b)) for r in refs]
 
