@@ -24,7 +24,7 @@ no extra MMA, no tensor-valued control flow.
 The remaining backward pieces are plain torch (cuBLAS), on purpose:
 ``dA = U^T x_r`` ([r, Din]) and ``dB = dy_r^T T`` ([Dout, r]) have a tiny output and a long
 reduction over ``B*Nr`` rows (a split-K shape cuBLAS already picks well; together they are
-``2r/Dout + 2r/Din`` of the main GEMM's work on reference rows only), and ``dW = dy^T x``,
+``r/Dout + r/Din`` of the main GEMM's work on the reference rows), and ``dW = dy^T x``,
 ``db = sum(dy)`` are exactly the base layer's own backward with nothing to fuse into them.
 """
 
