@@ -1,0 +1,390 @@
+"""Microbenchmark: asymmetric attention (AIPA) with I-RoPE, ours against the usual peers.
+
+On the DESIGN §8 shapes, bf16 by default, forward and forward+backward of the joint op
+(video queries over all keys, reference queries over reference keys), q/k rotated by I-RoPE
+first. q, k, v are views into one fused ``[B, N, 3, H, D]`` projection, as in the model.
+
+Implementations (all measured in the same run; a peer that fails is reported as failed):
+
+- ``ours-fused``      Triton kernels rotating q and k inside the attention kernels;
+- ``ours-prologue``   the rope kernels (``apply_rope(..., backend="triton")``) then the attention
+                      kernels with ``ROTATE=False`` (``ROPE_MODE = "prologue"``);
+- ``ours-norope``     the attention kernels on inputs rotated beforehand (kernel-only lower bound);
+- ``sdpa-cudnn-2call``, ``sdpa-flash-2call``  Stand-In style: eager I-RoPE, one SDPA call for the
+                      video queries over all keys, one for the references, ``torch.cat`` of the two
+                      outputs; every step counted;
+- ``flex-blockmask``  FlexAttention with a block mask (``q < Nv or kv >= Nv``), rope and attention
+                      compiled together by Inductor;
+- ``flash-attn-2call`` flash-attn's ``flash_attn_func`` twice plus eager rope (when installed);
+- ``compile-ref``     ``torch.compile`` of the plain-PyTorch reference.
+
+``--ops cached`` adds the inference path (video queries over ``[k_v; cached ref_k]``, forward
+only): ours in both rope modes against eager rope + ``torch.cat`` + one cuDNN SDPA call.
+
+Numbers: ``triton.testing.do_bench`` median with 20/80 % quantiles (at least ``--min-reps``
+timed calls each); FLOPs ``4*B*H*D*(Nv*(Nv+Nr) + Nr*Nr)`` for the forward (rope not counted) and
+3.5x that for forward+backward (flash-attn's convention: the backward does 2.5x the forward's
+matmul work); % of ``--peak-tflops`` (989 TFLOP/s, H100 SXM dense bf16). ``max|err|`` is the
+largest output difference from SDPA's default backend in the same dtype. Autotuning happens on
+the first shape measured (keys: head dim, dtype, rope mode; never token counts).
+
+Usage::
+
+    python benchmarks/bench_attention.py                              # all shapes, fwd + fwd+bwd
+    python benchmarks/bench_attention.py --shapes wan5b-720p --no-bwd
+    python benchmarks/bench_attention.py --impls ours-fused ours-prologue sdpa-cudnn-2call
+
+Results are appended to ``benchmarks/results/bench_attention.json`` and the run's table written
+to ``benchmarks/results/bench_attention_<gpu>.md`` (GPU name, versions, commit and date included).
+Without a CUDA device the script says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import wildactor_kernels as wk  # noqa: E402
+from wildactor_kernels.attention import kernels as K  # noqa: E402
+from wildactor_kernels.attention.reference import asym_attention_ref  # noqa: E402
+from wildactor_kernels.rope.reference import apply_rope_ref  # noqa: E402
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# DESIGN §8. The reference kinds are not fixed there: the first two are faces, the rest bodies.
+SHAPES = {
+    "wan5b-720p": dict(B=1, H=24, D=128, video=(31, 22, 40), refs=5, ref_grid=(22, 40)),
+    "wan1.3b-480p": dict(B=1, H=12, D=128, video=(21, 30, 52), refs=5, ref_grid=(30, 52)),
+    "wan14b-720p": dict(B=1, H=40, D=128, video=(21, 45, 80), refs=3, ref_grid=(45, 80)),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+JOINT_IMPLS = ("ours-fused", "ours-prologue", "ours-norope", "sdpa-cudnn-2call", "sdpa-flash-2call",
+               "flex-blockmask", "flash-attn-2call", "compile-ref")
+CACHED_IMPLS = ("ours-fused", "ours-prologue", "sdpa-cudnn-cat")
+
+
+def _layout(spec: dict) -> wk.TokenLayout:
+    kinds = ["face", "face", "body", "body", "body"][: spec["refs"]]
+    return wk.TokenLayout(spec["video"], [(k, *spec["ref_grid"]) for k in kinds])
+
+
+def _fwd_flops(b, h, d, nv, nr) -> float:
+    return 4.0 * b * h * d * (nv * (nv + nr) + nr * nr)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- implementations
+def _sdpa_2call(backend):
+    """Stand-In style: eager rope, two SDPA calls, concatenation (the reference under a backend)."""
+    from torch.nn.attention import sdpa_kernel
+
+    def fn(q, k, v, nv, cos, sin, scale):
+        with sdpa_kernel(backend):
+            return asym_attention_ref(q, k, v, nv, cos, sin, scale)
+    return fn
+
+
+def _flex(n, nv, device):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx < nv) | (kv_idx >= nv)
+
+    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device)
+
+    def fn(q, k, v, nv_, cos, sin, scale):
+        qr, kr = apply_rope_ref(q, cos, sin), apply_rope_ref(k, cos, sin)
+        o = flex_attention(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2),
+                           block_mask=block_mask, scale=scale)
+        return o.transpose(1, 2)
+    return torch.compile(fn, dynamic=False)
+
+
+def _flash_attn_2call():
+    from flash_attn import flash_attn_func  # ImportError -> reported as failed (not installed)
+
+    def fn(q, k, v, nv, cos, sin, scale):
+        qr, kr = apply_rope_ref(q, cos, sin), apply_rope_ref(k, cos, sin)
+        outs = []
+        if nv:
+            outs.append(flash_attn_func(qr[:, :nv], kr, v, softmax_scale=scale))
+        if q.shape[1] > nv:
+            outs.append(flash_attn_func(qr[:, nv:], kr[:, nv:], v[:, nv:], softmax_scale=scale))
+        return torch.cat(outs, 1)
+    return fn
+
+
+def _joint_impls(names, n, nv, device):
+    from torch.nn.attention import SDPBackend
+
+    makers = {
+        "ours-fused": lambda: (lambda q, k, v, nv_, c, s, sc:
+                               K.asym_attention_triton(q, k, v, nv_, c, s, sc, rope_mode="fused")),
+        "ours-prologue": lambda: (lambda q, k, v, nv_, c, s, sc:
+                                  K.asym_attention_triton(q, k, v, nv_, c, s, sc, rope_mode="prologue")),
+        "ours-norope": lambda: (lambda q, k, v, nv_, c, s, sc:
+                                K.asym_attention_triton(q, k, v, nv_, None, None, sc)),
+        "sdpa-cudnn-2call": lambda: _sdpa_2call(SDPBackend.CUDNN_ATTENTION),
+        "sdpa-flash-2call": lambda: _sdpa_2call(SDPBackend.FLASH_ATTENTION),
+        "flex-blockmask": lambda: _flex(n, nv, device),
+        "flash-attn-2call": _flash_attn_2call,
+        "compile-ref": lambda: torch.compile(asym_attention_ref, dynamic=False),
+    }
+    return {name: makers[name] for name in names}
+
+
+def _cached_impls(names):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa_cat(q, k, v, rk, rv, cos, sin, scale):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return wk.cached_asym_attention(q, k, v, rk, rv, cos, sin, scale, backend="reference")
+
+    makers = {
+        "ours-fused": lambda: (lambda *a: K.cached_asym_attention_triton(*a, rope_mode="fused")),
+        "ours-prologue": lambda: (lambda *a: K.cached_asym_attention_triton(*a, rope_mode="prologue")),
+        "sdpa-cudnn-cat": lambda: sdpa_cat,
+    }
+    return {name: makers[name] for name in names}
+
+
+# --------------------------------------------------------------------------- measurement
+def _bench(fn, grad_to_none, warmup_ms, rep_ms, min_reps):
+    """do_bench median and 20/80 % quantiles, with at least ``min_reps`` timed calls even for
+    calls longer than ``rep_ms`` (do_bench alone would time a 300 ms call once)."""
+    from triton.testing import do_bench
+
+    fn()  # compile / autotune outside the timing
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    est = (time.perf_counter() - t0) * 1e3
+    med, p20, p80 = do_bench(fn, warmup=max(warmup_ms, est), rep=max(rep_ms, min_reps * est),
+                             quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none)
+    return med, p20, p80
+
+
+def _measure(row, call, leaves, flops, args, peak):
+    med, p20, p80 = _bench(call, leaves, args.warmup, args.rep, args.min_reps)
+    tflops = flops / (med * 1e-3) / 1e12
+    row.update(ms=med, ms_p20=p20, ms_p80=p80, flops=flops, tflops=tflops,
+               pct_peak=100.0 * tflops / peak, status="ok")
+
+
+def _status(e: Exception) -> str:
+    return "not installed" if isinstance(e, ImportError) else "failed"
+
+
+def _print_row(row):
+    if row["status"] == "ok":
+        err = row.get("max_abs_err")
+        print(f"{row['op']:6s} {row['mode']:8s} {row['shape']:13s} {row['impl']:17s} {row['ms']:9.3f} "
+              f"{row['ms_p20']:9.3f} {row['ms_p80']:9.3f} {row['tflops']:7.1f} {row['pct_peak']:6.1f} "
+              f"{'-' if err is None else f'{err:.2e}':>9s}", flush=True)
+    else:
+        print(f"{row['op']:6s} {row['mode']:8s} {row['shape']:13s} {row['impl']:17s} "
+              f"{row['status'].upper()}: {row['error'][:120]}", flush=True)
+
+
+def run_joint(args, shape, device, dtype, peak) -> list[dict]:
+    spec = SHAPES[shape]
+    layout = _layout(spec)
+    b, h, d = spec["B"], spec["H"], spec["D"]
+    nv, nr, n = layout.num_video, layout.num_ref, layout.num_tokens
+    scale = 1.0 / math.sqrt(d)
+    cos, sin = wk.rope_cos_sin(wk.irope_positions(layout).to(device), d)
+    qkv = torch.randn(b, n, 3, h, d, device=device, dtype=dtype, requires_grad=True)
+    q, k, v = qkv.unbind(2)
+    with torch.no_grad():
+        q_rot, k_rot = apply_rope_ref(q, cos, sin), apply_rope_ref(k, cos, sin)
+        ref = asym_attention_ref(q_rot, k_rot, v, nv, None, None, scale)  # SDPA default backend
+    qkv_rot = torch.stack([q_rot, k_rot, v], 2).requires_grad_()
+    do = torch.randn(b, n, h, d, device=device, dtype=dtype)
+    flops = _fwd_flops(b, h, d, nv, nr)
+    rows = []
+    impl_names = [i for i in JOINT_IMPLS if args.impls is None or i in args.impls]
+    for name, make in _joint_impls(impl_names, n, nv, device).items():
+        leaf = qkv_rot if name == "ours-norope" else qkv
+        args_of = (lambda t: (*t.unbind(2), nv, cos, sin, scale))
+        fn = None
+        for mode in (["fwd"] if args.no_bwd else ["fwd", "fwd+bwd"]):
+            row = dict(op="joint", mode=mode, shape=shape, impl=name, dtype=args.dtype, B=b, H=h, D=d,
+                       Nv=nv, Nr=nr)
+            try:
+                if fn is None:
+                    fn = make()
+                if mode == "fwd":
+                    with torch.no_grad():
+                        out = fn(*args_of(leaf))
+                    row["max_abs_err"] = (out.float() - ref.float()).abs().max().item()
+                    del out
+
+                    def call(fn=fn, leaf=leaf):
+                        with torch.no_grad():
+                            fn(*args_of(leaf))
+                    _measure(row, call, [leaf], flops, args, peak)
+                else:
+                    def call(fn=fn, leaf=leaf):
+                        fn(*args_of(leaf)).backward(do)
+                    _measure(row, call, [leaf], 3.5 * flops, args, peak)
+            except Exception as e:  # a failing peer is reported, never silently skipped
+                row.update(status=_status(e), error=f"{type(e).__name__}: {e}"[:500])
+            _print_row(row)
+            rows.append(row)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def run_cached(args, shape, device, dtype, peak) -> list[dict]:
+    spec = SHAPES[shape]
+    layout = _layout(spec)
+    b, h, d = spec["B"], spec["H"], spec["D"]
+    nv, nr = layout.num_video, layout.num_ref
+    scale = 1.0 / math.sqrt(d)
+    cos, sin = wk.rope_cos_sin(wk.irope_positions(wk.TokenLayout(layout.video)).to(device), d)
+    qkv = torch.randn(b, nv, 3, h, d, device=device, dtype=dtype)
+    q, k, v = qkv.unbind(2)
+    rk = torch.randn(b, nr, h, d, device=device, dtype=dtype)
+    rv = torch.randn(b, nr, h, d, device=device, dtype=dtype)
+    with torch.no_grad():
+        ref = wk.cached_asym_attention(q, k, v, rk, rv, cos, sin, scale, backend="reference")
+    flops = 4.0 * b * h * d * nv * (nv + nr)
+    rows = []
+    impl_names = [i for i in CACHED_IMPLS if args.impls is None or i in args.impls]
+    for name, make in _cached_impls(impl_names).items():
+        row = dict(op="cached", mode="fwd", shape=shape, impl=name, dtype=args.dtype, B=b, H=h, D=d,
+                   Nv=nv, Nr=nr)
+        try:
+            fn = make()
+            with torch.no_grad():
+                row["max_abs_err"] = (fn(q, k, v, rk, rv, cos, sin, scale).float()
+                                      - ref.float()).abs().max().item()
+
+            def call(fn=fn):
+                with torch.no_grad():
+                    fn(q, k, v, rk, rv, cos, sin, scale)
+            _measure(row, call, None, flops, args, peak)
+        except Exception as e:
+            row.update(status=_status(e), error=f"{type(e).__name__}: {e}"[:500])
+        _print_row(row)
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
+# --------------------------------------------------------------------------- output
+def _write_results(run: dict, out_json: str, out_md: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
+    runs = []
+    if os.path.exists(out_json):
+        with open(out_json) as fh:
+            old = json.load(fh)
+        runs = old if isinstance(old, list) else [old]
+    runs.append(run)
+    with open(out_json, "w") as fh:
+        json.dump(runs, fh, indent=1)
+    lines = [
+        "# bench_attention",
+        "",
+        f"{run['gpu']} | torch {run['torch']} | triton {run['triton']} | commit {run['commit']} | "
+        f"{run['date']} | {run['dtype']} | peak {run['peak_tflops']:.0f} TFLOP/s | "
+        f"ROPE_MODE default {run['rope_mode_default']!r}",
+        "",
+        "Median ms with 20/80 % quantiles (triton.testing.do_bench). FLOPs: 4·B·H·D·(Nv·(Nv+Nr)+Nr²) "
+        "forward, 3.5x for forward+backward; rope not counted. max|err|: output vs SDPA's default "
+        "backend in the same dtype.",
+        "",
+        "| op | mode | shape | impl | ms | p20 | p80 | TFLOP/s | % peak | max abs err | status |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in run["results"]:
+        if r["status"] == "ok":
+            err = r.get("max_abs_err")
+            lines.append(f"| {r['op']} | {r['mode']} | {r['shape']} | {r['impl']} | {r['ms']:.3f} | "
+                         f"{r['ms_p20']:.3f} | {r['ms_p80']:.3f} | {r['tflops']:.1f} | "
+                         f"{r['pct_peak']:.1f} | {'-' if err is None else f'{err:.2e}'} | ok |")
+        else:
+            msg = r["error"].replace("|", "/").replace("\n", " ")[:160]
+            lines.append(f"| {r['op']} | {r['mode']} | {r['shape']} | {r['impl']} | | | | | | | "
+                         f"{r['status']}: {msg} |")
+    with open(out_md, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print(f"# appended {len(run['results'])} rows to {out_json}; table in {out_md}")
+
+
+def _parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--ops", nargs="+", default=["joint", "cached"], choices=["joint", "cached"])
+    ap.add_argument("--impls", nargs="+", default=None,
+                    choices=sorted(set(JOINT_IMPLS) | set(CACHED_IMPLS)),
+                    help="subset of implementations (default: all)")
+    ap.add_argument("--no-bwd", action="store_true", help="forward only")
+    ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    ap.add_argument("--warmup", type=float, default=25, help="do_bench warmup (ms)")
+    ap.add_argument("--rep", type=float, default=100, help="do_bench repetition time (ms)")
+    ap.add_argument("--min-reps", type=int, default=5, help="at least this many timed calls")
+    ap.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="dense peak for the %% column (H100 SXM bf16: 989)")
+    ap.add_argument("--out", default=os.path.join(RESULTS_DIR, "bench_attention.json"),
+                    help="JSON file to append this run to")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    if not torch.cuda.is_available():
+        print("bench_attention: no CUDA device here; this benchmark times GPU kernels and has nothing "
+              "to measure on the CPU (the Triton interpreter is for correctness only). Exiting.")
+        return 0
+
+    import triton
+
+    device = torch.device("cuda")
+    dtype = DTYPES[args.dtype]
+    gpu = torch.cuda.get_device_name(device)
+    t_start = time.perf_counter()
+    print(f"# {gpu} | torch {torch.__version__} | triton {triton.__version__} | {args.dtype} | "
+          f"peak {args.peak_tflops:.0f} TFLOP/s | commit {_git_commit()}", flush=True)
+    print(f"{'op':6s} {'mode':8s} {'shape':13s} {'impl':17s} {'ms':>9s} {'p20':>9s} {'p80':>9s} "
+          f"{'TFLOP/s':>7s} {'%peak':>6s} {'max|err|':>9s}", flush=True)
+    rows = []
+    for shape in args.shapes:
+        if "joint" in args.ops:
+            rows += run_joint(args, shape, device, dtype, args.peak_tflops)
+        if "cached" in args.ops:
+            rows += run_cached(args, shape, device, dtype, args.peak_tflops)
+    print(f"# total {time.perf_counter() - t_start:.0f} s", flush=True)
+    run = dict(benchmark="bench_attention", gpu=gpu, torch=torch.__version__,
+               triton=triton.__version__, commit=_git_commit(),
+               date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+               dtype=args.dtype, peak_tflops=args.peak_tflops, rope_mode_default=K.ROPE_MODE,
+               warmup_ms=args.warmup, rep_ms=args.rep, min_reps=args.min_reps, results=rows)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
+    out_md = os.path.join(os.path.dirname(os.path.abspath(args.out)), f"bench_attention_{slug}.md")
+    _write_results(run, args.out, out_md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
