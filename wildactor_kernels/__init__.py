@@ -5,7 +5,8 @@ Public ops (each takes ``backend="auto" | "triton" | "reference"`` and supports 
 - I-RoPE: :class:`TokenLayout`, :func:`irope_positions`, :func:`rope_cos_sin`,
   :func:`apply_rope`, :func:`qk_norm_rope` (Wan q/k RMSNorm across heads + I-RoPE);
 - asymmetric attention: :func:`asym_attention`, :func:`cached_asym_attention`;
-- reference-only LoRA: :func:`ref_lora_linear`, :class:`RefLoRALinear`.
+- reference-only LoRA: :func:`ref_lora_linear`, :class:`RefLoRALinear`;
+- FP8: :func:`per_token_quant_fp8` (dynamic per-token activation scales), :func:`fp8_linear`.
 
 Each op lives in its own sub-package with ``reference.py`` (the maths), ``kernels.py`` (Triton)
 and ``op.py`` (checks + dispatch).
@@ -14,6 +15,7 @@ and ``op.py`` (checks + dispatch).
 from .attention import asym_attention, cached_asym_attention
 from .layout import TokenLayout, axis_dims, irope_positions, rope_cos_sin
 from .lora import RefLoRALinear, ref_lora_linear
+from .quant import fp8_linear, per_token_quant_fp8
 from .rope import apply_rope, qk_norm_rope
 
 __version__ = "0.1.0"
@@ -29,5 +31,7 @@ __all__ = [
     "cached_asym_attention",
     "ref_lora_linear",
     "RefLoRALinear",
+    "per_token_quant_fp8",
+    "fp8_linear",
     "__version__",
 ]
