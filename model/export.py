@@ -784,16 +784,18 @@ def export_onnx(m: nn.Module, out_dir: str | os.PathLike, *, opset: int = 23, at
         finally:
             mc.set_backend(backend)
             m.set_backend(backend)
+    if attention == "onnx" and not any(n.op_type == "Attention" for n in protos[DENOISER].graph.node):
+        # (the reference encoder of a 1-layer model has no attention at all: only its k/v are used)
+        msg = "the exporter emitted no Attention op (SDPA was decomposed): the graphs are in decomposed form"
+        warnings.warn(msg, stacklevel=2)
+        say(f"NOTE: {msg}")
+        notes.append(msg)
+        attention = "decomposed"
     for gname, proto in protos.items():
         n_rms = decompose_rmsnorm(proto)
         n_att = sum(n.op_type == "Attention" for n in proto.graph.node)
         if attention == "decomposed":
             decompose_attention(proto, cfg.head_dim, compute)
-        elif n_att == 0:
-            msg = f"{gname}: the exporter emitted no Attention op; the graph is in decomposed form"
-            warnings.warn(msg, stacklevel=2)
-            say(f"NOTE: {msg}")
-            attention = "decomposed"
         passes[gname].update(rmsnorm_decomposed=n_rms, attention_nodes=n_att)
         if precision == "fp8":
             rep = insert_fp8_qdq(proto, targets, amax[gname], compute)
@@ -834,7 +836,8 @@ def export_onnx(m: nn.Module, out_dir: str | os.PathLike, *, opset: int = 23, at
                             f"documented in metadata 'wildactor.io' and manifest.json")
         proto.producer_name = "wildactor-kernels"
         proto.producer_version = wk.__version__
-        _save(proto, path, external)
+        nbytes = _init_bytes(proto)
+        _save(proto, path, external)  # (moves the weights out of the proto when external)
         onnx.checker.check_model(str(path), full_check=True)
         ops: dict[str, int] = {}
         for n in proto.graph.node:
@@ -845,7 +848,7 @@ def export_onnx(m: nn.Module, out_dir: str | os.PathLike, *, opset: int = 23, at
         if gname in fp8_reports:
             entry["fp8"] = fp8_reports[gname]
         manifest["graphs"][gname] = entry
-        say(f"[export] wrote {path} ({sum(ops.values())} nodes, {_init_bytes(proto) / 2**20:.1f} MiB weights"
+        say(f"[export] wrote {path} ({sum(ops.values())} nodes, {nbytes / 2**20:.1f} MiB weights"
             f"{', external data' if external else ''})")
     elapsed = time.perf_counter() - start
     manifest["export_seconds"] = round(elapsed, 2)
