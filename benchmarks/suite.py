@@ -50,7 +50,7 @@ KERNEL_SCRIPTS = (("rope", "bench_rope.py"), ("attention", "bench_attention.py")
                   ("lora", "bench_lora.py"), ("quant", "bench_quant.py"))
 SUITES = ("kernels", "model", "all")
 
-__all__ = ["register_cli", "cmd_bench", "run_kernel_suite", "run_smoke", "op_cases", "main"]
+__all__ = ["register_cli", "cmd_bench", "run_full", "run_kernel_suite", "run_smoke", "op_cases", "main"]
 
 
 # ============================================================================ ops at a small shape
@@ -277,13 +277,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"# rows appended to {path}")
         return 0
 
-    device = torch.device("cuda")
+    return run_full(args, torch.device("cuda"))
+
+
+def run_full(args: argparse.Namespace, device: torch.device) -> int:
+    """The kernel and/or model suite of ``args`` on ``device`` (CUDA; the CPU only in tests, with
+    the ``tiny`` shape). Returns the exit status: 1 if a kernel script or one of our model paths
+    failed, else 0 (a failed peer is a recorded result, not an error)."""
     env = harness.env_record(device)
     run_id = harness.new_run_id()
     log = bench_model._Log()
     written: list[str] = []
     rc = 0
-    log(f"wildactor bench --suite {args.suite} on {env['gpu']} (sm {env['compute_capability']}), "
+    log(f"wildactor bench --suite {args.suite} on {env['gpu'] or 'cpu'} (sm {env['compute_capability']}), "
         f"torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']}")
     if args.suite in ("kernels", "all"):
         out_dir = os.path.dirname(os.path.abspath(args.json)) if args.json else None
@@ -296,7 +302,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite in ("model", "all"):
         ns = argparse.Namespace(**vars(args))
         ns.shapes = [s for s in (args.shape or []) if s in bench_model.SHAPES] or None
-        ns.device = "cuda"
+        ns.device = device.type
         rows = bench_model.run(ns, log=log)
         path = args.json or harness.results_path(bench_model.KIND)
         written.append(harness.append_jsonl(path, rows, kind=bench_model.KIND, env=env, run_id=run_id))

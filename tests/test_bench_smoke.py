@@ -161,7 +161,7 @@ def test_kernel_suite_records_missing_failing_and_hung_scripts(tmp_path):
     good = tmp_path / "good.py"
     good.write_text("import argparse\np = argparse.ArgumentParser()\np.add_argument('--shapes', nargs='+')\n"
                     "print(p.parse_args().shapes)\n")
-    rows = suite.run_kernel_suite(["wan5b-720p", "tiny"], timeout=3.0, echo=lambda s: None,
+    rows = suite.run_kernel_suite(["wan5b-720p", "tiny"], timeout=2.0, echo=lambda s: None,
                                   scripts=(("missing", "no_such_script.py"), ("bad", str(bad)),
                                            ("hung", str(hung)), ("good", str(good))))
     by = {r["op"]: r for r in rows}
@@ -220,3 +220,22 @@ def test_compile_time_limit_fires():
     with pytest.raises(CompileTimeout):
         with _time_limit(0.2):
             harness.time.sleep(2)
+
+
+def test_full_suite_path_runs_on_cpu_with_tiny_shape(tmp_path, capsys):
+    """The code path a GPU session takes (run_full -> bench_model.run -> JSONL -> report), on the
+    CPU with the tiny preset: the argument plumbing from the ``bench`` parser is exercised."""
+    parser = argparse.ArgumentParser(prog="wildactor")
+    suite.register_cli(parser.add_subparsers(dest="command", required=True))
+    out = tmp_path / "full.jsonl"
+    args = parser.parse_args(["bench", "--suite", "model", "--shape", "tiny", "--iters", "1",
+                              "--encode-iters", "1", "--paths", "eager", "compile", "ours-bf16",
+                              "--json", str(out)])
+    assert suite.run_full(args, torch.device("cpu")) == 0
+    rows = {r["path"]: r for r in harness.read_jsonl(str(out))}
+    assert set(rows) == {"eager", "compile", "ours-bf16"}
+    assert rows["compile"]["status"] == "skipped" and rows["ours-bf16"]["status"] == "ok"
+    assert rows["ours-bf16"]["layers"] == 2 and rows["ours-bf16"]["iters"] == 1
+    assert rows["ours-bf16"]["env"]["device"] == "cpu" and rows["ours-bf16"]["kind"] == "model_step"
+    assert (tmp_path / "model_step.md").exists()
+    assert "**tiny**" in capsys.readouterr().out
