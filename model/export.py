@@ -1064,8 +1064,12 @@ class OnnxWildActor(TwoGraphRunner):
         return [torch.from_numpy(a) for a in self.sessions[graph].run(None, arrays)]
 
     def _encode(self, ref_patches, cos_r, sin_r):
+        b0 = self.sessions[ENCODER].get_inputs()[0].shape[0]
+        b = ref_patches.shape[0]
+        if isinstance(b0, int) and b0 != b and b == 1:  # a static export: run at its batch, keep one
+            ref_patches = ref_patches.expand(b0, -1, -1)
         k, v = self._run(ENCODER, dict(ref_patches=ref_patches, cos_r=cos_r, sin_r=sin_r))
-        return k, v
+        return k[:, :b], v[:, :b]
 
     def _denoise(self, latents, timestep, context, ref_k, ref_v, cos_v, sin_v):
         return self._run(DENOISER, dict(latents=latents, timestep=timestep, context=context, ref_k=ref_k,
@@ -1146,9 +1150,13 @@ def _cmd_export(args) -> int:
     if args.engine:
         from .tensorrt import build_engines
 
-        build_engines(args.out, args.out, workspace_gb=args.workspace_gb, log=print,
-                      **({} if args.preset != "tiny" else dict(frames=(1, 4, 8), height=(2, 16, 32),
-                                                               width=(2, 16, 32), text_len=(1, 16, 64),
-                                                               num_ref=(1, 32, 64))))
-        print(f"engines written to {args.out}")
+        small = dict(frames=(1, 4, 8), height=(2, 16, 32), width=(2, 16, 32), text_len=(1, 16, 64),
+                     num_ref=(1, 32, 64))
+        try:
+            build_engines(args.out, args.out, workspace_gb=args.workspace_gb, log=print,
+                          **(small if args.preset == "tiny" else {}))
+        except ImportError as e:
+            print(f"engine: not built: {e}")
+            return 2
+        print(f"engines written to {args.out}; run them with model.TensorRTWildActor({args.out!r})")
     return 0 if ok else 1

@@ -7,6 +7,7 @@ graphs. TensorRT tests need tensorrt and a CUDA device and skip with the reason 
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 
@@ -208,6 +209,25 @@ def test_external_data_round_trip(fp32_export, model, runner, tmp_path):
     arrays = {n: t.numpy() for n, t in zip(names, ins)}
     a = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert (a.run(None, arrays)[0] == runner.sessions[E.DENOISER].run(None, arrays)[0]).all()
+
+
+def test_fp16_export_within_twice_the_pytorch_fp16_error(tmp_path):
+    """fp16 graph in onnxruntime vs the fp32 model: at most 2x the error of the PyTorch model
+    run in fp16 (flash-attn's rule), 1 layer."""
+    m = _model(num_layers=1)
+    res = export_onnx(m, tmp_path, precision="fp16")
+    assert res.manifest["compute_dtype"] == "float16"
+    lat, ts, ctx = _inputs(m, 2, 2, 8, 8, 5, seed=17)
+    refs = _refs(m.cfg.in_channels, [("face", 4, 4), ("body", 6, 4)], seed=18)
+    m16 = copy.deepcopy(m).half()
+    m16.set_backend("reference")
+    with torch.no_grad():
+        truth = m(lat, ts, ctx, refs=refs)
+        base = m16(lat.half(), ts, ctx.half(), refs=[Reference(r.kind, r.latent.half()) for r in refs])
+    got = OnnxWildActor(res.out_dir)(lat, ts, ctx, refs=refs)
+    assert got.dtype == torch.float16
+    e_onnx, e_torch = (got.float() - truth).abs().max().item(), (base.float() - truth).abs().max().item()
+    assert e_onnx <= 2 * e_torch + 1e-4, f"onnx fp16 err {e_onnx:.2e} vs torch fp16 err {e_torch:.2e}"
 
 
 # =========================================================================== FP8 Q/DQ
