@@ -339,11 +339,12 @@ x = "*bf16"
 build(K._rope_kernel, dict(p_x=x, p_cos="*fp32", p_sin="*fp32", p_y=x),
       dict(CONJ=True, D_PAD=128, BLOCK_N=8, BLOCK_H=4), 4)
 build(K._qk_norm_rope_fwd_kernel,
-      dict(p_q=x, p_k=x, p_w="*fp32", p_cos="*fp32", p_sin="*fp32", p_y=x, p_rstd="*fp32", eps="fp32"),
+      dict(p_q=x, p_k=x, p_w="*fp32", p_cos="*fp32", p_sin="*fp32", p_yq=x, p_yk=x, p_rstd="*fp32",
+           eps="fp32"),
       dict(HAS_WEIGHT=True, D_PAD=128, BLOCK_N=4, BLOCK_H=8), 4)
 build(K._qk_norm_rope_bwd_kernel,
       dict(p_q=x, p_k=x, p_dyq=x, p_dyk=x, p_w="*fp32", p_cos="*fp32", p_sin="*fp32",
-           p_rstd="*fp32", p_dx=x, p_dw="*fp32"),
+           p_rstd="*fp32", p_dq=x, p_dk=x, p_dw="*fp32"),
       dict(HAS_WEIGHT=True, D_PAD=32, BLOCK_N=4, BLOCK_H=32), 8)
 '''
 

@@ -11,7 +11,6 @@ A request for Triton that cannot be honoured raises; it never silently falls bac
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -23,14 +22,23 @@ logger = logging.getLogger("wildactor_kernels")
 BACKENDS = ("auto", "triton", "reference")
 
 
-@functools.cache
-def triton_available() -> bool:
+def _import_triton() -> bool:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception:  # pragma: no cover - depends on the platform
         return False
     return True
+
+
+# Computed once at import: a plain constant is free to read under torch.compile (dynamo warns on
+# ``functools.lru_cache``-wrapped functions and would guard on the cache).
+_TRITON_AVAILABLE: bool = _import_triton()
+
+
+def triton_available() -> bool:
+    """True when ``triton`` and ``triton.language`` import (checked once, at import time)."""
+    return _TRITON_AVAILABLE
 
 
 def interpreter_active() -> bool:

@@ -136,7 +136,7 @@ def _rope_kernel(
 @triton.heuristics({"BLOCK_H": _block_h})
 @triton.jit
 def _qk_norm_rope_fwd_kernel(
-    p_q, p_k, p_w, p_cos, p_sin, p_y, p_rstd,
+    p_q, p_k, p_w, p_cos, p_sin, p_yq, p_yk, p_rstd,
     B, N, H, D,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
@@ -148,13 +148,15 @@ def _qk_norm_rope_fwd_kernel(
 ):
     """One program: ``BLOCK_N`` tokens of sample ``i_b`` of q (``i_qk = 0``) or k (``i_qk = 1``).
 
-    ``p_w``: ``[2, H*D]`` fp32 (q row, k row); ``p_y``: ``[2, B, N, H, D]``; ``p_rstd``: ``[2, B, N]``
+    ``p_w``: ``[2, H*D]`` fp32 (q row, k row); ``p_yq, p_yk``: contiguous ``[B, N, H, D]`` outputs
+    (two allocations: a custom op may not return two views of one buffer); ``p_rstd``: ``[2, B, N]``
     fp32 (saved for the backward). q and k share one launch so small shapes still fill the GPU.
     """
     i_n, i_b, i_qk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # Select q or k by scalar selects, not branches: both arms are plain pointer/int values.
     is_q = i_qk == 0
     p_x = tl.where(is_q, p_q, p_k)
+    p_y = tl.where(is_q, p_yq, p_yk)
     stride_xb = tl.where(is_q, stride_qb, stride_kb)
     stride_xn = tl.where(is_q, stride_qn, stride_kn)
     stride_xh = tl.where(is_q, stride_qh, stride_kh)
@@ -165,7 +167,8 @@ def _qk_norm_rope_fwd_kernel(
     o_d = tl.arange(0, D_PAD)
     m_d = o_d < D
     o_xrow = i_b.to(tl.int64) * stride_xb + o_n.to(tl.int64) * stride_xn
-    o_tok = (i_qk * B + i_b).to(tl.int64) * N + o_n  # token index inside [2, B, N]
+    o_tok = (i_qk * B + i_b).to(tl.int64) * N + o_n  # token index inside [2, B, N] (rstd)
+    o_yrow = (i_b.to(tl.int64) * N + o_n) * (H * D)  # row offset inside [B, N, H, D] (y)
 
     # ---- pass 1: sum of squares over the whole H*D feature of each token
     b_ss = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -192,7 +195,7 @@ def _qk_norm_rope_fwd_kernel(
             b_w = tl.load(p_w + o_w, mask=m_h[:, None] & m_d[None, :], other=0.0)
             b_x = b_x * b_w[None, :, :]
         b_y = _rotate_pairs(b_x, b_cos, b_sin, BLOCK_N, BLOCK_H, D_PAD)
-        o_y = o_tok[:, None, None] * (H * D) + (o_h * D)[None, :, None] + o_d[None, None, :]
+        o_y = o_yrow[:, None, None] + (o_h * D)[None, :, None] + o_d[None, None, :]
         tl.store(p_y + o_y, b_y.to(p_y.dtype.element_ty), mask=m_x)
 
 
@@ -201,7 +204,7 @@ def _qk_norm_rope_fwd_kernel(
 @triton.heuristics({"BLOCK_H": _block_h})
 @triton.jit
 def _qk_norm_rope_bwd_kernel(
-    p_q, p_k, p_dyq, p_dyk, p_w, p_cos, p_sin, p_rstd, p_dx, p_dw,
+    p_q, p_k, p_dyq, p_dyk, p_w, p_cos, p_sin, p_rstd, p_dq, p_dk, p_dw,
     B, N, H, D, G,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
@@ -220,12 +223,14 @@ def _qk_norm_rope_bwd_kernel(
     ``dw += sum_tokens g * x̂``, ``dn = g * w``, ``dx = rstd * (dn - x̂ * mean_HD(dn * x̂))``.
     The mean needs the whole token first, hence two passes again. ``p_dw`` is ``[2, G, H*D]``
     fp32 zeros; each program owns one row (no atomics) and the launcher sums the G rows.
+    ``p_dq, p_dk``: contiguous ``[B, N, H, D]`` gradients (two allocations, as in the forward).
     A grid of G programs rather than one per token block keeps that partial buffer small.
     """
     i_g, i_qk = tl.program_id(0), tl.program_id(1)
     is_q = i_qk == 0
     p_x = tl.where(is_q, p_q, p_k)
     p_dy = tl.where(is_q, p_dyq, p_dyk)
+    p_dx = tl.where(is_q, p_dq, p_dk)
     stride_xb = tl.where(is_q, stride_qb, stride_kb)
     stride_xn = tl.where(is_q, stride_qn, stride_kn)
     stride_xh = tl.where(is_q, stride_qh, stride_kh)
@@ -244,7 +249,8 @@ def _qk_norm_rope_bwd_kernel(
         o_n = o_t % N
         o_xrow = o_b * stride_xb + o_n.to(tl.int64) * stride_xn
         o_drow = o_b * stride_db + o_n.to(tl.int64) * stride_dn
-        o_tok = i_qk.to(tl.int64) * B * N + o_t
+        o_tok = i_qk.to(tl.int64) * B * N + o_t  # token index inside [2, B, N] (rstd)
+        o_dxrow = o_t.to(tl.int64) * (H * D)  # row offset inside [B, N, H, D] (dq or dk)
         b_rstd = tl.load(p_rstd + o_tok, mask=m_t, other=0.0)
         b_cos, b_sin = _load_cos_sin(p_cos, p_sin, o_n, m_t, stride_cn, D, D_PAD)
         b_sin = -b_sin
@@ -290,7 +296,7 @@ def _qk_norm_rope_bwd_kernel(
                 b_dw = tl.load(p_dw_row + o_w, mask=m_w, other=0.0)
                 tl.store(p_dw_row + o_w, b_dw + tl.sum(b_g * b_xhat, axis=0), mask=m_w)
             b_dx = (b_dn - b_xhat * b_c[:, None, None]) * b_rstd[:, None, None]
-            o_dx = o_tok[:, None, None] * (H * D) + (o_h * D)[None, :, None] + o_d[None, None, :]
+            o_dx = o_dxrow[:, None, None] + (o_h * D)[None, :, None] + o_d[None, None, :]
             tl.store(p_dx + o_dx, b_dx.to(p_dx.dtype.element_ty), mask=m_x)
 
 
@@ -340,29 +346,31 @@ def _stack_weights(q_weight, k_weight, hd: int, device) -> torch.Tensor | None:
 
 def qk_norm_rope_fwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor | None, cos: torch.Tensor,
                      sin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launcher of the fused forward. ``w``: ``[2, H*D]`` fp32 or None.
+    """Launcher of the fused forward. ``w``: ``[2, H*D]`` fp32 or None; ``cos, sin`` ``[N, D//2]``.
 
-    Returns ``(q', k', rstd)``: contiguous ``[B, N, H, D]`` views of one ``[2, B, N, H, D]``
-    buffer, and ``rstd [2, B, N]`` fp32 for the backward.
+    Returns ``(q', k', rstd)``: two contiguous ``[B, N, H, D]`` tensors and ``rstd [2, B, N]`` fp32
+    for the backward.
     """
     if q.dtype != k.dtype:
         raise TypeError(f"q and k must share one dtype, got {q.dtype} and {k.dtype}")
     b, n, h, d = q.shape
     q, k = _unit_last(q), _unit_last(k)
-    y = torch.empty((2, b, n, h, d), dtype=q.dtype, device=q.device)
+    cos, sin = _tables(cos, sin)
+    yq = torch.empty((b, n, h, d), dtype=q.dtype, device=q.device)
+    yk = torch.empty((b, n, h, d), dtype=q.dtype, device=q.device)
     rstd = torch.empty((2, b, n), dtype=torch.float32, device=q.device)
-    if y.numel() == 0:
-        return y[0], y[1], rstd
+    if yq.numel() == 0:
+        return yq, yk, rstd
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b, 2)
     with _device_ctx(q):
         _qk_norm_rope_fwd_kernel[grid](
-            q, k, w if w is not None else rstd, cos, sin, y, rstd,
+            q, k, w if w is not None else rstd, cos, sin, yq, yk, rstd,
             b, n, h, d,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             cos.stride(0), float(eps),
             HAS_WEIGHT=w is not None, D_PAD=triton.next_power_of_2(d),
         )
-    return y[0], y[1], rstd
+    return yq, yk, rstd
 
 
 def _bwd_block() -> tuple[int, int]:
@@ -374,9 +382,11 @@ def _bwd_block() -> tuple[int, int]:
 
 
 def qk_norm_rope_bwd(q, k, dyq, dyk, w, cos, sin, rstd):
-    """Launcher of the fused backward. Returns ``(dq, dk, dw)`` with ``dw [2, H*D]`` fp32 or None."""
+    """Launcher of the fused backward. Returns ``(dq, dk, dw)``: contiguous ``[B, N, H, D]`` grads
+    in q's dtype and ``dw [2, H*D]`` fp32, or None when ``w`` is None."""
     b, n, h, d = q.shape
     q, k = _unit_last(q), _unit_last(k)
+    cos, sin = _tables(cos, sin)
     dyq, dyk = _unit_last(dyq.to(q.dtype)), _unit_last(dyk.to(q.dtype))
     d_pad = triton.next_power_of_2(d)
     block_n, num_warps = _bwd_block()
@@ -387,13 +397,14 @@ def qk_norm_rope_bwd(q, k, dyq, dyk, w, cos, sin, rstd):
     else:
         g = min(n_blocks, 2 * torch.cuda.get_device_properties(q.device).multi_processor_count)
     g = max(g, 1)
-    dx = torch.empty((2, b, n, h, d), dtype=q.dtype, device=q.device)
+    dq = torch.empty((b, n, h, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((b, n, h, d), dtype=q.dtype, device=q.device)
     dw = torch.zeros((2, g, h * d), dtype=torch.float32, device=q.device) if w is not None else None
-    if dx.numel() == 0:
-        return dx[0], dx[1], (dw.sum(1) if dw is not None else None)
+    if dq.numel() == 0:
+        return dq, dk, (dw.sum(1) if dw is not None else None)
     with _device_ctx(q):
         _qk_norm_rope_bwd_kernel[(g, 2)](
-            q, k, dyq, dyk, w if w is not None else rstd, cos, sin, rstd, dx,
+            q, k, dyq, dyk, w if w is not None else rstd, cos, sin, rstd, dq, dk,
             dw if dw is not None else rstd,
             b, n, h, d, g,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -401,40 +412,120 @@ def qk_norm_rope_bwd(q, k, dyq, dyk, w, cos, sin, rstd):
             cos.stride(0),
             HAS_WEIGHT=w is not None, D_PAD=d_pad, BLOCK_N=block_n, num_warps=num_warps,
         )
-    return dx[0], dx[1], (dw.sum(1) if dw is not None else None)
+    return dq, dk, (dw.sum(1) if dw is not None else None)
 
 
-# =========================================================================== autograd
-class _ApplyRope(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        cos, sin = _tables(cos, sin)
-        ctx.save_for_backward(cos, sin)
-        return rope_fwd(x, cos, sin)
-
-    @staticmethod
-    def backward(ctx, dy):
-        cos, sin = ctx.saved_tensors
-        # A rotation's adjoint is the rotation by the opposite angle.
-        return rope_fwd(dy, cos, sin, conj=True), None, None
+# =========================================================================== torch.library ops
+# Opaque custom ops with fake (meta) kernels and registered autograd (the pattern of
+# ``attention/kernels.py``): torch.compile(fullgraph=True) traces through them without graph
+# breaks and never enters the launchers or Triton's runtime; each backward is an op of its own.
+# The schemas are mutation-free: every output is allocated inside the op.
+@torch.library.custom_op("wildactor::apply_rope_fwd", mutates_args=(),
+                         schema="(Tensor x, Tensor cos, Tensor sin) -> Tensor")
+def _apply_rope_fwd_op(x, cos, sin):
+    return rope_fwd(x, cos, sin)
 
 
-class _QKNormRope(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, q_weight, k_weight, cos, sin, eps):
-        cos, sin = _tables(cos, sin)
-        w = _stack_weights(q_weight, k_weight, q.shape[2] * q.shape[3], q.device)
-        yq, yk, rstd = qk_norm_rope_fwd(q, k, w, cos, sin, eps)
-        ctx.save_for_backward(q, k, w, cos, sin, rstd)
-        ctx.weight_dtypes = tuple(None if t is None else t.dtype for t in (q_weight, k_weight))
-        return yq, yk
+@torch.library.custom_op("wildactor::apply_rope_bwd", mutates_args=(),
+                         schema="(Tensor dy, Tensor cos, Tensor sin) -> Tensor")
+def _apply_rope_bwd_op(dy, cos, sin):
+    # A rotation's adjoint is the rotation by the opposite angle.
+    return rope_fwd(dy, cos, sin, conj=True)
 
-    @staticmethod
-    def backward(ctx, dyq, dyk):
-        q, k, w, cos, sin, rstd = ctx.saved_tensors
-        dq, dk, dw = qk_norm_rope_bwd(q, k, dyq, dyk, w, cos, sin, rstd)
-        dqw, dkw = (None if dt is None else dw[i].to(dt) for i, dt in enumerate(ctx.weight_dtypes))
-        return dq, dk, dqw, dkw, None, None, None
+
+def _rope_fake(x, cos, sin):
+    return x.new_empty(tuple(x.shape))  # contiguous, like the launcher's output
+
+
+for _op in (_apply_rope_fwd_op, _apply_rope_bwd_op):
+    _op.register_fake(_rope_fake)
+    _op.register_kernel("meta", _rope_fake)  # meta tensors never reach the kernels
+
+
+def _rope_setup_context(ctx, inputs, output):
+    _, cos, sin = inputs
+    ctx.save_for_backward(cos, sin)
+
+
+def _apply_rope_backward(ctx, dy):
+    cos, sin = ctx.saved_tensors
+    return _apply_rope_bwd_op(dy, cos, sin), None, None
+
+
+def _apply_rope_bwd_backward(ctx, ddx):
+    cos, sin = ctx.saved_tensors  # the rotations are linear: each one's adjoint is the other
+    return _apply_rope_fwd_op(ddx, cos, sin), None, None
+
+
+_apply_rope_fwd_op.register_autograd(_apply_rope_backward, setup_context=_rope_setup_context)
+_apply_rope_bwd_op.register_autograd(_apply_rope_bwd_backward, setup_context=_rope_setup_context)
+
+
+@torch.library.custom_op(
+    "wildactor::qk_norm_rope_fwd", mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor? q_weight, Tensor? k_weight, Tensor cos, Tensor sin, "
+           "float eps) -> (Tensor, Tensor, Tensor)")
+def _qk_norm_rope_fwd_op(q, k, q_weight, k_weight, cos, sin, eps):
+    w = _stack_weights(q_weight, k_weight, q.shape[2] * q.shape[3], q.device)
+    return qk_norm_rope_fwd(q, k, w, cos, sin, eps)
+
+
+def _qk_fwd_fake(q, k, q_weight, k_weight, cos, sin, eps):
+    if q.dtype != k.dtype:
+        raise TypeError(f"q and k must share one dtype, got {q.dtype} and {k.dtype}")
+    b, n, h, d = q.shape
+    return (q.new_empty((b, n, h, d)), q.new_empty((b, n, h, d)),
+            q.new_empty((2, b, n), dtype=torch.float32))
+
+
+_qk_norm_rope_fwd_op.register_fake(_qk_fwd_fake)
+_qk_norm_rope_fwd_op.register_kernel("meta", _qk_fwd_fake)  # meta tensors never reach the kernels
+
+
+@torch.library.custom_op(
+    "wildactor::qk_norm_rope_bwd", mutates_args=(),
+    schema="(Tensor dyq, Tensor dyk, Tensor q, Tensor k, Tensor? q_weight, Tensor? k_weight, "
+           "Tensor cos, Tensor sin, Tensor rstd) -> (Tensor, Tensor, Tensor)")
+def _qk_norm_rope_bwd_op(dyq, dyk, q, k, q_weight, k_weight, cos, sin, rstd):
+    """Returns ``(dq, dk, dw)``; ``dw`` is ``[2, H*D]`` fp32 (q row, k row) when a weight is given,
+    else an empty ``[2, 0]`` (custom ops cannot return None)."""
+    hd = q.shape[2] * q.shape[3]
+    w = _stack_weights(q_weight, k_weight, hd, q.device)
+    dq, dk, dw = qk_norm_rope_bwd(q, k, dyq, dyk, w, cos, sin, rstd)
+    if dw is None:
+        dw = torch.empty((2, 0), dtype=torch.float32, device=q.device)
+    return dq, dk, dw
+
+
+def _qk_bwd_fake(dyq, dyk, q, k, q_weight, k_weight, cos, sin, rstd):
+    b, n, h, d = q.shape
+    hd = h * d if (q_weight is not None or k_weight is not None) else 0
+    return (q.new_empty((b, n, h, d)), q.new_empty((b, n, h, d)),
+            q.new_empty((2, hd), dtype=torch.float32))
+
+
+_qk_norm_rope_bwd_op.register_fake(_qk_bwd_fake)
+_qk_norm_rope_bwd_op.register_kernel("meta", _qk_bwd_fake)  # meta tensors never reach the kernels
+
+
+def _qk_setup_context(ctx, inputs, output):
+    q, k, q_weight, k_weight, cos, sin, _ = inputs
+    ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin, output[2])
+
+
+def _qk_backward(ctx, dyq, dyk, _drstd):
+    q, k, q_weight, k_weight, cos, sin, rstd = ctx.saved_tensors
+    if dyq is None:
+        dyq = torch.zeros_like(q)
+    if dyk is None:
+        dyk = torch.zeros_like(k)
+    dq, dk, dw = _qk_norm_rope_bwd_op(dyq, dyk, q, k, q_weight, k_weight, cos, sin, rstd)
+    dqw = None if q_weight is None else dw[0].to(q_weight.dtype)
+    dkw = None if k_weight is None else dw[1].to(k_weight.dtype)
+    return dq, dk, dqw, dkw, None, None, None
+
+
+_qk_norm_rope_fwd_op.register_autograd(_qk_backward, setup_context=_qk_setup_context)
 
 
 # =========================================================================== entry points
@@ -442,9 +533,12 @@ def apply_rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     """Triton I-RoPE. ``x [B, N, H, D]`` float (fp32/fp16/bf16), ``cos, sin [N, D//2]``.
 
     Returns contiguous ``[B, N, H, D]`` in ``x.dtype``; differentiable in ``x`` (the tables are
-    constants). Inputs are assumed checked by :func:`wildactor_kernels.apply_rope`.
+    constants), twice over (the backward is the conjugate rotation, itself differentiable).
+    Runs the ``torch.ops.wildactor.apply_rope_fwd`` op (backward ``apply_rope_bwd``), so it
+    compiles with ``torch.compile(fullgraph=True)``. Inputs are assumed checked by
+    :func:`wildactor_kernels.apply_rope`.
     """
-    return _ApplyRope.apply(x, cos, sin)
+    return _apply_rope_fwd_op(x, cos, sin)
 
 
 def qk_norm_rope_triton(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None,
@@ -453,9 +547,11 @@ def qk_norm_rope_triton(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor
     """Triton RMSNorm across heads (over ``H*D``, optional weight ``[H*D]``) then I-RoPE, q and k
     in one launch. ``q, k [B, N, H, D]`` one float dtype; ``cos, sin [N, D//2]``.
 
-    Returns ``(q', k')`` contiguous in the input dtype; differentiable in q, k and the weights.
-    Unlike the reference, the normalised value is not rounded to the input dtype before the
-    rotation (one rounding instead of two), so low-precision results are slightly closer to
-    the fp64 truth.
+    Returns ``(q', k')`` contiguous in the input dtype; differentiable in q, k and the weights
+    (weight grads in the weights' dtypes). Runs the ``torch.ops.wildactor.qk_norm_rope_fwd`` op
+    (backward ``qk_norm_rope_bwd``). Unlike the reference, the normalised value is not rounded
+    to the input dtype before the rotation (one rounding instead of two), so low-precision
+    results are slightly closer to the fp64 truth.
     """
-    return _QKNormRope.apply(q, k, q_weight, k_weight, cos, sin, eps)
+    yq, yk, _ = _qk_norm_rope_fwd_op(q, k, q_weight, k_weight, cos, sin, float(eps))
+    return yq, yk
