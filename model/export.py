@@ -250,15 +250,19 @@ def _graph_inputs(m: nn.Module, example: Mapping[str, Any], dtype: torch.dtype
                   ) -> dict[str, tuple[torch.Tensor, ...]]:
     """Example tensors of both graphs from a model-level example (reference K/V from the model)."""
     cfg: WildActorConfig = m.cfg
-    lat, ctx = example["latents"], example["context"]
+    dev = m.device
+    if not example.get("refs"):
+        raise ValueError("the export example needs references (example['refs']): the reference encoder "
+                         "is traced on them")
+    lat, ctx = example["latents"].to(dev), example["context"].to(dev)
     b = lat.shape[0]
-    t = torch.as_tensor(example.get("timestep", 500.0), dtype=torch.float32).reshape(-1).expand(b)
-    patches, grids = patchify_references(example.get("refs") or [], cfg.patch_size, batch_size=b)
+    t = torch.as_tensor(example.get("timestep", 500.0), dtype=torch.float32).reshape(-1).expand(b).to(dev)
+    patches, grids = patchify_references(example["refs"], cfg.patch_size, batch_size=b)
     grid = _video_grid(cfg, lat.shape)
     layout = TokenLayout(grid, grids)
-    cos, sin = rope_tables(cfg, layout)
+    cos, sin = (x.to(dev) for x in rope_tables(cfg, layout))
     nv = layout.num_video
-    enc_in = (patches.to(dtype), cos[nv:], sin[nv:])
+    enc_in = (patches.to(dev, dtype), cos[nv:], sin[nv:])
     with torch.no_grad():
         k, v = ReferenceEncoderGraph(m)(*enc_in)
     den_in = (lat.to(dtype), t.contiguous(), ctx.to(dtype), k.to(dtype), v.to(dtype), cos[:nv], sin[:nv])
@@ -945,7 +949,13 @@ class TwoGraphRunner:
         k, v = self._encode(patches.to(self.device), cos[nv:], sin[nv:])
         return RefCache(list(k.unbind(0)), list(v.unbind(0)), grids, grid)
 
-    def _bind(self, cache, grid: tuple[int, int, int], b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _bind(self, cache, grid: tuple[int, int, int], b: int, memo: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked ``ref_k, ref_v [L, b, Nr, H, D]`` of a cache, rotated for ``grid``.
+
+        One cache serves every denoising step, so the bound copy is kept for the next call with
+        the same cache object (held by reference; treat a cache as immutable once made).
+        """
         from .wildactor import RefCache
 
         if not isinstance(cache, RefCache):
@@ -955,16 +965,15 @@ class TwoGraphRunner:
         if cache.num_layers != self.cfg.num_layers:
             raise ValueError(f"ref_cache has {cache.num_layers} layers; the graphs have "
                              f"{self.cfg.num_layers}")
-        key = (id(cache), grid, b)
-        if getattr(self, "_bound_key", None) == key:
+        if memo and getattr(self, "_bound_src", None) is cache and self._bound_key == (grid, b):
             return self._bound
-        cache = cache.expand(b)
-        ks = [k.to(self.device) for k in cache.k]
-        ks = _rebind_keys(ks, self.cfg, cache.num_ref, cache.video_grid, grid)
+        full = cache.expand(b)
+        ks = [k.to(self.device) for k in full.k]
+        ks = _rebind_keys(ks, self.cfg, full.num_ref, full.video_grid, grid)
         k = torch.stack(ks).contiguous()
-        v = torch.stack([t.to(self.device) for t in cache.v]).contiguous()
-        # one identity cache serves every denoising step: keep the bound copy for the next call
-        self._bound_key, self._bound, self._bound_ref = key, (k, v), cache
+        v = torch.stack([t.to(self.device) for t in full.v]).contiguous()
+        if memo:
+            self._bound_src, self._bound_key, self._bound = cache, (grid, b), (k, v)
         return k, v
 
     def _empty_kv(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1004,9 +1013,12 @@ class TwoGraphRunner:
             raise ValueError(f"timestep must be a number, [1] or [B] = [{b}], got {tuple(t.shape)}")
         grid = self.video_grid(latents.shape)
         if refs:
-            refs = list(refs)
-            ref_cache = self.encode_references(refs, video_shape=latents.shape)
-        k, v = self._bind(ref_cache, grid, b) if ref_cache is not None else self._empty_kv(b)
+            k, v = self._bind(self.encode_references(list(refs), video_shape=latents.shape), grid, b,
+                              memo=False)
+        elif ref_cache is not None:
+            k, v = self._bind(ref_cache, grid, b)
+        else:
+            k, v = self._empty_kv(b)
         cos, sin = self.rope_tables(TokenLayout(grid))
         dev = self.device
         return self._denoise(latents.to(dev), t.to(dev).contiguous(), context.to(dev), k, v, cos, sin)

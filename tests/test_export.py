@@ -185,6 +185,19 @@ def test_reference_encoder_equals_model_cache(model, runner):
             assert (a - b).abs().max().item() <= TOL
 
 
+def test_one_cache_across_grids_and_caches_do_not_mix(model, runner):
+    """A grid-free cache re-bound to each video size; a second cache is never served the first's K/V."""
+    refs_a = _refs(model.cfg.in_channels, [("face", 4, 4)], seed=20)
+    refs_b = _refs(model.cfg.in_channels, [("body", 2, 4), ("face", 2, 2)], seed=21)
+    cache_a, cache_b = runner.encode_references(refs_a), runner.encode_references(refs_b)
+    small, big = _inputs(model, 1, 1, 4, 4, 2, seed=22), _inputs(model, 2, 3, 6, 8, 4, seed=23)
+    with torch.no_grad():
+        for (lat, ts, ctx), refs, cache in ((small, refs_a, cache_a), (big, refs_a, cache_a),
+                                            (big, refs_b, cache_b), (small, refs_a, cache_a)):
+            want = model(lat, ts, ctx, refs=refs)
+            assert (runner(lat, ts, ctx, ref_cache=cache) - want).abs().max().item() <= TOL
+
+
 def test_sampler_runs_on_the_onnx_runner(model, runner):
     """FlowMatchSampler with CFG and the reference cache: same latents from ONNX and PyTorch."""
     refs = _refs(model.cfg.in_channels, [("face", 4, 4), ("body", 4, 6)], seed=6)
