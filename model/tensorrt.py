@@ -47,10 +47,6 @@ def _trt():
     return trt
 
 
-def _major(trt) -> int:
-    return int(str(trt.__version__).split(".")[0])
-
-
 # =========================================================================== profiles
 def engine_shapes(manifest_or_dir: Mapping[str, Any] | str | os.PathLike, *,
                   batch: Sequence[int] = (1, 2, 2), frames: Sequence[int] = (1, 21, 21),
@@ -137,7 +133,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, p
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
-        errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        errs = [parser.get_error(i) for i in range(parser.num_errors)]
+        errors = "\n".join(e.desc() if hasattr(e, "desc") else str(e) for e in errs)
         hint = ""
         if "Attention" in errors:
             hint = ("\nThis TensorRT has no importer for the opset-23 Attention op (added in 10.14): "
