@@ -332,7 +332,12 @@ def lora_gemm(x: torch.Tensor, wt: torch.Tensor, num_video: int, bias: torch.Ten
     return out.to(x.dtype)
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- torch.library ops
+# Opaque custom ops with fake (meta) kernels and registered autograd (the pattern of
+# ``attention/kernels.py``), so torch.compile(fullgraph=True) traces the layer without entering
+# the launchers or Triton's runtime. Only the Triton pieces are ops; the backward's cuBLAS
+# pieces (dA, dB, dW, db) stay plain torch in the registered backward, where the compiler sees
+# them. Schemas are mutation-free: every output is allocated inside the op.
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     """The kernels take any batch/row strides but want unit stride on the reduced dim."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -342,68 +347,145 @@ def _flat_rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-class _RefLoRALinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, num_video):
-        x = _unit_last(x)
-        nr = x.shape[1] - num_video
-        t = lora_shrink(x, lora_a.t(), scale, num_video) if nr > 0 else None  # [B, Nr, r]
-        y = lora_gemm(x, weight.t(), num_video, bias=bias, t=t, lt=lora_b.t())
-        ctx.save_for_backward(x, weight, lora_a, lora_b, t)
-        ctx.scale, ctx.num_video, ctx.has_bias = scale, num_video, bias is not None
-        return y
+@torch.library.custom_op(
+    "wildactor::ref_lora_linear_fwd", mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale, "
+           "SymInt num_video) -> (Tensor, Tensor)")
+def _ref_lora_linear_fwd_op(x, weight, bias, lora_a, lora_b, scale, num_video):
+    """``(y [B, N, Dout], t [B, N - Nv, r])``; ``t = s x_r A^T`` is kept for the backward."""
+    x = _unit_last(x)
+    t = lora_shrink(x, lora_a.t(), scale, num_video)  # [B, Nr, r] (empty when Nr = 0)
+    y = lora_gemm(x, weight.t(), num_video, bias=bias, t=t, lt=lora_b.t())
+    return y, t
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, lora_a, lora_b, t = ctx.saved_tensors
-        s, nv = ctx.scale, ctx.num_video
-        need_dx, need_dw, need_db, need_da, need_dlb = ctx.needs_input_grad[:5]
-        dy = _unit_last(dy)
-        nr = x.shape[1] - nv
-        dx = dw = db = da = dlb = None
-        # U = s dy_r B [B, Nr, r]: shared by dx's epilogue and dA
-        u = lora_shrink(dy, lora_b, s, nv) if nr > 0 and (need_dx or need_da) else None
-        if need_dx:
-            dx = lora_gemm(dy, weight, nv, t=u, lt=lora_a)
-        # one GEMM over all B*Nr rows (a per-sample bmm + sum would round each partial)
+
+def _ref_lora_fwd_fake(x, weight, bias, lora_a, lora_b, scale, num_video):
+    b, n, _ = x.shape
+    return x.new_empty((b, n, weight.shape[0])), x.new_empty((b, n - num_video, lora_a.shape[0]))
+
+
+_ref_lora_linear_fwd_op.register_fake(_ref_lora_fwd_fake)
+_ref_lora_linear_fwd_op.register_kernel("meta", _ref_lora_fwd_fake)  # meta never reaches a kernel
+
+
+@torch.library.custom_op(
+    "wildactor::ref_lora_linear_bwd", mutates_args=(),
+    schema="(Tensor dy, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, SymInt num_video, "
+           "bool need_dx) -> (Tensor, Tensor)")
+def _ref_lora_linear_bwd_op(dy, weight, lora_a, lora_b, scale, num_video, need_dx):
+    """``(dx, u)``: ``u = s dy_r B [B, N - Nv, r]`` (shared by dx's epilogue and dA) and
+    ``dx = dy W + u A [B, N, Din]`` on reference rows, ``dy W`` on video rows; with
+    ``need_dx=False`` dx is an empty ``[0]`` tensor (custom ops cannot return None)."""
+    dy = _unit_last(dy)
+    u = lora_shrink(dy, lora_b, scale, num_video)
+    if not need_dx:
+        return dy.new_empty((0,)), u
+    return lora_gemm(dy, weight, num_video, t=u, lt=lora_a), u
+
+
+def _ref_lora_bwd_fake(dy, weight, lora_a, lora_b, scale, num_video, need_dx):
+    b, n, _ = dy.shape
+    u = dy.new_empty((b, n - num_video, lora_a.shape[0]))
+    return (dy.new_empty((b, n, weight.shape[1])) if need_dx else dy.new_empty((0,))), u
+
+
+_ref_lora_linear_bwd_op.register_fake(_ref_lora_bwd_fake)
+_ref_lora_linear_bwd_op.register_kernel("meta", _ref_lora_bwd_fake)  # meta never reaches a kernel
+
+
+def _ref_lora_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale, num_video = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1])
+    ctx.scale, ctx.num_video, ctx.has_bias = scale, num_video, bias is not None
+
+
+def _ref_lora_backward(ctx, dy, _dt):
+    x, weight, lora_a, lora_b, t = ctx.saved_tensors
+    s, nv = ctx.scale, ctx.num_video
+    need_dx, need_dw, need_db, need_da, need_dlb = ctx.needs_input_grad[:5]
+    dx = dw = db = da = dlb = None
+    if dy is None:
+        dy = x.new_zeros((*x.shape[:2], weight.shape[0]))
+    if need_dx or need_da:
+        dx, u = _ref_lora_linear_bwd_op(dy, weight, lora_a, lora_b, s, nv, need_dx)
+        if not need_dx:
+            dx = None
+        # one GEMM over all B*Nr rows (a per-sample bmm + sum would round each partial);
+        # Nr = 0 gives an empty reduction, i.e. zeros
         if need_da:
-            da = _flat_rows(u).t() @ _flat_rows(x[:, nv:]) if nr > 0 else torch.zeros_like(lora_a)
-        if need_dlb:
-            dlb = _flat_rows(dy[:, nv:]).t() @ _flat_rows(t) if nr > 0 else torch.zeros_like(lora_b)
-        if need_dw:
-            dw = _flat_rows(dy).t() @ _flat_rows(x)
-        if need_db and ctx.has_bias:
-            db = dy.sum((0, 1))
-        return dx, dw, db, da, dlb, None, None
+            da = _flat_rows(u).t() @ _flat_rows(x[:, nv:])
+    if need_dlb:
+        dlb = _flat_rows(dy[:, nv:]).t() @ _flat_rows(t)
+    if need_dw:
+        dw = _flat_rows(dy).t() @ _flat_rows(x)
+    if need_db and ctx.has_bias:
+        db = dy.sum((0, 1))
+    return dx, dw, db, da, dlb, None, None
 
 
-class _RefFoldedLinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, weight_ref, bias, num_video):
-        x = _unit_last(x)
-        # one stride pair serves both weights in the kernel (no copy for nn.Linear weights)
-        weight, weight_ref = weight.contiguous(), weight_ref.contiguous()
-        y = lora_gemm(x, weight.t(), num_video, bias=bias, wt_ref=weight_ref.t())
-        ctx.save_for_backward(x, weight, weight_ref)
-        ctx.num_video, ctx.has_bias = num_video, bias is not None
-        return y
+_ref_lora_linear_fwd_op.register_autograd(_ref_lora_backward, setup_context=_ref_lora_setup_context)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, weight_ref = ctx.saved_tensors
-        nv = ctx.num_video
-        need_dx, need_dw, need_dwr, need_db = ctx.needs_input_grad[:4]
-        dy = _unit_last(dy)
-        dx = dw = dwr = db = None
-        if need_dx:
-            dx = lora_gemm(dy, weight, nv, wt_ref=weight_ref)
-        if need_dw:
-            dw = _flat_rows(dy[:, :nv]).t() @ _flat_rows(x[:, :nv])
-        if need_dwr:
-            dwr = _flat_rows(dy[:, nv:]).t() @ _flat_rows(x[:, nv:])
-        if need_db and ctx.has_bias:
-            db = dy.sum((0, 1))
-        return dx, dw, dwr, db, None
+
+@torch.library.custom_op(
+    "wildactor::ref_folded_linear_fwd", mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor weight_ref, Tensor? bias, SymInt num_video) -> Tensor")
+def _ref_folded_linear_fwd_op(x, weight, weight_ref, bias, num_video):
+    x = _unit_last(x)
+    # one stride pair serves both weights in the kernel (no copy for nn.Linear weights)
+    weight, weight_ref = weight.contiguous(), weight_ref.contiguous()
+    return lora_gemm(x, weight.t(), num_video, bias=bias, wt_ref=weight_ref.t())
+
+
+def _ref_folded_fwd_fake(x, weight, weight_ref, bias, num_video):
+    b, n, _ = x.shape
+    return x.new_empty((b, n, weight.shape[0]))
+
+
+_ref_folded_linear_fwd_op.register_fake(_ref_folded_fwd_fake)
+_ref_folded_linear_fwd_op.register_kernel("meta", _ref_folded_fwd_fake)  # meta never reaches a kernel
+
+
+@torch.library.custom_op(
+    "wildactor::ref_folded_linear_bwd", mutates_args=(),
+    schema="(Tensor dy, Tensor weight, Tensor weight_ref, SymInt num_video) -> Tensor")
+def _ref_folded_linear_bwd_op(dy, weight, weight_ref, num_video):
+    """``dx``: ``dy W`` on video rows, ``dy W_ref`` on reference rows."""
+    weight, weight_ref = weight.contiguous(), weight_ref.contiguous()
+    return lora_gemm(_unit_last(dy), weight, num_video, wt_ref=weight_ref)
+
+
+def _ref_folded_bwd_fake(dy, weight, weight_ref, num_video):
+    b, n, _ = dy.shape
+    return dy.new_empty((b, n, weight.shape[1]))
+
+
+_ref_folded_linear_bwd_op.register_fake(_ref_folded_bwd_fake)
+_ref_folded_linear_bwd_op.register_kernel("meta", _ref_folded_bwd_fake)  # meta never reaches a kernel
+
+
+def _ref_folded_setup_context(ctx, inputs, output):
+    x, weight, weight_ref, bias, num_video = inputs
+    ctx.save_for_backward(x, weight, weight_ref)
+    ctx.num_video, ctx.has_bias = num_video, bias is not None
+
+
+def _ref_folded_backward(ctx, dy):
+    x, weight, weight_ref = ctx.saved_tensors
+    nv = ctx.num_video
+    need_dx, need_dw, need_dwr, need_db = ctx.needs_input_grad[:4]
+    dx = dw = dwr = db = None
+    if need_dx:
+        dx = _ref_folded_linear_bwd_op(dy, weight, weight_ref, nv)
+    if need_dw:
+        dw = _flat_rows(dy[:, :nv]).t() @ _flat_rows(x[:, :nv])
+    if need_dwr:
+        dwr = _flat_rows(dy[:, nv:]).t() @ _flat_rows(x[:, nv:])
+    if need_db and ctx.has_bias:
+        db = dy.sum((0, 1))
+    return dx, dw, dwr, db, None
+
+
+_ref_folded_linear_fwd_op.register_autograd(_ref_folded_backward, setup_context=_ref_folded_setup_context)
 
 
 # ----------------------------------------------------------------------------- public
@@ -420,7 +502,7 @@ def _no_autocast(x: torch.Tensor):
 
 
 def _cast(dtype: torch.dtype, *ts: torch.Tensor | None) -> list[torch.Tensor | None]:
-    # differentiable casts outside the Function: autograd returns grads in the callers' dtypes
+    # differentiable casts outside the op: autograd returns grads in the callers' dtypes
     return [t if t is None or t.dtype == dtype else t.to(dtype) for t in ts]
 
 
@@ -431,14 +513,17 @@ def ref_lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
     ``x [B, N, Din]``, ``weight [Dout, Din]``, ``bias [Dout] | None``, ``lora_a [r, Din]``,
     ``lora_b [Dout, r]`` -> ``[B, N, Dout]`` in x's dtype (fp16, bf16 or fp32; the others
-    are cast to it). Differentiable in every tensor argument.
+    are cast to it). Differentiable in every tensor argument. Runs the
+    ``torch.ops.wildactor.ref_lora_linear_fwd`` op (backward ``ref_lora_linear_bwd`` plus torch
+    GEMMs), so it compiles with ``torch.compile(fullgraph=True)``.
     """
     dtype = _compute_dtype(x)
     if dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"ref_lora_linear (triton): dtype must be one of {_SUPPORTED_DTYPES}, got {dtype}")
     x, weight, bias, lora_a, lora_b = _cast(dtype, x, weight, bias, lora_a, lora_b)
     with _no_autocast(x):
-        return _RefLoRALinearFn.apply(x, weight, bias, lora_a, lora_b, float(scale), int(num_video))
+        y, _ = _ref_lora_linear_fwd_op(x, weight, bias, lora_a, lora_b, float(scale), num_video)
+        return y
 
 
 def ref_folded_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_ref: torch.Tensor,
@@ -447,7 +532,8 @@ def ref_folded_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_ref: 
     ``x_r W_ref^T + b`` on reference rows (folded LoRA, ``W_ref = W + s B A``).
 
     ``x [B, N, Din]``, ``weight, weight_ref [Dout, Din]``, ``bias [Dout] | None`` ->
-    ``[B, N, Dout]`` in x's dtype. Differentiable in every tensor argument.
+    ``[B, N, Dout]`` in x's dtype. Differentiable in every tensor argument. Runs the
+    ``torch.ops.wildactor.ref_folded_linear_fwd`` op (backward ``ref_folded_linear_bwd``).
     """
     dtype = _compute_dtype(x)
     if dtype not in _SUPPORTED_DTYPES:
@@ -457,4 +543,4 @@ def ref_folded_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_ref: 
                          f"got {tuple(weight_ref.shape)}")
     x, weight, weight_ref, bias = _cast(dtype, x, weight, weight_ref, bias)
     with _no_autocast(x):
-        return _RefFoldedLinearFn.apply(x, weight, weight_ref, bias, int(num_video))
+        return _ref_folded_linear_fwd_op(x, weight, weight_ref, bias, num_video)
