@@ -14,6 +14,10 @@ from .._utils import (
 )
 from .reference import asym_attention_ref, cached_asym_attention_ref
 
+#: Accepted values of ``rope_mode`` (None: the Triton module's default, ``kernels.ROPE_MODE``).
+#: Kept here so that validating the argument never imports Triton.
+ROPE_MODES = ("fused", "prologue")
+
 
 def _check_qkv(names: tuple[str, str, str], q, k, v) -> None:
     for name, t in zip(names, (q, k, v)):
@@ -27,9 +31,15 @@ def _check_qkv(names: tuple[str, str, str], q, k, v) -> None:
     check_head_dim(names[0], q.shape[-1])
 
 
+def _check_rope_mode(rope_mode: object) -> None:
+    if rope_mode is not None and rope_mode not in ROPE_MODES:
+        raise ValueError(f"rope_mode must be one of {ROPE_MODES} or None, got {rope_mode!r}")
+
+
 def asym_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_video: int,
                    cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-                   scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+                   scale: float | None = None, backend: str = "auto",
+                   rope_mode: str | None = None) -> torch.Tensor:
     """Asymmetric identity-preserving attention (AIPA).
 
     Video queries (the first ``num_video`` tokens) attend to all N keys; reference queries
@@ -41,6 +51,12 @@ def asym_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_video:
         cos, sin: optional float ``[N, D//2]``: when given, q and k are rotated first.
         scale: softmax scale, default ``1/sqrt(D)``.
         backend: ``"auto" | "triton" | "reference"``.
+        rope_mode: where the Triton backend rotates q and k when cos/sin are given:
+            ``"fused"`` inside the attention kernels, ``"prologue"`` in a separate rotation pass
+            first (``apply_rope``), or None for the library default
+            (``wildactor_kernels.attention.kernels.ROPE_MODE``). Both give the same result up to
+            rounding; it only changes the speed. Validated on every backend, ignored by the
+            reference backend (and when cos/sin are None).
     Returns:
         ``[B, N, H, D]`` in the dtype of q. Differentiable in q, k, v.
     """
@@ -49,22 +65,26 @@ def asym_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_video:
     num_video = check_num_video(num_video, n)
     check_rope_tables(cos, sin, n, d)
     check_same_device(q=q, k=k, v=v, cos=cos, sin=sin)
+    _check_rope_mode(rope_mode)
     if resolve_backend(backend, q) == "reference":
         return asym_attention_ref(q, k, v, num_video, cos, sin, scale)
     from .kernels import asym_attention_triton
 
-    return asym_attention_triton(q, k, v, num_video, cos, sin, scale)
+    return asym_attention_triton(q, k, v, num_video, cos, sin, scale, rope_mode=rope_mode)
 
 
 def cached_asym_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tensor,
                           ref_k: torch.Tensor, ref_v: torch.Tensor,
                           cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-                          scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+                          scale: float | None = None, backend: str = "auto",
+                          rope_mode: str | None = None) -> torch.Tensor:
     """Video queries over ``[video K/V; cached reference K/V]``, without concatenating them.
 
     Args:
         q_v, k_v, v_v: ``[B, Nv, H, D]`` video projections (cos/sin ``[Nv, D//2]`` rotate q_v, k_v).
         ref_k, ref_v: ``[B, Nr, H, D]`` cached reference keys (already rotated) and values.
+        scale, backend, rope_mode: as in :func:`asym_attention` (``rope_mode`` concerns the
+            rotation of q_v and k_v only; the cached keys are never rotated again).
     Returns:
         ``[B, Nv, H, D]`` in the dtype of q_v.
     """
@@ -80,8 +100,10 @@ def cached_asym_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tenso
                          f"{tuple(ref_k.shape)}")
     check_rope_tables(cos, sin, nv, d)
     check_same_device(q_v=q_v, k_v=k_v, v_v=v_v, ref_k=ref_k, ref_v=ref_v, cos=cos, sin=sin)
+    _check_rope_mode(rope_mode)
     if resolve_backend(backend, q_v) == "reference":
         return cached_asym_attention_ref(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale)
     from .kernels import cached_asym_attention_triton
 
-    return cached_asym_attention_triton(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale)
+    return cached_asym_attention_triton(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale,
+                                        rope_mode=rope_mode)
