@@ -75,8 +75,14 @@ BATCH = 2  # CFG: conditional and unconditional branch in one forward
 TIMESTEP = 750.0
 
 
-class CompileTimeout(Exception):
+class CompileTimeout(RuntimeError):
     """torch.compile's first call ran past ``--compile-timeout``."""
+
+
+class _Alarm(BaseException):
+    """Raised by the SIGALRM handler. A BaseException, because Inductor's compile workers catch
+    (and swallow) ``Exception`` around their subprocess waits: an ``Exception`` raised there by a
+    signal handler is lost and compilation simply goes on (seen on torch 2.13)."""
 
 
 # ============================================================================ helpers
@@ -144,15 +150,18 @@ def _time_limit(seconds: float | None):
         return
 
     def handler(signum, frame):
-        raise CompileTimeout(f"torch.compile warm-up exceeded --compile-timeout {seconds:.0f} s")
+        raise _Alarm()
 
     old = signal.signal(signal.SIGALRM, handler)
     signal.setitimer(signal.ITIMER_REAL, float(seconds))
     try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+    except _Alarm:
+        raise CompileTimeout(f"torch.compile warm-up exceeded --compile-timeout {seconds:.0f} s") from None
 
 
 def pick_sdpa_backend(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int):
