@@ -450,14 +450,15 @@ def decompose_attention(model, head_dim: int, compute: torch.dtype = torch.float
 
 
 @functools.cache
-def ort_supports_attention() -> bool:
-    """Whether the installed onnxruntime executes an opset-23 ``Attention`` node on CPU."""
+def ort_supports_attention() -> bool | None:
+    """Whether the installed onnxruntime executes an opset-23 ``Attention`` node on CPU
+    (None: onnxruntime is not installed, so nothing can be checked here)."""
     try:
         import numpy as np
         import onnxruntime as ort
         from onnx import TensorProto, helper
     except ImportError:
-        return False
+        return None
     vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 3, 8]) for n in "qkvy"]
     g = helper.make_graph([helper.make_node("Attention", ["q", "k", "v"], ["y"])], "probe", vi[:3], vi[3:])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
@@ -687,8 +688,9 @@ def export_onnx(m: nn.Module, out_dir: str | os.PathLike, *, opset: int = 23, at
             ``precision="fp8"`` puts explicit Q/DQ into the graph instead).
         out_dir: directory to write (created).
         opset: ONNX opset (>= 18; ``attention="onnx"`` needs 23).
-        attention: ``"onnx"``: the opset-23 ``Attention`` op (TensorRT >= 10.14, onnxruntime >=
-            1.23); falls back to ``"decomposed"`` with a warning where unavailable.
+        attention: ``"onnx"``: the opset-23 ``Attention`` op (TensorRT >= 10.14; onnxruntime 1.31
+            runs it on CPU); falls back to ``"decomposed"`` with a warning when the installed
+            onnxruntime cannot run it or ``opset < 23``.
             ``"decomposed"``: MatMul/Softmax/MatMul (any TensorRT 10.x).
         precision: ``"fp32" | "fp16" | "bf16"`` (weights and activations in that type; norms,
             modulation, softmax and RoPE keep fp32 as in the model) or ``"fp8"`` (the
@@ -731,10 +733,12 @@ def export_onnx(m: nn.Module, out_dir: str | os.PathLike, *, opset: int = 23, at
     if attention == "onnx" and opset < 23:
         attention = "decomposed"
         notes.append(f"attention='onnx' needs opset 23 (got {opset}): exported in decomposed form")
-    if attention == "onnx" and not ort_supports_attention():
+    if attention == "onnx" and ort_supports_attention() is False:
         attention = "decomposed"
         notes.append("this onnxruntime cannot run the opset-23 Attention op: attention decomposed "
                      "into MatMul/Softmax/MatMul")
+    elif attention == "onnx" and ort_supports_attention() is None:
+        notes.append("onnxruntime is not installed: the Attention op is kept but could not be checked here")
     for n in notes:
         warnings.warn(n, stacklevel=2)
         say(f"NOTE: {n}")
