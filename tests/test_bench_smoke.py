@@ -239,3 +239,17 @@ def test_full_suite_path_runs_on_cpu_with_tiny_shape(tmp_path, capsys):
     assert rows["ours-bf16"]["env"]["device"] == "cpu" and rows["ours-bf16"]["kind"] == "model_step"
     assert (tmp_path / "model_step.md").exists()
     assert "**tiny**" in capsys.readouterr().out
+
+
+def test_index_lists_kernel_script_json(tmp_path):
+    run = {"benchmark": "bench_rope", "gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "commit": "abc",
+           "date": "2026-11-20T00:00:00+00:00",
+           "results": [{"op": "rope", "mode": "fwd", "shape": "wan5b-720p", "impl": "triton", "ms": 0.12,
+                        "ms_p20": 0.11, "ms_p80": 0.13, "gbps": 2500.0},
+                       {"op": "rope", "mode": "fwd", "shape": "wan5b-720p", "impl": "flash_attn",
+                        "error": "ImportError: no flash_attn"}]}
+    (tmp_path / "bench_rope.json").write_text(json.dumps([run]))
+    md = report.index_markdown(str(tmp_path))
+    assert "`bench_rope.json` (1 runs): latest NVIDIA H100 80GB HBM3" in md
+    assert "| rope | wan5b-720p | fwd | triton | 0.120 | 0.110 | 0.130 | 2500.0 |" in md
+    assert "ImportError: no flash_attn" in md
