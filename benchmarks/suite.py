@@ -111,8 +111,8 @@ def _script_argv(path: str, name: str, shapes: list[str] | None, out_dir: str | 
     if shapes and "--shapes" in opts:
         argv += ["--shapes", *shapes]
     stem = os.path.splitext(os.path.basename(path))[0]
-    if "--out" in opts:  # bench_rope / bench_lora: a bare name lands in benchmarks/results/
-        argv += ["--out", os.path.join(out_dir, f"{stem}.json") if out_dir else f"{stem}.json"]
+    if "--out" in opts:  # an absolute path: the scripts differ in how they read a bare name
+        argv += ["--out", os.path.join(out_dir or harness.RESULTS_DIR, f"{stem}.json")]
     if "--out-dir" in opts and out_dir:
         argv += ["--out-dir", out_dir]
     return argv

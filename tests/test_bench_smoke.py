@@ -175,7 +175,9 @@ def test_kernel_suite_records_missing_failing_and_hung_scripts(tmp_path):
 
 def test_script_options_of_bench_rope():
     argv = suite._script_argv(os.path.join(suite.BENCH_DIR, "bench_rope.py"), "rope", ["wan5b-720p"], None)
-    assert argv == ["--shapes", "wan5b-720p", "--out", "bench_rope.json"]
+    assert argv == ["--shapes", "wan5b-720p", "--out", os.path.join(harness.RESULTS_DIR, "bench_rope.json")]
+    argv = suite._script_argv(os.path.join(suite.BENCH_DIR, "bench_attention.py"), "attention", None, "/x")
+    assert argv == ["--out", os.path.join("/x", "bench_attention.json")]
 
 
 def test_cli_smoke_run_via_register_cli(tmp_path, capsys):
