@@ -137,7 +137,13 @@ def _add_quantize_report(sub) -> None:
     s.set_defaults(func=run)
 
 
-_EXTRA_COMMANDS = [_add_quantize_report]
+def _add_export(sub) -> None:
+    from model.export import register_cli
+
+    register_cli(sub)
+
+
+_EXTRA_COMMANDS = [_add_quantize_report, _add_export]
 
 
 def main(argv: list[str] | None = None) -> int:
