@@ -255,3 +255,12 @@ def test_index_lists_kernel_script_json(tmp_path):
     assert "`bench_rope.json` (1 runs): latest NVIDIA H100 80GB HBM3" in md
     assert "| rope | wan5b-720p | fwd | triton | 0.120 | 0.110 | 0.130 | 2500.0 |" in md
     assert "ImportError: no flash_attn" in md
+
+
+def test_plots_are_optional(tmp_path, monkeypatch):
+    rows = _rows_with_env()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if matplotlib were not installed
+    assert report.plot_model(rows, str(tmp_path / "x.png")) is None
+    path = str(tmp_path / "m.jsonl")
+    harness.append_jsonl(path, _model_rows(), kind="model_step", env=_h100_env())
+    assert report.write_reports(path) == [str(tmp_path / "model_step.md")]
