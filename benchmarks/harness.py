@@ -185,7 +185,7 @@ def _check_times(res: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-def bench(fn: Callable, *, inputs: Sequence | None = None, warmup: float = 25, rep: float = 100,
+def bench(fn: Callable, *, inputs: Sequence | None = None, warmup: float | None = None, rep: float = 100,
           iters: int | None = None, device: torch.device | str | None = None,
           grad_to_none: Iterable[torch.Tensor] | None = None) -> dict[str, Any]:
     """Time ``fn`` and return ``{"ms", "ms_p20", "ms_p80", "n", "method"}`` (median and 20/80 %
@@ -194,9 +194,10 @@ def bench(fn: Callable, *, inputs: Sequence | None = None, warmup: float = 25, r
     Args:
         fn: the work; called as ``fn()`` or, with ``inputs``, ``fn(*inputs[i % len(inputs)])``.
         inputs: argument sets cycled per call (tuples; a bare tensor is one argument).
-        warmup, rep: do_bench's budgets in ms (CUDA without ``iters``; also the CPU budget).
-        iters: fixed number of timed calls (CUDA events; CPU timer) after ``warmup`` calls
-            (then ``warmup`` is a count, not ms). Use it for work of 10 ms and more.
+        warmup, rep: do_bench's budgets in ms (CUDA without ``iters``; also the CPU budget);
+            ``warmup`` defaults to 25 ms.
+        iters: fixed number of timed calls (CUDA events; CPU timer) after ``warmup`` untimed
+            calls (then ``warmup`` is a count, default 1). Use it for work of 10 ms and more.
         device: where ``fn`` runs (default: CUDA when available).
         grad_to_none: tensors whose ``.grad`` is reset before each call (fwd+bwd timing).
     Raises:
@@ -204,6 +205,8 @@ def bench(fn: Callable, *, inputs: Sequence | None = None, warmup: float = 25, r
     """
     dev = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
+    if warmup is None:
+        warmup = 25 if iters is None else 1
     call = _cycler(fn, inputs)
     grads = list(grad_to_none or [])
 
