@@ -207,6 +207,8 @@ def bench(fn: Callable, *, inputs: Sequence | None = None, warmup: float | None 
         "cuda" if torch.cuda.is_available() else "cpu")
     if warmup is None:
         warmup = 25 if iters is None else 1
+    if iters is not None and iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
     call = _cycler(fn, inputs)
     grads = list(grad_to_none or [])
 
