@@ -143,7 +143,13 @@ def _add_export(sub) -> None:
     register_cli(sub)
 
 
-_EXTRA_COMMANDS = [_add_quantize_report, _add_export]
+def _add_bench(sub) -> None:
+    from benchmarks.suite import register_cli
+
+    register_cli(sub)
+
+
+_EXTRA_COMMANDS = [_add_quantize_report, _add_export, _add_bench]
 
 
 def main(argv: list[str] | None = None) -> int:
