@@ -488,15 +488,20 @@ class WildActor(nn.Module):
         c = self.cfg
         key = (layout, str(device), c.face_offset, c.body_offset, c.spatial_shift, c.theta, c.head_dim)
         hit = self._rope_cache.get(key)
+        # Under torch.compile the cache is read but never written: dynamo cannot replay a dict
+        # insert keyed by a TokenLayout built inside the compiled region (a graph break).
+        compiling = torch.compiler.is_compiling()
         if hit is None:
             pos = wk.irope_positions(layout, face_offset=c.face_offset, body_offset=c.body_offset,
                                      spatial_shift=c.spatial_shift)
             cos, sin = wk.rope_cos_sin(pos, c.head_dim, theta=c.theta)
             hit = (cos.to(device), sin.to(device))
+            if compiling:
+                return hit
             self._rope_cache[key] = hit
             while len(self._rope_cache) > 32:
                 self._rope_cache.popitem(last=False)
-        else:
+        elif not compiling:
             self._rope_cache.move_to_end(key)
         return hit
 
