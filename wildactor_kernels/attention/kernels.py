@@ -113,6 +113,20 @@ def _load_cos_sin(p_cos, p_sin, row_ok, pair_ok, MASK_ROWS: tl.constexpr, MASK_C
     return c.to(tl.float32), s.to(tl.float32)
 
 
+@triton.jit
+def _query_segment(i_m, NV, NQ, BLOCK_M: tl.constexpr):
+    """The asymmetric structure, in one place: query blocks ``[0, cdiv(Nv, BM))`` are video blocks,
+    the rest reference blocks, so a block never mixes the two. Returns the block's first query row,
+    the end of its segment, and its first key: video rows read keys ``[0, N)``, reference rows
+    ``[Nv, N)`` (references never read video keys)."""
+    n_vblk = tl.cdiv(NV, BLOCK_M)
+    is_ref = (i_m >= n_vblk).to(tl.int32)
+    q_start = i_m * BLOCK_M + is_ref * (NV - n_vblk * BLOCK_M)
+    q_end = NV + is_ref * (NQ - NV)
+    k_start = is_ref * NV
+    return q_start, q_end, k_start
+
+
 # =========================================================================== forward
 @triton.jit
 def _fwd_block(acc, l_i, m_i, q, p_k, p_v, p_cos, p_sin, n_left, offs_n, d_ok, pair_ok, qk_scale,
@@ -238,11 +252,7 @@ def _attn_fwd_kernel(
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
 
     # ---- segment of this query block: video blocks first, then reference blocks
-    n_vblk = tl.cdiv(NV, BLOCK_M)
-    is_ref = (i_m >= n_vblk).to(tl.int32)
-    q_start = i_m * BLOCK_M + is_ref * (NV - n_vblk * BLOCK_M)
-    q_end = NV + is_ref * (NQ - NV)
-    k_start = is_ref * NV  # reference rows never read video keys
+    q_start, q_end, k_start = _query_segment(i_m, NV, NQ, BLOCK_M)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -540,11 +550,7 @@ def _attn_bwd_dq_kernel(
     i_h = (i_bh % H).to(tl.int64)
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
 
-    n_vblk = tl.cdiv(NV, BLOCK_M)
-    is_ref = (i_m >= n_vblk).to(tl.int32)
-    q_start = i_m * BLOCK_M + is_ref * (NV - n_vblk * BLOCK_M)
-    q_end = NV + is_ref * (NQ - NV)
-    k_start = is_ref * NV
+    q_start, q_end, k_start = _query_segment(i_m, NV, NQ, BLOCK_M)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
