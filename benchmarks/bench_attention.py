@@ -24,7 +24,8 @@ only): ours in both rope modes against eager rope + ``torch.cat`` + one cuDNN SD
 Numbers: ``triton.testing.do_bench`` median with 20/80 % quantiles (at least ``--min-reps``
 timed calls each); FLOPs ``4*B*H*D*(Nv*(Nv+Nr) + Nr*Nr)`` for the forward (rope not counted) and
 3.5x that for forward+backward (flash-attn's convention: the backward does 2.5x the forward's
-matmul work); % of ``--peak-tflops`` (989 TFLOP/s, H100 SXM dense bf16). ``max|err|`` is the
+matmul work); % of ``--peak-tflops`` (default: the GPU's dense peak from the harness table, 989
+TFLOP/s bf16 on H100 SXM and H200). ``max|err|`` is the
 largest output difference from SDPA's default backend in the same dtype. Autotuning happens on
 the first shape measured (keys: head dim, dtype, rope mode; never token counts).
 
@@ -34,61 +35,41 @@ Usage::
     python benchmarks/bench_attention.py --shapes wan5b-720p --no-bwd
     python benchmarks/bench_attention.py --impls ours-fused ours-prologue sdpa-cudnn-2call
 
-Results are appended to ``benchmarks/results/bench_attention.json`` and the run's table written
-to ``benchmarks/results/bench_attention_<gpu>.md`` (GPU name, versions, commit and date included).
+Results are appended to ``benchmarks/results/bench_attention.json`` (``--out``) and the run's
+table written beside it as ``bench_attention_<gpu>.md`` (GPU name, versions, commit and date
+included; the whole ``benchmarks.harness.env_record`` in the JSON).
 Without a CUDA device the script says so and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import math
 import os
-import re
-import subprocess
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `python benchmarks/bench_attention.py` puts benchmarks/, not the root, on the path
+    sys.path.insert(0, ROOT)
 
 import wildactor_kernels as wk  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from wildactor_kernels.attention import kernels as K  # noqa: E402
 from wildactor_kernels.attention.reference import asym_attention_ref  # noqa: E402
 from wildactor_kernels.rope.reference import apply_rope_ref  # noqa: E402
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-# DESIGN §8. The reference kinds are not fixed there: the first two are faces, the rest bodies.
-SHAPES = {
-    "wan5b-720p": dict(B=1, H=24, D=128, video=(31, 22, 40), refs=5, ref_grid=(22, 40)),
-    "wan1.3b-480p": dict(B=1, H=12, D=128, video=(21, 30, 52), refs=5, ref_grid=(30, 52)),
-    "wan14b-720p": dict(B=1, H=40, D=128, video=(21, 45, 80), refs=3, ref_grid=(45, 80)),
-}
+SHAPES = harness.DESIGN_SHAPES  # DESIGN §8
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 JOINT_IMPLS = ("ours-fused", "ours-prologue", "ours-norope", "sdpa-cudnn-2call", "sdpa-flash-2call",
                "flex-blockmask", "flash-attn-2call", "compile-ref")
 CACHED_IMPLS = ("ours-fused", "ours-prologue", "sdpa-cudnn-cat")
 
 
-def _layout(spec: dict) -> wk.TokenLayout:
-    kinds = ["face", "face", "body", "body", "body"][: spec["refs"]]
-    return wk.TokenLayout(spec["video"], [(k, *spec["ref_grid"]) for k in kinds])
-
-
 def _fwd_flops(b, h, d, nv, nr) -> float:
     return 4.0 * b * h * d * (nv * (nv + nr) + nr * nr)
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 # --------------------------------------------------------------------------- implementations
@@ -167,26 +148,11 @@ def _cached_impls(names):
 
 
 # --------------------------------------------------------------------------- measurement
-def _bench(fn, grad_to_none, warmup_ms, rep_ms, min_reps):
-    """do_bench median and 20/80 % quantiles, with at least ``min_reps`` timed calls even for
-    calls longer than ``rep_ms`` (do_bench alone would time a 300 ms call once)."""
-    from triton.testing import do_bench
-
-    fn()  # compile / autotune outside the timing
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    est = (time.perf_counter() - t0) * 1e3
-    med, p20, p80 = do_bench(fn, warmup=max(warmup_ms, est), rep=max(rep_ms, min_reps * est),
-                             quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none)
-    return med, p20, p80
-
-
-def _measure(row, call, leaves, flops, args, peak):
-    med, p20, p80 = _bench(call, leaves, args.warmup, args.rep, args.min_reps)
-    tflops = flops / (med * 1e-3) / 1e12
-    row.update(ms=med, ms_p20=p20, ms_p80=p80, flops=flops, tflops=tflops,
+def _measure(row, call, leaves, flops, args, peak, device):
+    t = harness.bench(call, warmup=args.warmup, rep=args.rep, min_reps=args.min_reps, grad_to_none=leaves,
+                      device=device)
+    tflops = harness.tflops(flops, t["ms"])
+    row.update(ms=t["ms"], ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], flops=flops, tflops=tflops,
                pct_peak=100.0 * tflops / peak, status="ok")
 
 
@@ -207,7 +173,7 @@ def _print_row(row):
 
 def run_joint(args, shape, device, dtype, peak) -> list[dict]:
     spec = SHAPES[shape]
-    layout = _layout(spec)
+    layout = harness.design_layout(spec)
     b, h, d = spec["B"], spec["H"], spec["D"]
     nv, nr, n = layout.num_video, layout.num_ref, layout.num_tokens
     scale = 1.0 / math.sqrt(d)
@@ -241,11 +207,11 @@ def run_joint(args, shape, device, dtype, peak) -> list[dict]:
                     def call(fn=fn, leaf=leaf):
                         with torch.no_grad():
                             fn(*args_of(leaf))
-                    _measure(row, call, [leaf], flops, args, peak)
+                    _measure(row, call, [leaf], flops, args, peak, device)
                 else:
                     def call(fn=fn, leaf=leaf):
                         fn(*args_of(leaf)).backward(do)
-                    _measure(row, call, [leaf], 3.5 * flops, args, peak)
+                    _measure(row, call, [leaf], 3.5 * flops, args, peak, device)
             except Exception as e:  # a failing peer is reported, never silently skipped
                 row.update(status=_status(e), error=f"{type(e).__name__}: {e}"[:500])
             _print_row(row)
@@ -256,7 +222,7 @@ def run_joint(args, shape, device, dtype, peak) -> list[dict]:
 
 def run_cached(args, shape, device, dtype, peak) -> list[dict]:
     spec = SHAPES[shape]
-    layout = _layout(spec)
+    layout = harness.design_layout(spec)
     b, h, d = spec["B"], spec["H"], spec["D"]
     nv, nr = layout.num_video, layout.num_ref
     scale = 1.0 / math.sqrt(d)
@@ -282,7 +248,7 @@ def run_cached(args, shape, device, dtype, peak) -> list[dict]:
             def call(fn=fn):
                 with torch.no_grad():
                     fn(q, k, v, rk, rv, cos, sin, scale)
-            _measure(row, call, None, flops, args, peak)
+            _measure(row, call, None, flops, args, peak, device)
         except Exception as e:
             row.update(status=_status(e), error=f"{type(e).__name__}: {e}"[:500])
         _print_row(row)
@@ -292,16 +258,7 @@ def run_cached(args, shape, device, dtype, peak) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- output
-def _write_results(run: dict, out_json: str, out_md: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
-    runs = []
-    if os.path.exists(out_json):
-        with open(out_json) as fh:
-            old = json.load(fh)
-        runs = old if isinstance(old, list) else [old]
-    runs.append(run)
-    with open(out_json, "w") as fh:
-        json.dump(runs, fh, indent=1)
+def _markdown(run: dict) -> str:
     lines = [
         "# bench_attention",
         "",
@@ -326,9 +283,7 @@ def _write_results(run: dict, out_json: str, out_md: str) -> None:
             msg = r["error"].replace("|", "/").replace("\n", " ")[:160]
             lines.append(f"| {r['op']} | {r['mode']} | {r['shape']} | {r['impl']} | | | | | | | "
                          f"{r['status']}: {msg} |")
-    with open(out_md, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print(f"# appended {len(run['results'])} rows to {out_json}; table in {out_md}")
+    return "\n".join(lines) + "\n"
 
 
 def _parse(argv):
@@ -344,45 +299,42 @@ def _parse(argv):
     ap.add_argument("--warmup", type=float, default=25, help="do_bench warmup (ms)")
     ap.add_argument("--rep", type=float, default=100, help="do_bench repetition time (ms)")
     ap.add_argument("--min-reps", type=int, default=5, help="at least this many timed calls")
-    ap.add_argument("--peak-tflops", type=float, default=989.0,
-                    help="dense peak for the %% column (H100 SXM bf16: 989)")
-    ap.add_argument("--out", default=os.path.join(RESULTS_DIR, "bench_attention.json"),
-                    help="JSON file to append this run to")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="dense peak for the %% column (default: the GPU's datasheet figure for the "
+                         "dtype; 989, H100 SXM bf16, for a GPU missing from the table)")
+    ap.add_argument("--out", default=os.path.join(harness.RESULTS_DIR, "bench_attention.json"),
+                    help="JSON file to append this run to (a folder: bench_attention.json in it)")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    if not torch.cuda.is_available():
-        print("bench_attention: no CUDA device here; this benchmark times GPU kernels and has nothing "
-              "to measure on the CPU (the Triton interpreter is for correctness only). Exiting.")
+    device = harness.cuda_device_or_explain("bench_attention")
+    if device is None:
         return 0
-
-    import triton
-
-    device = torch.device("cuda")
     dtype = DTYPES[args.dtype]
-    gpu = torch.cuda.get_device_name(device)
+    env = harness.env_record(device)
+    peak = args.peak_tflops or (harness.device_peaks(env["gpu"]) or {}).get(args.dtype, 989.0)
     t_start = time.perf_counter()
-    print(f"# {gpu} | torch {torch.__version__} | triton {triton.__version__} | {args.dtype} | "
-          f"peak {args.peak_tflops:.0f} TFLOP/s | commit {_git_commit()}", flush=True)
+    print(f"# {harness.env_summary(env)} | {args.dtype} | peak {peak:.0f} TFLOP/s", flush=True)
     print(f"{'op':6s} {'mode':8s} {'shape':13s} {'impl':17s} {'ms':>9s} {'p20':>9s} {'p80':>9s} "
           f"{'TFLOP/s':>7s} {'%peak':>6s} {'max|err|':>9s}", flush=True)
     rows = []
     for shape in args.shapes:
         if "joint" in args.ops:
-            rows += run_joint(args, shape, device, dtype, args.peak_tflops)
+            rows += run_joint(args, shape, device, dtype, peak)
         if "cached" in args.ops:
-            rows += run_cached(args, shape, device, dtype, args.peak_tflops)
+            rows += run_cached(args, shape, device, dtype, peak)
     print(f"# total {time.perf_counter() - t_start:.0f} s", flush=True)
-    run = dict(benchmark="bench_attention", gpu=gpu, torch=torch.__version__,
-               triton=triton.__version__, commit=_git_commit(),
-               date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-               dtype=args.dtype, peak_tflops=args.peak_tflops, rope_mode_default=K.ROPE_MODE,
-               warmup_ms=args.warmup, rep_ms=args.rep, min_reps=args.min_reps, results=rows)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
-    out_md = os.path.join(os.path.dirname(os.path.abspath(args.out)), f"bench_attention_{slug}.md")
-    _write_results(run, args.out, out_md)
+    run = harness.script_run("bench_attention", env, dtype=args.dtype, peak_tflops=peak,
+                             rope_mode_default=K.ROPE_MODE, warmup_ms=args.warmup, rep_ms=args.rep,
+                             min_reps=args.min_reps, results=rows)
+    out_json = harness.resolve_out(args.out, "bench_attention.json", bare_in_results=False)
+    out_md = os.path.join(os.path.dirname(os.path.abspath(out_json)),
+                          f"bench_attention_{harness.file_slug(env['gpu'] or 'cpu')}.md")
+    harness.append_json_run(out_json, run)
+    harness.write_text(out_md, _markdown(run))
+    print(f"# appended {len(rows)} rows to {out_json}; table in {out_md}")
     return 0
 
 

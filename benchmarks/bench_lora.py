@@ -35,48 +35,27 @@ Without a CUDA device the script says so and exits 0.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import os
-import re
-import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `python benchmarks/bench_lora.py` puts benchmarks/, not the root, on the path
+    sys.path.insert(0, ROOT)
 
 import wildactor_kernels as wk  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from wildactor_kernels.lora.module import folded_linear_torch  # noqa: E402
-
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # wan2.2-5b: dim 3072, ffn 14336 (DESIGN §6); wan5b-720p token counts (DESIGN §8)
 LINEARS = {"attn": (3072, 3072), "ffn_in": (3072, 14336), "ffn_out": (14336, 3072)}
+NV, NR = harness.design_tokens("wan5b-720p")  # 27,280 video and 4,400 reference tokens
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# dense 16-bit tensor-core peaks (FLOP/s) for the %-of-peak column; --peak-tflops overrides
-DENSE_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12}
 IMPLS = ["base", "peft", "unsloth", "fold", "fold_triton", "triton", "compile"]
 DEFAULT_IMPLS = [i for i in IMPLS if i != "compile"]
 INFERENCE_ONLY = {"fold", "fold_triton"}
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
-    except Exception:
-        return "unknown"
-
-
-def _peak(name: str, override: float | None) -> float | None:
-    if override:
-        return override * 1e12
-    for key, val in DENSE_PEAK.items():
-        if key in name:
-            return val
-    return None
 
 
 # --------------------------------------------------------------------------- peers
@@ -127,12 +106,6 @@ def _case(din, dout, bsz, nv, nr, rank, dtype, device):
 
 
 # --------------------------------------------------------------------------- measurement
-def _bench(fn, grad_to_none, warmup, rep):
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none)
-
-
 def _parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,21 +114,24 @@ def _parse(argv):
     ap.add_argument("--impls", nargs="+", default=DEFAULT_IMPLS, choices=IMPLS)
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--num-video", type=int, default=27280, help="Nv (wan5b-720p: 31x22x40)")
-    ap.add_argument("--num-ref", type=int, default=4400, help="Nr (wan5b-720p: 5 x 22x40)")
+    ap.add_argument("--num-video", type=int, default=NV, help="Nv (wan5b-720p: 31x22x40)")
+    ap.add_argument("--num-ref", type=int, default=NR, help="Nr (wan5b-720p: 5 x 22x40)")
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
     ap.add_argument("--rep", type=int, default=100, help="do_bench repetitions (ms)")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="dense peak for the %% column")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="dense peak for the %% column (default: the GPU's datasheet figure for the dtype)")
     ap.add_argument("--out", default="bench_lora.json",
-                    help="JSON file to append this run to; a bare name goes to benchmarks/results/")
+                    help="JSON file to append this run to; a bare name goes to benchmarks/results/, "
+                         "a folder gets bench_lora.json")
     ap.add_argument("--md", default=None,
                     help="markdown table to (re)write; default benchmarks/results/bench_lora_<gpu>.md")
     return ap.parse_args(argv)
 
 
-def run_benchmarks(args, device, peak=None, bench=_bench) -> list[dict]:
-    """Measure every (linear, mode, impl), print one line each and return the rows."""
+def run_benchmarks(args, device, peak=None) -> list[dict]:
+    """Measure every (linear, mode, impl), print one line each and return the rows (``peak``:
+    dense TFLOP/s for the %% column, None to leave it empty)."""
     dtype = DTYPES[args.dtype]
     print(f"{'linear':8s} {'mode':8s} {'impl':12s} {'ms':>8s} {'p20':>8s} {'p80':>8s} {'TFLOP/s':>8s} "
           f"{'%peak':>6s} {'vs base':>8s} {'max|err|':>9s}")
@@ -188,21 +164,23 @@ def run_benchmarks(args, device, peak=None, bench=_bench) -> list[dict]:
 
                         def call(fn=fn, dy=dy):
                             fn().backward(dy)
-                    med, p20, p80 = bench(call, leaves, args.warmup, args.rep)
+                    t = harness.bench(call, warmup=args.warmup, rep=args.rep, grad_to_none=leaves,
+                                      device=device)
+                    med = t["ms"]
                     flops = (case["base_flops"] if name == "base" else case["flops"])[mode]
-                    tflops = flops / (med * 1e-3) / 1e12
+                    tflops = harness.tflops(flops, med)
                     if name == "base":
                         base_ms = med
-                    row.update(ms=med, ms_p20=p20, ms_p80=p80, flops=flops, tflops=tflops,
-                               pct_peak=100 * tflops * 1e12 / peak if peak else None,
+                    row.update(ms=med, ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], flops=flops, tflops=tflops,
+                               pct_peak=100 * tflops / peak if peak else None,
                                vs_base=med / base_ms if base_ms else None)
                     pct = f"{row['pct_peak']:6.1f}" if peak else f"{'-':>6s}"
                     vb = f"{row['vs_base']:8.3f}" if base_ms else f"{'-':>8s}"
-                    print(f"{lin:8s} {mode:8s} {name:12s} {med:8.3f} {p20:8.3f} {p80:8.3f} {tflops:8.1f} "
-                          f"{pct} {vb} {row['max_abs_err_vs_peft']:9.2e}")
+                    print(f"{lin:8s} {mode:8s} {name:12s} {med:8.3f} {t['ms_p20']:8.3f} {t['ms_p80']:8.3f} "
+                          f"{tflops:8.1f} {pct} {vb} {row['max_abs_err_vs_peft']:9.2e}", flush=True)
                 except Exception as e:  # a failing peer must not hide the other numbers
                     row["error"] = f"{type(e).__name__}: {e}"[:500]
-                    print(f"{lin:8s} {mode:8s} {name:12s} ERROR {row['error'][:90]}")
+                    print(f"{lin:8s} {mode:8s} {name:12s} ERROR {row['error'][:90]}", flush=True)
                 rows.append(row)
                 for t in leaves:
                     t.grad = None
@@ -233,50 +211,25 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _results_path(path: str) -> str:
-    return path if os.path.dirname(path) else os.path.join(RESULTS_DIR, path)
-
-
-def _append_json(path: str, run: dict) -> None:
-    path = _results_path(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    runs = []
-    if os.path.exists(path):
-        with open(path) as fh:
-            old = json.load(fh)
-        runs = old if isinstance(old, list) else [old]
-    runs.append(run)
-    with open(path, "w") as fh:
-        json.dump(runs, fh, indent=1)
-    print(f"# appended {len(run['results'])} rows to {path}")
-
-
 def main(argv=None) -> int:
     args = _parse(argv)
-    if not torch.cuda.is_available():
-        print("bench_lora: no CUDA device here; this benchmark times GPU GEMMs and has nothing to "
-              "measure on the CPU (the Triton interpreter is for correctness only). Exiting.")
+    device = harness.cuda_device_or_explain("bench_lora", "this benchmark times GPU GEMMs")
+    if device is None:
         return 0
-
-    import triton
-
-    device = torch.device("cuda")
-    gpu = torch.cuda.get_device_name(device)
-    peak = _peak(gpu, args.peak_tflops)
-    print(f"# {gpu} | torch {torch.__version__} | triton {triton.__version__} | {args.dtype} | "
+    env = harness.env_record(device)
+    peak = args.peak_tflops or (harness.device_peaks(env["gpu"]) or {}).get(args.dtype)
+    print(f"# {harness.env_summary(env)} | {args.dtype} | "
           f"B={args.batch} Nv={args.num_video} Nr={args.num_ref} rank={args.rank}"
-          + (f" | dense peak {peak / 1e12:.0f} TFLOP/s" if peak else ""))
+          + (f" | dense peak {peak:.0f} TFLOP/s" if peak else ""), flush=True)
     rows = run_benchmarks(args, device, peak)
-    meta = dict(benchmark="bench_lora", gpu=gpu, torch=torch.__version__, triton=triton.__version__,
-                commit=_git_commit(), date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                dtype=args.dtype, batch=args.batch, num_video=args.num_video, num_ref=args.num_ref,
-                rank=args.rank, peak_tflops=peak / 1e12 if peak else None, warmup_ms=args.warmup,
-                rep_ms=args.rep)
-    _append_json(args.out, dict(**meta, results=rows))
-    md = args.md or f"bench_lora_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_').lower()}.md"
-    md = _results_path(md)
-    with open(md, "w") as fh:
-        fh.write(_markdown(meta, rows))
+    run = harness.script_run("bench_lora", env, dtype=args.dtype, batch=args.batch, num_video=args.num_video,
+                             num_ref=args.num_ref, rank=args.rank, peak_tflops=peak, warmup_ms=args.warmup,
+                             rep_ms=args.rep, results=rows)
+    path = harness.append_json_run(harness.resolve_out(args.out, "bench_lora.json"), run)
+    print(f"# appended {len(rows)} rows to {path}")
+    md = harness.resolve_out(args.md or f"bench_lora_{harness.file_slug(env['gpu'] or 'cpu', '_')}.md",
+                             "bench_lora.md")
+    harness.write_text(md, _markdown(run, rows))
     print(f"# wrote {md}")
     return 0
 

@@ -27,78 +27,56 @@ commit and date. On a machine without CUDA the timing sections are skipped with 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
-import json
 import logging
 import math
 import os
 import platform
-import re
-import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
+if ROOT not in sys.path:  # `python benchmarks/bench_quant.py` puts benchmarks/, not the root, on the path
     sys.path.insert(0, ROOT)
 
-PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}  # H100 SXM dense (DESIGN §8); H200 has the same cores
-NV, NR = 27_280, 4_400  # wan5b-720p: video 31x22x40, references 5 x (22x40)
+from benchmarks import harness  # noqa: E402
+
+# % of peak against the H100 SXM dense peaks (DESIGN §8: 989 bf16, 1979 fp8; H200 has the same cores)
+PEAK_TFLOPS = harness.device_peaks("H100")
+NV, NR = harness.design_tokens("wan5b-720p")  # video 31x22x40, references 5 x (22x40)
 TEXT_LEN = 512
 LAYERS = [("attn q/k/v/o", 3072, 3072), ("ffn up", 3072, 14336), ("ffn down", 14336, 3072)]
 
 
 # --------------------------------------------------------------------------- metadata
-def _version(mod: str) -> str:
-    try:
-        return __import__(mod).__version__
-    except Exception:
-        return "not installed"
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "wildactor_kernels", "model"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except Exception:
-        return "unknown"
-
-
-def metadata(device: torch.device) -> dict:
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
-    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": _commit(),
-            "device": gpu, "compute_capability": f"{cap[0]}.{cap[1]}" if cap else None,
-            "cuda": torch.version.cuda, "torch": torch.__version__, "triton": _version("triton"),
-            "bitsandbytes": _version("bitsandbytes"), "python": platform.python_version(),
-            "host": platform.node()}
+def metadata(device: torch.device, env: dict | None = None) -> dict:
+    """The run's ``meta`` block, from the harness environment record ``env`` (taken if None)."""
+    env = env if env is not None else harness.env_record(device)
+    return {"date": env["date_utc"], "commit": harness.commit_label(env), "device": env["gpu"] or "none",
+            "compute_capability": env["compute_capability"], "cuda": env["cuda"], "torch": env["torch"],
+            "triton": env["triton"] or "not installed",
+            "bitsandbytes": harness.module_version("bitsandbytes") or "not installed",
+            "python": env["python"], "host": platform.node()}
 
 
 # --------------------------------------------------------------------------- timing helpers
 def bench(fn, quick: bool) -> dict:
-    """``do_bench`` median and 20/80 quantiles in ms."""
-    import triton.testing
-
-    med, lo, hi = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
-                                          quantiles=[0.5, 0.2, 0.8])
-    return {"ms": med, "ms_p20": lo, "ms_p80": hi}
+    """``do_bench`` median and 20/80 quantiles in ms (:func:`benchmarks.harness.bench`)."""
+    t = harness.bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100)
+    return {"ms": t["ms"], "ms_p20": t["ms_p20"], "ms_p80": t["ms_p80"]}
 
 
 def _row(name: str, t: dict, flops: float | None = None, peak: str | None = None,
          nbytes: float | None = None, **extra) -> dict:
     r = {"name": name, **t, **extra}
     if flops:
-        r["tflops"] = flops / (t["ms"] * 1e-3) / 1e12
+        r["tflops"] = harness.tflops(flops, t["ms"])
         if peak:
-            r["pct_peak"] = 100.0 * r["tflops"] / PEAK_TFLOPS[peak]
+            r["pct_peak"] = harness.pct_of_peak(r["tflops"], peak, PEAK_TFLOPS)
     if nbytes:
-        r["gbps"] = nbytes / (t["ms"] * 1e-3) / 1e9
+        r["gbps"] = harness.gbps(nbytes, t["ms"])
     return r
 
 
@@ -347,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer timing repeats")
     ap.add_argument("--no-measure-memory", action="store_true",
                     help="skip building the full wan2.2-5b on the GPU for measured allocations")
-    ap.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--out-dir", default=harness.RESULTS_DIR)
     args = ap.parse_args(argv)
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     unknown = sections - {"layers", "block", "memory"}
@@ -355,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown sections {sorted(unknown)}")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run = {"meta": metadata(device), "notes": []}
+    env = harness.env_record(device)
+    run = {"meta": metadata(device, env), "notes": []}
     if device.type != "cuda":
         msg = ("No CUDA device: FP8 timings need an sm_89+ GPU (H100/H200). Skipping the 'layers' and "
                "'block' sections; computing the meta-device memory table only.")
@@ -371,22 +350,12 @@ def main(argv: list[str] | None = None) -> int:
         run["block"] = bench_block(device, args.quick)
     if "memory" in sections:
         run["memory"] = memory_table(device, measure=not args.no_measure_memory)
+    run["env"] = env
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", run["meta"]["device"].lower()).strip("-") or "cpu"
-    if slug == "none":
-        slug = "cpu"
-    jpath = os.path.join(args.out_dir, f"bench_quant_{slug}.json")
-    runs = []
-    if os.path.exists(jpath):
-        with open(jpath) as f:
-            runs = json.load(f)
-    runs.append(run)
-    with open(jpath, "w") as f:
-        json.dump(runs, f, indent=1)
+    slug = harness.file_slug(env["gpu"] or "cpu")
+    jpath = harness.append_json_run(os.path.join(args.out_dir, f"bench_quant_{slug}.json"), run)
     md = to_markdown(run)
-    with open(os.path.join(args.out_dir, f"bench_quant_{slug}.md"), "w") as f:
-        f.write(md)
+    harness.write_text(os.path.join(args.out_dir, f"bench_quant_{slug}.md"), md)
     print(md)
     print(f"appended to {jpath}")
     return 0

@@ -25,58 +25,27 @@ Without a CUDA device the script says so and exits 0.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import os
-import subprocess
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `python benchmarks/bench_rope.py` puts benchmarks/, not the root, on the path
+    sys.path.insert(0, ROOT)
 
 import wildactor_kernels as wk  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from wildactor_kernels.rope.reference import apply_rope_ref, qk_norm_rope_ref  # noqa: E402
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-# DESIGN §8. Reference kinds are not fixed by the table: the first two are faces, the rest bodies.
-SHAPES = {
-    "wan5b-720p": dict(B=1, H=24, D=128, video=(31, 22, 40), refs=5, ref_grid=(22, 40)),
-    "wan1.3b-480p": dict(B=1, H=12, D=128, video=(21, 30, 52), refs=5, ref_grid=(30, 52)),
-    "wan14b-720p": dict(B=1, H=40, D=128, video=(21, 45, 80), refs=3, ref_grid=(45, 80)),
-}
+SHAPES = harness.DESIGN_SHAPES  # DESIGN §8
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Dense HBM peaks (bytes/s) for the % of peak column; --peak-gbps overrides.
-HBM_PEAK = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "A100": 2.0e12}
-
-
-def _layout(spec: dict) -> wk.TokenLayout:
-    kinds = ["face", "face", "body", "body", "body"][: spec["refs"]]
-    return wk.TokenLayout(spec["video"], [(k, *spec["ref_grid"]) for k in kinds])
-
-
-def _peak(name: str, override: float | None) -> float | None:
-    if override:
-        return override * 1e9
-    for key, val in HBM_PEAK.items():
-        if key in name:
-            return val
-    return None
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 # --------------------------------------------------------------------------- workloads
 def _rope_case(spec, dtype, device):
     """Inputs, the implementations and the ideal byte counts of apply_rope on one shape."""
-    layout = _layout(spec)
+    layout = harness.design_layout(spec)
     b, h, d, n = spec["B"], spec["H"], spec["D"], layout.num_tokens
     cos, sin = wk.rope_cos_sin(wk.irope_positions(layout).to(device), d)
     qkv = torch.randn(b, n, 3, h, d, device=device, dtype=dtype, requires_grad=True)
@@ -107,7 +76,7 @@ def _rope_case(spec, dtype, device):
 
 
 def _qk_case(spec, dtype, device, eps=1e-6):
-    layout = _layout(spec)
+    layout = harness.design_layout(spec)
     b, h, d, n = spec["B"], spec["H"], spec["D"], layout.num_tokens
     cos, sin = wk.rope_cos_sin(wk.irope_positions(layout).to(device), d)
     qkv = torch.randn(b, n, 3, h, d, device=device, dtype=dtype, requires_grad=True)
@@ -139,14 +108,6 @@ CASES = {"rope": _rope_case, "qk_norm_rope": _qk_case}
 
 
 # --------------------------------------------------------------------------- measurement
-def _bench(fn, grad_to_none, warmup, rep):
-    from triton.testing import do_bench
-
-    med, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8],
-                             grad_to_none=grad_to_none)
-    return med, p20, p80
-
-
 def _max_err(outs, ref_outs) -> float:
     return max((a.float() - b.float()).abs().max().item() for a, b in zip(outs, ref_outs))
 
@@ -162,14 +123,16 @@ def _parse(argv):
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
     ap.add_argument("--rep", type=int, default=100, help="do_bench repetitions (ms)")
-    ap.add_argument("--peak-gbps", type=float, default=None, help="HBM peak for the %% column")
+    ap.add_argument("--peak-gbps", type=float, default=None,
+                    help="HBM peak for the %% column (default: the GPU's datasheet figure)")
     ap.add_argument("--out", default=None,
                     help="JSON file to append this run to; a bare name goes to benchmarks/results/")
     return ap.parse_args(argv)
 
 
-def run_benchmarks(args, device, peak=None, bench=_bench) -> list[dict]:
-    """Measure every (op, shape, mode, impl) and print one line each. Returns the rows."""
+def run_benchmarks(args, device, peak=None) -> list[dict]:
+    """Measure every (op, shape, mode, impl) and print one line each (``peak``: HBM GB/s for
+    the %% column, None to leave it empty). Returns the rows."""
     dtype = DTYPES[args.dtype]
     print(f"{'op':13s} {'mode':8s} {'shape':13s} {'impl':10s} {'ms':>8s} {'p20':>8s} {'p80':>8s} "
           f"{'GB/s':>7s} {'%peak':>6s} {'max|err|':>9s}")
@@ -199,16 +162,18 @@ def run_benchmarks(args, device, peak=None, bench=_bench) -> list[dict]:
                             def call(fn=fn, run=run, grads=grads):
                                 torch.autograd.backward(run(fn), grads)
                             nbytes = case["bytes_fwd"] + case["bytes_bwd"]
-                        med, p20, p80 = bench(call, leaves, args.warmup, args.rep)
-                        gbps = nbytes / (med * 1e-3) / 1e9
-                        row.update(ms=med, ms_p20=p20, ms_p80=p80, bytes=nbytes, gbps=gbps,
-                                   pct_peak=(100 * gbps * 1e9 / peak) if peak else None)
+                        t = harness.bench(call, warmup=args.warmup, rep=args.rep, grad_to_none=leaves,
+                                          device=device)
+                        row.update(ms=t["ms"], ms_p20=t["ms_p20"], ms_p80=t["ms_p80"],
+                                   **harness.bandwidth_metrics(nbytes, t["ms"], peak))
                         pct = f"{row['pct_peak']:6.1f}" if peak else f"{'-':>6s}"
-                        print(f"{op:13s} {mode:8s} {shape:13s} {name:10s} {med:8.3f} {p20:8.3f} "
-                              f"{p80:8.3f} {gbps:7.0f} {pct} {row['max_abs_err_vs_eager']:9.2e}")
+                        print(f"{op:13s} {mode:8s} {shape:13s} {name:10s} {t['ms']:8.3f} {t['ms_p20']:8.3f} "
+                              f"{t['ms_p80']:8.3f} {row['gbps']:7.0f} {pct} "
+                              f"{row['max_abs_err_vs_eager']:9.2e}", flush=True)
                     except Exception as e:  # a failing peer must not hide the other numbers
                         row["error"] = f"{type(e).__name__}: {e}"[:500]
-                        print(f"{op:13s} {mode:8s} {shape:13s} {name:10s} ERROR {row['error'][:80]}")
+                        print(f"{op:13s} {mode:8s} {shape:13s} {name:10s} ERROR {row['error'][:80]}",
+                              flush=True)
                     rows.append(row)
             del case, run, leaves, impls, ref_outs
             if device.type == "cuda":
@@ -216,42 +181,22 @@ def run_benchmarks(args, device, peak=None, bench=_bench) -> list[dict]:
     return rows
 
 
-def _append_json(path: str, run: dict) -> None:
-    path = path if os.path.dirname(path) else os.path.join(RESULTS_DIR, path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    runs = []
-    if os.path.exists(path):
-        with open(path) as fh:
-            old = json.load(fh)
-        runs = old if isinstance(old, list) else [old]
-    runs.append(run)
-    with open(path, "w") as fh:
-        json.dump(runs, fh, indent=1)
-    print(f"# appended {len(run['results'])} rows to {path}")
-
-
 def main(argv=None) -> int:
     args = _parse(argv)
-    if not torch.cuda.is_available():
-        print("bench_rope: no CUDA device here; these benchmarks time GPU kernels and have nothing "
-              "to measure on the CPU (the Triton interpreter is for correctness only). Exiting.")
+    device = harness.cuda_device_or_explain("bench_rope")
+    if device is None:
         return 0
-
-    import triton
-
-    device = torch.device("cuda")
-    gpu = torch.cuda.get_device_name(device)
-    peak = _peak(gpu, args.peak_gbps)
-    print(f"# {gpu} | torch {torch.__version__} | triton {triton.__version__} | {args.dtype}"
-          + (f" | HBM peak {peak / 1e9:.0f} GB/s" if peak else ""))
+    env = harness.env_record(device)
+    peak = args.peak_gbps or harness.device_hbm_gbps(env["gpu"])
+    print(f"# {harness.env_summary(env)} | {args.dtype}" + (f" | HBM peak {peak:.0f} GB/s" if peak else ""),
+          flush=True)
     rows = run_benchmarks(args, device, peak)
     if args.out:
-        _append_json(args.out, dict(
-            benchmark="bench_rope", gpu=gpu, torch=torch.__version__, triton=triton.__version__,
-            commit=_git_commit(), date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            dtype=args.dtype, hbm_peak_gbps=peak / 1e9 if peak else None, warmup_ms=args.warmup,
-            rep_ms=args.rep, results=rows,
-        ))
+        path = harness.append_json_run(
+            harness.resolve_out(args.out, "bench_rope.json"),
+            harness.script_run("bench_rope", env, dtype=args.dtype, hbm_peak_gbps=peak, warmup_ms=args.warmup,
+                               rep_ms=args.rep, results=rows))
+        print(f"# appended {len(rows)} rows to {path}")
     return 0
 
 

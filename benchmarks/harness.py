@@ -1,14 +1,19 @@
-"""Shared benchmark harness: environment record, timing, FLOP/s and % of peak, JSON lines.
+"""Shared benchmark harness: environment record, timing, FLOP/s, GB/s and % of peak, result files.
 
-Every benchmark of the suite (``bench_model.py``, ``suite.py``, the pytest-benchmark files)
-measures through :func:`bench` and stores rows through :func:`append_jsonl`, so numbers from
-different scripts are taken the same way and carry the same provenance.
+Every benchmark (``bench_model.py``, ``suite.py``, the pytest-benchmark files and the per-kernel
+scripts ``bench_rope.py``, ``bench_attention.py``, ``bench_lora.py``, ``bench_quant.py``)
+measures through :func:`bench`, takes its shapes from :data:`DESIGN_SHAPES` and its peaks from
+:func:`device_peaks` / :func:`device_hbm_gbps`, and stamps its results with :func:`env_record`,
+so numbers from different scripts are taken the same way and carry the same provenance. The
+suite stores rows as JSON lines (:func:`append_jsonl`); the per-kernel scripts append whole runs
+to a JSON list (:func:`script_run`, :func:`append_json_run`), the format ``report.py`` indexes.
 
 Timing (METHOD: medians, warm-up, never the cache, never zeros):
 
 - CUDA, short work (``iters=None``): ``triton.testing.do_bench``, median with 20/80 %
   quantiles. do_bench zeroes a 256 MB buffer before every timed call (the L2 is flushed) and
-  sizes warm-up and repetitions from its ``warmup``/``rep`` budgets in ms.
+  sizes warm-up and repetitions from its ``warmup``/``rep`` budgets in ms; ``min_reps`` raises
+  the budgets after one sized call so that a call longer than ``rep`` is still timed that often.
 - CUDA, long work (``iters=N``, e.g. a 2 s model step, where do_bench's time budget would give
   one repetition): ``N`` calls timed one by one with CUDA events, the same L2 flush before
   each, after ``warmup`` untimed calls.
@@ -27,6 +32,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import time
 import uuid
@@ -40,13 +46,23 @@ RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 
 __all__ = [
     "RESULTS_DIR",
+    "DESIGN_SHAPES",
     "BenchError",
+    "design_layout",
+    "design_tokens",
     "env_record",
+    "env_summary",
+    "module_version",
+    "commit_label",
     "device_peaks",
+    "device_hbm_gbps",
+    "cuda_device_or_explain",
     "bench",
     "tflops",
+    "gbps",
     "pct_of_peak",
     "flops_metrics",
+    "bandwidth_metrics",
     "failed",
     "skipped",
     "run_peer",
@@ -56,6 +72,11 @@ __all__ = [
     "read_jsonl",
     "sanitize",
     "cuda_sync",
+    "file_slug",
+    "resolve_out",
+    "script_run",
+    "append_json_run",
+    "write_text",
 ]
 
 # Dense (no 2:4 sparsity) tensor-core peaks in TFLOP/s from the vendors' datasheets, matched
@@ -72,6 +93,25 @@ _PEAKS: list[tuple[str, dict[str, float]]] = [
     ("L40S", {"bf16": 362.0, "fp16": 362.0, "fp8": 733.0}),
 ]
 
+# HBM bandwidth in GB/s (datasheets), matched the same way, for the % of peak of memory-bound kernels.
+_HBM_GBPS: list[tuple[str, float]] = [
+    ("H100 PCIe", 2000.0),
+    ("H100 NVL", 3900.0),
+    ("H200", 4800.0),
+    ("H100", 3350.0),
+    ("A100", 2000.0),
+    ("L40S", 864.0),
+]
+
+#: The shapes the kernel benchmarks report (DESIGN §8): batch ``B``, heads ``H``, head dim ``D``,
+#: the video token grid ``(T, H, W)`` and ``refs`` reference images of ``ref_grid`` tokens each.
+#: DESIGN does not fix the references' kinds: :func:`design_layout` makes the first two faces.
+DESIGN_SHAPES: dict[str, dict[str, Any]] = {
+    "wan5b-720p": dict(B=1, H=24, D=128, video=(31, 22, 40), refs=5, ref_grid=(22, 40)),
+    "wan1.3b-480p": dict(B=1, H=12, D=128, video=(21, 30, 52), refs=5, ref_grid=(30, 52)),
+    "wan14b-720p": dict(B=1, H=40, D=128, video=(21, 45, 80), refs=3, ref_grid=(45, 80)),
+}
+
 
 class BenchError(RuntimeError):
     """A measurement that cannot be reported (non-positive or non-finite time, bad FLOP count)."""
@@ -86,11 +126,15 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def _version(module: str) -> str | None:
+def module_version(module: str) -> str | None:
+    """``module.__version__``, or None when it cannot be imported."""
     try:
         return str(__import__(module).__version__)
     except Exception:
         return None
+
+
+_version = module_version
 
 
 def device_peaks(name: str | None) -> dict[str, float] | None:
@@ -102,6 +146,31 @@ def device_peaks(name: str | None) -> dict[str, float] | None:
         if key.lower() in name.lower():
             return dict(peaks)
     return None
+
+
+def device_hbm_gbps(name: str | None) -> float | None:
+    """HBM bandwidth in GB/s of a GPU named ``name``, or None for a device this table lacks."""
+    if not name:
+        return None
+    for key, peak in _HBM_GBPS:
+        if key.lower() in name.lower():
+            return peak
+    return None
+
+
+def design_layout(spec: Mapping[str, Any]):
+    """The ``wildactor_kernels.TokenLayout`` of a :data:`DESIGN_SHAPES` entry (references: two
+    faces, then bodies)."""
+    import wildactor_kernels as wk
+
+    refs = [("face" if i < 2 else "body", *spec["ref_grid"]) for i in range(spec["refs"])]
+    return wk.TokenLayout(spec["video"], refs)
+
+
+def design_tokens(name: str) -> tuple[int, int]:
+    """``(Nv, Nr)``: video and reference token counts of the DESIGN §8 shape ``name``."""
+    spec = DESIGN_SHAPES[name]
+    return math.prod(spec["video"]), spec["refs"] * math.prod(spec["ref_grid"])
 
 
 def env_record(device: torch.device | str | None = None) -> dict[str, Any]:
@@ -145,6 +214,28 @@ def env_record(device: torch.device | str | None = None) -> dict[str, Any]:
     return rec
 
 
+def commit_label(env: Mapping[str, Any]) -> str:
+    """``env``'s commit, with ``+dirty`` when tracked files had changed."""
+    return str(env.get("git_commit")) + ("+dirty" if env.get("git_dirty") else "")
+
+
+def env_summary(env: Mapping[str, Any]) -> str:
+    """One line for a script's log: device, versions, commit."""
+    return (f"{env.get('gpu') or 'CPU'} | torch {env.get('torch')} | triton {env.get('triton')} "
+            f"| commit {commit_label(env)}")
+
+
+def cuda_device_or_explain(script: str,
+                           what: str = "this benchmark times GPU kernels") -> torch.device | None:
+    """The CUDA device, or None after printing why ``script`` has nothing to measure here (the
+    per-kernel scripts then exit 0)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    print(f"{script}: no CUDA device here; {what} and has nothing to measure on the CPU (the Triton "
+          f"interpreter is for correctness only). Exiting.", flush=True)
+    return None
+
+
 # ============================================================================ timing
 def cuda_sync(device: torch.device | str | None = None) -> None:
     """``torch.cuda.synchronize`` when ``device`` is CUDA (no-op on CPU)."""
@@ -186,7 +277,7 @@ def _check_times(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def bench(fn: Callable, *, inputs: Sequence | None = None, warmup: float | None = None, rep: float = 100,
-          iters: int | None = None, device: torch.device | str | None = None,
+          iters: int | None = None, min_reps: int | None = None, device: torch.device | str | None = None,
           grad_to_none: Iterable[torch.Tensor] | None = None) -> dict[str, Any]:
     """Time ``fn`` and return ``{"ms", "ms_p20", "ms_p80", "n", "method"}`` (median and 20/80 %
     quantiles of single calls, milliseconds).
@@ -198,8 +289,13 @@ def bench(fn: Callable, *, inputs: Sequence | None = None, warmup: float | None 
             ``warmup`` defaults to 25 ms.
         iters: fixed number of timed calls (CUDA events; CPU timer) after ``warmup`` untimed
             calls (then ``warmup`` is a count, default 1). Use it for work of 10 ms and more.
+        min_reps: without ``iters``: at least this many timed calls. On CUDA ``fn`` is called
+            once (compilation, autotuning) and once more on a wall clock, and do_bench's budgets
+            grow to ``warmup >= 1 call`` and ``rep >= min_reps calls`` (do_bench alone would
+            time a 300 ms call once).
         device: where ``fn`` runs (default: CUDA when available).
-        grad_to_none: tensors whose ``.grad`` is reset before each call (fwd+bwd timing).
+        grad_to_none: tensors whose ``.grad`` is reset before each timed call, outside the
+            timing (fwd+bwd timing; on CUDA do_bench's own ``grad_to_none``).
     Raises:
         BenchError: a timing that is not a positive finite number.
     """
@@ -219,11 +315,16 @@ def bench(fn: Callable, *, inputs: Sequence | None = None, warmup: float | None 
     if dev.type == "cuda" and iters is None:
         from triton.testing import do_bench
 
-        def timed():
-            clear()
+        if min_reps:
+            call()  # compile / autotune outside the timing
+            torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
             call()
-
-        med, p20, p80 = do_bench(timed, warmup=int(warmup), rep=int(rep), quantiles=[0.5, 0.2, 0.8])
+            torch.cuda.synchronize(dev)
+            est = (time.perf_counter() - t0) * 1e3
+            warmup, rep = max(warmup, est), max(rep, min_reps * est)
+        med, p20, p80 = do_bench(call, warmup=warmup, rep=rep, grad_to_none=grads or None,
+                                 quantiles=[0.5, 0.2, 0.8])
         n = None  # do_bench picks the count from its budget
         return _check_times({"ms": float(med), "ms_p20": float(p20), "ms_p80": float(p80), "n": n,
                              "method": "triton.do_bench"})
@@ -258,7 +359,7 @@ def bench(fn: Callable, *, inputs: Sequence | None = None, warmup: float | None 
         call()
         est = max(time.perf_counter() - t0, 1e-9) * 1e3
         n_warm = max(1, min(1000, int(warmup / est)))
-        n = max(3, min(10000, int(rep / est)))
+        n = max(3, min_reps or 0, min(10000, int(rep / est)))
     else:
         n_warm, n = int(warmup), int(iters)
     for _ in range(n_warm):
@@ -276,13 +377,22 @@ def bench(fn: Callable, *, inputs: Sequence | None = None, warmup: float | None 
 
 
 # ============================================================================ derived metrics
-def tflops(flops: float, ms: float) -> float:
-    """``flops`` done in ``ms`` milliseconds, in TFLOP/s."""
-    if not (flops > 0 and math.isfinite(flops)):
-        raise BenchError(f"FLOP count {flops!r} must be positive")
+def _per_second(amount: float, ms: float, what: str) -> float:
+    if not (amount > 0 and math.isfinite(amount)):
+        raise BenchError(f"{what} {amount!r} must be positive")
     if not (ms > 0 and math.isfinite(ms)):
         raise BenchError(f"time {ms!r} ms must be positive")
-    return flops / (ms * 1e-3) / 1e12
+    return amount / (ms * 1e-3)
+
+
+def tflops(flops: float, ms: float) -> float:
+    """``flops`` done in ``ms`` milliseconds, in TFLOP/s."""
+    return _per_second(flops, ms, "FLOP count") / 1e12
+
+
+def gbps(nbytes: float, ms: float) -> float:
+    """``nbytes`` moved in ``ms`` milliseconds, in GB/s."""
+    return _per_second(nbytes, ms, "byte count") / 1e9
 
 
 def pct_of_peak(value_tflops: float, dtype: str, peaks: Mapping[str, float] | None) -> float | None:
@@ -297,6 +407,13 @@ def flops_metrics(flops: float, ms: float, dtype: str = "bf16",
     """``{"flops", "tflops", "pct_peak", "peak_dtype"}`` for a timed piece of work."""
     t = tflops(flops, ms)
     return {"flops": float(flops), "tflops": t, "pct_peak": pct_of_peak(t, dtype, peaks), "peak_dtype": dtype}
+
+
+def bandwidth_metrics(nbytes: float, ms: float, peak_gbps: float | None = None) -> dict[str, Any]:
+    """``{"bytes", "gbps", "pct_peak"}`` for a timed memory-bound piece of work (``pct_peak`` None
+    when the bandwidth peak is unknown)."""
+    g = gbps(nbytes, ms)
+    return {"bytes": nbytes, "gbps": g, "pct_peak": 100.0 * g / peak_gbps if peak_gbps else None}
 
 
 # ============================================================================ rows
@@ -381,3 +498,53 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
             if isinstance(rec, dict):
                 rows.append(rec)
     return rows
+
+
+# ============================================================================ per-kernel script files
+def file_slug(name: str, sep: str = "-") -> str:
+    """``name`` (a GPU name) as a lower-case file-name part: runs of other characters than letters
+    and digits become ``sep`` ("NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3")."""
+    return re.sub(r"[^A-Za-z0-9]+", sep, name).strip(sep).lower()
+
+
+def resolve_out(path: str, default_name: str, *, bare_in_results: bool = True) -> str:
+    """Where a script's ``--out`` points: an existing folder gets ``default_name`` inside it; with
+    ``bare_in_results`` a bare file name goes to ``benchmarks/results/``; else ``path`` as given."""
+    if os.path.isdir(path):
+        return os.path.join(path, default_name)
+    if bare_in_results and not os.path.dirname(path):
+        return os.path.join(RESULTS_DIR, path)
+    return path
+
+
+def script_run(benchmark: str, env: Mapping[str, Any], **fields: Any) -> dict[str, Any]:
+    """One run of a per-kernel script as its JSON file stores it: ``benchmark``, ``gpu``,
+    ``torch``, ``triton``, ``commit`` and ``date`` (what :func:`benchmarks.report.index_markdown`
+    reads), then ``fields`` (options, ``results`` rows, ...), then the whole environment record
+    ``env``."""
+    return {"benchmark": benchmark, "gpu": env.get("gpu"), "torch": env.get("torch"),
+            "triton": env.get("triton"), "commit": commit_label(env), "date": env.get("date_utc"),
+            **fields, "env": dict(env)}
+
+
+def append_json_run(path: str, run: Mapping[str, Any]) -> str:
+    """Append ``run`` to the JSON list of runs in ``path`` (a file holding one run object becomes
+    a list); non-finite floats are stored as strings (:func:`sanitize`). Returns ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    runs: list[Any] = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            old = json.load(fh)
+        runs = old if isinstance(old, list) else [old]
+    runs.append(run)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(sanitize(runs), fh, indent=1)
+    return path
+
+
+def write_text(path: str, text: str) -> str:
+    """Write ``text`` to ``path`` (folders created). Returns ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    return path
