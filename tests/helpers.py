@@ -1,10 +1,16 @@
-"""Assertions and fp64 ground truths shared by the tests."""
+"""Assertions and fp64 ground truths shared by the tests, and the device the Triton paths run on."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+
+# One source of truth for where every test that exercises a Triton path puts its tensors and
+# models: CUDA when present (compiled kernels), else the CPU (kernels under the interpreter, which
+# conftest turns on). A Triton call on CPU tensors on a CUDA machine raises, so such a test must
+# build its inputs on DEVICE. The fp64 truths below run on the device of their inputs.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, atol: float = 0.0,
@@ -52,7 +58,7 @@ def dense_asym_attention_fp64(q, k, v, num_video, scale=None):
     n, d = q.shape[1], q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     s = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
-    allowed = torch.ones(n, n, dtype=torch.bool)
+    allowed = torch.ones(n, n, dtype=torch.bool, device=q.device)
     allowed[num_video:, :num_video] = False  # references never read video keys
     s = s.masked_fill(~allowed, float("-inf"))
     return torch.einsum("bhnm,bmhd->bnhd", s.softmax(-1), v)
@@ -62,9 +68,10 @@ def rope_fp64(x, pos, head_dim, theta=10000.0):
     """fp64 I-RoPE by the formula of DESIGN §3, independent of the library's tables."""
     d_h = d_w = 2 * (head_dim // 6)
     dims = [head_dim - d_h - d_w, d_h, d_w]
+    pos = pos.to(x.device)
     angles = []
     for a, d_a in enumerate(dims):
-        i = torch.arange(d_a // 2, dtype=torch.float64)
+        i = torch.arange(d_a // 2, dtype=torch.float64, device=x.device)
         angles.append(pos[:, a : a + 1].double() * theta ** (-2 * i / d_a))
     ang = torch.cat(angles, 1)[None, :, None, :]
     x = x.double()

@@ -7,7 +7,8 @@ gradient. Token counts are not block multiples (37 + 11, 211 + 0, 0 + 29), head 
 non-powers of two (24), rotation runs both fused in the kernel and as a prologue, inputs are
 views into a fused QKV tensor, and ``nan_empty`` turns any element a kernel forgets to write
 into NaN. Under the CPU interpreter the file checks fp32 and fp16 (and bf16 through the
-interpreter's fp32 upcast); model-sized bf16/fp16 shapes are GPU-marked.
+interpreter's fp32 upcast); model-sized bf16/fp16 shapes are GPU-marked. The kernels' inputs
+(and the fp64 truths) live on ``helpers.DEVICE`` (CUDA when present).
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_close_verbose, assert_within_baseline, dense_asym_attention_fp64, rope_fp64
+from helpers import (
+    DEVICE,
+    assert_close_verbose,
+    assert_within_baseline,
+    dense_asym_attention_fp64,
+    rope_fp64,
+)
 
 import wildactor_kernels as wk
 from wildactor_kernels.attention import kernels as K
@@ -39,7 +46,7 @@ LAYOUTS = {
 DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _tables(layout: wk.TokenLayout, d: int, device="cpu"):
+def _tables(layout: wk.TokenLayout, d: int, device=DEVICE):
     pos = wk.irope_positions(layout, face_offset=1, body_offset=2, spatial_shift=True)
     cos, sin = wk.rope_cos_sin(pos.to(device), d)
     return pos, cos, sin
@@ -73,11 +80,11 @@ def _truth_joint(q, k, v, num_video, pos, d, scale=None):
     return dense_asym_attention_fp64(qr, kr, v64, num_video, scale), (q64, k64, v64)
 
 
-def _make_qkv(b, n, h, d, dtype, fused_qkv=False):
+def _make_qkv(b, n, h, d, dtype, fused_qkv=False, device=DEVICE):
     if fused_qkv:  # views into one projection output [B, N, 3, H, D], as the model produces
-        qkv = torch.randn(b, n, 3, h, d, dtype=torch.float32).to(dtype)
+        qkv = torch.randn(b, n, 3, h, d, dtype=torch.float32).to(device=device, dtype=dtype)
         return qkv.unbind(2)
-    return [torch.randn(b, n, h, d, dtype=torch.float32).to(dtype) for _ in range(3)]
+    return [torch.randn(b, n, h, d, dtype=torch.float32).to(device=device, dtype=dtype) for _ in range(3)]
 
 
 def _run_joint(layout_name, b, h, d, dtype, rope, monkeypatch, fused_qkv=False, scale=None):
@@ -91,7 +98,7 @@ def _run_joint(layout_name, b, h, d, dtype, rope, monkeypatch, fused_qkv=False, 
     q, k, v = _make_qkv(b, n, h, d, dtype, fused_qkv)
     if fused_qkv:
         assert not q.is_contiguous()
-    do = torch.randn(b, n, h, d).to(dtype)
+    do = torch.randn(b, n, h, d).to(device=DEVICE, dtype=dtype)
 
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     if fused_qkv:  # keep the views: gradients flow into the views' strides
@@ -144,6 +151,8 @@ def test_asym_attention_fused_qkv_views(rope, monkeypatch):
     _run_joint("Nv37-Nr11", 2, 2, 32, torch.float16, rope, monkeypatch, fused_qkv=True)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter-only: bf16 tiles upcast by the interpreter; native bf16 on "
+                    "CUDA is test_asym_attention_gpu / test_cached_gpu")
 def test_asym_attention_bf16_interpreter_upcast(monkeypatch):
     """bf16 under the interpreter: tiles are upcast before every dot (triton-lang/triton#11584)."""
     _run_joint("Nv37-Nr11", 1, 2, 32, torch.bfloat16, "fused", monkeypatch)
@@ -180,7 +189,7 @@ def _run_cached(nv, nr, b, h, d, dtype, rope, monkeypatch):
         pos = cos = sin = None
     q, k, v = _make_qkv(b, nv, h, d, dtype)
     rk, rv = _make_qkv(b, nr, h, d, dtype)[:2]
-    do = torch.randn(b, nv, h, d).to(dtype)
+    do = torch.randn(b, nv, h, d).to(device=DEVICE, dtype=dtype)
 
     ins = _leaves(q, k, v, rk, rv)
     out = wk.cached_asym_attention(*ins, cos, sin, backend="triton")
@@ -253,10 +262,10 @@ def test_cached_equals_joint_video_rows(rope, monkeypatch):
 
 # =========================================================================== API, ops, compile
 def test_rejects_unsupported_dtype_and_head_dim():
-    q = torch.randn(1, 5, 1, 16, dtype=torch.float64)
+    q = torch.randn(1, 5, 1, 16, dtype=torch.float64, device=DEVICE)
     with pytest.raises(TypeError, match="support"):
         K.asym_attention_triton(q, q, q, 3)
-    q = torch.randn(1, 5, 1, 258)
+    q = torch.randn(1, 5, 1, 258, device=DEVICE)
     with pytest.raises(ValueError, match="head_dim"):
         K.asym_attention_triton(q, q, q, 3)
 
@@ -268,11 +277,11 @@ def test_default_rope_mode_is_documented():
 def test_custom_ops_opcheck():
     """Schema, fake (meta) kernels, autograd registration and AOT dispatch of the library ops."""
     b, n, h, d, nv = 1, 20, 2, 16, 13
-    q, k, v = (torch.randn(b, n, h, d, requires_grad=True) for _ in range(3))
-    ang = torch.rand(n, d // 2)
+    q, k, v = (torch.randn(b, n, h, d, device=DEVICE, requires_grad=True) for _ in range(3))
+    ang = torch.rand(n, d // 2, device=DEVICE)
     torch.library.opcheck(torch.ops.wildactor.asym_attention_fwd.default,
                           (q, k, v, nv, ang.cos(), ang.sin(), 0.25))
-    rk, rv = (torch.randn(b, 7, h, d, requires_grad=True) for _ in range(2))
+    rk, rv = (torch.randn(b, 7, h, d, device=DEVICE, requires_grad=True) for _ in range(2))
     torch.library.opcheck(torch.ops.wildactor.cached_asym_attention_fwd.default,
                           (q, k, v, rk, rv, None, None, 0.25))
 

@@ -11,13 +11,15 @@ kernels and registered autograd, so dynamo never enters a launcher or Triton's r
   gradients equal eager, and ``torch._dynamo.explain`` sees one graph and no break. On CPU the
   kernels run under the Triton interpreter (``aot_eager``: AOT autograd, no code generation);
   the ``gpu`` tests repeat the compile checks with Inductor on CUDA.
+
+Every tensor and model that reaches a Triton path lives on ``helpers.DEVICE`` (CUDA when present).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close_verbose
+from helpers import DEVICE, assert_close_verbose
 
 import wildactor_kernels as wk
 from model import Reference, WildActor, WildActorConfig
@@ -32,13 +34,13 @@ ops = torch.ops.wildactor  # the ops register when their kernels module is impor
 
 
 # =========================================================================== helpers
-def _tables(layout: wk.TokenLayout, d: int, device="cpu"):
+def _tables(layout: wk.TokenLayout, d: int, device=DEVICE):
     pos = wk.irope_positions(layout, face_offset=1, body_offset=2, spatial_shift=True)
     cos, sin = wk.rope_cos_sin(pos, d)
     return cos.to(device), sin.to(device)
 
 
-def _leaf(*shape, scale=1.0, dtype=torch.float32, device="cpu"):
+def _leaf(*shape, scale=1.0, dtype=torch.float32, device=DEVICE):
     return (torch.randn(*shape) * scale).to(device=device, dtype=dtype).requires_grad_()
 
 
@@ -91,13 +93,13 @@ def test_ops_registered():
 
 def test_opcheck_rope_ops():
     b, n, h, d = 1, 10, 2, 8
-    ang = torch.rand(n, d // 2) * 3
+    ang = torch.rand(n, d // 2, device=DEVICE) * 3
     cos, sin = ang.cos(), ang.sin()
     x = _leaf(b, n, h, d)
     torch.library.opcheck(ops.apply_rope_fwd.default, (x, cos, sin))
     torch.library.opcheck(ops.apply_rope_bwd.default, (x, cos, sin))
     # a strided view (fused QKV layout) and an fp16 input
-    qkv = torch.randn(b, n, 3, h, d)
+    qkv = torch.randn(b, n, 3, h, d, device=DEVICE)
     torch.library.opcheck(ops.apply_rope_fwd.default, (qkv[:, :, 1], cos, sin))
     torch.library.opcheck(ops.apply_rope_fwd.default, (_leaf(b, n, h, d, dtype=torch.float16), cos, sin))
 
@@ -109,7 +111,7 @@ def test_opcheck_rope_ops():
     for weights in ((wq, wk_), (None, None), (wq, None), (None, wk_)):
         torch.library.opcheck(ops.qk_norm_rope_fwd.default, (q, k, *weights, cos, sin, 1e-6))
     yq, yk, rstd = ops.qk_norm_rope_fwd(q, k, wq, wk_, cos, sin, 1e-6)
-    dy = [torch.randn(b, n, h, d) for _ in range(2)]
+    dy = [torch.randn(b, n, h, d, device=DEVICE) for _ in range(2)]
     for weights in ((wq.detach(), wk_.detach()), (None, None)):
         torch.library.opcheck(ops.qk_norm_rope_bwd.default,
                               (*dy, q.detach(), k.detach(), *weights, cos, sin, rstd.detach()))
@@ -122,7 +124,7 @@ def test_opcheck_lora_ops(nv):
     a, lb = _leaf(r, din, scale=0.25), _leaf(dout, r, scale=0.5)
     torch.library.opcheck(ops.ref_lora_linear_fwd.default, (x, w, bias, a, lb, 0.5, nv))
     torch.library.opcheck(ops.ref_lora_linear_fwd.default, (x, w, None, a, lb, 2.0, nv))
-    dy = torch.randn(b, n, dout)
+    dy = torch.randn(b, n, dout, device=DEVICE)
     for need_dx in (True, False):
         torch.library.opcheck(ops.ref_lora_linear_bwd.default,
                               (dy, w.detach(), a.detach(), lb.detach(), 0.5, nv, need_dx))
@@ -172,20 +174,21 @@ def test_rope_double_backward():
 
 _FRESH_PROCESS = r"""
 import os, sys
-os.environ["TRITON_INTERPRET"] = "1"
+dev = os.environ["WILDACTOR_TEST_DEVICE"]  # helpers.DEVICE of the parent
+os.environ["TRITON_INTERPRET"] = "1" if dev == "cpu" else "0"  # the interpreter only on the CPU
 import torch
 import wildactor_kernels as wk
 assert "wildactor_kernels.rope.kernels" not in sys.modules  # the kernels import lazily
 layout = wk.TokenLayout((1, 2, 3), [("face", 1, 2)])
-cos, sin = wk.rope_cos_sin(wk.irope_positions(layout), 16)
-q, k = (torch.randn(1, layout.num_tokens, 2, 16, requires_grad=True) for _ in range(2))
-w = torch.ones(32, requires_grad=True)
+cos, sin = (t.to(dev) for t in wk.rope_cos_sin(wk.irope_positions(layout), 16))
+q, k = (torch.randn(1, layout.num_tokens, 2, 16, device=dev, requires_grad=True) for _ in range(2))
+w = torch.ones(32, device=dev, requires_grad=True)
 
 def f(q, k, w):
     a, b = wk.qk_norm_rope(q, k, w, None, cos, sin, backend="triton")
     o = wk.asym_attention(a, b, q, layout.num_video, cos, sin, backend="triton")
-    return wk.ref_lora_linear(o.flatten(2), torch.eye(32), None, torch.ones(2, 32),
-                              torch.ones(32, 2), 1.0, layout.num_video, backend="triton")
+    return wk.ref_lora_linear(o.flatten(2), torch.eye(32, device=dev), None, torch.ones(2, 32, device=dev),
+                              torch.ones(32, 2, device=dev), 1.0, layout.num_video, backend="triton")
 
 y = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, w)
 y.square().sum().backward()
@@ -202,7 +205,8 @@ def test_compile_first_call_imports_kernels():
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1",
+    env = dict(os.environ, TRITON_INTERPRET="1" if DEVICE.type == "cpu" else "0",
+               WILDACTOR_TEST_DEVICE=DEVICE.type,
                PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run([sys.executable, "-c", _FRESH_PROCESS], capture_output=True, text=True,
                          env=env, cwd=root, timeout=300)
@@ -214,7 +218,7 @@ def test_rope_mode_argument():
     assert attn_op.ROPE_MODES == attn_kernels.ROPE_MODES
     layout = wk.TokenLayout((1, 2, 5), [("face", 2, 2)])
     cos, sin = _tables(layout, 16)
-    q, k, v = (torch.randn(1, layout.num_tokens, 2, 16) for _ in range(3))
+    q, k, v = (torch.randn(1, layout.num_tokens, 2, 16, device=DEVICE) for _ in range(3))
     for backend in ("triton", "reference"):
         with pytest.raises(ValueError, match="rope_mode"):
             wk.asym_attention(q, k, v, layout.num_video, cos, sin, backend=backend, rope_mode="inline")
@@ -225,7 +229,7 @@ def test_rope_mode_argument():
         out = wk.asym_attention(q, k, v, layout.num_video, cos, sin, backend="triton", rope_mode=mode)
         assert_close_verbose(out, ref, atol=2e-5, name=f"asym rope_mode={mode}")
     nv = layout.num_video
-    rk, rv = torch.randn(1, 4, 2, 16), torch.randn(1, 4, 2, 16)
+    rk, rv = torch.randn(1, 4, 2, 16, device=DEVICE), torch.randn(1, 4, 2, 16, device=DEVICE)
     ref = wk.cached_asym_attention(q[:, :nv], k[:, :nv], v[:, :nv], rk, rv, cos[:nv], sin[:nv],
                                    backend="reference")
     for mode in ("fused", "prologue"):
@@ -239,7 +243,7 @@ def test_rope_mode_is_passed_through(monkeypatch):
     real = attn_kernels.asym_attention_triton
     monkeypatch.setattr(attn_kernels, "asym_attention_triton",
                         lambda *a, rope_mode=None, **kw: seen.append(rope_mode) or real(*a, **kw))
-    q = torch.randn(1, 6, 1, 8)
+    q = torch.randn(1, 6, 1, 8, device=DEVICE)
     for mode in ("fused", "prologue", None):
         wk.asym_attention(q, q, q, 4, backend="triton", rope_mode=mode)
     assert seen == ["fused", "prologue", None]
@@ -318,7 +322,7 @@ def test_compile_cached_asym_attention(rope_mode):
 
 
 # =========================================================================== compile: the model
-def _tiny_model(device="cpu", dtype=torch.float32, backend="triton"):
+def _tiny_model(device=DEVICE, dtype=torch.float32, backend="triton"):
     torch.manual_seed(0)
     m = WildActor(WildActorConfig.preset("tiny")).to(device=device, dtype=dtype)
     with torch.no_grad():  # non-zero lora_B: the adapters change the output and get grads
@@ -329,7 +333,7 @@ def _tiny_model(device="cpu", dtype=torch.float32, backend="triton"):
     return m
 
 
-def _model_inputs(device="cpu", dtype=torch.float32):
+def _model_inputs(device=DEVICE, dtype=torch.float32):
     g = torch.Generator().manual_seed(1)
     lat = torch.randn(1, 4, 2, 4, 6, generator=g).to(device, dtype)  # grid (2, 2, 3): Nv = 12
     ctx = torch.randn(1, 5, 32, generator=g).to(device, dtype)

@@ -6,11 +6,13 @@ Both runs are fp32 with identical initial weights and data; only the adapters tr
 so the curves differ by float rounding only: measured max relative gap 2.6e-7 (CPU interpreter).
 The tolerance, 1e-4 relative, is ~400x that rounding drift yet ~200x smaller than the loss change
 of a single step (~2 %), so a wrong gradient term (dx, dA or dB) shows up as a diverging curve.
+Model and data live on ``helpers.DEVICE`` (CUDA when present).
 """
 
 import copy
 
 import torch
+from helpers import DEVICE
 
 from model import Reference, WildActor, WildActorConfig
 from wildactor_kernels import RefLoRALinear
@@ -36,14 +38,16 @@ def _losses(m: WildActor, backend: str, data, steps: int = 20) -> torch.Tensor:
 def test_lora_kernels_train_like_reference():
     torch.manual_seed(0)
     cfg = WildActorConfig.preset("tiny")
-    m = WildActor(cfg)
+    m = WildActor(cfg).to(DEVICE)
     g = torch.Generator().manual_seed(0)
     c = cfg.in_channels
-    data = (torch.randn(1, c, 2, 4, 6, generator=g), torch.tensor([300.0]),
-            torch.randn(1, 5, cfg.text_dim, generator=g),
-            [Reference("face", torch.randn(1, c, 1, 4, 4, generator=g)),
-             Reference("body", torch.randn(1, c, 1, 6, 4, generator=g))],
-            torch.randn(1, c, 2, 4, 6, generator=g))
+
+    def randn(*shape):  # drawn on the CPU (same data on every device), then moved
+        return torch.randn(*shape, generator=g).to(DEVICE)
+
+    data = (randn(1, c, 2, 4, 6), torch.tensor([300.0], device=DEVICE), randn(1, 5, cfg.text_dim),
+            [Reference("face", randn(1, c, 1, 4, 4)), Reference("body", randn(1, c, 1, 6, 4))],
+            randn(1, c, 2, 4, 6))
     ref = _losses(m, "reference", data)
     tri = _losses(m, "triton", data)
     assert ref[-1] < 0.8 * ref[0], f"the reference run did not learn: {ref[0]:.4f} -> {ref[-1]:.4f}"

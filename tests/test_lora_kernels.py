@@ -7,14 +7,15 @@ straddle every block size (37 video + 11 reference rows), the two degenerate lay
 (64/0: no references; 0/29: references only) are covered, ranks 1 (padded to 16 inside the
 kernel), 8 and 128, Din/Dout that are not multiples of 16, batch > 1, strided x. ``nan_empty``
 turns any element a kernel forgets to write into NaN. The CPU interpreter checks fp32 and
-fp16 (and bf16 through the interpreter's fp32 upcast); native bf16 is GPU-marked.
+fp16 (and bf16 through the interpreter's fp32 upcast); native bf16 is GPU-marked. Every
+tensor lives on ``helpers.DEVICE`` (CUDA when present).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_within_baseline
+from helpers import DEVICE, assert_within_baseline
 
 import wildactor_kernels as wk
 from wildactor_kernels.lora.kernels import ref_folded_linear_triton, ref_lora_linear_triton
@@ -22,7 +23,6 @@ from wildactor_kernels.lora.reference import ref_lora_linear_ref
 
 pytestmark = pytest.mark.usefixtures("nan_empty")
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
 
 # (B, Nv, Nr, Din, Dout, rank, base weight/bias require grad)
@@ -36,7 +36,7 @@ CASES = [
 ]
 
 
-def _inputs(bsz, nv, nr, din, dout, rank, dtype, grad_base=True, bias=True, device=DEV):
+def _inputs(bsz, nv, nr, din, dout, rank, dtype, grad_base=True, bias=True, device=DEVICE):
     """Random leaves in fp32, cast to ``dtype``; lora_B non-zero so the adapter matters."""
     n = nv + nr
     x = torch.randn(bsz, n, din)
@@ -93,6 +93,8 @@ def test_no_bias_fp32():
     _check_all(x, w, None, a, lb, scale=2.0, nv=37)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter-only: bf16 through the interpreter's fp32 "
+                    "upcast; native bf16 on CUDA is test_gpu_bf16 (same cases and more)")
 def test_bf16_through_interpreter_upcast():
     """bf16 inputs: under the interpreter the kernel upcasts tiles (triton#11584); on GPU native."""
     leaves = _inputs(2, 37, 11, 72, 200, 8, torch.bfloat16, grad_base=True)
@@ -105,9 +107,9 @@ def test_noncontiguous_x(layout):
     n = nv + nr
     _, w, b, a, lb = _inputs(bsz, nv, nr, din, dout, rank, torch.float32)
     if layout == "rows-strided":  # every other row of a wider buffer: row stride 2*(din+8)
-        x = torch.randn(bsz, 2 * n, din + 8, device=DEV)[:, ::2, 5:5 + din]
+        x = torch.randn(bsz, 2 * n, din + 8, device=DEVICE)[:, ::2, 5:5 + din]
     else:  # [B, Din, N] transposed: last-dim stride N (the launcher copies)
-        x = torch.randn(bsz, din, n, device=DEV).transpose(1, 2)
+        x = torch.randn(bsz, din, n, device=DEVICE).transpose(1, 2)
     assert not x.is_contiguous()
     x.requires_grad_(True)
     _check_all(x, w, b, a, lb, scale=0.5, nv=nv)

@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_within_baseline
+from helpers import DEVICE, assert_within_baseline
 
 from wildactor_kernels.lora import RefLoRALinear
 from wildactor_kernels.lora.module import folded_linear_torch
@@ -22,12 +22,11 @@ from wildactor_kernels.lora.reference import ref_lora_linear_ref
 
 pytestmark = pytest.mark.usefixtures("nan_empty")
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = [pytest.param("reference", id="reference"), pytest.param("triton", id="triton")]
 
 
 def _layer(din=72, dout=200, rank=8, alpha=16.0, bias=True, backend="triton", dtype=torch.float32):
-    m = RefLoRALinear(din, dout, bias=bias, rank=rank, alpha=alpha, backend=backend, device=DEV,
+    m = RefLoRALinear(din, dout, bias=bias, rank=rank, alpha=alpha, backend=backend, device=DEVICE,
                       dtype=dtype)
     with torch.no_grad():  # a trained-looking adapter (lora_B starts at zero)
         m.lora_B.weight.normal_(0.0, 0.2)
@@ -58,11 +57,11 @@ def test_loads_base_and_peft_checkpoints():
 
 def test_plain_linear_paths():
     m = _layer()
-    x = torch.randn(2, 48, 72, device=DEV)
+    x = torch.randn(2, 48, 72, device=DEVICE)
     ref = F.linear(x, m.weight, m.bias)
     for nv in (None, 48):
         torch.testing.assert_close(m(x, nv), ref)
-    m0 = RefLoRALinear(72, 200, rank=0, device=DEV)
+    m0 = RefLoRALinear(72, 200, rank=0, device=DEVICE)
     torch.testing.assert_close(m0(x, 10), F.linear(x, m0.weight, m0.bias))
 
 
@@ -76,8 +75,8 @@ def test_triton_module_forward_backward(dtype):
     m_ref.backend = "reference"
     m_64 = copy.deepcopy(m).double()
     m_64.backend = "reference"
-    x = torch.randn(2, 48, 40, device=DEV, dtype=dtype)
-    dy = torch.randn(2, 48, 24, device=DEV, dtype=dtype)
+    x = torch.randn(2, 48, 40, device=DEVICE, dtype=dtype)
+    dy = torch.randn(2, 48, 24, device=DEVICE, dtype=dtype)
     outs = []
     for mod, xx, g in ((m, x, dy), (m_ref, x, dy), (m_64, x.double(), dy.double())):
         xx = xx.clone().requires_grad_(True)
@@ -97,8 +96,8 @@ def test_triton_training_tracks_reference():
     m.bias.requires_grad_(False)
     m_ref = copy.deepcopy(m)
     m_ref.backend = "reference"
-    x = torch.randn(2, 30, 40, device=DEV)
-    target = torch.randn(2, 30, 24, device=DEV)
+    x = torch.randn(2, 30, 40, device=DEVICE)
+    target = torch.randn(2, 30, 24, device=DEVICE)
     losses = {}
     for name, mod in (("triton", m), ("reference", m_ref)):
         opt = torch.optim.Adam([p for p in mod.parameters() if p.requires_grad], lr=1e-2)
@@ -121,7 +120,7 @@ def test_triton_training_tracks_reference():
                                        pytest.param(1, 0, 29, id="B1-v0-r29")])
 def test_folded_equals_unfolded(backend, bsz, nv, nr):
     m = _layer(din=40, dout=24, backend=backend)
-    x = torch.randn(bsz, nv + nr, 40, device=DEV)
+    x = torch.randn(bsz, nv + nr, 40, device=DEVICE)
     with torch.no_grad():
         m.fold_mode = "unfold"
         y_unfold = m(x, nv)
@@ -136,7 +135,7 @@ def test_folded_equals_unfolded(backend, bsz, nv, nr):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fold_cache_follows_parameter_updates(backend):
     m = _layer(din=40, dout=24, backend=backend).fold()
-    x = torch.randn(1, 48, 40, device=DEV)
+    x = torch.randn(1, 48, 40, device=DEVICE)
 
     # a stale W_ref would be off by O(1); the tolerance only absorbs fold-vs-low-rank rounding
     def expect():
@@ -164,7 +163,7 @@ def test_fold_cache_follows_parameter_updates(backend):
 def test_fold_cache_after_optimizer_step():
     m = _layer(din=40, dout=24, backend="triton")
     m.weight.requires_grad_(False)
-    x = torch.randn(1, 48, 40, device=DEV)
+    x = torch.randn(1, 48, 40, device=DEVICE)
     opt = torch.optim.SGD([m.lora_A.weight, m.lora_B.weight], lr=0.5)
     m.fold_mode = "fold"
     with torch.no_grad():
@@ -188,13 +187,13 @@ def test_unfold_and_dtype_change_drop_cache():
     m.to(torch.float64)
     assert m._fold_cache is None
     with torch.no_grad():
-        assert m(torch.randn(1, 48, 40, device=DEV, dtype=torch.float64), 37).dtype == torch.float64
+        assert m(torch.randn(1, 48, 40, device=DEVICE, dtype=torch.float64), 37).dtype == torch.float64
     assert m._fold_cache[1].dtype == torch.float64
 
 
 def test_auto_mode(monkeypatch):
     m = _layer(din=40, dout=24, backend="reference")
-    x = torch.randn(1, 48, 40, device=DEV)
+    x = torch.randn(1, 48, 40, device=DEVICE)
     assert m.fold_mode == "auto" and RefLoRALinear.AUTO_FOLD_INFERENCE is False
     with torch.no_grad():
         m(x, 37)
@@ -210,12 +209,12 @@ def test_auto_mode(monkeypatch):
 def test_fold_refuses_to_train_but_passes_dx():
     m = _layer(din=40, dout=24, backend="triton")
     m.fold_mode = "fold"
-    x = torch.randn(2, 48, 40, device=DEV, requires_grad=True)
+    x = torch.randn(2, 48, 40, device=DEVICE, requires_grad=True)
     with pytest.raises(RuntimeError, match="cannot train"):
         m(x, 37)
     for p in (m.weight, m.lora_A.weight, m.lora_B.weight):
         p.requires_grad_(False)
-    dy = torch.randn(2, 48, 24, device=DEV)
+    dy = torch.randn(2, 48, 24, device=DEVICE)
     m(x, 37).backward(dy)  # frozen adapter, grads of x and bias still flow
     dx, db = x.grad.clone(), m.bias.grad.clone()
     x.grad = m.bias.grad = None
@@ -230,16 +229,16 @@ def test_fold_mode_validation():
     with pytest.raises(ValueError, match="fold_mode"):
         m.fold_mode = "merge"
     with pytest.raises(RuntimeError, match="rank-0"):
-        RefLoRALinear(8, 8, rank=0).folded_weight()
+        RefLoRALinear(8, 8, rank=0, device=DEVICE).folded_weight()
     assert "fold_mode='auto'" in repr(m)
 
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_folded_linear_torch_inference_writes_every_row(bias):
     """The no-autograd path writes both GEMMs into one output (nan_empty catches a gap)."""
-    x = torch.randn(3, 45, 40, device=DEV)
-    w, w_ref = torch.randn(24, 40, device=DEV), torch.randn(24, 40, device=DEV)
-    b = torch.randn(24, device=DEV) if bias else None
+    x = torch.randn(3, 45, 40, device=DEVICE)
+    w, w_ref = torch.randn(24, 40, device=DEVICE), torch.randn(24, 40, device=DEVICE)
+    b = torch.randn(24, device=DEVICE) if bias else None
     with torch.no_grad():
         y = folded_linear_torch(x, w, w_ref, b, 5)
     expect = torch.cat([F.linear(x[:, :5], w, b), F.linear(x[:, 5:], w_ref, b)], 1)

@@ -1,5 +1,6 @@
 """WildActor model: reference KV cache, reference-only adapters, training, meta builds, weights I/O,
-input validation. CPU, reference backend, tiny configs."""
+input validation. CPU, reference backend, tiny configs; the Triton-backend test runs on
+``helpers.DEVICE`` (CUDA when present)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 
 import pytest
 import torch
-from helpers import assert_close_verbose, max_err
+from helpers import DEVICE, assert_close_verbose, max_err
 
 from model import RefCache, Reference, WildActor, WildActorConfig
 from model.config import PRESETS
@@ -226,8 +227,8 @@ def test_triton_backend_matches_reference():
     joint and cached forward, and the adapter gradients."""
     from wildactor_kernels._utils import interpreter_active, triton_available
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if not triton_available() or (dev == "cpu" and not interpreter_active()):
+    dev = DEVICE
+    if not triton_available() or (dev.type == "cpu" and not interpreter_active()):
         pytest.skip("needs Triton on CUDA or TRITON_INTERPRET=1")
     m = _model(lora_scale=0.1).to(dev).train()
     x, t, ctx = (a.to(dev) for a in _inputs(b=1, t=2, h=4, w=4))

@@ -3,6 +3,10 @@
 Quality is stated as SQNR in dB (torchao's habit): ``10 log10(||ref||^2 / ||ref - quant||^2)``
 of the quantized model's output against the unquantized model in the same dtype (bf16), and of
 every converted layer applied to the exact input its unquantized twin saw.
+
+The per-token kernel tests and the model test with ``act_backend="triton"`` run on
+``helpers.DEVICE`` (CUDA when present); the other model tests stay on the CPU (their backend
+"auto" picks the reference there).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import logging
 import pytest
 import torch
 import torch.nn as nn
-from helpers import assert_close_verbose
+from helpers import DEVICE, assert_close_verbose
 
 from wildactor_kernels.quant import (
     FP8_DTYPE,
@@ -48,32 +52,36 @@ def _assert_same_quant(got, want, name="q"):
 
 
 # =========================================================================== per-token kernel
+def _randn(*shape, dtype=torch.float32):
+    """Drawn on the CPU (the same data on every device), moved to DEVICE before any view."""
+    return torch.randn(*shape, dtype=dtype).to(DEVICE)
+
+
 def _strided_rows():
-    return torch.randn(64, 100)[::2, 3:90]  # row stride 200, K = 87
+    return _randn(64, 100)[::2, 3:90]  # row stride 200, K = 87
 
 
 def _column_major():
-    return torch.randn(64, 50).t()  # stride (1, 50)
+    return _randn(64, 50).t()  # stride (1, 50)
 
 
 @pytest.mark.parametrize("make, pad_to", [
-    pytest.param(lambda: torch.randn(1, 16), 1, id="1x16"),
-    pytest.param(lambda: torch.randn(37, 70) * 5, 1, id="37x70-fp32"),
-    pytest.param(lambda: torch.randn(211, 33, dtype=torch.bfloat16), 16, id="211x33-bf16-pad16"),
-    pytest.param(lambda: torch.randn(9, 130, dtype=torch.float16) * 100, 16, id="9x130-fp16-pad16"),
-    pytest.param(lambda: torch.randn(2, 7, 45, dtype=torch.bfloat16), 16, id="3d-2x7x45"),
+    pytest.param(lambda: _randn(1, 16), 1, id="1x16"),
+    pytest.param(lambda: _randn(37, 70) * 5, 1, id="37x70-fp32"),
+    pytest.param(lambda: _randn(211, 33, dtype=torch.bfloat16), 16, id="211x33-bf16-pad16"),
+    pytest.param(lambda: _randn(9, 130, dtype=torch.float16) * 100, 16, id="9x130-fp16-pad16"),
+    pytest.param(lambda: _randn(2, 7, 45, dtype=torch.bfloat16), 16, id="3d-2x7x45"),
     pytest.param(_strided_rows, 16, id="strided-rows"),
     pytest.param(_column_major, 1, id="column-major"),
-    pytest.param(lambda: torch.randn(3, 20000), 16, id="two-sweep-K20000"),
-    pytest.param(lambda: torch.cat([torch.zeros(2, 24), torch.randn(3, 24) * 1e-30]), 1,
+    pytest.param(lambda: _randn(3, 20000), 16, id="two-sweep-K20000"),
+    pytest.param(lambda: torch.cat([torch.zeros(2, 24, device=DEVICE), _randn(3, 24) * 1e-30]), 1,
                  id="zero-and-tiny-rows"),
 ])
 def test_per_token_kernel_matches_reference(make, pad_to, nan_empty):
     """Interpreter (CPU) or compiled (GPU) kernel: codes and scales bit-identical to the torch
     reference (the kernel divides with div_rn, so this holds on GPU too)."""
     x = make()
-    if HAS_CUDA:
-        x = x.cuda()
+    assert x.device == DEVICE
     got = per_token_quant_fp8(x, pad_to=pad_to, backend="triton")
     _assert_same_quant(got, per_token_quant_fp8_ref(x, pad_to))
     k = x.shape[-1]
@@ -102,7 +110,8 @@ def test_interpreter_store_mode_is_launcher_cast():
         assert fp8_store_mode(torch.device("cuda")) == "kernel"
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="documents the CPU interpreter only")
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter-only: documents the CPU interpreter's own fp32 -> fp8 "
+                                     "conversion (store_mode='kernel' on CPU tensors)")
 @pytest.mark.xfail(strict=False, reason="Triton 3.9 interpreter: fp32 -> fp8e4nv conversion mis-rounds at "
                                         "exponent carries (125.06 -> 64) and flushes subnormals")
 def test_interpreter_native_fp8_store():
@@ -374,10 +383,13 @@ def test_fp8_fallback_is_visible_on_cpu(tiny, caplog):
 
 
 def test_fp8_activation_kernel_in_model(tiny):
-    """act_backend='triton' (interpreter on CPU) gives the same model output as the reference."""
-    from model.quant import Float8Config
+    """act_backend='triton' (interpreter on CPU, compiled on CUDA) gives the same model output as
+    the reference; model and inputs on DEVICE."""
+    from model.quant import Float8Config, _random_inputs
 
-    m, inputs = tiny
+    m, _ = tiny
+    m = copy.deepcopy(m).to(DEVICE)
+    inputs = _random_inputs(m.cfg, DEVICE, torch.bfloat16, seed=0)  # the fixture's, on DEVICE
     a = _quantized(m, "fp8", config=Float8Config(act_backend="reference"))
     b = _quantized(m, "fp8", config=Float8Config(act_backend="triton"))
     with torch.no_grad():

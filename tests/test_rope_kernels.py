@@ -5,14 +5,14 @@ the error of the reference run in the same dtype (plus a small atol), for the fo
 every gradient. Positions come from real token layouts (video + face/body references), token
 counts are not block multiples, and ``nan_empty`` makes any element a kernel forgets to write
 show up as NaN. Under the CPU interpreter the file checks fp32 and fp16; bf16 and model-sized
-shapes are GPU-marked.
+shapes are GPU-marked. The kernels' inputs live on ``helpers.DEVICE`` (CUDA when present).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close_verbose, assert_within_baseline, rope_fp64
+from helpers import DEVICE, assert_close_verbose, assert_within_baseline, rope_fp64
 
 import wildactor_kernels as wk
 from wildactor_kernels.rope import apply_rope_ref, qk_norm_rope_ref
@@ -38,7 +38,7 @@ REF_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
 
 
-def _tables(layout_name: str, d: int, device="cpu"):
+def _tables(layout_name: str, d: int, device=DEVICE):
     layout = LAYOUTS[layout_name] if isinstance(layout_name, str) else layout_name
     pos = wk.irope_positions(layout, face_offset=1, body_offset=2, spatial_shift=True)
     cos, sin = wk.rope_cos_sin(pos.to(device), d)
@@ -69,7 +69,7 @@ def qk_norm_rope_fp64(x, w, pos, eps=EPS):
 
 
 # =========================================================================== apply_rope
-def _run_apply_rope(make_x, layout, d, dtype, device="cpu"):
+def _run_apply_rope(make_x, layout, d, dtype, device=DEVICE):
     """``make_x(leaf)`` builds the kernel input (possibly a view) from one leaf tensor, so
     gradients are compared on the leaf, through the view."""
     pos, cos, sin = _tables(layout, d, device)
@@ -84,7 +84,7 @@ def _run_apply_rope(make_x, layout, d, dtype, device="cpu"):
             assert y.is_contiguous()
         elif kind == "ref":
             y = apply_rope_ref(x, cos, sin)
-        else:  # the fp64 truth is computed on the CPU (rope_fp64 builds its angles there)
+        else:  # the fp64 truth is computed on the CPU
             y = rope_fp64(x.cpu(), pos, d)
         outs[kind] = y
         (grads[kind],) = torch.autograd.grad(y, leaf, dy.to(y))
@@ -159,13 +159,13 @@ def test_apply_rope(b, layout, h, d, dtype):
 def test_apply_rope_non_contiguous(view, dtype):
     b, layout, h, d = 2, "N37", 3, 24
     make_x = view(b, LAYOUTS[layout].num_tokens, h, d)
-    assert not make_x(torch.empty(make_x.leaf_shape)).is_contiguous()
+    assert not make_x(torch.empty(make_x.leaf_shape, device=DEVICE)).is_contiguous()
     _run_apply_rope(make_x, layout, d, dtype)
 
 
 # =========================================================================== qk_norm_rope
 def _run_qk_norm_rope(b, layout, h, d, dtype, weights="both", fused=False, weight_dtype=None,
-                      device="cpu"):
+                      device=DEVICE):
     """Forward and every gradient of the fused q/k RMSNorm + I-RoPE, three ways.
 
     ``weights``: "both", "none" or "q-only"; ``fused``: q and k are slices of one [B, N, 3, H, D]
@@ -242,7 +242,7 @@ def test_qk_norm_rope_one_weight_fp32_weights_fp16_inputs():
 
 def test_qk_norm_rope_rejects_mixed_dtypes():
     _, cos, sin = _tables("N37", 16)
-    q = torch.randn(1, 37, 2, 16)
+    q = torch.randn(1, 37, 2, 16, device=DEVICE)
     with pytest.raises(TypeError, match="dtype"):
         wk.qk_norm_rope(q, q.half(), None, None, cos, sin, backend="triton")
 
@@ -250,15 +250,15 @@ def test_qk_norm_rope_rejects_mixed_dtypes():
 def test_broadcast_grads_and_empty_sequences():
     """``loss = y.sum()`` hands the backward a stride-0 (expanded) gradient; N = 0 launches nothing."""
     _, cos, sin = _tables("N37", 16)
-    x = torch.randn(2, 37, 3, 16, requires_grad=True)
+    x = torch.randn(2, 37, 3, 16, device=DEVICE, requires_grad=True)
     wk.apply_rope(x, cos, sin, backend="triton").sum().backward()
     gx = x.grad.clone()
     x.grad = None
     apply_rope_ref(x, cos, sin).sum().backward()
     assert_close_verbose(gx, x.grad, atol=1e-5, rtol=1e-5, name="dx (expanded dy)")
 
-    q, k = (torch.randn(2, 37, 3, 16, requires_grad=True) for _ in range(2))
-    w = torch.rand(48, requires_grad=True)
+    q, k = (torch.randn(2, 37, 3, 16, device=DEVICE, requires_grad=True) for _ in range(2))
+    w = torch.rand(48, device=DEVICE, requires_grad=True)
     qo, ko = wk.qk_norm_rope(q, k, w, None, cos, sin, backend="triton")
     got = torch.autograd.grad(qo.sum() + ko.sum(), (q, k, w))
     qo, ko = qk_norm_rope_ref(q, k, w, None, cos, sin)
@@ -266,13 +266,13 @@ def test_broadcast_grads_and_empty_sequences():
     for name, a, e in zip(("dq", "dk", "dw"), got, want):
         assert_close_verbose(a, e, atol=1e-4, rtol=1e-4, name=name + " (expanded dy)")
 
-    x0 = torch.randn(2, 0, 3, 16, requires_grad=True)
+    x0 = torch.randn(2, 0, 3, 16, device=DEVICE, requires_grad=True)
     cos0, sin0 = cos[:0], sin[:0]
     y0 = wk.apply_rope(x0, cos0, sin0, backend="triton")
     assert y0.shape == x0.shape
     y0.sum().backward()
-    q0, k0 = (torch.randn(2, 0, 3, 16, requires_grad=True) for _ in range(2))
-    w0 = torch.rand(48, requires_grad=True)
+    q0, k0 = (torch.randn(2, 0, 3, 16, device=DEVICE, requires_grad=True) for _ in range(2))
+    w0 = torch.rand(48, device=DEVICE, requires_grad=True)
     out = wk.qk_norm_rope(q0, k0, w0, w0, cos0, sin0, backend="triton")
     dw0 = torch.autograd.grad(out[0].sum() + out[1].sum(), w0)[0]
     assert torch.equal(dw0, torch.zeros_like(dw0))
