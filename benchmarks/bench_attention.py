@@ -37,13 +37,16 @@ Usage::
 
 Results are appended to ``benchmarks/results/bench_attention.json`` (``--out``) and the run's
 table written beside it as ``bench_attention_<gpu>.md`` (GPU name, versions, commit and date
-included; the whole ``benchmarks.harness.env_record`` in the JSON).
+included; the whole ``benchmarks.harness.env_record`` in the JSON; runs of one session under
+``$WILDACTOR_RUN_ID`` share the table). Stopped by Ctrl-C / ``timeout -s INT``, it writes the
+shapes measured so far and exits 130.
 Without a CUDA device the script says so and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -258,7 +261,20 @@ def run_cached(args, shape, device, dtype, peak) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- output
-def _markdown(run: dict) -> str:
+def _session_rows(path: str) -> list[dict]:
+    """The rows of the last run in ``path`` and of the runs before it in the same session
+    (``harness.session_runs``: one ``$WILDACTOR_RUN_ID``), oldest first."""
+    with open(path, encoding="utf-8") as fh:
+        runs = json.load(fh)
+    return [r for run in harness.session_runs(runs) for r in run.get("results", [])]
+
+
+def _e(v) -> str:
+    return "-" if v is None else f"{float(v):.2e}"  # JSON keeps a non-finite error as a string
+
+
+def _markdown(run: dict, rows: list[dict] | None = None) -> str:
+    """The table of ``rows`` (default: the run's own) under ``run``'s provenance line."""
     lines = [
         "# bench_attention",
         "",
@@ -273,12 +289,11 @@ def _markdown(run: dict) -> str:
         "| op | mode | shape | impl | ms | p20 | p80 | TFLOP/s | % peak | max abs err | status |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for r in run["results"]:
+    for r in run["results"] if rows is None else rows:
         if r["status"] == "ok":
-            err = r.get("max_abs_err")
             lines.append(f"| {r['op']} | {r['mode']} | {r['shape']} | {r['impl']} | {r['ms']:.3f} | "
                          f"{r['ms_p20']:.3f} | {r['ms_p80']:.3f} | {r['tflops']:.1f} | "
-                         f"{r['pct_peak']:.1f} | {'-' if err is None else f'{err:.2e}'} | ok |")
+                         f"{r['pct_peak']:.1f} | {_e(r.get('max_abs_err'))} | ok |")
         else:
             msg = r["error"].replace("|", "/").replace("\n", " ")[:160]
             lines.append(f"| {r['op']} | {r['mode']} | {r['shape']} | {r['impl']} | | | | | | | "
@@ -319,23 +334,24 @@ def main(argv=None) -> int:
     print(f"# {harness.env_summary(env)} | {args.dtype} | peak {peak:.0f} TFLOP/s", flush=True)
     print(f"{'op':6s} {'mode':8s} {'shape':13s} {'impl':17s} {'ms':>9s} {'p20':>9s} {'p80':>9s} "
           f"{'TFLOP/s':>7s} {'%peak':>6s} {'max|err|':>9s}", flush=True)
-    rows = []
-    for shape in args.shapes:
-        if "joint" in args.ops:
-            rows += run_joint(args, shape, device, dtype, peak)
-        if "cached" in args.ops:
-            rows += run_cached(args, shape, device, dtype, peak)
+    rows, partial = [], {}
+    with harness.keep_partial(partial):
+        for shape in args.shapes:
+            if "joint" in args.ops:
+                rows += run_joint(args, shape, device, dtype, peak)
+            if "cached" in args.ops:
+                rows += run_cached(args, shape, device, dtype, peak)
     print(f"# total {time.perf_counter() - t_start:.0f} s", flush=True)
     run = harness.script_run("bench_attention", env, dtype=args.dtype, peak_tflops=peak,
                              rope_mode_default=K.ROPE_MODE, warmup_ms=args.warmup, rep_ms=args.rep,
-                             min_reps=args.min_reps, results=rows)
+                             min_reps=args.min_reps, **partial, results=rows)
     out_json = harness.resolve_out(args.out, "bench_attention.json", bare_in_results=False)
     out_md = os.path.join(os.path.dirname(os.path.abspath(out_json)),
                           f"bench_attention_{harness.file_slug(env['gpu'] or 'cpu')}.md")
     harness.append_json_run(out_json, run)
-    harness.write_text(out_md, _markdown(run))
+    harness.write_text(out_md, _markdown(run, _session_rows(out_json)))
     print(f"# appended {len(rows)} rows to {out_json}; table in {out_md}")
-    return 0
+    return 130 if partial else 0
 
 
 if __name__ == "__main__":

@@ -129,13 +129,14 @@ def _parse(argv):
     return ap.parse_args(argv)
 
 
-def run_benchmarks(args, device, peak=None) -> list[dict]:
+def run_benchmarks(args, device, peak=None, rows=None) -> list[dict]:
     """Measure every (linear, mode, impl), print one line each and return the rows (``peak``:
-    dense TFLOP/s for the %% column, None to leave it empty)."""
+    dense TFLOP/s for the %% column, None to leave it empty), appended one by one to ``rows``
+    when given (what was measured before an interruption stays there)."""
     dtype = DTYPES[args.dtype]
     print(f"{'linear':8s} {'mode':8s} {'impl':12s} {'ms':>8s} {'p20':>8s} {'p80':>8s} {'TFLOP/s':>8s} "
           f"{'%peak':>6s} {'vs base':>8s} {'max|err|':>9s}")
-    rows = []
+    rows = [] if rows is None else rows
     for lin in args.linears:
         din, dout = LINEARS[lin]
         case = _case(din, dout, args.batch, args.num_video, args.num_ref, args.rank, dtype, device)
@@ -221,17 +222,19 @@ def main(argv=None) -> int:
     print(f"# {harness.env_summary(env)} | {args.dtype} | "
           f"B={args.batch} Nv={args.num_video} Nr={args.num_ref} rank={args.rank}"
           + (f" | dense peak {peak:.0f} TFLOP/s" if peak else ""), flush=True)
-    rows = run_benchmarks(args, device, peak)
+    rows, partial = [], {}
+    with harness.keep_partial(partial):
+        run_benchmarks(args, device, peak, rows)
     run = harness.script_run("bench_lora", env, dtype=args.dtype, batch=args.batch, num_video=args.num_video,
                              num_ref=args.num_ref, rank=args.rank, peak_tflops=peak, warmup_ms=args.warmup,
-                             rep_ms=args.rep, results=rows)
+                             rep_ms=args.rep, **partial, results=rows)
     path = harness.append_json_run(harness.resolve_out(args.out, "bench_lora.json"), run)
     print(f"# appended {len(rows)} rows to {path}")
     md = harness.resolve_out(args.md or f"bench_lora_{harness.file_slug(env['gpu'] or 'cpu', '_')}.md",
                              "bench_lora.md")
     harness.write_text(md, _markdown(run, rows))
     print(f"# wrote {md}")
-    return 0
+    return 130 if partial else 0
 
 
 if __name__ == "__main__":

@@ -344,12 +344,15 @@ def main(argv: list[str] | None = None) -> int:
     elif torch.cuda.get_device_capability(device) < (8, 9):
         run["notes"].append("GPU below sm_89: torch._scaled_mm FP8 rows will report errors")
 
-    if "layers" in sections:
-        run["layers"] = bench_layers(device, args.m, args.quick)
-    if "block" in sections:
-        run["block"] = bench_block(device, args.quick)
-    if "memory" in sections:
-        run["memory"] = memory_table(device, measure=not args.no_measure_memory)
+    with harness.keep_partial(run):  # Ctrl-C / timeout -s INT: the finished sections are written
+        if "layers" in sections:
+            run["layers"] = bench_layers(device, args.m, args.quick)
+        if "block" in sections:
+            run["block"] = bench_block(device, args.quick)
+        if "memory" in sections:
+            run["memory"] = memory_table(device, measure=not args.no_measure_memory)
+    if "interrupted" in run:
+        run["notes"].append(run["interrupted"])
     run["env"] = env
 
     slug = harness.file_slug(env["gpu"] or "cpu")
@@ -358,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     harness.write_text(os.path.join(args.out_dir, f"bench_quant_{slug}.md"), md)
     print(md)
     print(f"appended to {jpath}")
-    return 0
+    return 130 if "interrupted" in run else 0
 
 
 if __name__ == "__main__":

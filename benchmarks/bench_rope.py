@@ -130,13 +130,14 @@ def _parse(argv):
     return ap.parse_args(argv)
 
 
-def run_benchmarks(args, device, peak=None) -> list[dict]:
+def run_benchmarks(args, device, peak=None, rows=None) -> list[dict]:
     """Measure every (op, shape, mode, impl) and print one line each (``peak``: HBM GB/s for
-    the %% column, None to leave it empty). Returns the rows."""
+    the %% column, None to leave it empty). Returns the rows, appended one by one to ``rows``
+    when given (what was measured before an interruption stays there)."""
     dtype = DTYPES[args.dtype]
     print(f"{'op':13s} {'mode':8s} {'shape':13s} {'impl':10s} {'ms':>8s} {'p20':>8s} {'p80':>8s} "
           f"{'GB/s':>7s} {'%peak':>6s} {'max|err|':>9s}")
-    rows = []
+    rows = [] if rows is None else rows
     for op in args.ops:
         for shape in args.shapes:
             case = CASES[op](SHAPES[shape], dtype, device)
@@ -190,14 +191,16 @@ def main(argv=None) -> int:
     peak = args.peak_gbps or harness.device_hbm_gbps(env["gpu"])
     print(f"# {harness.env_summary(env)} | {args.dtype}" + (f" | HBM peak {peak:.0f} GB/s" if peak else ""),
           flush=True)
-    rows = run_benchmarks(args, device, peak)
+    rows, partial = [], {}
+    with harness.keep_partial(partial):
+        run_benchmarks(args, device, peak, rows)
     if args.out:
         path = harness.append_json_run(
             harness.resolve_out(args.out, "bench_rope.json"),
             harness.script_run("bench_rope", env, dtype=args.dtype, hbm_peak_gbps=peak, warmup_ms=args.warmup,
-                               rep_ms=args.rep, results=rows))
+                               rep_ms=args.rep, **partial, results=rows))
         print(f"# appended {len(rows)} rows to {path}")
-    return 0
+    return 130 if partial else 0
 
 
 if __name__ == "__main__":

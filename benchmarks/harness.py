@@ -27,6 +27,7 @@ stored as ``{"status": "failed", "error": ...}`` (:func:`failed`), never as zero
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -75,6 +76,8 @@ __all__ = [
     "file_slug",
     "resolve_out",
     "script_run",
+    "session_runs",
+    "keep_partial",
     "append_json_run",
     "write_text",
 ]
@@ -443,7 +446,12 @@ def run_peer(measure: Callable[[], Mapping[str, Any]], **fields: Any) -> dict[st
 
 
 def new_run_id() -> str:
-    """Identifier shared by the rows of one run (UTC time + random suffix)."""
+    """Identifier shared by the rows of one run (UTC time + random suffix), or
+    ``$WILDACTOR_RUN_ID`` when set: several processes then write one run (a GPU session's
+    scripts, one model shape per process; see ``benchmarks/gpu_session.sh``)."""
+    fixed = os.environ.get("WILDACTOR_RUN_ID", "").strip()
+    if fixed:
+        return fixed
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
@@ -520,11 +528,40 @@ def resolve_out(path: str, default_name: str, *, bare_in_results: bool = True) -
 def script_run(benchmark: str, env: Mapping[str, Any], **fields: Any) -> dict[str, Any]:
     """One run of a per-kernel script as its JSON file stores it: ``benchmark``, ``gpu``,
     ``torch``, ``triton``, ``commit`` and ``date`` (what :func:`benchmarks.report.index_markdown`
-    reads), then ``fields`` (options, ``results`` rows, ...), then the whole environment record
-    ``env``."""
+    reads), ``run_id`` (:func:`new_run_id`), then ``fields`` (options, ``results`` rows, ...),
+    then the whole environment record ``env``."""
     return {"benchmark": benchmark, "gpu": env.get("gpu"), "torch": env.get("torch"),
             "triton": env.get("triton"), "commit": commit_label(env), "date": env.get("date_utc"),
-            **fields, "env": dict(env)}
+            "run_id": new_run_id(), **fields, "env": dict(env)}
+
+
+def session_runs(runs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The last run of a script's JSON list and the runs just before it with the same ``run_id``
+    (one script called several times in one session under ``$WILDACTOR_RUN_ID``), oldest first."""
+    if not runs:
+        return []
+    rid = runs[-1].get("run_id")
+    out = [runs[-1]]
+    if rid:
+        for r in reversed(runs[:-1]):
+            if r.get("run_id") != rid:
+                break
+            out.append(r)
+    return out[::-1]
+
+
+@contextlib.contextmanager
+def keep_partial(run: dict[str, Any]):
+    """Measure inside this block: a KeyboardInterrupt (Ctrl-C, or the SIGINT of ``timeout -s INT``
+    at a script's time limit) ends the measurements early and sets ``run["interrupted"]`` instead
+    of propagating, so the script still writes the rows measured before it (and exits 130)."""
+    t0 = time.perf_counter()
+    try:
+        yield run
+    except KeyboardInterrupt:
+        run["interrupted"] = (f"KeyboardInterrupt after {time.perf_counter() - t0:.0f} s: the results hold "
+                              f"the rows measured before it")
+        print(f"# {run['interrupted']}; writing them", flush=True)
 
 
 def append_json_run(path: str, run: Mapping[str, Any]) -> str:

@@ -8,6 +8,9 @@ runs, each with its ``results`` rows). Outputs, next to the inputs:
 - ``<kind>.png``: a plot (model step times per path and shape) when matplotlib is installed;
 - ``index.md``: every result file with the device, date and commit of its latest run.
 
+``--choices`` prints the comparison behind the two kernel defaults left to the GPU (``ROPE_MODE``,
+``RefLoRALinear.AUTO_FOLD_INFERENCE``) from the latest session of the kernel scripts' JSON.
+
 ``--readme`` prints the block for README.md (the latest model-step table with device and
 date) between ``<!-- bench:start -->`` and ``<!-- bench:end -->``; ``--update-readme PATH``
 replaces that block in PATH when both markers are there (:func:`update_readme`).
@@ -18,6 +21,7 @@ Usage::
     python -m benchmarks.report --results /tmp/wildactor-bench/model_step.jsonl --no-plots
     python -m benchmarks.report --readme              # print the README block
     python -m benchmarks.report --update-readme README.md
+    python -m benchmarks.report --choices             # ROPE_MODE / AUTO_FOLD_INFERENCE numbers
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks import harness  # noqa: E402
 from benchmarks.harness import RESULTS_DIR, read_jsonl  # noqa: E402
 
 README_START = "<!-- bench:start -->"
@@ -43,7 +48,7 @@ README_END = "<!-- bench:end -->"
 PATH_ORDER = ("eager", "compile", "ours-bf16", "ours-fp8")
 
 __all__ = ["load_rows", "latest_run", "model_markdown", "generic_markdown", "write_reports", "plot_model",
-           "index_markdown", "readme_block", "update_readme", "main"]
+           "index_markdown", "kernel_choices", "readme_block", "update_readme", "main"]
 
 
 # ============================================================================ loading
@@ -346,15 +351,97 @@ def index_markdown(results_dir: str = RESULTS_DIR) -> str:
         runs = _json_runs(f)
         if not runs:
             continue
+        session = harness.session_runs(runs)  # the last run, with the runs of its session before it
         last = runs[-1]
         meta = last.get("meta", last)
         who = meta.get("gpu") or meta.get("device") or "?"
+        also = (f" (+{len(session) - 1} earlier runs of its session, rows included)"
+                if len(session) > 1 else "")
         lines.append(f"- `{os.path.basename(f)}` ({len(runs)} runs): latest {who} "
-                     f"| torch {meta.get('torch')} | commit {meta.get('commit')} | {meta.get('date')}")
-        for key, rows in last.items():  # "results" (rope, lora), "layers"/"block" (quant), ...
-            if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
-                lines += ["", f"`{key}`:", "", generic_markdown(rows), ""]
+                     f"| torch {meta.get('torch')} | commit {meta.get('commit')} | {meta.get('date')}{also}")
+        tables: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        for run in session:
+            for key, rows in run.items():  # "results" (rope, lora), "layers"/"block" (quant), ...
+                if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+                    tables.setdefault(key, []).extend(rows)
+            if run.get("interrupted"):
+                lines += ["", f"> {_cell(run['interrupted'])}"]
+        for key, rows in tables.items():
+            lines += ["", f"`{key}`:", "", generic_markdown(rows), ""]
     return "\n".join(lines) + "\n"
+
+
+# ============================================================================ kernel defaults
+#: Times within this factor of each other are treated as a tie (noise, clocks): keep the default.
+TIE = 1.03
+
+
+def _session_rows(path: str, key: str = "results") -> list[dict[str, Any]]:
+    return [r for run in harness.session_runs(_json_runs(path)) for r in (run.get(key) or [])
+            if isinstance(r, dict)]
+
+
+def _ms_of(rows: Sequence[dict[str, Any]], **match: Any) -> float | None:
+    """Median ms of the last ok row matching ``match``, or None."""
+    hits = [r for r in rows if all(r.get(k) == v for k, v in match.items())
+            and r.get("status", "ok") == "ok" and "error" not in r and _num(r.get("ms")) is not None]
+    return _num(hits[-1]["ms"]) if hits else None
+
+
+def _geomean(xs: Sequence[float]) -> float | None:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def kernel_choices(results_dir: str = RESULTS_DIR) -> str:
+    """The two defaults DESIGN leaves to the GPU, from the latest session of
+    ``bench_attention.json`` and ``bench_lora.json``: time ratios and a suggestion.
+
+    - ``ROPE_MODE``: prologue/fused time per shape for joint fwd, joint fwd+bwd and cached fwd;
+      "fused" is suggested when their geometric mean is at least :data:`TIE`, else "prologue".
+    - ``RefLoRALinear.AUTO_FOLD_INFERENCE``: unfolded ``triton`` / folded ``fold_triton`` forward
+      time per linear (the paths ``fold_mode="auto"`` picks between in inference with the Triton
+      backend); True is suggested when their geometric mean is at least :data:`TIE`. Folding keeps
+      one extra ``[Dout, Din]`` weight per adapted linear: weigh the memory too.
+    """
+    out = ["# Kernel defaults from the latest GPU session", ""]
+    att = os.path.join(results_dir, "bench_attention.json")
+    rows = _session_rows(att) if os.path.exists(att) else []
+    ratios = []
+    out += ["## ROPE_MODE (wildactor_kernels/attention/kernels.py)", "",
+            "| shape | op | mode | ours-prologue ms | ours-fused ms | prologue / fused |",
+            "|---|---|---|---|---|---|"]
+    for shape in OrderedDict.fromkeys(str(r.get("shape")) for r in rows):
+        for op, mode in (("joint", "fwd"), ("joint", "fwd+bwd"), ("cached", "fwd")):
+            pro = _ms_of(rows, shape=shape, op=op, mode=mode, impl="ours-prologue")
+            fus = _ms_of(rows, shape=shape, op=op, mode=mode, impl="ours-fused")
+            if pro is None or fus is None:
+                continue
+            ratios.append(pro / fus)
+            out.append(f"| {shape} | {op} | {mode} | {_ms(pro)} | {_ms(fus)} | {pro / fus:.3f} |")
+    g = _geomean(ratios)
+    out += ["", "No ours-fused/ours-prologue pairs measured: keep the default." if g is None else
+            f"Geometric mean prologue/fused {g:.3f} -> suggest ROPE_MODE = "
+            f"{'fused' if g >= TIE else 'prologue'!r} (fused only when >= {TIE} faster).", ""]
+    lora = os.path.join(results_dir, "bench_lora.json")
+    rows = _session_rows(lora) if os.path.exists(lora) else []
+    ratios = []
+    out += ["## RefLoRALinear.AUTO_FOLD_INFERENCE (wildactor_kernels/lora/module.py)", "",
+            "| linear | triton ms (unfolded) | fold_triton ms | fold (cuBLAS x2) ms | triton / fold_triton |",
+            "|---|---|---|---|---|"]
+    for lin in OrderedDict.fromkeys(str(r.get("linear")) for r in rows):
+        unf = _ms_of(rows, linear=lin, mode="fwd", impl="triton")
+        fold = _ms_of(rows, linear=lin, mode="fwd", impl="fold_triton")
+        cub = _ms_of(rows, linear=lin, mode="fwd", impl="fold")
+        if unf is None or fold is None:
+            continue
+        ratios.append(unf / fold)
+        out.append(f"| {lin} | {_ms(unf)} | {_ms(fold)} | {_ms(cub)} | {unf / fold:.3f} |")
+    g = _geomean(ratios)
+    out += ["", "No triton/fold_triton pairs measured: keep the default." if g is None else
+            f"Geometric mean unfolded/folded {g:.3f} -> suggest AUTO_FOLD_INFERENCE = {g >= TIE} "
+            f"(True only when folding is >= {TIE} faster; it costs one extra weight per adapted linear).",
+            ""]
+    return "\n".join(out)
 
 
 # ============================================================================ README
@@ -401,7 +488,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readme", action="store_true", help="print the README block and exit")
     ap.add_argument("--update-readme", metavar="PATH", default=None,
                     help="replace the bench block in PATH (between the markers)")
+    ap.add_argument("--choices", action="store_true",
+                    help="print the ROPE_MODE / AUTO_FOLD_INFERENCE comparison of the latest kernel "
+                         "session (benchmarks/results, or the first --results folder) and exit")
     args = ap.parse_args(argv)
+    if args.choices:
+        folder = next((p for p in (args.results or []) if os.path.isdir(p)), RESULTS_DIR)
+        print(kernel_choices(folder))
+        return 0
     rows = load_rows(args.results)
     if args.readme:
         print(readme_block(rows))
