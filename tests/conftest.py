@@ -7,8 +7,8 @@
 - ``@pytest.mark.gpu``: skipped with a reason when there is no CUDA device.
 - With a CUDA device, every test that calls a Triton path builds its tensors on
   ``helpers.DEVICE`` (CUDA), and TF32 is off for the whole run: the fp64 baselines and the
-  "plain PyTorch in the same dtype" of the 2x rule must be IEEE fp32, and the Triton kernels read
-  ``torch.backends.cuda.matmul.allow_tf32`` to pick IEEE (not TF32) dots for fp32 inputs.
+  "plain PyTorch in the same dtype" of the 2x rule must be IEEE fp32, and the Triton kernels ask
+  ``wildactor_kernels._utils.tf32_allowed()`` to pick IEEE (not TF32) dots for fp32 inputs.
 """
 
 import os
@@ -23,8 +23,7 @@ import pytest  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 
 if HAS_CUDA:
-    # The legacy setters keep the legacy and the new (fp32_precision) TF32 state in step, so the
-    # legacy getter the kernels read never sees a mix of the two APIs.
+    # The legacy setters keep the legacy and the new (fp32_precision) TF32 state in step.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 

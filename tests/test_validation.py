@@ -143,3 +143,21 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
     q, k, v = _qkv()
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         wk.asym_attention(q, k, v, 5, backend="triton")
+
+
+def test_tf32_setting_reads_new_api_without_error():
+    """The kernels ask whether TF32 is allowed; with the torch >= 2.9 API set, the legacy flag
+    raises on read, so the library must read the new setting."""
+    from wildactor_kernels._utils import tf32_allowed
+
+    m = torch.backends.cuda.matmul
+    if not hasattr(m, "fp32_precision"):
+        pytest.skip("this torch has only the legacy allow_tf32 flag")
+    old = m.fp32_precision
+    try:
+        m.fp32_precision = "tf32"
+        assert tf32_allowed() is True
+        m.fp32_precision = "ieee"
+        assert tf32_allowed() is False
+    finally:
+        m.fp32_precision = old

@@ -70,6 +70,23 @@ def resolve_backend(backend: str, *tensors: torch.Tensor | None) -> str:
     return "triton"
 
 
+def tf32_allowed() -> bool:
+    """Whether the user allowed TF32 for fp32 CUDA matmuls (the kernels then use TF32 dots).
+
+    torch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision`` ("ieee" | "tf32" | "none");
+    reading the legacy ``allow_tf32`` after the new API was used raises, so the new setting is
+    read first and the legacy flag only when the new one is unset.
+    """
+    m = torch.backends.cuda.matmul
+    prec = getattr(m, "fp32_precision", None)
+    if prec in ("tf32", "ieee"):
+        return prec == "tf32"
+    try:
+        return bool(m.allow_tf32)
+    except RuntimeError:  # a mix of the two APIs: the new one said nothing specific
+        return False
+
+
 # --------------------------------------------------------------------------- validation
 def check_tensor(
     name: str,

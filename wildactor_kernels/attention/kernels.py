@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import interpreter_active
+from .._utils import interpreter_active, tf32_allowed
 from .reference import asym_attention_ref, cached_asym_attention_ref  # noqa: F401  (the spec)
 
 __all__ = ["asym_attention_triton", "cached_asym_attention_triton", "ROPE_MODE", "ROPE_MODES"]
@@ -613,7 +613,7 @@ def _dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
     (triton-lang/triton#11584), so there bf16 tiles are upcast before every dot. fp32 inputs use
     IEEE dots unless torch allows TF32 matmuls."""
     dot_f32 = interpreter_active() and dtype == torch.bfloat16
-    prec = "tf32" if (dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    prec = "tf32" if (dtype == torch.float32 and tf32_allowed()) else "ieee"
     return dot_f32, prec
 
 

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import interpreter_active
+from .._utils import interpreter_active, tf32_allowed
 
 __all__ = ["ref_lora_linear_triton", "ref_folded_linear_triton", "lora_gemm", "lora_shrink"]
 
@@ -69,7 +69,7 @@ def _rank_block(r: int, cap: int) -> int:
 
 def _dot_flags(dtype: torch.dtype) -> tuple[bool, bool]:
     upcast = interpreter_active() and dtype == torch.bfloat16
-    ieee = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    ieee = dtype == torch.float32 and not tf32_allowed()
     return upcast, ieee
 
 
