@@ -368,6 +368,141 @@ def test_engine_shapes_cover_the_profile(fp32_export):
     assert set(mn) == set(opt) == set(mx) == names
 
 
+class _FakeTRT:
+    """A stand-in for the ``tensorrt`` module that records what :func:`model.tensorrt.build_engine`
+    asks of the TensorRT 10 API (the real package is not installable here). The network's inputs
+    are the ONNX graph's inputs, dynamic axes as -1, as TensorRT's parser reports them."""
+
+    __version__ = "10.14.0-fake"
+
+    class Logger:
+        WARNING, VERBOSE = 2, 4
+
+        def __init__(self, level):
+            self.level = level
+
+    class NetworkDefinitionCreationFlag:
+        STRONGLY_TYPED = 5
+
+    class BuilderFlag:
+        FP16, BF16, TF32 = "FP16", "BF16", "TF32"
+
+    class MemoryPoolType:
+        WORKSPACE = "WORKSPACE"
+
+    def __init__(self):
+        self.calls = {"flags": None, "parsed": None, "config_flags": set(), "profile": {},
+                      "cleared": set(), "pool": None}
+        rec = self.calls
+
+        class _Input:
+            def __init__(self, name, shape):
+                self.name, self.shape = name, shape
+
+        class _Network:
+            inputs: list = []
+
+            @property
+            def num_inputs(self):
+                return len(self.inputs)
+
+            def get_input(self, i):
+                return self.inputs[i]
+
+        class _Parser:
+            num_errors = 0
+
+            def __init__(self, network, logger):
+                self.network = network
+
+            def parse_from_file(self, path):
+                rec["parsed"] = path
+                g = onnx.load(path, load_external_data=False).graph
+                self.network.inputs = [
+                    _Input(vi.name, tuple(d.dim_value if d.HasField("dim_value") else -1
+                                          for d in vi.type.tensor_type.shape.dim))
+                    for vi in g.input]
+                return True
+
+        class _Profile:
+            def set_shape(self, name, mn, opt, mx):
+                rec["profile"][name] = (mn, opt, mx)
+
+        class _Config:
+            def set_memory_pool_limit(self, pool, size):
+                rec["pool"] = (pool, size)
+
+            def set_flag(self, f):
+                rec["config_flags"].add(f)
+
+            def clear_flag(self, f):
+                rec["cleared"].add(f)
+
+            def add_optimization_profile(self, p):
+                rec["profile_added"] = True
+
+        class _Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                rec["flags"] = flags
+                return _Network()
+
+            def create_builder_config(self):
+                return _Config()
+
+            def create_optimization_profile(self):
+                return _Profile()
+
+            def build_serialized_network(self, network, config):
+                return b"fake-engine"
+
+        self.Builder, self.OnnxParser = _Builder, _Parser
+
+
+def test_build_engine_against_fake_tensorrt(fp32_export, fp8_bf16_export, tmp_path, monkeypatch):
+    """Everything up to TensorRT itself: network typing, profiles for every dynamic input, errors."""
+    import sys
+
+    from model.tensorrt import build_engine, engine_shapes
+
+    res, _ = fp32_export
+    mn, opt, mx = engine_shapes(res.manifest, frames=(1, 3, 5), height=(4, 8, 16), width=(4, 8, 16),
+                                text_len=(1, 5, 9), num_ref=(1, 10, 40))[E.DENOISER]
+    strongly = 1 << _FakeTRT.NetworkDefinitionCreationFlag.STRONGLY_TYPED
+
+    fake = _FakeTRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    out = build_engine(res.denoiser, tmp_path / "d.engine", "fp16", mn, opt, mx, workspace_gb=1, log=None)
+    assert out.read_bytes() == b"fake-engine"
+    assert fake.calls["parsed"] == str(res.denoiser)
+    assert fake.calls["flags"] == 0 and fake.calls["config_flags"] == {"FP16"}  # fp32 graph: weak typing
+    names = {vi.name for vi in onnx.load(str(res.denoiser), load_external_data=False).graph.input}
+    assert set(fake.calls["profile"]) == names  # every (dynamic) input has min/opt/max
+    for name, (a, b, c) in fake.calls["profile"].items():
+        assert all(x <= y <= z for x, y, z in zip(a, b, c)), name
+    assert fake.calls["pool"] == ("WORKSPACE", 1 << 30)
+
+    fake = _FakeTRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    build_engine(res.denoiser, tmp_path / "e.engine", "fp32", mn, opt, mx, tf32=False, log=None)
+    assert fake.calls["flags"] == strongly and "TF32" in fake.calls["cleared"]
+
+    m8, res8 = fp8_bf16_export
+    mn8, opt8, mx8 = engine_shapes(res8.manifest, frames=(1, 3, 5), height=(4, 8, 16), width=(4, 8, 16),
+                                   text_len=(1, 5, 9), num_ref=(1, 10, 40))[E.DENOISER]
+    fake = _FakeTRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    build_engine(res8.denoiser, tmp_path / "f.engine", "fp8", mn8, opt8, mx8, log=None)
+    assert fake.calls["flags"] == strongly and not fake.calls["config_flags"]  # FP8: strongly typed
+
+    with pytest.raises(ValueError, match="no min/opt/max shapes for dynamic inputs"):
+        build_engine(res.denoiser, tmp_path / "g.engine", "fp16", None, None, None, log=None)
+    with pytest.raises(ValueError, match="FP8 engines need the Q/DQ graph"):
+        build_engine(res.denoiser, tmp_path / "h.engine", "fp8", mn, opt, mx, log=None)
+
+
 def test_tensorrt_missing_is_a_clear_error(fp32_export, tmp_path):
     try:
         import tensorrt  # noqa: F401
