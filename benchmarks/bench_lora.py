@@ -133,10 +133,10 @@ def run_benchmarks(args, device, peak=None, rows=None) -> list[dict]:
     """Measure every (linear, mode, impl), print one line each and return the rows (``peak``:
     dense TFLOP/s for the %% column, None to leave it empty), appended one by one to ``rows``
     when given (what was measured before an interruption stays there)."""
+    rows = [] if rows is None else rows
     dtype = DTYPES[args.dtype]
     print(f"{'linear':8s} {'mode':8s} {'impl':12s} {'ms':>8s} {'p20':>8s} {'p80':>8s} {'TFLOP/s':>8s} "
           f"{'%peak':>6s} {'vs base':>8s} {'max|err|':>9s}")
-    rows = [] if rows is None else rows
     for lin in args.linears:
         din, dout = LINEARS[lin]
         case = _case(din, dout, args.batch, args.num_video, args.num_ref, args.rank, dtype, device)

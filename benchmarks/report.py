@@ -33,7 +33,7 @@ import math
 import os
 import sys
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -377,8 +377,24 @@ TIE = 1.03
 
 
 def _session_rows(path: str, key: str = "results") -> list[dict[str, Any]]:
+    """The ``key`` rows of the latest session in the JSON list of runs ``path`` (none if absent)."""
+    if not os.path.exists(path):
+        return []
     return [r for run in harness.session_runs(_json_runs(path)) for r in (run.get(key) or [])
             if isinstance(r, dict)]
+
+
+def _choice(title: str, header: Sequence[str], pairs: Iterable[tuple[list[str], float]],
+            verdict: Callable[[float], str]) -> list[str]:
+    """A section of :func:`kernel_choices`: the table of ``(cells, ratio)`` pairs, then
+    ``verdict`` of their geometric mean (or "keep the default" without pairs)."""
+    lines = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    ratios = []
+    for cells, ratio in pairs:
+        ratios.append(ratio)
+        lines.append("| " + " | ".join([*cells, f"{ratio:.3f}"]) + " |")
+    g = _geomean(ratios)
+    return lines + ["", "Nothing to compare measured: keep the default." if g is None else verdict(g), ""]
 
 
 def _ms_of(rows: Sequence[dict[str, Any]], **match: Any) -> float | None:
@@ -403,44 +419,36 @@ def kernel_choices(results_dir: str = RESULTS_DIR) -> str:
       backend); True is suggested when their geometric mean is at least :data:`TIE`. Folding keeps
       one extra ``[Dout, Din]`` weight per adapted linear: weigh the memory too.
     """
+    def rope_pairs(rows):
+        for shape in OrderedDict.fromkeys(str(r.get("shape")) for r in rows):
+            for op, mode in (("joint", "fwd"), ("joint", "fwd+bwd"), ("cached", "fwd")):
+                pro = _ms_of(rows, shape=shape, op=op, mode=mode, impl="ours-prologue")
+                fus = _ms_of(rows, shape=shape, op=op, mode=mode, impl="ours-fused")
+                if pro is not None and fus is not None:
+                    yield [shape, op, mode, _ms(pro), _ms(fus)], pro / fus
+
+    def fold_pairs(rows):
+        for lin in OrderedDict.fromkeys(str(r.get("linear")) for r in rows):
+            unf = _ms_of(rows, linear=lin, mode="fwd", impl="triton")
+            fold = _ms_of(rows, linear=lin, mode="fwd", impl="fold_triton")
+            if unf is not None and fold is not None:
+                cub = _ms(_ms_of(rows, linear=lin, mode="fwd", impl="fold"))
+                yield [lin, _ms(unf), _ms(fold), cub], unf / fold
+
     out = ["# Kernel defaults from the latest GPU session", ""]
-    att = os.path.join(results_dir, "bench_attention.json")
-    rows = _session_rows(att) if os.path.exists(att) else []
-    ratios = []
-    out += ["## ROPE_MODE (wildactor_kernels/attention/kernels.py)", "",
-            "| shape | op | mode | ours-prologue ms | ours-fused ms | prologue / fused |",
-            "|---|---|---|---|---|---|"]
-    for shape in OrderedDict.fromkeys(str(r.get("shape")) for r in rows):
-        for op, mode in (("joint", "fwd"), ("joint", "fwd+bwd"), ("cached", "fwd")):
-            pro = _ms_of(rows, shape=shape, op=op, mode=mode, impl="ours-prologue")
-            fus = _ms_of(rows, shape=shape, op=op, mode=mode, impl="ours-fused")
-            if pro is None or fus is None:
-                continue
-            ratios.append(pro / fus)
-            out.append(f"| {shape} | {op} | {mode} | {_ms(pro)} | {_ms(fus)} | {pro / fus:.3f} |")
-    g = _geomean(ratios)
-    out += ["", "No ours-fused/ours-prologue pairs measured: keep the default." if g is None else
-            f"Geometric mean prologue/fused {g:.3f} -> suggest ROPE_MODE = "
-            f"{'fused' if g >= TIE else 'prologue'!r} (fused only when >= {TIE} faster).", ""]
-    lora = os.path.join(results_dir, "bench_lora.json")
-    rows = _session_rows(lora) if os.path.exists(lora) else []
-    ratios = []
-    out += ["## RefLoRALinear.AUTO_FOLD_INFERENCE (wildactor_kernels/lora/module.py)", "",
-            "| linear | triton ms (unfolded) | fold_triton ms | fold (cuBLAS x2) ms | triton / fold_triton |",
-            "|---|---|---|---|---|"]
-    for lin in OrderedDict.fromkeys(str(r.get("linear")) for r in rows):
-        unf = _ms_of(rows, linear=lin, mode="fwd", impl="triton")
-        fold = _ms_of(rows, linear=lin, mode="fwd", impl="fold_triton")
-        cub = _ms_of(rows, linear=lin, mode="fwd", impl="fold")
-        if unf is None or fold is None:
-            continue
-        ratios.append(unf / fold)
-        out.append(f"| {lin} | {_ms(unf)} | {_ms(fold)} | {_ms(cub)} | {unf / fold:.3f} |")
-    g = _geomean(ratios)
-    out += ["", "No triton/fold_triton pairs measured: keep the default." if g is None else
-            f"Geometric mean unfolded/folded {g:.3f} -> suggest AUTO_FOLD_INFERENCE = {g >= TIE} "
-            f"(True only when folding is >= {TIE} faster; it costs one extra weight per adapted linear).",
-            ""]
+    out += _choice(
+        "## ROPE_MODE (wildactor_kernels/attention/kernels.py)",
+        ["shape", "op", "mode", "ours-prologue ms", "ours-fused ms", "prologue / fused"],
+        rope_pairs(_session_rows(os.path.join(results_dir, "bench_attention.json"))),
+        lambda g: f"Geometric mean prologue/fused {g:.3f} -> suggest ROPE_MODE = "
+                  f"{'fused' if g >= TIE else 'prologue'!r} (fused only when >= {TIE} faster).")
+    out += _choice(
+        "## RefLoRALinear.AUTO_FOLD_INFERENCE (wildactor_kernels/lora/module.py)",
+        ["linear", "triton ms (unfolded)", "fold_triton ms", "fold (cuBLAS x2) ms", "triton / fold_triton"],
+        fold_pairs(_session_rows(os.path.join(results_dir, "bench_lora.json"))),
+        lambda g: f"Geometric mean unfolded/folded {g:.3f} -> suggest AUTO_FOLD_INFERENCE = {g >= TIE} "
+                  f"(True only when folding is >= {TIE} faster; it costs one extra weight per adapted "
+                  f"linear).")
     return "\n".join(out)
 
 
@@ -509,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {p}")
     if args.results is None and os.path.isdir(RESULTS_DIR):
         idx = os.path.join(args.out_dir or RESULTS_DIR, "index.md")
+        os.makedirs(os.path.dirname(idx), exist_ok=True)
         with open(idx, "w", encoding="utf-8") as fh:
             fh.write(index_markdown(RESULTS_DIR))
         print(f"wrote {idx}")
