@@ -48,6 +48,7 @@ import math
 import os
 import time
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -881,7 +882,7 @@ def _as_tensor(x: Any) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
 
 
-class TwoGraphRunner:
+class TwoGraphRunner(ABC):
     """The host half shared by the onnxruntime and TensorRT runners.
 
     Subclasses implement :meth:`_encode` (``ref_patches, cos_r, sin_r -> ref_k, ref_v``) and
@@ -900,11 +901,13 @@ class TwoGraphRunner:
         self._rope: dict[TokenLayout, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ backend hooks
+    @abstractmethod
     def _encode(self, ref_patches, cos_r, sin_r) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """Run the reference-encoder graph."""
 
+    @abstractmethod
     def _denoise(self, latents, timestep, context, ref_k, ref_v, cos_v, sin_v) -> torch.Tensor:
-        raise NotImplementedError
+        """Run the denoiser graph."""
 
     @property
     def device(self) -> torch.device:

@@ -14,9 +14,6 @@ interpreter's fp32 upcast); model-sized bf16/fp16 shapes are GPU-marked. The ker
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,6 +23,7 @@ from helpers import (
     assert_within_baseline,
     dense_asym_attention_fp64,
     rope_fp64,
+    run_sm90_build,
 )
 
 import wildactor_kernels as wk
@@ -379,15 +377,7 @@ def test_kernels_compile_for_sm90():
     """The interpreter never runs Triton's compiler: build PTX + cubin for sm_90 (H100/H200)
     ahead of time for the first autotune candidate of every kernel, plain and with fused
     rotation + cache, and check the wgmma path and the shared-memory budget."""
-    pytest.importorskip("triton.backends.nvidia")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="0",
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True,
-                         env=env, cwd=root, timeout=300)
-    if res.returncode and "ptxas" in res.stderr and "not found" in res.stderr.lower():
-        pytest.skip("this triton build ships no ptxas")
-    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    run_sm90_build(_SM90_COMPILE)
 
 
 # =========================================================================== GPU only

@@ -17,7 +17,7 @@ import logging
 import pytest
 import torch
 import torch.nn as nn
-from helpers import DEVICE, assert_close_verbose
+from helpers import DEVICE, assert_close_verbose, run_sm90_build
 
 from wildactor_kernels.quant import (
     FP8_DTYPE,
@@ -151,19 +151,7 @@ for x_t, single, block_m, block_k, warps in [("*bf16", True, 2, 4096, 8), ("*bf1
 def test_kernel_compiles_for_sm90():
     """The interpreter never runs Triton's compiler: build PTX + cubin for sm_90 (H100/H200) with
     the fp8 output the GPU path uses, and check the conversion and division it lowers to."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="0",
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True, env=env,
-                         cwd=root, timeout=300)
-    if res.returncode and "ptxas" in res.stderr and "not found" in res.stderr.lower():
-        pytest.skip("this triton build ships no ptxas")
-    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    run_sm90_build(_SM90_COMPILE)
 
 
 def test_quantize_weight_per_channel():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, assert_close_verbose, assert_within_baseline, rope_fp64
+from helpers import DEVICE, assert_close_verbose, assert_within_baseline, rope_fp64, run_sm90_build
 
 import wildactor_kernels as wk
 from wildactor_kernels.rope import apply_rope_ref, qk_norm_rope_ref
@@ -352,16 +352,4 @@ build(K._qk_norm_rope_bwd_kernel,
 def test_kernels_compile_for_sm90():
     """The interpreter does not run Triton's compiler: build PTX + cubin for sm_90 (H100/H200)
     ahead of time, so a kernel that only the GPU toolchain rejects fails here too."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="0",
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True, env=env,
-                         cwd=root, timeout=300)
-    if res.returncode and "ptxas" in res.stderr and "not found" in res.stderr.lower():
-        pytest.skip("this triton build ships no ptxas")
-    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    run_sm90_build(_SM90_COMPILE)
