@@ -466,3 +466,49 @@ def test_inductor_gpu_model(path):
     with torch.no_grad():
         fn(lat, t, ctx)  # warm the rope-table cache
     _gpu_check(fn, (lat, t, ctx), wrt, atol=5e-2, rtol=5e-2)
+
+
+# =========================================================================== FP8 quantization
+def _assert_same_fp8(got, want):
+    (q, s), (qr, sr) = got, want
+    assert q.dtype == qr.dtype == torch.float8_e4m3fn and q.shape == qr.shape
+    assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)), "fp8 codes differ"
+    assert_close_verbose(s, sr, atol=0.0, rtol=0.0, name="scales")
+
+
+def test_per_token_quant_op_registered():
+    from wildactor_kernels.quant import kernels as _quant_kernels  # noqa: F401  (registers the op)
+
+    assert hasattr(ops, "per_token_quant_fp8")
+
+
+@pytest.mark.parametrize("dtype, pad_to", [(torch.float32, 1), (torch.bfloat16, 16)],
+                         ids=["fp32", "bf16-pad16"])
+def test_compile_per_token_quant_fp8(dtype, pad_to):
+    """``per_token_quant_fp8(x, backend="triton")`` under fullgraph compile: one graph, no break,
+    codes and scales bit-identical to eager."""
+    from wildactor_kernels.quant import per_token_quant_fp8
+
+    def fn(x):
+        return per_token_quant_fp8(x, pad_to=pad_to, backend="triton")
+
+    x = (torch.randn(2, 9, 45) * 3).to(device=DEVICE, dtype=dtype)
+    _assert_one_graph(fn, x)
+    torch._dynamo.reset()
+    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(x)
+    _assert_same_fp8(got, fn(x))
+
+
+@pytest.mark.parametrize("gemm", ["emulate", "scaled_mm"])
+def test_compile_float8_linear_triton_act(gemm):
+    """``model.quant.Float8Linear`` with ``act_backend="triton"`` (the activation quantization is
+    the custom op): fullgraph compile has one graph, output and input gradient equal eager. The
+    GEMM path is resolved at conversion, so the forward takes no resolve branch."""
+    from model.quant import Float8Config, Float8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(40, 24).to(DEVICE)  # K = 40 and N = 24 exercise the _scaled_mm padding
+    m = Float8Linear.from_float(lin, Float8Config(gemm=gemm, act_backend="triton"))
+    assert m.gemm_path == gemm
+    x = _leaf(2, 5, 40)
+    _check_compiled(m, (x,), (x,))

@@ -469,3 +469,32 @@ def test_run_quantize_report_tiny(capsys):
     out = capsys.readouterr().out
     assert "model output" in out and "blocks.1.ffn.net.2" in out and rep["table"] in out
     assert rep["output_sqnr_db"] >= 25 and rep["preset"] == "tiny" and rep["device"] == "cpu"
+
+
+# =========================================================================== torch.library op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_opcheck_per_token_quant_op(dtype):
+    """``torch.ops.wildactor.per_token_quant_fp8``: schema, fake kernel (shapes, dtypes, K
+    padding) and AOT dispatch on DEVICE; the public backend="triton" path is that op."""
+    from wildactor_kernels.quant import kernels as _quant_kernels  # noqa: F401  (registers the op)
+
+    op = torch.ops.wildactor.per_token_quant_fp8
+    for x, pad_to in ((_randn(5, 24, dtype=dtype), 1), (_randn(3, 33, dtype=dtype), 16),
+                      (_randn(2, 3, 20, dtype=dtype), 16), (_strided_rows().to(dtype), 16)):
+        torch.library.opcheck(op.default, (x, pad_to))
+        q, s = op(x, pad_to)
+        _assert_same_quant((q, s), per_token_quant_fp8_ref(x, pad_to))
+        _assert_same_quant(per_token_quant_fp8(x, pad_to=pad_to, backend="triton"), (q, s))
+
+
+def test_per_token_quant_op_fake_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from wildactor_kernels.quant import kernels as _quant_kernels  # noqa: F401  (registers the op)
+
+    for ctx in (FakeTensorMode(), torch.device("meta")):
+        with ctx:
+            x = torch.empty(2, 7, 45, dtype=torch.bfloat16)
+            q, s = torch.ops.wildactor.per_token_quant_fp8(x, 16)
+            assert q.shape == (2, 7, 48) and q.dtype == FP8_DTYPE and q.is_contiguous()
+            assert s.shape == (2, 7, 1) and s.dtype == torch.float32

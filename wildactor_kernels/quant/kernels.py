@@ -146,3 +146,26 @@ def per_token_quant_fp8_triton(x: torch.Tensor, pad_to: int = 1,
     if mode != "kernel":
         q = q.to(FP8_DTYPE)
     return q.reshape(*lead, k_out), scale.reshape(*lead, 1)
+
+
+# =========================================================================== torch.library op
+# Registered so that torch.compile(fullgraph=True) treats the launcher as one opaque node: dynamo
+# never traces the launcher, Triton's runtime or the interpreter. Both outputs are allocated
+# inside (float8 codes and fp32 scales); the store mode follows the device as in eager.
+@torch.library.custom_op("wildactor::per_token_quant_fp8", mutates_args=(),
+                         schema="(Tensor x, int pad_to) -> (Tensor, Tensor)")
+def _per_token_quant_fp8_op(x: torch.Tensor, pad_to: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q [..., K_pad] float8_e4m3fn contiguous, scale [..., 1] fp32)``, K_pad = K rounded up
+    to a multiple of ``pad_to``."""
+    return per_token_quant_fp8_triton(x, pad_to)
+
+
+def _per_token_quant_fp8_fake(x: torch.Tensor, pad_to: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lead, k = x.shape[:-1], x.shape[-1]
+    k_out = (k + pad_to - 1) // pad_to * pad_to  # _round_up, kept SymInt-friendly
+    return (x.new_empty((*lead, k_out), dtype=FP8_DTYPE),
+            x.new_empty((*lead, 1), dtype=torch.float32))
+
+
+_per_token_quant_fp8_op.register_fake(_per_token_quant_fp8_fake)
+_per_token_quant_fp8_op.register_kernel("meta", _per_token_quant_fp8_fake)  # meta never reaches a kernel
