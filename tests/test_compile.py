@@ -7,7 +7,8 @@ kernels and registered autograd, so dynamo never enters a launcher or Triton's r
   dispatch of each op (small fp32 shapes);
 - ``torch.compile(fullgraph=True, backend="aot_eager")`` of apply_rope, qk_norm_rope,
   ref_lora_linear (and the folded variant), asym_attention / cached_asym_attention in both rope
-  modes and a whole tiny WildActor (joint path with references, cached path): forward and
+  modes, per_token_quant_fp8 and a ``Float8Linear`` with the Triton activation path, and a whole
+  tiny WildActor (joint path with references, cached path): forward and
   gradients equal eager, and ``torch._dynamo.explain`` sees one graph and no break. On CPU the
   kernels run under the Triton interpreter (``aot_eager``: AOT autograd, no code generation);
   the ``gpu`` tests repeat the compile checks with Inductor on CUDA.
