@@ -2,6 +2,12 @@
 
 from setuptools import find_packages, setup
 
+# One top-level import: the repository's model/ folder ships as the subpackage
+# wildactor_kernels.model (docs/design.md §2). benchmarks/ and tests/ are not installed.
+MODEL_PACKAGES = ["wildactor_kernels.model"] + [
+    f"wildactor_kernels.model.{p}" for p in find_packages(where="model")
+]
+
 setup(
     name="wildactor-kernels",
     version="0.1.0",
@@ -12,7 +18,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["wildactor_kernels*", "model*", "benchmarks*"]),
+    packages=find_packages(include=["wildactor_kernels", "wildactor_kernels.*"]) + MODEL_PACKAGES,
+    package_dir={"wildactor_kernels.model": "model"},
     install_requires=[
         # 2.13.0 (the CI pin) and the device's 2.11 both satisfy this range.
         "torch>=2.4,<2.14",
@@ -32,6 +39,6 @@ setup(
         "trt": ["tensorrt>=10.0"],
         "flash": ["flash-attn>=2.6"],
     },
-    entry_points={"console_scripts": ["wildactor=model.cli:main"]},
+    entry_points={"console_scripts": ["wildactor=wildactor_kernels.model.cli:main"]},
     license="Apache-2.0",
 )

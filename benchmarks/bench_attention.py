@@ -1,6 +1,6 @@
 """Microbenchmark: asymmetric attention (AIPA) with I-RoPE, ours against the usual peers.
 
-On the DESIGN §8 shapes, bf16 by default, forward and forward+backward of the joint op
+On the docs/design.md §8 shapes, bf16 by default, forward and forward+backward of the joint op
 (video queries over all keys, reference queries over reference keys), q/k rotated by I-RoPE
 first. q, k, v are views into one fused ``[B, N, 3, H, D]`` projection, as in the model.
 
@@ -64,7 +64,7 @@ from wildactor_kernels.attention import kernels as K  # noqa: E402
 from wildactor_kernels.attention.reference import asym_attention_ref  # noqa: E402
 from wildactor_kernels.rope.reference import apply_rope_ref  # noqa: E402
 
-SHAPES = harness.DESIGN_SHAPES  # DESIGN §8
+SHAPES = harness.DESIGN_SHAPES  # docs/design.md §8
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 JOINT_IMPLS = ("ours-fused", "ours-prologue", "ours-norope", "sdpa-cudnn-2call", "sdpa-flash-2call",
                "flex-blockmask", "flash-attn-2call", "compile-ref")

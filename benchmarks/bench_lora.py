@@ -1,7 +1,7 @@
 """Microbenchmark: reference-only LoRA linear (``ref_lora_linear``) on the wan2.2-5b linears.
 
 Shapes: the three linears of a wan2.2-5b block (3072->3072 for q/k/v/o, 3072->14336 and
-14336->3072 for the FFN) at the wan5b-720p token counts of DESIGN §8 (Nv = 27,280 video rows,
+14336->3072 for the FFN) at the wan5b-720p token counts of docs/design.md §8 (Nv = 27,280 video rows,
 Nr = 4,400 reference rows, B = 1), LoRA rank 128, bf16. Peers, all measured in the same run:
 
 - ``base``:     ``F.linear`` over all rows, no adapter: the cuBLAS floor;
@@ -49,7 +49,7 @@ import wildactor_kernels as wk  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from wildactor_kernels.lora.module import folded_linear_torch  # noqa: E402
 
-# wan2.2-5b: dim 3072, ffn 14336 (DESIGN §6); wan5b-720p token counts (DESIGN §8)
+# wan2.2-5b: dim 3072, ffn 14336 (docs/design.md §6); wan5b-720p token counts (docs/design.md §8)
 LINEARS = {"attn": (3072, 3072), "ffn_in": (3072, 14336), "ffn_out": (14336, 3072)}
 NV, NR = harness.design_tokens("wan5b-720p")  # 27,280 video and 4,400 reference tokens
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -1,6 +1,6 @@
 """Model-step benchmark: one denoising step of WildActor with CFG, four ways, in one run.
 
-For each shape (DESIGN §8), a WildActor of the matching preset with random weights, bf16,
+For each shape (docs/design.md §8), a WildActor of the matching preset with random weights, bf16,
 built directly on the GPU, and 5 references; one denoising step with classifier-free
 guidance = one forward of batch 2 (conditional + unconditional text), as the sampler runs it:
 
@@ -55,7 +55,7 @@ from benchmarks import harness  # noqa: E402
 
 KIND = "model_step"
 
-# DESIGN §8 shapes as token grids (after the (1, 2, 2) patch); latents are (T, 2*Hg, 2*Wg).
+# docs/design.md §8 shapes as token grids (after the (1, 2, 2) patch); latents are (T, 2*Hg, 2*Wg).
 # Reference kinds are not fixed by the table: the first two are faces, the rest bodies.
 SHAPES: dict[str, dict[str, Any]] = {
     "wan5b-720p": dict(preset="wan2.2-5b", video=(31, 22, 40), refs=5, ref_grid=(22, 40), text_len=512),
@@ -121,7 +121,7 @@ def step_flops(cfg, batch: int, nv: int, nr: int, text_len: int) -> float:
 
 
 def _param_bytes(cfg, dtype: torch.dtype) -> int:
-    from model import WildActor
+    from wildactor_kernels.model import WildActor
 
     m = WildActor(cfg, device="meta", dtype=dtype)
     return sum(p.numel() * p.element_size() for p in m.parameters())
@@ -211,7 +211,7 @@ def _set_recompile_limit(n: int) -> None:
 # ============================================================================ the benchmark
 def build(shape: str, device: torch.device, dtype: torch.dtype, layers: int | None, seed: int):
     """Model (random weights, ``backend="reference"``, eval) and inputs of one shape."""
-    from model import Reference, WildActor, WildActorConfig
+    from wildactor_kernels.model import Reference, WildActor, WildActorConfig
 
     spec = SHAPES[shape]
     over = {"num_layers": layers} if layers else {}
@@ -279,7 +279,7 @@ def run_shape(shape: str, *, device: torch.device, dtype: torch.dtype = torch.bf
               encode_iters: int = 3, compile_timeout: float | None = 120.0, seed: int = 0,
               log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Measure ``paths`` on one shape; returns one row per path (failed paths included)."""
-    from model.quant import quantize_model, quantized_modules, sqnr_db
+    from wildactor_kernels.model.quant import quantize_model, quantized_modules, sqnr_db
     from wildactor_kernels._utils import resolve_backend
 
     spec = SHAPES[shape]
@@ -292,7 +292,7 @@ def run_shape(shape: str, *, device: torch.device, dtype: torch.dtype = torch.bf
         raise ValueError(f"unknown paths {unknown}; valid: {PATHS}")
     env_peaks = harness.device_peaks(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
-    from model import WildActorConfig
+    from wildactor_kernels.model import WildActorConfig
 
     cfg0 = WildActorConfig.preset(spec["preset"], **({"num_layers": layers} if layers else {}))
     common["layers"] = cfg0.num_layers

@@ -7,7 +7,7 @@
 Sections:
 
 - ``layers`` (CUDA): the wan2.2-5b linears 3072->3072, 3072->14336 and 14336->3072 at
-  ``M = 27,280 + 4,400`` tokens (the wan5b-720p video plus five 22x40 references, DESIGN §8):
+  ``M = 27,280 + 4,400`` tokens (the wan5b-720p video plus five 22x40 references, docs/design.md §8):
   bf16 cuBLAS (``F.linear``) vs FP8 end to end (Triton per-token quantization + rowwise
   ``torch._scaled_mm``), the FP8 GEMM alone, the quantization kernel alone (GB/s) against the
   eager torch reference, and bitsandbytes int8 / NF4 when installed. ``triton.testing.do_bench``
@@ -43,7 +43,7 @@ if ROOT not in sys.path:  # `python benchmarks/bench_quant.py` puts benchmarks/,
 
 from benchmarks import harness  # noqa: E402
 
-# % of peak against the H100 SXM dense peaks (DESIGN §8: 989 bf16, 1979 fp8; H200 has the same cores)
+# % of peak against the H100 SXM dense peaks (docs/design.md §8: 989 bf16, 1979 fp8; H200 has the same cores)
 PEAK_TFLOPS = harness.device_peaks("H100")
 NV, NR = harness.design_tokens("wan5b-720p")  # video 31x22x40, references 5 x (22x40)
 TEXT_LEN = 512
@@ -123,7 +123,7 @@ def _bnb_layer_rows(x, w, b, flops, shape, quick) -> list[dict]:
         import bitsandbytes  # noqa: F401
     except ImportError:
         return []
-    from model.quant import Int8Config, NF4Config, _to_int8, _to_nf4
+    from wildactor_kernels.model.quant import Int8Config, NF4Config, _to_int8, _to_nf4
 
     lin = torch.nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=w.dtype)
     lin.weight.data.copy_(w)
@@ -145,7 +145,7 @@ def _bnb_layer_rows(x, w, b, flops, shape, quick) -> list[dict]:
 def _block_inputs(cfg, device: torch.device, video: tuple[int, int, int], num_refs: int, text_len: int):
     """Latents for a ``video`` token grid (T, Hg, Wg), ``num_refs`` references of one frame with
     the video's spatial size (2 face, the rest body), random text states."""
-    from model import Reference
+    from wildactor_kernels.model import Reference
 
     c, (pt, ph, pw) = cfg.in_channels, cfg.patch_size
     t, hg, wg = video
@@ -162,8 +162,8 @@ def bench_block(device: torch.device, quick: bool, preset: str = "wan2.2-5b",
                 text_len: int = TEXT_LEN) -> list[dict]:
     """One transformer block (attention included), bf16 vs after ``quantize_model(.., "fp8")``;
     the block's inputs are captured from a one-layer model's forward."""
-    from model import WildActor, WildActorConfig
-    from model.quant import quantize_model
+    from wildactor_kernels.model import WildActor, WildActorConfig
+    from wildactor_kernels.model.quant import quantize_model
 
     torch.manual_seed(0)
     cfg = WildActorConfig.preset(preset, num_layers=1)
@@ -213,8 +213,8 @@ def _converted_bytes(mode: str, n: int, k: int) -> int:
 
 
 def memory_table(device: torch.device, measure: bool) -> dict:
-    from model import WildActor, WildActorConfig
-    from model.quant import _state_bytes, default_module_filter, quantize_model
+    from wildactor_kernels.model import WildActor, WildActorConfig
+    from wildactor_kernels.model.quant import _state_bytes, default_module_filter, quantize_model
 
     cfg = WildActorConfig.preset("wan2.2-5b")
     meta = WildActor(cfg, device="meta", dtype=torch.bfloat16)
@@ -246,8 +246,8 @@ def memory_table(device: torch.device, measure: bool) -> dict:
 
 
 def _measure_cuda(cfg, device: torch.device, mode: str) -> int | str:
-    from model import WildActor
-    from model.quant import quantize_model
+    from wildactor_kernels.model import WildActor
+    from wildactor_kernels.model.quant import quantize_model
 
     gc.collect()
     torch.cuda.empty_cache()

@@ -1,6 +1,6 @@
 """Microbenchmark: I-RoPE (``apply_rope``) and fused q/k RMSNorm + I-RoPE (``qk_norm_rope``).
 
-Measures, on the DESIGN §8 shapes, the forward and forward+backward of
+Measures, on the docs/design.md §8 shapes, the forward and forward+backward of
 
 - ``triton``:  the library's Triton kernels (``backend="triton"``);
 - ``eager``:   the plain-PyTorch reference (``backend="reference"``);
@@ -38,7 +38,7 @@ import wildactor_kernels as wk  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from wildactor_kernels.rope.reference import apply_rope_ref, qk_norm_rope_ref  # noqa: E402
 
-SHAPES = harness.DESIGN_SHAPES  # DESIGN §8
+SHAPES = harness.DESIGN_SHAPES  # docs/design.md §8
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

@@ -92,7 +92,7 @@ pack() {  # the files of benchmarks/results/ this call wrote, paths relative to 
 }
 
 run_tests() {
-    step info 60 "$PY" -m model.cli info
+    step info 60 "$PY" -m wildactor_kernels.model.cli info
     gpu_state
     local extra=()
     if [[ $CUDA == 1 ]] && "$PY" -c "import xdist" 2>/dev/null; then

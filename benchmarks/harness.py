@@ -84,7 +84,7 @@ __all__ = [
 
 # Dense (no 2:4 sparsity) tensor-core peaks in TFLOP/s from the vendors' datasheets, matched
 # against torch.cuda.get_device_name() in this order (the more specific names first). H100 SXM
-# and H200 have the same cores and clocks, hence the same peaks (DESIGN §8: 989 bf16, 1979 fp8).
+# and H200 have the same cores and clocks, hence the same peaks (docs/design.md §8: 989 bf16, 1979 fp8).
 _PEAKS: list[tuple[str, dict[str, float]]] = [
     ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp8": 1513.0}),
     ("H100 NVL", {"bf16": 835.0, "fp16": 835.0, "fp8": 1671.0}),
@@ -106,9 +106,9 @@ _HBM_GBPS: list[tuple[str, float]] = [
     ("L40S", 864.0),
 ]
 
-#: The shapes the kernel benchmarks report (DESIGN §8): batch ``B``, heads ``H``, head dim ``D``,
+#: The shapes the kernel benchmarks report (docs/design.md §8): batch ``B``, heads ``H``, head dim ``D``,
 #: the video token grid ``(T, H, W)`` and ``refs`` reference images of ``ref_grid`` tokens each.
-#: DESIGN does not fix the references' kinds: :func:`design_layout` makes the first two faces.
+#: docs/design.md §8 does not fix the references' kinds: :func:`design_layout` makes the first two faces.
 DESIGN_SHAPES: dict[str, dict[str, Any]] = {
     "wan5b-720p": dict(B=1, H=24, D=128, video=(31, 22, 40), refs=5, ref_grid=(22, 40)),
     "wan1.3b-480p": dict(B=1, H=12, D=128, video=(21, 30, 52), refs=5, ref_grid=(30, 52)),
@@ -171,7 +171,7 @@ def design_layout(spec: Mapping[str, Any]):
 
 
 def design_tokens(name: str) -> tuple[int, int]:
-    """``(Nv, Nr)``: video and reference token counts of the DESIGN §8 shape ``name``."""
+    """``(Nv, Nr)``: video and reference token counts of the docs/design.md §8 shape ``name``."""
     spec = DESIGN_SHAPES[name]
     return math.prod(spec["video"]), spec["refs"] * math.prod(spec["ref_grid"])
 

@@ -409,7 +409,7 @@ def _geomean(xs: Sequence[float]) -> float | None:
 
 
 def kernel_choices(results_dir: str = RESULTS_DIR) -> str:
-    """The two defaults DESIGN leaves to the GPU, from the latest session of
+    """The two defaults the design leaves to the GPU, from the latest session of
     ``bench_attention.json`` and ``bench_lora.json``: time ratios and a suggestion.
 
     - ``ROPE_MODE``: prologue/fused time per shape for joint fwd, joint fwd+bwd and cached fwd;

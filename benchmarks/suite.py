@@ -6,7 +6,7 @@
 On CUDA:
 
 - ``kernels``: the per-kernel scripts (``bench_rope.py``, ``bench_attention.py``,
-  ``bench_lora.py``, ``bench_quant.py``) on the DESIGN §8 shapes, each in its own process
+  ``bench_lora.py``, ``bench_quant.py``) on the docs/design.md §8 shapes, each in its own process
   (a CUDA fault or a hang in one cannot take the others down; ``--script-timeout`` bounds each;
   ``--in-process`` calls their ``main(argv)`` instead). They write their own JSON and markdown
   in ``benchmarks/results/``; the suite records which ran, how long, and how they ended.
@@ -44,7 +44,7 @@ if ROOT not in sys.path:
 from benchmarks import bench_model, harness, report  # noqa: E402
 
 BENCH_DIR = os.path.join(ROOT, "benchmarks")
-KERNEL_SHAPES = ("wan5b-720p", "wan1.3b-480p", "wan14b-720p")  # DESIGN §8
+KERNEL_SHAPES = ("wan5b-720p", "wan1.3b-480p", "wan14b-720p")  # docs/design.md §8
 #: (name, script): run in this order by ``--suite kernels``
 KERNEL_SCRIPTS = (("rope", "bench_rope.py"), ("attention", "bench_attention.py"),
                   ("lora", "bench_lora.py"), ("quant", "bench_quant.py"))
@@ -234,7 +234,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", choices=SUITES, default="all", help="what to run (default: all)")
     p.add_argument("--shape", action="append", default=None, metavar="NAME",
                    choices=sorted(set(KERNEL_SHAPES) | set(bench_model.SHAPES)),
-                   help="limit to this DESIGN §8 shape (repeatable; default: wan5b-720p and "
+                   help="limit to this docs/design.md §8 shape (repeatable; default: wan5b-720p and "
                         "wan1.3b-480p for the model, each script's own default for the kernels)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="append all rows to this JSON-lines file (default: benchmarks/results/<kind>.jsonl "

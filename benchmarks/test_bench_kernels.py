@@ -1,7 +1,7 @@
 """pytest-benchmark: each public op at a small I-RoPE layout (``pytest benchmarks --benchmark-only``).
 
 The layout (video 2x4x4 tokens, a face and a body reference) is small enough for the CPU; the
-DESIGN §8 shapes are the per-kernel scripts' job (``wildactor bench --suite kernels``).
+docs/design.md §8 shapes are the per-kernel scripts' job (``wildactor bench --suite kernels``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The reference WildActor model: config, model, sampler, quantization and export (DESIGN §6-7).
+"""``wildactor_kernels.model``: the WildActor model, sampler, quantization and export (docs/design.md §6-7).
 
-Names are resolved lazily so that ``import model`` stays cheap and an optional dependency of
+The repository keeps this package in its top-level ``model/`` folder; it is installed (and only
+importable) as ``wildactor_kernels.model``. Names are resolved lazily so that importing it stays cheap and an optional dependency of
 one part (onnxruntime, tensorrt, bitsandbytes) never breaks the others.
 """
 
@@ -30,7 +31,7 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         mod = importlib.import_module(f".{_EXPORTS[name]}", __name__)
         return getattr(mod, name)
-    raise AttributeError(f"module 'model' has no attribute {name!r}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():

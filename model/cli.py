@@ -55,7 +55,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from model import FlowMatchSampler, Reference, WildActor, WildActorConfig
+    from . import FlowMatchSampler, Reference, WildActor, WildActorConfig
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
@@ -129,7 +129,7 @@ def _add_quantize_report(sub) -> None:
     s.add_argument("--device", default=None)
 
     def run(args):
-        from model.quant import run_quantize_report
+        from .quant import run_quantize_report
 
         run_quantize_report(args.preset, args.mode, device=args.device, layers=args.layers)
         return 0
@@ -138,21 +138,74 @@ def _add_quantize_report(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    from model.export import register_cli
+    from .export import register_cli
 
     register_cli(sub)
+
+
+def find_checkout(start: str | None = None) -> str | None:
+    """The source checkout whose ``benchmarks/suite.py`` ``wildactor bench`` runs, or None.
+
+    Looked for beside the imported package (an editable install or ``PYTHONPATH=.``), then in
+    ``start`` (default: the working directory) and its parents. ``benchmarks/`` is never
+    installed, so a wheel install outside a checkout has none.
+    """
+    import os
+
+    import wildactor_kernels
+
+    candidates = [os.path.dirname(os.path.dirname(os.path.abspath(wildactor_kernels.__file__)))]
+    d = os.path.abspath(start or os.getcwd())
+    while True:
+        candidates.append(d)
+        parent = os.path.dirname(d)
+        if parent == d:
+            break
+        d = parent
+    for c in candidates:
+        if os.path.isfile(os.path.join(c, "benchmarks", "suite.py")) and os.path.isdir(
+                os.path.join(c, "wildactor_kernels")):
+            return c
+    return None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the checkout's benchmark suite (``python -m benchmarks.suite``) in a subprocess.
+
+    The library never imports ``benchmarks/`` (imports run kernels <- model <- CLI, and the
+    benchmarks sit on top of all three); the CLI only starts the checkout's own script, with
+    every argument passed through unchanged.
+    """
+    import os
+    import subprocess
+
+    root = find_checkout()
+    if root is None:
+        print("wildactor bench: the benchmarks ship with the source checkout, not with the installed "
+              "package; clone the repository and run `wildactor bench` (or `python -m benchmarks.suite`) "
+              "inside it", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.call([sys.executable, "-m", "benchmarks.suite", *args.bench_args], cwd=root, env=env)
 
 
 def _add_bench(sub) -> None:
-    from benchmarks.suite import register_cli
-
-    register_cli(sub)
+    s = sub.add_parser(
+        "bench", add_help=False,
+        help="the benchmark suite of a source checkout (runs python -m benchmarks.suite; "
+             "`wildactor bench --help` lists its options)")
+    s.add_argument("bench_args", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_bench)
 
 
 _EXTRA_COMMANDS = [_add_quantize_report, _add_export, _add_bench]
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # every option belongs to the checkout's suite, --help included
+        return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

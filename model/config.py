@@ -1,4 +1,4 @@
-"""``WildActorConfig``: one frozen dataclass with named presets (DESIGN §6).
+"""``WildActorConfig``: one frozen dataclass with named presets (docs/design.md §6).
 
 The backbone fields mirror diffusers ``WanTransformer3DModel`` (``dim = num_attention_heads *
 attention_head_dim``); the WildActor fields add the reference-only LoRA and the I-RoPE offsets.
@@ -53,7 +53,7 @@ class WildActorConfig:
     WildActor:
         lora_rank: rank of the reference-only adapters (0 = no adapters); lora_alpha: LoRA
             alpha (None = rank, i.e. scale 1).
-        face_offset, body_offset: temporal I-RoPE offsets ``Δface``, ``Δbody`` (DESIGN §3).
+        face_offset, body_offset: temporal I-RoPE offsets ``Δface``, ``Δbody`` (docs/design.md §3).
         spatial_shift: give each reference its own spatial region (False = the ablation).
         backend: kernel backend of every op, ``"auto" | "triton" | "reference"``.
     """

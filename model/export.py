@@ -1,6 +1,6 @@
 """ONNX export of WildActor as two graphs, and an onnxruntime runner behind the model's call.
 
-Two graphs, because reference K/V are a pure function of the reference latents (DESIGN §1, §7):
+Two graphs, because reference K/V are a pure function of the reference latents (docs/design.md §1, §7):
 
 ``reference_encoder.onnx``
     ``ref_patches [batch, num_ref, C*ph*pw]``, ``cos_r, sin_r [num_ref, D/2]`` ->
@@ -434,7 +434,7 @@ def decompose_attention(model, head_dim: int, compute: torch.dtype = torch.float
         kt, s, sf, ss, pr, prc = (names(f"{p}_{x}") for x in ("kT", "qk", "qkf", "qks", "p", "pc"))
         nodes = [helper.make_node("Transpose", [k], [kt], perm=[0, 1, 3, 2], name=names(p + "/kT")),
                  helper.make_node("MatMul", [q, kt], [s], name=names(p + "/qk"))]
-        if low:  # softmax statistics in fp32 (DESIGN §4)
+        if low:  # softmax statistics in fp32 (docs/design.md §4)
             nodes.append(helper.make_node("Cast", [s], [sf], to=TensorProto.FLOAT, name=names(p + "/up")))
         else:
             sf = s
@@ -685,7 +685,7 @@ def export_onnx(m: nn.Module, out_dir: str | os.PathLike, *, opset: int = 23, at
     """Export ``reference_encoder.onnx`` and ``denoiser.onnx`` (plus ``manifest.json``).
 
     Args:
-        m: a float :class:`model.WildActor` (export before :func:`model.quantize_model`;
+        m: a float :class:`wildactor_kernels.model.WildActor` (export before :func:`wildactor_kernels.model.quantize_model`;
             ``precision="fp8"`` puts explicit Q/DQ into the graph instead).
         out_dir: directory to write (created).
         opset: ONNX opset (>= 18; ``attention="onnx"`` needs 23).
@@ -888,7 +888,7 @@ class TwoGraphRunner(ABC):
     Subclasses implement :meth:`_encode` (``ref_patches, cos_r, sin_r -> ref_k, ref_v``) and
     :meth:`_denoise` (the seven denoiser inputs -> velocity) on torch tensors; this class does
     what the graphs leave to the host: input checks, patchify, I-RoPE tables, the reference
-    cache (binding it to a video grid and batch), exactly as :class:`model.WildActor` does.
+    cache (binding it to a video grid and batch), exactly as :class:`wildactor_kernels.model.WildActor` does.
     """
 
     manifest: dict[str, Any]
@@ -930,7 +930,7 @@ class TwoGraphRunner(ABC):
 
     def encode_references(self, refs: Sequence[Any], video_shape: Sequence[int] | None = None):
         """Reference K/V of every layer, once per generation: a :class:`model.RefCache` that
-        this runner, other runners and :class:`model.WildActor` all accept.
+        this runner, other runners and :class:`wildactor_kernels.model.WildActor` all accept.
 
         Args:
             refs: :class:`model.Reference` items (latent batch 1 for a cache shared by the batch).
@@ -992,7 +992,7 @@ class TwoGraphRunner(ABC):
         return self.forward(latents, timestep, context, refs=refs, ref_cache=ref_cache)
 
     def forward(self, latents, timestep, context, refs=None, ref_cache=None) -> torch.Tensor:
-        """Velocity ``[B, out_channels, T, H, W]``, the same call as :meth:`model.WildActor.forward`.
+        """Velocity ``[B, out_channels, T, H, W]``, the same call as :meth:`wildactor_kernels.model.WildActor.forward`.
 
         Args:
             latents: ``[B, C, T, H, W]``; timestep: a number, ``[1]`` or ``[B]`` in [0, 1000];
@@ -1043,7 +1043,7 @@ class OnnxWildActor(TwoGraphRunner):
     """Run an :func:`export_onnx` directory with onnxruntime, behind the model's call.
 
     ``runner(latents, timestep, context, refs=None, ref_cache=None)`` and
-    ``runner.encode_references(refs)`` behave like :class:`model.WildActor` (torch tensors in
+    ``runner.encode_references(refs)`` behave like :class:`wildactor_kernels.model.WildActor` (torch tensors in
     and out, CPU by default), so an export is checked against the PyTorch model on any
     machine and can drive :class:`model.FlowMatchSampler`. Positions and cos/sin are computed on
     the host by wildactor_kernels' own functions.

@@ -1,4 +1,4 @@
-"""Quantization of the WildActor backbone as config + module swap, the torchao way (DESIGN §7).
+"""Quantization of the WildActor backbone as config + module swap, the torchao way (docs/design.md §7).
 
 ``quantize_model(m, mode)`` replaces the frozen base linears of every transformer block in
 place and returns ``m``:
@@ -678,7 +678,7 @@ def format_report(report: dict) -> str:
 
 def _random_inputs(cfg, device, dtype, seed: int, frames: int = 2, height: int = 8, width: int = 8,
                    text_len: int = 8):
-    from model import Reference
+    from .wildactor import Reference
 
     g = torch.Generator().manual_seed(seed)
     c = cfg.in_channels
@@ -707,9 +707,10 @@ def run_quantize_report(preset: str, mode: str, *, device: str | torch.device | 
 
     ``device=None`` picks CUDA when available. ``layers``: override the depth (for a
     wan2.2-5b-shaped stack on CPU use ``layers=2``). ``dtype``: model and input dtype (bf16: the
-    SQNR is measured against the bf16 model, as DESIGN §7 states).
+    SQNR is measured against the bf16 model, as docs/design.md §7 states).
     """
-    from model import WildActor, WildActorConfig
+    from .config import WildActorConfig
+    from .wildactor import WildActor
 
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; valid modes: {', '.join(MODES)}")

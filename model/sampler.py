@@ -1,4 +1,4 @@
-"""Rectified-flow Euler sampler with the Wan time shift, CFG and a reference K/V cache (DESIGN §6).
+"""Rectified-flow Euler sampler with the Wan time shift, CFG and a reference K/V cache (docs/design.md §6).
 
 Rectified flow: ``x_sigma = (1 - sigma) * x0 + sigma * noise`` and the model predicts the velocity
 ``v = noise - x0 = dx/dsigma``. Sigmas go from 1 to 0 in ``num_steps`` uniform steps, then the Wan
@@ -66,7 +66,7 @@ class FlowMatchSampler:
         """Generate video latents.
 
         Args:
-            model: a :class:`model.WildActor`.
+            model: a :class:`wildactor_kernels.model.WildActor`.
             shape: latent shape ``[B, C, T, H, W]`` (ignored when ``noise`` is given).
             context: text embeddings ``[B, L, text_dim]``.
             negative_context: unconditional text embeddings (default: zeros like ``context``).

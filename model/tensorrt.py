@@ -10,11 +10,11 @@ was executed on a machine with TensorRT when it was written, see ``docs/deployme
   builder flags of a weakly typed network instead (deprecated since TensorRT 10.12; export in
   the target precision to stay strongly typed).
 - :func:`engine_shapes`: the profile shapes of both graphs from frame/size/text/reference ranges.
-- :func:`build_engines`: both engines of an :func:`model.export_onnx` directory plus the manifest.
+- :func:`build_engines`: both engines of an :func:`wildactor_kernels.model.export_onnx` directory plus the manifest.
 - :class:`TensorRTWildActor`: runs both engines with torch CUDA tensors bound as I/O
   (``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3`` on the current stream),
   with the host half (patchify, I-RoPE tables, reference cache) shared with
-  :class:`model.OnnxWildActor`.
+  :class:`wildactor_kernels.model.OnnxWildActor`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _trt():
         raise ImportError(
             "TensorRT is not installed: pip install tensorrt (10.x, needs an NVIDIA GPU and driver), "
             "or pip install wildactor-kernels[trt]. The ONNX graphs themselves run anywhere with "
-            "model.OnnxWildActor.") from e
+            "wildactor_kernels.model.OnnxWildActor.") from e
     return trt
 
 
@@ -166,7 +166,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, p
         profile.set_shape(name, *(tuple(int(d) for d in s) for s in shapes))
     if missing:
         raise ValueError(f"no min/opt/max shapes for dynamic inputs: {', '.join(missing)} "
-                         f"(see model.tensorrt.engine_shapes)")
+                         f"(see wildactor_kernels.model.tensorrt.engine_shapes)")
     config.add_optimization_profile(profile)
 
     mode = "strongly typed" if strongly_typed else f"weakly typed + {precision} flag"

@@ -1,4 +1,4 @@
-"""The WildActor model (DESIGN §6): a Wan DiT conditioned on text and on reference images.
+"""The WildActor model (docs/design.md §6): a Wan DiT conditioned on text and on reference images.
 
 Backbone: the text-to-video DiT of Wan2.1 / Wan2.2 with the parameter names of diffusers
 ``WanTransformer3DModel`` (so its state dicts load unchanged). WildActor adds, per block:
@@ -9,7 +9,7 @@ Backbone: the text-to-video DiT of Wan2.1 / Wan2.2 with the parameter names of d
 - asymmetric self-attention (AIPA): references see only references, video sees both;
 - reference-only LoRA on self-attention q/k/v/o and both FFN linears;
 - no cross-attention for reference rows; only video rows reach the output head;
-- I-RoPE positions (DESIGN §3) for every token.
+- I-RoPE positions (docs/design.md §3) for every token.
 
 Because reference rows never read video rows and use timestep 0, their keys/values in every
 layer are a pure function of the reference latents: :meth:`WildActor.encode_references` computes
@@ -213,7 +213,7 @@ class ConditionEmbedder(nn.Module):
 
 class SelfAttention(nn.Module):
     """``attn1``: q/k/v/o are :class:`RefLoRALinear` (adapter on reference rows only); q/k get
-    RMSNorm across heads and I-RoPE; attention is asymmetric (DESIGN §4)."""
+    RMSNorm across heads and I-RoPE; attention is asymmetric (docs/design.md §4)."""
 
     def __init__(self, cfg: WildActorConfig, device=None, dtype=None):
         super().__init__()

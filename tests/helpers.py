@@ -65,7 +65,7 @@ def dense_asym_attention_fp64(q, k, v, num_video, scale=None):
 
 
 def rope_fp64(x, pos, head_dim, theta=10000.0):
-    """fp64 I-RoPE by the formula of DESIGN §3, independent of the library's tables."""
+    """fp64 I-RoPE by the formula of docs/design.md §3, independent of the library's tables."""
     d_h = d_w = 2 * (head_dim // 6)
     dims = [head_dim - d_h - d_w, d_h, d_w]
     pos = pos.to(x.device)

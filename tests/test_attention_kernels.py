@@ -1,7 +1,7 @@
 """Triton asymmetric-attention kernels against an fp64 ground truth and the PyTorch reference.
 
 flash-attn's rule throughout: the kernel's error against the fp64 truth (dense softmax with an
-explicit N x N mask, I-RoPE by the formula of DESIGN §3) is at most twice the error of the
+explicit N x N mask, I-RoPE by the formula of docs/design.md §3) is at most twice the error of the
 reference backend run in the same dtype, plus a small atol; for the forward pass and for every
 gradient. Token counts are not block multiples (37 + 11, 211 + 0, 0 + 29), head dims include
 non-powers of two (24), rotation runs both fused in the kernel and as a prologue, inputs are

@@ -23,7 +23,7 @@ import torch
 from helpers import DEVICE, assert_close_verbose
 
 import wildactor_kernels as wk
-from model import Reference, WildActor, WildActorConfig
+from wildactor_kernels.model import Reference, WildActor, WildActorConfig
 from wildactor_kernels import _utils
 from wildactor_kernels.attention import kernels as attn_kernels
 from wildactor_kernels.attention import op as attn_op
@@ -502,10 +502,10 @@ def test_compile_per_token_quant_fp8(dtype, pad_to):
 
 @pytest.mark.parametrize("gemm", ["emulate", "scaled_mm"])
 def test_compile_float8_linear_triton_act(gemm):
-    """``model.quant.Float8Linear`` with ``act_backend="triton"`` (the activation quantization is
+    """``wildactor_kernels.model.quant.Float8Linear`` with ``act_backend="triton"`` (the activation quantization is
     the custom op): fullgraph compile has one graph, output and input gradient equal eager. The
     GEMM path is resolved at conversion, so the forward takes no resolve branch."""
-    from model.quant import Float8Config, Float8Linear
+    from wildactor_kernels.model.quant import Float8Config, Float8Linear
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(40, 24).to(DEVICE)  # K = 40 and N = 24 exercise the _scaled_mm padding

@@ -14,7 +14,7 @@ import copy
 import torch
 from helpers import DEVICE
 
-from model import Reference, WildActor, WildActorConfig
+from wildactor_kernels.model import Reference, WildActor, WildActorConfig
 from wildactor_kernels import RefLoRALinear
 
 

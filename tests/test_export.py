@@ -20,9 +20,9 @@ pytest.importorskip("onnxscript", reason="onnxscript is not installed (torch.onn
 
 from onnx import TensorProto  # noqa: E402
 
-from model import FlowMatchSampler, OnnxWildActor, Reference, WildActor, WildActorConfig, export_onnx  # noqa: E402
-from model import export as E  # noqa: E402
-from model.quant import sqnr_db  # noqa: E402
+from wildactor_kernels.model import FlowMatchSampler, OnnxWildActor, Reference, WildActor, WildActorConfig, export_onnx  # noqa: E402
+from wildactor_kernels.model import export as E  # noqa: E402
+from wildactor_kernels.model.quant import sqnr_db  # noqa: E402
 
 TOL = 1e-3
 
@@ -324,7 +324,7 @@ def test_export_rejects_bad_arguments(model, tmp_path):
 
 
 def test_export_rejects_a_quantized_model(tmp_path):
-    from model import quantize_model
+    from wildactor_kernels.model import quantize_model
 
     m = quantize_model(_model(num_layers=1), "fp8")
     with pytest.raises(ValueError, match="float model"):
@@ -356,7 +356,7 @@ def test_patchify_matches_conv3d(model):
 
 # =========================================================================== TensorRT
 def test_engine_shapes_cover_the_profile(fp32_export):
-    from model.tensorrt import engine_shapes
+    from wildactor_kernels.model.tensorrt import engine_shapes
 
     res, _ = fp32_export
     mn, opt, mx = engine_shapes(res.manifest, batch=(1, 2, 2), frames=(1, 3, 5), height=(4, 8, 16),
@@ -369,7 +369,7 @@ def test_engine_shapes_cover_the_profile(fp32_export):
 
 
 class _FakeTRT:
-    """A stand-in for the ``tensorrt`` module that records what :func:`model.tensorrt.build_engine`
+    """A stand-in for the ``tensorrt`` module that records what :func:`wildactor_kernels.model.tensorrt.build_engine`
     asks of the TensorRT 10 API (the real package is not installable here). The network's inputs
     are the ONNX graph's inputs, dynamic axes as -1, as TensorRT's parser reports them."""
 
@@ -465,7 +465,7 @@ def test_build_engine_against_fake_tensorrt(fp32_export, fp8_bf16_export, tmp_pa
     """Everything up to TensorRT itself: network typing, profiles for every dynamic input, errors."""
     import sys
 
-    from model.tensorrt import build_engine, engine_shapes
+    from wildactor_kernels.model.tensorrt import build_engine, engine_shapes
 
     res, _ = fp32_export
     mn, opt, mx = engine_shapes(res.manifest, frames=(1, 3, 5), height=(4, 8, 16), width=(4, 8, 16),
@@ -510,7 +510,7 @@ def test_tensorrt_missing_is_a_clear_error(fp32_export, tmp_path):
         pass
     else:
         pytest.skip("tensorrt is installed: the missing-package path cannot be exercised")
-    from model import TensorRTWildActor, build_engine
+    from wildactor_kernels.model import TensorRTWildActor, build_engine
 
     res, _ = fp32_export
     with pytest.raises(ImportError, match="pip install tensorrt"):
@@ -523,7 +523,7 @@ def test_tensorrt_engines_match_pytorch(model, fp32_export, tmp_path):
     trt = pytest.importorskip("tensorrt", reason="tensorrt is not installed (TensorRT engine tests need it)")
     if not torch.cuda.is_available():
         pytest.skip("TensorRT engines need a CUDA device; this machine has none")
-    from model.tensorrt import TensorRTWildActor, build_engines
+    from wildactor_kernels.model.tensorrt import TensorRTWildActor, build_engines
 
     res, _ = fp32_export
     src = res.out_dir

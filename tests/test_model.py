@@ -11,8 +11,8 @@ import pytest
 import torch
 from helpers import DEVICE, assert_close_verbose, max_err
 
-from model import RefCache, Reference, WildActor, WildActorConfig
-from model.config import PRESETS
+from wildactor_kernels.model import RefCache, Reference, WildActor, WildActorConfig
+from wildactor_kernels.model.config import PRESETS
 
 TINY = WildActorConfig.preset("tiny", backend="reference")
 

@@ -1,4 +1,4 @@
-"""WildActor without references and with untrained adapters reproduces diffusers Wan (DESIGN §6).
+"""WildActor without references and with untrained adapters reproduces diffusers Wan (docs/design.md §6).
 
 Every diffusers parameter is perturbed with noise first, so no weight is at its init value
 (norm weights at one, biases at zero) and every parameter matters.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import WildActor, WildActorConfig
-from model.wildactor import _is_adapter
+from wildactor_kernels.model import WildActor, WildActorConfig
+from wildactor_kernels.model.wildactor import _is_adapter
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import WanTransformer3DModel  # noqa: E402

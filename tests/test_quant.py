@@ -178,7 +178,7 @@ def test_fp8_linear_paths_and_grad(m, k, n):
     assert y_mm.shape == (m, n) and y_mm.dtype == torch.bfloat16
     assert_close_verbose(y_mm.float(), y_emu.float(), atol=2e-2, rtol=1e-2, name="scaled_mm vs emulate")
     ref = x.float() @ w.t() + b
-    from model.quant import sqnr_db
+    from wildactor_kernels.model.quant import sqnr_db
 
     assert sqnr_db(ref, y_emu) > 25
 
@@ -203,9 +203,9 @@ def test_resolve_gemm_on_cpu_is_visible():
 def tiny():
     """A random tiny WildActor in bf16 with non-zero adapters, and inputs with a face and a
     body reference."""
-    pytest.importorskip("model.wildactor")
-    from model import WildActor, WildActorConfig
-    from model.quant import _random_inputs, _randomize_adapters
+    pytest.importorskip("wildactor_kernels.model.wildactor")
+    from wildactor_kernels.model import WildActor, WildActorConfig
+    from wildactor_kernels.model.quant import _random_inputs, _randomize_adapters
 
     torch.manual_seed(0)
     cfg = WildActorConfig.preset("tiny")
@@ -216,7 +216,7 @@ def tiny():
 
 
 def _quantized(m, mode, **kw):
-    from model.quant import quantize_model
+    from wildactor_kernels.model.quant import quantize_model
 
     if mode in ("int8", "nf4"):
         pytest.importorskip("bitsandbytes")
@@ -234,7 +234,7 @@ def _bytes(mod: nn.Module) -> int:
 
 
 def test_fp8_conversion(tiny):
-    from model.quant import Float8Linear, Float8RefLoRALinear
+    from wildactor_kernels.model.quant import Float8Linear, Float8RefLoRALinear
 
     m, _ = tiny
     mq = _quantized(m, "fp8")
@@ -276,7 +276,7 @@ def test_bnb_conversion(tiny, mode, cls_name, dtype):
 
 
 def test_module_filter(tiny):
-    from model.quant import Float8Linear, quantized_modules
+    from wildactor_kernels.model.quant import Float8Linear, quantized_modules
 
     m, _ = tiny
     mq = _quantized(m, "fp8", module_filter_fn=lambda mod, fqn: ".attn2." in fqn)
@@ -291,7 +291,7 @@ def test_sqnr_floor(tiny, mode, floor):
     2 references) of the quantized bf16 model against the same bf16 model unquantized; (2) the
     worst per-layer SQNR of a converted layer on the exact input its unquantized twin saw.
     Both must reach the floor (fp8 >= 25 dB, int8 >= 25 dB, nf4 >= 12 dB)."""
-    from model.quant import quantization_report
+    from wildactor_kernels.model.quant import quantization_report
 
     m, inputs = tiny
     rep = quantization_report(m, _quantized(m, mode), inputs)
@@ -320,7 +320,7 @@ def test_reference_cache_after_quantization(tiny, mode):
 
 
 def test_unknown_mode_and_bad_arguments(tiny):
-    from model.quant import Int8Config, quantize_model
+    from wildactor_kernels.model.quant import Int8Config, quantize_model
 
     m, _ = tiny
     with pytest.raises(ValueError, match="valid modes: fp8, int8, nf4"):
@@ -336,7 +336,7 @@ def test_unknown_mode_and_bad_arguments(tiny):
 def test_missing_bitsandbytes_message(tiny, monkeypatch):
     import sys
 
-    from model.quant import quantize_model
+    from wildactor_kernels.model.quant import quantize_model
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(ImportError, match="pip install 'bitsandbytes"):
@@ -344,7 +344,7 @@ def test_missing_bitsandbytes_message(tiny, monkeypatch):
 
 
 def test_fp8_fallback_is_visible_on_cpu(tiny, caplog):
-    from model.quant import quantization_report
+    from wildactor_kernels.model.quant import quantization_report
 
     m, inputs = tiny
     with caplog.at_level(logging.WARNING, logger="wildactor_kernels"):
@@ -365,7 +365,7 @@ def test_fp8_fallback_is_visible_on_cpu(tiny, caplog):
             y1, y2 = mq(**inputs), mq2(**inputs)
     except (RuntimeError, NotImplementedError) as e:  # pragma: no cover - torch build dependent
         pytest.skip(f"torch._scaled_mm unavailable on CPU here: {e}")
-    from model.quant import sqnr_db
+    from wildactor_kernels.model.quant import sqnr_db
 
     assert sqnr_db(y1, y2) > 30
 
@@ -373,7 +373,7 @@ def test_fp8_fallback_is_visible_on_cpu(tiny, caplog):
 def test_fp8_activation_kernel_in_model(tiny):
     """act_backend='triton' (interpreter on CPU, compiled on CUDA) gives the same model output as
     the reference; model and inputs on DEVICE."""
-    from model.quant import Float8Config, _random_inputs
+    from wildactor_kernels.model.quant import Float8Config, _random_inputs
 
     m, _ = tiny
     m = copy.deepcopy(m).to(DEVICE)
@@ -399,8 +399,8 @@ def test_fp8_dtype_cast_keeps_codes(tiny):
 def test_state_dict_round_trip(tiny, mode, tmp_path):
     """save_quantized (safetensors: codes + scales as tensors) -> a freshly built model,
     quantized the same way from other weights -> load_quantized: identical outputs."""
-    from model import WildActor
-    from model.quant import load_quantized, quantize_model, save_quantized
+    from wildactor_kernels.model import WildActor
+    from wildactor_kernels.model.quant import load_quantized, quantize_model, save_quantized
 
     m, inputs = tiny
     mq = _quantized(m, mode)
@@ -423,8 +423,8 @@ def test_state_dict_round_trip(tiny, mode, tmp_path):
 def test_fp8_loads_float_checkpoint(tiny):
     """A float (e.g. diffusers Wan) state dict loaded into an FP8 model is quantized on the fly,
     exactly as quantize_model would have."""
-    from model import WildActor
-    from model.quant import quantize_model
+    from wildactor_kernels.model import WildActor
+    from wildactor_kernels.model.quant import quantize_model
 
     m, inputs = tiny
     torch.manual_seed(7)
@@ -462,8 +462,8 @@ def test_qlora_training_step(tiny, mode):
 
 
 def test_run_quantize_report_tiny(capsys):
-    pytest.importorskip("model.wildactor")
-    from model.quant import run_quantize_report
+    pytest.importorskip("wildactor_kernels.model.wildactor")
+    from wildactor_kernels.model.quant import run_quantize_report
 
     rep = run_quantize_report("tiny", "fp8", device="cpu")
     out = capsys.readouterr().out

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from model import FlowMatchSampler, Reference, WildActor, WildActorConfig
-from model.cli import main
-from model.sampler import shift_sigmas
+from wildactor_kernels.model import FlowMatchSampler, Reference, WildActor, WildActorConfig
+from wildactor_kernels.model.cli import main
+from wildactor_kernels.model.sampler import shift_sigmas
 
 
 @pytest.fixture(scope="module")

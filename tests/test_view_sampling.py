@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model.view_sampling import angular_spread, circular_distance_deg, sample_views
+from wildactor_kernels.model.view_sampling import angular_spread, circular_distance_deg, sample_views
 
 
 def _frontal_biased_pool(n_front=40, seed=0):

@@ -1,4 +1,4 @@
-"""Token layout and I-RoPE positions (DESIGN §3).
+"""Token layout and I-RoPE positions (docs/design.md §3).
 
 Tokens are video-first: ``Nv = T*Hg*Wg`` video tokens in ``Conv3d(...).flatten(2)`` order, then
 each reference in list order, row-major inside a reference. A reference of kind ``"face"`` or

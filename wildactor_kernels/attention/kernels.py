@@ -1,4 +1,4 @@
-"""Triton kernels for asymmetric attention (AIPA, DESIGN §4), with optional fused I-RoPE.
+"""Triton kernels for asymmetric attention (AIPA, docs/design.md §4), with optional fused I-RoPE.
 
 Maths (the spec is ``reference.py``): with ``Nv`` video and ``Nr`` reference tokens,
 

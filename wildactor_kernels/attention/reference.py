@@ -1,4 +1,4 @@
-"""Plain-PyTorch asymmetric attention (AIPA, DESIGN §4): the spec in code and the CPU path.
+"""Plain-PyTorch asymmetric attention (AIPA, docs/design.md §4): the spec in code and the CPU path.
 
 With ``Nv`` video and ``Nr`` reference tokens (``N = Nv + Nr``), after rotating q and k:
 

@@ -1,4 +1,4 @@
-"""Triton kernels for the reference-only LoRA linear (DESIGN §5).
+"""Triton kernels for the reference-only LoRA linear (docs/design.md §5).
 
 Maths (reference: :func:`wildactor_kernels.lora.reference.ref_lora_linear_ref`)::
 

@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference-only LoRA linear (DESIGN §5).
+"""Plain-PyTorch reference-only LoRA linear (docs/design.md §5).
 
 ``y = x W^T + b``;  ``y[:, Nv:] += s * (x[:, Nv:] A^T) B^T`` with PEFT shapes ``A [r, Din]``,
 ``B [Dout, r]`` and ``s = alpha / r``.

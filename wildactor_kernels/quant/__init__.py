@@ -1,6 +1,6 @@
 """FP8 quantization: reference maths (``reference.py``), the per-token quantization kernel
 (``kernels.py``), its public op (``op.py``) and the FP8 linear with its GEMM paths
-(``linear.py``). Module swapping for whole models lives in :mod:`model.quant`."""
+(``linear.py``). Module swapping for whole models lives in :mod:`wildactor_kernels.model.quant`."""
 
 from .linear import GEMM_PATHS, GEMMS, fp8_gemm, fp8_linear, resolve_fp8_gemm
 from .op import per_token_quant_fp8

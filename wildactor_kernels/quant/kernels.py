@@ -1,4 +1,4 @@
-"""Triton kernel: dynamic per-token FP8 quantization in one launch (DESIGN §7).
+"""Triton kernel: dynamic per-token FP8 quantization in one launch (docs/design.md §7).
 
 Maths: :func:`wildactor_kernels.quant.reference.per_token_quant_fp8_ref` (amax over the row,
 ``scale = max(amax, eps) / 448``, ``q = cast_e4m3fn(clamp(x / scale))``).

@@ -1,4 +1,4 @@
-"""FP8 linear: per-token activation quantization + rowwise-scaled FP8 GEMM (DESIGN §7).
+"""FP8 linear: per-token activation quantization + rowwise-scaled FP8 GEMM (docs/design.md §7).
 
 ``y = fp8_linear(x, w_fp8, w_scale, bias)`` computes ``y ~ x W^T + b`` with
 

@@ -1,4 +1,4 @@
-"""Plain-PyTorch FP8 maths (DESIGN §7): the spec the Triton kernel and the GEMM paths follow.
+"""Plain-PyTorch FP8 maths (docs/design.md §7): the spec the Triton kernel and the GEMM paths follow.
 
 Scaled float8_e4m3fn quantization of the rows of a matrix (one scale per row):
 
