@@ -22,7 +22,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-BACKENDS = ("auto", "triton", "reference")
+from wildactor_kernels import BACKENDS
 
 _PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(dim=64, num_layers=2, num_heads=4, ffn_dim=128, in_channels=4, out_channels=4,

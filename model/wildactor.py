@@ -40,11 +40,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import wildactor_kernels as wk
-from wildactor_kernels import RefLoRALinear, TokenLayout
+from wildactor_kernels import REF_KINDS, RefLoRALinear, TokenLayout
 
 from .config import WildActorConfig
 
-REF_KINDS = ("face", "body")
 #: parameters kept in fp32 by :meth:`WildActor.cast` (diffusers' ``_keep_in_fp32_modules``)
 KEEP_FP32 = re.compile(r"^(condition_embedder\.time_embedder\.|(blocks\.\d+\.)?scale_shift_table$"
                        r"|blocks\.\d+\.norm2\.)")

@@ -54,8 +54,9 @@ def _install_checkout_finder() -> None:
 
 _install_checkout_finder()
 
+from ._utils import BACKENDS
 from .attention import asym_attention, cached_asym_attention
-from .layout import TokenLayout, axis_dims, irope_positions, rope_cos_sin
+from .layout import REF_KINDS, TokenLayout, axis_dims, irope_positions, rope_cos_sin
 from .lora import RefLoRALinear, ref_lora_linear
 from .quant import fp8_linear, per_token_quant_fp8
 from .rope import apply_rope, qk_norm_rope
@@ -63,6 +64,8 @@ from .rope import apply_rope, qk_norm_rope
 __version__ = "0.1.0"
 
 __all__ = [
+    "BACKENDS",
+    "REF_KINDS",
     "TokenLayout",
     "irope_positions",
     "rope_cos_sin",

@@ -1,0 +1,203 @@
+"""The house rules of the package, read from the source with ``ast`` (nothing is imported).
+
+- One top-level import: the repository's ``model/`` folder is the subpackage
+  ``wildactor_kernels.model``; no file imports a top-level ``model``.
+- Imports run one way: kernels (``wildactor_kernels``) <- ``wildactor_kernels.model`` <- the CLI
+  (``wildactor_kernels.model.cli``); ``benchmarks/`` imports the library and is never imported by
+  it. Lazy imports inside functions count, and so do ``importlib.import_module`` calls with a
+  constant name.
+- No import cycles between the package's modules.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PKG = "wildactor_kernels"
+MODEL = f"{PKG}.model"
+CLI = f"{MODEL}.cli"
+
+
+def _package_modules() -> dict[str, str]:
+    """``{dotted module name: path}`` for every module of the distribution (as installed)."""
+    mods = {}
+    for top, name in ((os.path.join(ROOT, PKG), PKG), (os.path.join(ROOT, "model"), MODEL)):
+        for dirpath, _, files in os.walk(top):
+            rel = os.path.relpath(dirpath, top)
+            base = name if rel == "." else name + "." + rel.replace(os.sep, ".")
+            for f in files:
+                if f.endswith(".py"):
+                    mods[base if f == "__init__.py" else f"{base}.{f[:-3]}"] = os.path.join(dirpath, f)
+    return mods
+
+
+def _imports(path: str, module: str, is_pkg: bool) -> list[tuple[str, int]]:
+    """Absolute names imported anywhere in the file (top level, functions, import_module)."""
+    tree = ast.parse(open(path, encoding="utf-8").read(), filename=path)
+    package = module if is_pkg else module.rpartition(".")[0]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1])
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module
+            out.append((target, node.lineno))
+            out += [(f"{target}.{a.name}", node.lineno) for a in node.names]  # maybe submodules
+        elif isinstance(node, ast.Call):
+            fn = node.func
+            fname = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
+            if fname in ("import_module", "__import__") and node.args and isinstance(
+                    node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+                name = node.args[0].value
+                out.append((package + name if name.startswith(".") else name, node.lineno))
+    return out
+
+
+def _graph() -> tuple[dict[str, set[str]], dict[str, list[tuple[str, int]]]]:
+    mods = _package_modules()
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    raw: dict[str, list[tuple[str, int]]] = {}
+    for m, path in mods.items():
+        raw[m] = _imports(path, m, path.endswith("__init__.py"))
+        for name, _ in raw[m]:
+            if name in mods and name != m:
+                edges[m].add(name)
+    return edges, raw
+
+
+def _layer(module: str) -> int:
+    if module == CLI or module.startswith(CLI + "."):
+        return 2
+    if module == MODEL or module.startswith(MODEL + "."):
+        return 1
+    return 0
+
+
+def test_no_top_level_model_or_benchmarks_import():
+    bad = []
+    for m, imports in _graph()[1].items():
+        for name, line in imports:
+            top = name.split(".")[0]
+            if top in ("model", "benchmarks", "tests"):
+                bad.append(f"{m}:{line} imports {name}")
+    assert not bad, "the package imports outside itself:\n" + "\n".join(bad)
+
+
+def test_tests_and_benchmarks_use_the_namespaced_model():
+    bad = []
+    for folder in ("tests", "benchmarks"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            for f in files:
+                if not f.endswith(".py"):
+                    continue
+                path = os.path.join(dirpath, f)
+                for name, line in _imports(path, f"{folder}.{f[:-3]}", False):
+                    if name == "model" or name.startswith("model."):
+                        bad.append(f"{os.path.relpath(path, ROOT)}:{line} imports {name}")
+    assert not bad, "top-level `model` imports (use wildactor_kernels.model):\n" + "\n".join(bad)
+
+
+def test_imports_run_one_way():
+    edges, raw = _graph()
+    bad = []
+    for m, imports in raw.items():
+        for name, line in imports:
+            if name in edges and _layer(name) > _layer(m):
+                bad.append(f"{m}:{line} imports {name} (layer {_layer(m)} -> {_layer(name)})")
+    assert not bad, ("upward imports (kernels <- wildactor_kernels.model <- cli):\n" + "\n".join(bad))
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+    counter = [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(edges[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10000))
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _without_package_inits(edges: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Drop the edges *into* a package ``__init__`` from its own descendants.
+
+    ``from . import name`` in a submodule reads a name its package re-exports; the package's
+    ``__init__`` importing that submodule in turn is how every package is built, not a cycle of
+    responsibilities. Every other edge stays.
+    """
+    paths = _package_modules()
+    pkgs = {m for m in edges if os.path.basename(paths[m]) == "__init__.py"}
+    return {m: {w for w in ws if not (w in pkgs and m.startswith(w + "."))} for m, ws in edges.items()}
+
+
+def test_no_import_cycles():
+    cycles = _cycles(_without_package_inits(_graph()[0]))
+    assert not cycles, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_cycle_detector_sees_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git to copy the tracked tree")
+def test_wheel_has_one_top_level_package(tmp_path):
+    """``pip wheel --no-deps .`` of the tracked files: only ``wildactor_kernels/`` at the top, with
+    the model package inside it and no benchmarks or tests."""
+    pytest.importorskip("setuptools")
+    src = tmp_path / "src"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        if not os.path.isfile(os.path.join(ROOT, rel)):
+            continue
+        dst = src / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, rel), dst)
+    out = tmp_path / "wheel"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                        "-w", str(out), str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (whl,) = list(out.glob("*.whl"))
+    names = zipfile.ZipFile(whl).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {PKG}, tops
+    assert f"{PKG}/model/__init__.py" in names and f"{PKG}/model/wildactor.py" in names
+    assert not any(n.startswith(("model/", "benchmarks/", "tests/")) for n in names)
+    entry = zipfile.ZipFile(whl).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert f"wildactor = {CLI}:main" in entry
