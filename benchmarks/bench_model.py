@@ -280,6 +280,7 @@ def run_shape(shape: str, *, device: torch.device, dtype: torch.dtype = torch.bf
               log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Measure ``paths`` on one shape; returns one row per path (failed paths included)."""
     from wildactor_kernels.model.quant import quantize_model, quantized_modules, sqnr_db
+
     from wildactor_kernels._utils import resolve_backend
 
     spec = SHAPES[shape]

@@ -1,8 +1,9 @@
 """``wildactor_kernels.model``: the WildActor model, sampler, quantization and export (docs/design.md §6-7).
 
 The repository keeps this package in its top-level ``model/`` folder; it is installed (and only
-importable) as ``wildactor_kernels.model``. Names are resolved lazily so that importing it stays cheap and an optional dependency of
-one part (onnxruntime, tensorrt, bitsandbytes) never breaks the others.
+importable) as ``wildactor_kernels.model``. Names are resolved lazily so that importing it
+stays cheap and an optional dependency of one part (onnxruntime, tensorrt, bitsandbytes) never
+breaks the others.
 """
 
 from __future__ import annotations

@@ -141,7 +141,7 @@ def patchify_references(refs: Sequence[Any], patch_size: Sequence[int], batch_si
     """Cut references into patch vectors, the weight-free half of the patch embedding.
 
     Args:
-        refs: :class:`model.Reference` items (``kind``, ``latent [B|1, C, 1, h, w]``).
+        refs: :class:`Reference` items (``kind``, ``latent [B|1, C, 1, h, w]``).
         patch_size: ``(pt, ph, pw)`` of the model (``pt`` must be 1).
         batch_size: output batch (references of batch 1 broadcast); default the largest.
     Returns:
@@ -685,7 +685,7 @@ def export_onnx(m: nn.Module, out_dir: str | os.PathLike, *, opset: int = 23, at
     """Export ``reference_encoder.onnx`` and ``denoiser.onnx`` (plus ``manifest.json``).
 
     Args:
-        m: a float :class:`wildactor_kernels.model.WildActor` (export before :func:`wildactor_kernels.model.quantize_model`;
+        m: a float :class:`WildActor` (export before :func:`quantize_model`;
             ``precision="fp8"`` puts explicit Q/DQ into the graph instead).
         out_dir: directory to write (created).
         opset: ONNX opset (>= 18; ``attention="onnx"`` needs 23).
@@ -929,11 +929,11 @@ class TwoGraphRunner(ABC):
         return hit
 
     def encode_references(self, refs: Sequence[Any], video_shape: Sequence[int] | None = None):
-        """Reference K/V of every layer, once per generation: a :class:`model.RefCache` that
+        """Reference K/V of every layer, once per generation: a :class:`RefCache` that
         this runner, other runners and :class:`wildactor_kernels.model.WildActor` all accept.
 
         Args:
-            refs: :class:`model.Reference` items (latent batch 1 for a cache shared by the batch).
+            refs: :class:`Reference` items (latent batch 1 for a cache shared by the batch).
             video_shape: video latent shape to rotate the keys for; default a grid-free cache
                 (bound to the video grid, with one extra key rotation, when used).
         """
@@ -992,12 +992,12 @@ class TwoGraphRunner(ABC):
         return self.forward(latents, timestep, context, refs=refs, ref_cache=ref_cache)
 
     def forward(self, latents, timestep, context, refs=None, ref_cache=None) -> torch.Tensor:
-        """Velocity ``[B, out_channels, T, H, W]``, the same call as :meth:`wildactor_kernels.model.WildActor.forward`.
+        """Velocity ``[B, out_channels, T, H, W]``, the same call as :meth:`WildActor.forward`.
 
         Args:
             latents: ``[B, C, T, H, W]``; timestep: a number, ``[1]`` or ``[B]`` in [0, 1000];
             context: ``[B, L, text_dim]``; refs: references (encoded for this call) or
-            ref_cache: a :class:`model.RefCache` (from any runner or the PyTorch model).
+            ref_cache: a :class:`RefCache` (from any runner or the PyTorch model).
         """
         if refs is not None and ref_cache is not None:
             raise ValueError("give refs or ref_cache, not both")
@@ -1043,9 +1043,9 @@ class OnnxWildActor(TwoGraphRunner):
     """Run an :func:`export_onnx` directory with onnxruntime, behind the model's call.
 
     ``runner(latents, timestep, context, refs=None, ref_cache=None)`` and
-    ``runner.encode_references(refs)`` behave like :class:`wildactor_kernels.model.WildActor` (torch tensors in
+    ``runner.encode_references(refs)`` behave like :class:`WildActor` (torch tensors in
     and out, CPU by default), so an export is checked against the PyTorch model on any
-    machine and can drive :class:`model.FlowMatchSampler`. Positions and cos/sin are computed on
+    machine and can drive :class:`FlowMatchSampler`. Positions and cos/sin are computed on
     the host by wildactor_kernels' own functions.
 
     Args:

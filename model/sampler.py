@@ -70,7 +70,7 @@ class FlowMatchSampler:
             shape: latent shape ``[B, C, T, H, W]`` (ignored when ``noise`` is given).
             context: text embeddings ``[B, L, text_dim]``.
             negative_context: unconditional text embeddings (default: zeros like ``context``).
-            refs: list of :class:`model.Reference` (latents ``[1 or B, C, 1, h, w]``) or None.
+            refs: list of :class:`Reference` (latents ``[1 or B, C, 1, h, w]``) or None.
             noise: starting noise; otherwise drawn from ``seed``.
         Returns:
             Denoised latents ``[B, C, T, H, W]``.

@@ -10,7 +10,7 @@ was executed on a machine with TensorRT when it was written, see ``docs/deployme
   builder flags of a weakly typed network instead (deprecated since TensorRT 10.12; export in
   the target precision to stay strongly typed).
 - :func:`engine_shapes`: the profile shapes of both graphs from frame/size/text/reference ranges.
-- :func:`build_engines`: both engines of an :func:`wildactor_kernels.model.export_onnx` directory plus the manifest.
+- :func:`build_engines`: both engines of an :func:`export_onnx` directory plus the manifest.
 - :class:`TensorRTWildActor`: runs both engines with torch CUDA tensors bound as I/O
   (``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3`` on the current stream),
   with the host half (patchify, I-RoPE tables, reference cache) shared with

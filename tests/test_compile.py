@@ -21,9 +21,9 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import DEVICE, assert_close_verbose
+from wildactor_kernels.model import Reference, WildActor, WildActorConfig
 
 import wildactor_kernels as wk
-from wildactor_kernels.model import Reference, WildActor, WildActorConfig
 from wildactor_kernels import _utils
 from wildactor_kernels.attention import kernels as attn_kernels
 from wildactor_kernels.attention import op as attn_op
@@ -502,8 +502,8 @@ def test_compile_per_token_quant_fp8(dtype, pad_to):
 
 @pytest.mark.parametrize("gemm", ["emulate", "scaled_mm"])
 def test_compile_float8_linear_triton_act(gemm):
-    """``wildactor_kernels.model.quant.Float8Linear`` with ``act_backend="triton"`` (the activation quantization is
-    the custom op): fullgraph compile has one graph, output and input gradient equal eager. The
+    """``Float8Linear`` with ``act_backend="triton"`` (the activation quantization is the custom
+    op): fullgraph compile has one graph, output and input gradient equal eager. The
     GEMM path is resolved at conversion, so the forward takes no resolve branch."""
     from wildactor_kernels.model.quant import Float8Config, Float8Linear
 

@@ -13,8 +13,8 @@ import copy
 
 import torch
 from helpers import DEVICE
-
 from wildactor_kernels.model import Reference, WildActor, WildActorConfig
+
 from wildactor_kernels import RefLoRALinear
 
 

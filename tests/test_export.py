@@ -19,8 +19,14 @@ ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (p
 pytest.importorskip("onnxscript", reason="onnxscript is not installed (torch.onnx's exporter needs it)")
 
 from onnx import TensorProto  # noqa: E402
-
-from wildactor_kernels.model import FlowMatchSampler, OnnxWildActor, Reference, WildActor, WildActorConfig, export_onnx  # noqa: E402
+from wildactor_kernels.model import (  # noqa: E402
+    FlowMatchSampler,
+    OnnxWildActor,
+    Reference,
+    WildActor,
+    WildActorConfig,
+    export_onnx,
+)
 from wildactor_kernels.model import export as E  # noqa: E402
 from wildactor_kernels.model.quant import sqnr_db  # noqa: E402
 
@@ -369,7 +375,7 @@ def test_engine_shapes_cover_the_profile(fp32_export):
 
 
 class _FakeTRT:
-    """A stand-in for the ``tensorrt`` module that records what :func:`wildactor_kernels.model.tensorrt.build_engine`
+    """A stand-in for the ``tensorrt`` module that records what :func:`build_engine`
     asks of the TensorRT 10 API (the real package is not installable here). The network's inputs
     are the ONNX graph's inputs, dynamic axes as -1, as TensorRT's parser reports them."""
 

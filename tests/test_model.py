@@ -10,7 +10,6 @@ import os
 import pytest
 import torch
 from helpers import DEVICE, assert_close_verbose, max_err
-
 from wildactor_kernels.model import RefCache, Reference, WildActor, WildActorConfig
 from wildactor_kernels.model.config import PRESETS
 

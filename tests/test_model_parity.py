@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from wildactor_kernels.model import WildActor, WildActorConfig
 from wildactor_kernels.model.wildactor import _is_adapter
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from wildactor_kernels.model import FlowMatchSampler, Reference, WildActor, WildActorConfig
 from wildactor_kernels.model.cli import main
 from wildactor_kernels.model.sampler import shift_sigmas

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from wildactor_kernels.model.view_sampling import angular_spread, circular_distance_deg, sample_views
 
 
