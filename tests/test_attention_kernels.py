@@ -353,7 +353,7 @@ def build(kernel, consts, cfg):
             if a.startswith("stride"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            sig[a] = "*fp32" if a in ("LSE", "DELTA", "COS", "SIN") else "*bf16"
+            sig[a] = "*fp32" if a in ("p_lse", "p_delta", "p_cos", "p_sin") else "*bf16"
             attrs[(i,)] = [["tt.divisibility", 16]]
     k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32),

@@ -237,7 +237,7 @@ def jit(f):
 
 def build(f, consts, num_warps, num_stages, unit=()):
     fn = jit(f)
-    ptrs = [a for a in fn.arg_names if a.endswith("_ptr")]
+    ptrs = [a for a in fn.arg_names if a.startswith("p_")]
     sig = {a: "constexpr" if a in consts or a in unit else "*bf16" if a in ptrs else
            "fp32" if a == "scale" else "i32" for a in fn.arg_names}
     # what Triton's launcher infers: 16-aligned pointers, ints divisible by 16, unit strides
@@ -251,16 +251,17 @@ def build(f, consts, num_warps, num_stages, unit=()):
     assert "cp.async" in ptx, f"{fn.__name__} {consts}: loads are not pipelined"
     print(fn.__name__, consts.get("REF_MODE"), "ok")
 
-g = dict(GROUP_M=8, UPCAST=False, IEEE=False, HAS_BIAS=True, BLOCK_R=64, EVEN_K=True)
+g = dict(GROUP_M=8, DOT_F32=False, DOT_IEEE=True, HAS_BIAS=True, BLOCK_R=64, EVEN_K=True)
 fwd = ("stride_xk", "stride_wk", "stride_tr", "stride_lr", "stride_oo")  # Wt = W^T, Lt = B^T
 bwd = ("stride_xk", "stride_wn", "stride_tr", "stride_ln", "stride_oo")  # Wt = W,   Lt = A
-build(K._gemm_kernel, dict(g, REF_MODE=1, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64), 8, 3, fwd)
-build(K._gemm_kernel, dict(g, REF_MODE=1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, HAS_BIAS=False), 4, 3, bwd)
-build(K._gemm_kernel, dict(g, REF_MODE=1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16, EVEN_K=False),
+build(K._lora_gemm_kernel, dict(g, REF_MODE=1, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64), 8, 3, fwd)
+build(K._lora_gemm_kernel, dict(g, REF_MODE=1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, HAS_BIAS=False), 4, 3, bwd)
+build(K._lora_gemm_kernel, dict(g, REF_MODE=1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16, EVEN_K=False),
       4, 3, fwd + ("RANK",))  # rank 1 padded to 16, Din not a multiple of BLOCK_K
-build(K._gemm_kernel, dict(g, REF_MODE=2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 3, fwd)
-build(K._shrink_kernel, dict(BLOCK_M=64, BLOCK_K=64, BLOCK_R=128, EVEN_K=True, UPCAST=False, IEEE=False),
-      4, 4, ("stride_xk", "stride_pk", "stride_tr"))
+build(K._lora_gemm_kernel, dict(g, REF_MODE=2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 3, fwd)
+build(K._lora_shrink_kernel,
+      dict(BLOCK_M=64, BLOCK_K=64, BLOCK_R=128, EVEN_K=True, DOT_F32=False, DOT_IEEE=True), 4, 4,
+      ("stride_xk", "stride_pk", "stride_tr"))
 '''
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._utils import (
+    ROPE_MODES,
     check_head_dim,
     check_num_video,
     check_rope_tables,
@@ -14,9 +15,7 @@ from .._utils import (
 )
 from .reference import asym_attention_ref, cached_asym_attention_ref
 
-#: Accepted values of ``rope_mode`` (None: the Triton module's default, ``kernels.ROPE_MODE``).
-#: Kept here so that validating the argument never imports Triton.
-ROPE_MODES = ("fused", "prologue")
+__all__ = ["asym_attention", "cached_asym_attention", "ROPE_MODES"]
 
 
 def _check_qkv(names: tuple[str, str, str], q, k, v) -> None:
