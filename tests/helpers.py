@@ -106,3 +106,29 @@ def run_sm90_build(script: str, timeout: float = 300.0) -> str:
         pytest.skip("this triton build ships no ptxas")
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
     return res.stdout
+
+
+def ptxas_usage(kernel) -> tuple[int, int, int]:
+    """``(registers, spill store bytes, spill load bytes)`` of a kernel compiled ahead of time for
+    sm_90 (``triton.compile(..., target=GPUTarget("cuda", 90, 32))``), read from ``ptxas -v`` run
+    on its PTX: the numbers the driver would report, without a GPU. For scripts run by
+    :func:`run_sm90_build` (they put ``tests/`` on ``sys.path`` to import it)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(kernel.asm["ptx"])
+        res = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", src, "-o",
+                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-2000:]
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    stores = int(re.search(r"(\d+) bytes spill stores", log).group(1))
+    loads = int(re.search(r"(\d+) bytes spill loads", log).group(1))
+    return regs, stores, loads

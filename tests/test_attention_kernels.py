@@ -330,6 +330,8 @@ def test_torch_compile_fullgraph(rope, monkeypatch):
 _SM90_COMPILE = r'''
 import os, re, sys
 os.environ["TRITON_INTERPRET"] = "0"  # real JITFunctions: configs and kernels as on the GPU
+sys.path.insert(0, "tests")
+from helpers import ptxas_usage
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -337,7 +339,7 @@ from wildactor_kernels.attention import kernels as K
 
 INTS = ("H", "NQ", "NV", "NK2")
 
-def build(kernel, consts, cfg):
+def build(kernel, consts, cfg, first=True):
     fn = kernel.fn
     consts = dict(consts, **cfg.kwargs)
     sig, attrs = {}, {}
@@ -359,24 +361,51 @@ def build(kernel, consts, cfg):
                        target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     ptx = k.asm["ptx"]
-    assert "wgmma.mma_async" in ptx, f"{fn.__name__}: no wgmma (Hopper tensor-core path)"
+    if first:  # the preferred candidate takes the Hopper tensor-core path
+        assert "wgmma.mma_async" in ptx, f"{fn.__name__}: no wgmma (Hopper tensor-core path)"
     assert k.metadata.shared <= K._SMEM_LIMIT, f"{fn.__name__}: {k.metadata.shared} B shared"
-    print(fn.__name__, consts.get("ROTATE"), consts.get("CACHED"), "ok", k.metadata.shared)
+    regs, spill_st, spill_ld = ptxas_usage(k)
+    assert spill_st == spill_ld == 0, f"{fn.__name__} {cfg}: spills {spill_st}/{spill_ld} B"
+    print(fn.__name__, consts.get("ROTATE"), consts.get("CACHED"), "ok", k.metadata.shared, regs)
 
+# every config the first call may pick at the DESIGN head dim (bf16, D = 128)
 for rotate, cached in ((False, False), (True, True)):
     c = dict(HEAD_DIM=128, BLOCK_D=128, ROTATE=rotate, CACHED=cached, DOT_F32=False, DOT_PREC="ieee")
     for kern, kind in ((K._attn_fwd_kernel, "fwd"), (K._attn_bwd_dkdv_kernel, "dkdv"),
                        (K._attn_bwd_dq_kernel, "dq")):
         extra = dict(SCALE_NEG=False) if kind == "fwd" else {}
-        cfg = K._make_prune(kind)(kern.configs, {}, BLOCK_D=128, ROTATE=rotate)[0]
-        build(kern, dict(c, **extra), cfg)
+        shortlist = K._make_prune(kind)(kern.configs, {}, BLOCK_D=128, ROTATE=rotate)
+        assert 1 <= len(shortlist) <= 3, (kind, shortlist)
+        for i, cfg in enumerate(shortlist):
+            build(kern, dict(c, **extra), cfg, first=i == 0)
 '''
+
+
+def test_first_call_compiles_few_configs():
+    """The prune keyed by head dim, dtype and ROTATE leaves at most three candidates per kernel
+    for the first call (not every config), all from the ROTATE list and within shared memory."""
+    import triton
+
+    for kind, gpu in (("fwd", K._FWD_GPU), ("dkdv", K._DKDV_GPU), ("dq", K._DQ_GPU)):
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                   for m, n, w, s in dict.fromkeys(gpu[False] + gpu[True])]
+        for rotate in (False, True):
+            for d, dtype in ((128, torch.bfloat16), (64, torch.float16), (256, torch.bfloat16),
+                             (128, torch.float32)):
+                q = torch.empty(0, dtype=dtype)
+                kept = K._make_prune(kind)(configs, {"p_q": q}, BLOCK_D=d, ROTATE=rotate)
+                assert 1 <= len(kept) <= K._FIRST_CALL == 3, (kind, rotate, d, dtype, kept)
+                for c in kept:
+                    shape = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                    assert shape in gpu[rotate], (kind, rotate, shape)
+                    assert K._smem_estimate(kind, c, d, q.element_size(), rotate) <= K._SMEM_LIMIT
 
 
 def test_kernels_compile_for_sm90():
     """The interpreter never runs Triton's compiler: build PTX + cubin for sm_90 (H100/H200)
-    ahead of time for the first autotune candidate of every kernel, plain and with fused
-    rotation + cache, and check the wgmma path and the shared-memory budget."""
+    ahead of time for every autotune candidate the first call compiles at D = 128 bf16 (at most
+    three per kernel), plain and with fused rotation + cache, and check the wgmma path, the
+    shared-memory budget and that no config spills registers."""
     run_sm90_build(_SM90_COMPILE)
 
 

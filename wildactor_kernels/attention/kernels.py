@@ -228,15 +228,25 @@ def _fwd_block(state, args, start, n_left, MASK_N: tl.constexpr, ROTATE_K: tl.co
     return b_acc, b_sum, b_max_new
 
 
-# (BLOCK_M, BLOCK_N, warps, stages) compiled for sm_90; see _prune for the first call's shortlist
-_FWD_GPU = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3),
-            (64, 32, 4, 2)]
+# Autotune candidates (BLOCK_M, BLOCK_N, warps, stages), most preferred first, per ROTATE. Each
+# one builds for sm_90 at D = 128 bf16 with 0 spill bytes (ptxas -v, triton 3.9; measured for
+# every kernel, joint and cached): the configs that spilled were dropped (see _DKDV_GPU). The
+# autotuner sees the union; _make_prune keeps the ROTATE list, drops what does not fit in shared
+# memory for this head dim and dtype, and compiles at most _FIRST_CALL of the rest.
+_FWD_GPU = {
+    False: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3),
+            (64, 32, 4, 2)],
+    # with rotation the 128x128x3 and 128x64x4 tiles exceed shared memory at D = 128
+    True: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
+}
 _FWD_INTERPRETED = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)
+_FIRST_CALL = 3  # candidates compiled and timed on the first call of a (D, dtype, flags) key
 
 
-def _configs(gpu, interpreted):
+def _configs(gpu: dict, interpreted):
+    union = list(dict.fromkeys(gpu[False] + gpu[True]))
     return autotune_configs(
-        [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu],
+        [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in union],
         interpreted)
 
 
@@ -256,15 +266,20 @@ def _smem_estimate(kind: str, cfg, block_d: int, elem: int, rotate: bool) -> int
 
 def _make_prune(kind: str):
     def prune(configs, named_args, **kwargs):
-        """Drop candidates that cannot fit in shared memory, so no time is spent compiling them;
-        always keep at least the smallest one."""
+        """The first call's shortlist, keyed by head dim, dtype and ROTATE: the candidates of this
+        ROTATE in order of preference, without those that cannot fit in shared memory at this
+        ``BLOCK_D`` and element size, at most ``_FIRST_CALL`` of them (at least the smallest)."""
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
         rotate = bool(kwargs.get("ROTATE", named_args.get("ROTATE", False)))
         q = named_args.get("p_q")
         elem = q.element_size() if hasattr(q, "element_size") else 2
-        est = [(_smem_estimate(kind, c, block_d, elem, rotate), i) for i, c in enumerate(configs)]
-        kept = [configs[i] for e, i in est if e <= _SMEM_LIMIT]
-        return kept or [configs[min(est)[1]]]
+        gpu = {"fwd": _FWD_GPU, "dkdv": _DKDV_GPU, "dq": _DQ_GPU}[kind]
+        by_shape = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c
+                    for c in configs}
+        cands = [by_shape[t] for t in gpu[rotate] if t in by_shape] or list(configs)
+        est = [(_smem_estimate(kind, c, block_d, elem, rotate), i) for i, c in enumerate(cands)]
+        kept = [cands[i] for e, i in est if e <= _SMEM_LIMIT]
+        return kept[:_FIRST_CALL] or [cands[min(est)[1]]]
     return prune
 
 
@@ -409,13 +424,22 @@ _BWD_INTERPRETED = {
     "dkdv": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1),
     "dq": triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
 }
-# dk/dv: one key block resident, query blocks streamed through it; the last one is a small
-# fallback for other GPUs
-_DKDV_GPU = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2),
-             (32, 32, 4, 2)]
-# dq: one query block resident, key blocks streamed
-_DQ_GPU = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (128, 128, 8, 2),
-           (32, 32, 4, 2)]
+# dk/dv: one key block resident, query blocks streamed through it. Dropped for spilling at
+# D = 128 bf16: 64x128x8 (2 and 3 stages, 28-92 B) and 128x64x8x2 (148-312 B). With rotation
+# every 64-key tile with 64+ queries, and every 128-key tile, spills (120-1184 B: the resident
+# rotated k, its cos/sin and the streamed rotated q do not fit in 255 registers), and so do the
+# 4-warp and 16-row tiles tried (136-3236 B). 32 queries x 64 keys x 8 warps fits (about 230
+# registers, wgmma, 0 spills), as does the small 32x32x4 fallback.
+_DKDV_GPU = {
+    False: [(32, 128, 8, 3), (64, 64, 8, 3), (32, 32, 4, 2)],
+    True: [(32, 64, 8, 3), (32, 64, 8, 2), (32, 32, 4, 2)],
+}
+# dq: one query block resident, key blocks streamed; 128x128x8x2 spills with rotation (472 B)
+_DQ_GPU = {
+    False: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (128, 128, 8, 2),
+            (32, 32, 4, 2)],
+    True: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (32, 32, 4, 2)],
+}
 
 
 @triton.autotune(configs=_configs(_DKDV_GPU, _BWD_INTERPRETED["dkdv"]),
