@@ -19,10 +19,16 @@ import pytest
 import torch
 from helpers import (
     DEVICE,
+    DT,
+    GPU_DTYPES,
+    GPU_LAYOUTS,
+    LAYOUTS,
     assert_close_verbose,
     assert_within_baseline,
+    case,
     dense_asym_attention_fp64,
     rope_fp64,
+    rope_tables,
     run_sm90_build,
 )
 
@@ -32,23 +38,6 @@ from wildactor_kernels.attention import kernels as K
 pytestmark = pytest.mark.usefixtures("nan_empty")
 
 HAS_CUDA = torch.cuda.is_available()
-
-# Token layouts: odd counts, never a multiple of a block size; one with no references, one with
-# no video (Nv = 0 is plain reference self-attention).
-LAYOUTS = {
-    "Nv37-Nr11": wk.TokenLayout((1, 1, 37), [("face", 2, 3), ("body", 1, 5)]),
-    "Nv211-Nr0": wk.TokenLayout((1, 1, 211)),
-    "Nv0-Nr29": wk.TokenLayout((0, 4, 4), [("face", 3, 3), ("body", 4, 5)]),
-}
-
-DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _tables(layout: wk.TokenLayout, d: int, device=DEVICE):
-    pos = wk.irope_positions(layout, face_offset=1, body_offset=2, spatial_shift=True)
-    cos, sin = wk.rope_cos_sin(pos.to(device), d)
-    return pos, cos, sin
-
 
 def _atol(truth: torch.Tensor, dtype: torch.dtype) -> float:
     """flash-attn's absolute slack: twice the rounding of the truth's magnitude in ``dtype``
@@ -90,7 +79,7 @@ def _run_joint(layout_name, b, h, d, dtype, rope, monkeypatch, fused_qkv=False, 
     nv, n = layout.num_video, layout.num_tokens
     if rope != "none":
         monkeypatch.setattr(K, "ROPE_MODE", rope)
-        pos, cos, sin = _tables(layout, d)
+        pos, cos, sin = rope_tables(layout, d)
     else:
         pos = cos = sin = None
     q, k, v = _make_qkv(b, n, h, d, dtype, fused_qkv)
@@ -124,17 +113,17 @@ def _run_joint(layout_name, b, h, d, dtype, rope, monkeypatch, fused_qkv=False, 
 # =========================================================================== joint attention
 JOINT_CASES = [
     # layout, B, H, D, dtype, rope
-    pytest.param("Nv37-Nr11", 2, 2, 64, "fp32", "none", id="Nv37-Nr11-B2-H2-D64-fp32"),
-    pytest.param("Nv37-Nr11", 2, 2, 64, "fp16", "fused", id="Nv37-Nr11-B2-H2-D64-fp16-fused"),
-    pytest.param("Nv37-Nr11", 2, 2, 64, "fp16", "prologue", id="Nv37-Nr11-B2-H2-D64-fp16-prologue"),
-    pytest.param("Nv37-Nr11", 1, 3, 24, "fp32", "fused", id="Nv37-Nr11-B1-H3-D24-fp32-fused"),
-    pytest.param("Nv37-Nr11", 2, 1, 16, "fp16", "none", id="Nv37-Nr11-B2-H1-D16-fp16"),
-    pytest.param("Nv37-Nr11", 1, 1, 128, "fp16", "fused", id="Nv37-Nr11-B1-H1-D128-fp16-fused"),
-    pytest.param("Nv37-Nr11", 1, 2, 128, "fp32", "prologue", id="Nv37-Nr11-B1-H2-D128-fp32-prologue"),
-    pytest.param("Nv211-Nr0", 1, 1, 64, "fp16", "none", id="Nv211-Nr0-B1-H1-D64-fp16"),
-    pytest.param("Nv211-Nr0", 1, 1, 24, "fp32", "fused", id="Nv211-Nr0-B1-H1-D24-fp32-fused"),
-    pytest.param("Nv0-Nr29", 2, 2, 64, "fp32", "fused", id="Nv0-Nr29-B2-H2-D64-fp32-fused"),
-    pytest.param("Nv0-Nr29", 1, 2, 16, "fp16", "prologue", id="Nv0-Nr29-B1-H2-D16-fp16-prologue"),
+    case(layout="Nv37-Nr11", B=2, H=2, D=64, dtype="fp32", rope="none"),
+    case(layout="Nv37-Nr11", B=2, H=2, D=64, dtype="fp16", rope="fused"),
+    case(layout="Nv37-Nr11", B=2, H=2, D=64, dtype="fp16", rope="prologue"),
+    case(layout="Nv37-Nr11", B=1, H=3, D=24, dtype="fp32", rope="fused"),
+    case(layout="Nv37-Nr11", B=2, H=1, D=16, dtype="fp16", rope="none"),
+    case(layout="Nv37-Nr11", B=1, H=1, D=128, dtype="fp16", rope="fused"),
+    case(layout="Nv37-Nr11", B=1, H=2, D=128, dtype="fp32", rope="prologue"),
+    case(layout="Nv211-Nr0", B=1, H=1, D=64, dtype="fp16", rope="none"),
+    case(layout="Nv211-Nr0", B=1, H=1, D=24, dtype="fp32", rope="fused"),
+    case(layout="Nv0-Nr29", B=2, H=2, D=64, dtype="fp32", rope="fused"),
+    case(layout="Nv0-Nr29", B=1, H=2, D=16, dtype="fp16", rope="prologue"),
 ]
 
 
@@ -168,7 +157,7 @@ def test_asym_attention_negative_scale(monkeypatch):
 def test_rope_modes_agree():
     """Fused rotation and the prologue round the rotated q/k to the input dtype the same way."""
     layout = LAYOUTS["Nv37-Nr11"]
-    _, cos, sin = _tables(layout, 32)
+    _, cos, sin = rope_tables(layout, 32)
     q, k, v = _make_qkv(1, layout.num_tokens, 2, 32, torch.float16)
     o_f = K.asym_attention_triton(q, k, v, layout.num_video, cos, sin, rope_mode="fused")
     o_p = K.asym_attention_triton(q, k, v, layout.num_video, cos, sin, rope_mode="prologue")
@@ -182,7 +171,7 @@ def _run_cached(nv, nr, b, h, d, dtype, rope, monkeypatch):
     if rope != "none":
         monkeypatch.setattr(K, "ROPE_MODE", rope)
         layout = wk.TokenLayout((1, 1, nv))
-        pos, cos, sin = _tables(layout, d)
+        pos, cos, sin = rope_tables(layout, d)
     else:
         pos = cos = sin = None
     q, k, v = _make_qkv(b, nv, h, d, dtype)
@@ -211,11 +200,11 @@ def _run_cached(nv, nr, b, h, d, dtype, rope, monkeypatch):
 
 CACHED_CASES = [
     # Nv, Nr, B, H, D, dtype, rope
-    pytest.param(37, 11, 2, 2, 64, "fp32", "fused", id="Nv37-Nr11-B2-H2-D64-fp32-fused"),
-    pytest.param(37, 11, 1, 2, 64, "fp16", "prologue", id="Nv37-Nr11-B1-H2-D64-fp16-prologue"),
-    pytest.param(37, 29, 2, 1, 24, "fp16", "none", id="Nv37-Nr29-B2-H1-D24-fp16"),
-    pytest.param(45, 0, 1, 2, 16, "fp32", "fused", id="Nv45-Nr0-B1-H2-D16-fp32-fused-empty-cache"),
-    pytest.param(20, 40, 1, 1, 128, "fp16", "fused", id="Nv20-Nr40-B1-H1-D128-fp16-fused"),
+    case(Nv=37, Nr=11, B=2, H=2, D=64, dtype="fp32", rope="fused"),
+    case(Nv=37, Nr=11, B=1, H=2, D=64, dtype="fp16", rope="prologue"),
+    case(Nv=37, Nr=29, B=2, H=1, D=24, dtype="fp16", rope="none"),
+    case(Nv=45, Nr=0, B=1, H=2, D=16, dtype="fp32", rope="fused"),
+    case(Nv=20, Nr=40, B=1, H=1, D=128, dtype="fp16", rope="fused"),
 ]
 
 
@@ -241,7 +230,7 @@ def test_cached_equals_joint_video_rows(rope, monkeypatch):
     monkeypatch.setattr(K, "ROPE_MODE", rope)
     layout = LAYOUTS["Nv37-Nr11"]
     nv, d = layout.num_video, 32
-    _, cos, sin = _tables(layout, d)
+    _, cos, sin = rope_tables(layout, d)
     q, k, v = _leaves(*_make_qkv(2, layout.num_tokens, 2, d, torch.float32))
     o = wk.asym_attention(q, k, v, nv, cos, sin, backend="triton")
     do = torch.randn_like(o)
@@ -309,7 +298,7 @@ def test_torch_compile_fullgraph(rope, monkeypatch):
     monkeypatch.undo()  # nan_empty's Python-level torch.empty patch is not traceable by dynamo
     monkeypatch.setattr(K, "ROPE_MODE", "fused")
     layout = LAYOUTS["Nv37-Nr11"]
-    _, cos, sin = _tables(layout, 16)
+    _, cos, sin = rope_tables(layout, 16)
     if rope == "none":
         cos = sin = None
     q, k, v = _leaves(*_make_qkv(1, layout.num_tokens, 2, 16, torch.float32))
@@ -410,11 +399,6 @@ def test_kernels_compile_for_sm90():
 
 
 # =========================================================================== GPU only
-GPU_LAYOUTS = {
-    # a short wan-720p-like clip (4 frames of 22x40) with two references of the same grid
-    "wan720p-T4": wk.TokenLayout((4, 22, 40), [("face", 22, 40), ("body", 22, 40)]),
-    "odd": wk.TokenLayout((3, 17, 23), [("face", 9, 11), ("body", 13, 7)]),
-}
 
 
 def _gpu_joint(layout, b, h, d, dtype, rope, fused_qkv=False):
@@ -422,7 +406,7 @@ def _gpu_joint(layout, b, h, d, dtype, rope, fused_qkv=False):
     nv, n = layout.num_video, layout.num_tokens
     cos = sin = None
     if rope != "none":
-        _, cos, sin = _tables(layout, d, device="cuda")
+        _, cos, sin = rope_tables(layout, d, device="cuda")
     q, k, v = (t.cuda() for t in _make_qkv(b, n, h, d, torch.float32, fused_qkv))
     do = torch.randn(b, n, h, d, device="cuda")
     t_in = _leaves(q, k, v)
@@ -439,18 +423,15 @@ def _gpu_joint(layout, b, h, d, dtype, rope, fused_qkv=False):
         _check(name, g, rg, tg, dtype)
 
 
-GPU_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("layout, h, d, rope", [
-    pytest.param("wan720p-T4", 4, 128, "fused", id="wan720p-T4-H4-D128-fused"),
-    pytest.param("wan720p-T4", 4, 128, "prologue", id="wan720p-T4-H4-D128-prologue"),
-    pytest.param("wan720p-T4", 2, 128, "none", id="wan720p-T4-H2-D128"),
-    pytest.param("odd", 3, 64, "fused", id="odd-H3-D64-fused"),
-    pytest.param("odd", 2, 96, "none", id="odd-H2-D96"),
-    pytest.param("odd", 1, 256, "fused", id="odd-H1-D256-fused"),
+    case(layout="wan720p-T4", H=4, D=128, rope="fused"),
+    case(layout="wan720p-T4", H=4, D=128, rope="prologue"),
+    case(layout="wan720p-T4", H=2, D=128, rope="none"),
+    case(layout="odd", H=3, D=64, rope="fused"),
+    case(layout="odd", H=2, D=96, rope="none"),
+    case(layout="odd", H=1, D=256, rope="fused"),
 ])
 def test_asym_attention_gpu(layout, h, d, rope, dtype):
     _gpu_joint(GPU_LAYOUTS[layout], 1, h, d, dtype, rope)
@@ -468,7 +449,7 @@ def test_asym_attention_gpu_fused_qkv(dtype):
 def test_cached_gpu(rope, dtype):
     layout = GPU_LAYOUTS["wan720p-T4"]
     nv, nr, h, d = layout.num_video, layout.num_ref, 4, 128
-    _, cos, sin = _tables(wk.TokenLayout(layout.video), d, device="cuda")
+    _, cos, sin = rope_tables(wk.TokenLayout(layout.video), d, device="cuda")
     q, k, v = (t.cuda() for t in _make_qkv(1, nv, h, d, torch.float32))
     rk, rv = (t.cuda() for t in _make_qkv(1, nr, h, d, torch.float32)[:2])
     do = torch.randn(1, nv, h, d, device="cuda")
@@ -490,7 +471,7 @@ def test_cached_gpu(rope, dtype):
 def test_torch_compile_inductor_gpu():
     """fullgraph Inductor compile around the op on CUDA: no graph break, same result."""
     layout = GPU_LAYOUTS["odd"]
-    _, cos, sin = _tables(layout, 64, device="cuda")
+    _, cos, sin = rope_tables(layout, 64, device="cuda")
     q, k, v = (t.cuda().to(torch.bfloat16).requires_grad_()
                for t in _make_qkv(1, layout.num_tokens, 2, 64, torch.float32))
 

@@ -25,6 +25,12 @@ Kernels (flash-attention 2 structure, fp32 online softmax in base 2):
 ``_attn_bwd_dq_kernel``
     one program per query block with the key ranges of the forward pass.
 
+The segment arithmetic lives in ``_query_segment`` (query blocks: forward, dq) and its twin
+``_key_segment`` (key blocks: dk/dv), and the "full blocks without masks, then one masked tail
+block" loop in ``_stream``, which all three kernels call with their block step (``_fwd_block``,
+``_dq_block``, ``_dkdv_block``). Launchers: ``asym_attention_fwd`` / ``asym_attention_bwd`` (joint
+and cached); entry points ``asym_attention_triton`` / ``cached_asym_attention_triton``.
+
 I-RoPE fusion (``ROTATE``): a ``[rows, D]`` tile is reshaped to ``[rows, D/2, 2]`` and split into
 its even/odd channels, rotated in fp32 with the per-token ``cos, sin [N, D/2]`` tables and joined
 back, so every ``tl.dot`` keeps one full-width operand. q is rotated once per program, k once
