@@ -239,16 +239,21 @@ def convert_to_fp8_linear(module: nn.Module, config: Float8Config | None = None,
             adapter modules are kept as they are). Layers already quantized are left alone.
         config: the :class:`Float8Config` of the new layers (default ``Float8Config()``).
         module_filter_fn: ``(module, fqn) -> bool`` choosing which of those layers to convert
-            (default: all of them). ``fqn`` is the name in ``module.named_modules()``, ``""``
-            for ``module`` itself.
+            (default: all of them but the adapters ``lora_A`` / ``lora_B`` of a
+            ``RefLoRALinear``, which stay trainable in high precision). ``fqn`` is the name in
+            ``module.named_modules()``, ``""`` for ``module`` itself.
     Returns:
         ``module``, or the new layer when ``module`` itself is a converted linear.
     """
     config = config if config is not None else Float8Config()
     if not isinstance(config, Float8Config):
         raise TypeError(f"config must be a Float8Config, got {type(config).__name__}")
+    if module_filter_fn is None:
+        adapters = {id(a) for mod in module.modules() if isinstance(mod, RefLoRALinear)
+                    for a in (mod.lora_A, mod.lora_B) if a is not None}
+        module_filter_fn = lambda mod, fqn: id(mod) not in adapters
     targets = [(fqn, mod) for fqn, mod in module.named_modules()
-               if _is_float_linear(mod) and (module_filter_fn is None or module_filter_fn(mod, fqn))]
+               if _is_float_linear(mod) and module_filter_fn(mod, fqn)]
     root = module
     for fqn, mod in targets:
         cls = Float8RefLoRALinear if isinstance(mod, RefLoRALinear) else Float8Linear
