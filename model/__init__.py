@@ -19,8 +19,8 @@ _EXPORTS = {
     "sample_views": "view_sampling",
     "quantize_model": "quant",
     "quantization_report": "quant",
-    "export_onnx": "export",
-    "OnnxWildActor": "export",
+    "export_onnx": "export.onnx_export",
+    "OnnxWildActor": "export.onnx_export",
     "build_engine": "tensorrt",
     "TensorRTWildActor": "tensorrt",
 }
