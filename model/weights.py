@@ -2,9 +2,12 @@
 
 - :func:`load_wan_state_dict`: diffusers ``WanTransformer3DModel`` keys load unchanged; the
   adapter keys (``...lora_A.weight`` / ``...lora_B.weight``) are optional.
-- :func:`save_pretrained` / :func:`from_pretrained`: ``config.json`` + ``model.safetensors``.
+- :func:`save_pretrained` / :func:`read_pretrained`: ``config.json`` + ``model.safetensors``.
 - :func:`save_adapters` / :func:`load_adapters`: the PEFT-named adapters alone.
-- :func:`from_diffusers`: a WildActor built from a diffusers Wan module.
+- :func:`read_diffusers`: the config and weights of a diffusers Wan module.
+
+The model classmethods ``WildActor.from_pretrained`` / ``from_diffusers`` build on ``meta`` and
+load through :func:`load_wan_state_dict`.
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ from typing import Mapping, NamedTuple
 import torch
 import torch.nn as nn
 
+from .adapters import is_adapter
 from .config import WildActorConfig
-from .wildactor import WildActor, _is_adapter
+
+# The model is passed in (a WildActor: ``cfg``, ``dtype``, ``state_dict``, ``freeze_backbone``,
+# ``adapter_state_dict``); this module never imports model/wildactor.py, which imports it.
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -57,7 +63,7 @@ def summarize_keys(keys, limit: int = 12) -> str:
     return "\n  " + "\n  ".join(lines[:limit]) + more
 
 
-def _materialize_meta_adapters(model: WildActor, device: torch.device, dtype: torch.dtype) -> None:
+def _materialize_meta_adapters(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Adapters left on ``meta`` after loading a backbone-only checkpoint get a fresh PEFT init."""
     from wildactor_kernels import RefLoRALinear
 
@@ -68,7 +74,7 @@ def _materialize_meta_adapters(model: WildActor, device: torch.device, dtype: to
             mod.reset_lora_parameters()
 
 
-def load_wan_state_dict(model: WildActor, state_dict: Mapping[str, torch.Tensor],
+def load_wan_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
                         strict: bool = True) -> LoadResult:
     """Load diffusers Wan weights (and optionally adapters) into ``model``.
 
@@ -84,7 +90,7 @@ def load_wan_state_dict(model: WildActor, state_dict: Mapping[str, torch.Tensor]
     """
     own = model.state_dict()
     sd = {k: v for k, v in state_dict.items() if not _IGNORED_KEYS.search(k)}
-    missing = sorted(k for k in own if k not in sd and not _is_adapter(k))
+    missing = sorted(k for k in own if k not in sd and not is_adapter(k))
     unexpected = sorted(k for k in sd if k not in own)
     mismatched = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in sorted(sd) if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
@@ -97,7 +103,7 @@ def load_wan_state_dict(model: WildActor, state_dict: Mapping[str, torch.Tensor]
             msg.append(f"missing {len(missing)} keys:" + summarize_keys(missing))
         if unexpected:
             msg.append(f"unexpected {len(unexpected)} keys:" + summarize_keys(unexpected))
-        if any(_is_adapter(k) for k in unexpected) and model.cfg.lora_rank == 0:
+        if any(is_adapter(k) for k in unexpected) and model.cfg.lora_rank == 0:
             msg.append("(the checkpoint has LoRA adapters but this model has lora_rank=0)")
         raise ValueError("\n".join(msg))
     assign = any(p.is_meta for p in own.values())
@@ -111,7 +117,6 @@ def load_wan_state_dict(model: WildActor, state_dict: Mapping[str, torch.Tensor]
         ref = next(iter(load.values())) if load else None
         if ref is not None:
             _materialize_meta_adapters(model, ref.device, model.dtype)
-        model._rope_cache.clear()
     model.freeze_backbone()
     return LoadResult(missing, unexpected)
 
@@ -127,7 +132,7 @@ def _save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, 
     save_file(out, path, metadata=metadata)
 
 
-def save_pretrained(model: WildActor, directory: str) -> None:
+def save_pretrained(model: nn.Module, directory: str) -> None:
     """``directory/config.json`` (the :class:`WildActorConfig`) + ``directory/model.safetensors``."""
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
@@ -136,10 +141,11 @@ def save_pretrained(model: WildActor, directory: str) -> None:
                {"format": "pt", "model": "WildActor"})
 
 
-def from_pretrained(directory: str, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None, **overrides) -> WildActor:
-    """Inverse of :func:`save_pretrained`. ``dtype=None`` keeps the saved dtype; ``overrides``
-    change config fields that do not alter shapes (e.g. ``backend="reference"``)."""
+def read_pretrained(directory: str, device: torch.device | str | None = None, **overrides
+                    ) -> tuple[WildActorConfig, dict[str, torch.Tensor], torch.dtype]:
+    """``(config, state dict, saved dtype)`` of a :func:`save_pretrained` directory, for
+    :meth:`WildActor.from_pretrained`. ``overrides`` change config fields that do not alter
+    shapes (e.g. ``backend="reference"``)."""
     from safetensors.torch import load_file
 
     with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
@@ -147,23 +153,21 @@ def from_pretrained(directory: str, device: torch.device | str | None = None,
     if overrides:
         cfg = cfg.replace(**overrides)
     sd = load_file(os.path.join(directory, WEIGHTS_NAME), device=str(device or "cpu"))
-    if dtype is None:  # the saved compute dtype (a few fp32-kept tensors aside, see WildActor.cast)
-        dtype = sd["patch_embedding.weight"].dtype if "patch_embedding.weight" in sd else torch.float32
-    model = WildActor(cfg, device="meta", dtype=dtype)
-    load_wan_state_dict(model, sd, strict=True)
-    return model
+    # the saved compute dtype (a few fp32-kept tensors aside, see WildActor.cast)
+    dtype = sd["patch_embedding.weight"].dtype if "patch_embedding.weight" in sd else torch.float32
+    return cfg, sd, dtype
 
 
-def from_diffusers(wan_model: nn.Module, **overrides) -> WildActor:
-    """A WildActor with the weights of a diffusers ``WanTransformer3DModel`` (fresh adapters)."""
+def read_diffusers(wan_model: nn.Module, **overrides
+                   ) -> tuple[WildActorConfig, dict[str, torch.Tensor], torch.dtype]:
+    """``(config, state dict copy, dtype)`` of a diffusers ``WanTransformer3DModel``, for
+    :meth:`WildActor.from_diffusers`."""
     cfg = WildActorConfig.from_diffusers_config(dict(wan_model.config), **overrides)
     p = next(wan_model.parameters())
-    model = WildActor(cfg, device="meta", dtype=p.dtype)
-    load_wan_state_dict(model, {k: v.clone() for k, v in wan_model.state_dict().items()}, strict=True)
-    return model
+    return cfg, {k: v.clone() for k, v in wan_model.state_dict().items()}, p.dtype
 
 
-def save_adapters(model: WildActor, path: str) -> None:
+def save_adapters(model: nn.Module, path: str) -> None:
     """The reference-only adapters alone, PEFT names, in one ``.safetensors`` file."""
     if model.cfg.lora_rank == 0:
         raise ValueError("this model has no adapters (lora_rank=0)")
@@ -172,7 +176,7 @@ def save_adapters(model: WildActor, path: str) -> None:
     _save_file(model.adapter_state_dict(), path, meta)
 
 
-def load_adapters(model: WildActor, path: str, strict: bool = True) -> None:
+def load_adapters(model: nn.Module, path: str, strict: bool = True) -> None:
     """Load adapters written by :func:`save_adapters` into ``model`` (same rank).
 
     Raises ValueError on a rank mismatch, on non-adapter keys, and (``strict``) on missing or
@@ -187,7 +191,7 @@ def load_adapters(model: WildActor, path: str, strict: bool = True) -> None:
     if rank >= 0 and rank != model.cfg.lora_rank:
         raise ValueError(f"adapter file has rank {rank}; this model has lora_rank={model.cfg.lora_rank}")
     sd = load_file(path)
-    not_adapters = sorted(k for k in sd if not _is_adapter(k))
+    not_adapters = sorted(k for k in sd if not is_adapter(k))
     if not_adapters:
         raise ValueError("adapter file holds non-adapter keys:" + summarize_keys(not_adapters))
     own = model.adapter_state_dict()
