@@ -664,9 +664,11 @@ class WildActor(nn.Module):
         return {k: v for k, v in self.state_dict().items() if is_adapter(k)}
 
     def save_adapters(self, path: str) -> None:
-        """Save the adapters alone to a ``.safetensors`` file."""
+        """Save the adapters alone to a ``.safetensors`` file (rank and ``lora_alpha`` in its metadata)."""
         weights.save_adapters(self, path)
 
-    def load_adapters(self, path: str, strict: bool = True) -> None:
-        """Load adapters written by :meth:`save_adapters` (rank must match)."""
-        weights.load_adapters(self, path, strict=strict)
+    def load_adapters(self, path: str, strict: bool = True, alpha: str = "check") -> None:
+        """Load adapters written by :meth:`save_adapters`, all or nothing. The rank must match;
+        a different ``lora_alpha`` is an error unless ``alpha="file"`` (adopt the file's) or
+        ``alpha="model"`` (keep the model's); see :func:`~wildactor_kernels.model.weights.load_adapters`."""
+        weights.load_adapters(self, path, strict=strict, alpha=alpha)
