@@ -24,6 +24,12 @@ Two code paths, which must agree (tests check it to ~1e-5 in fp32):
 
 Shape vocabulary: ``B`` batch, ``Nv``/``Nr`` video/reference tokens, ``H`` heads, ``D`` head dim,
 ``L`` text tokens; attention tensors use the flash-attn layout ``[B, N, H, D]``.
+
+This file holds the maths; the plumbing lives beside it: ``references.py`` (:class:`Reference`,
+:class:`RefCache` and ``bind_ref_cache``, shared with the ONNX/TensorRT runners), ``checks.py``
+(input checks), ``rope_tables.py`` (the thread-safe I-RoPE table cache), ``weights.py``
+(loading, all or nothing) and ``adapters.py`` (adapter key names). The kernel backend lives in
+``cfg.backend`` alone, read by every op at call time through :class:`ConfigRef`.
 """
 
 from __future__ import annotations
