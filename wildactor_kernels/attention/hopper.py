@@ -42,6 +42,7 @@ __all__ = [
     "HOPPER_WARP_SPEC",
     "asym_attention_hopper",
     "cached_asym_attention_hopper",
+    "hopper_layout_reason",
     "hopper_supported",
 ]
 
@@ -226,21 +227,15 @@ def _tma_ok(t: torch.Tensor) -> bool:
     """TMA's rules for a ``[B, N, H, D]`` operand read as per-(batch, head) ``[N, D]`` tiles:
     unit head-dim stride, 16-byte aligned base and row/batch/head strides."""
     e = t.element_size()
-    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+    base = t.storage_offset() * e if torch.compiler.is_compiling() else t.data_ptr()
+    return (t.stride(-1) == 1 and base % 16 == 0
             and all((s * e) % 16 == 0 for s in t.stride()[:3]))
 
 
-def hopper_supported(*tensors: torch.Tensor) -> str | None:
-    """None when the Hopper kernel can run on these ``[B, N, H, D]`` inputs, else the reason.
-
-    Needs an sm_90+ GPU (or the Triton interpreter on CPU tensors), a dtype in fp16/bf16/fp32,
-    ``D`` in :data:`HOPPER_HEAD_DIMS` and TMA-compatible layouts (:func:`_tma_ok`)."""
+def hopper_layout_reason(*tensors: torch.Tensor) -> str | None:
+    """None when dtype, head_dim and layouts suit the Hopper kernel, else the reason. Under
+    torch.compile the base pointer is judged by the storage offset (allocations are aligned)."""
     q = tensors[0]
-    if q.is_cuda:
-        if torch.cuda.get_device_capability(q.device)[0] < 9:
-            return "needs compute capability 9.0+ (Hopper)"
-    elif not interpreter_active():
-        return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype} is not one of {_DTYPES}"
     if q.shape[-1] not in HOPPER_HEAD_DIMS:
@@ -251,6 +246,18 @@ def hopper_supported(*tensors: torch.Tensor) -> str | None:
         if t.numel() and not _tma_ok(t):
             return "a tensor's layout breaks TMA's rules (unit head-dim stride, 16-byte alignment)"
     return None
+
+
+def hopper_supported(*tensors: torch.Tensor) -> str | None:
+    """None when the Hopper kernel can run on these ``[B, N, H, D]`` inputs, else the reason:
+    an sm_90+ GPU (or the Triton interpreter on CPU tensors) and :func:`hopper_layout_reason`."""
+    q = tensors[0]
+    if q.is_cuda:
+        if torch.cuda.get_device_capability(q.device)[0] < 9:
+            return "needs compute capability 9.0+ (Hopper)"
+    elif not interpreter_active():
+        return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"
+    return hopper_layout_reason(*tensors)
 
 
 def _torch_scratch(size: int, alignment: int, stream):
