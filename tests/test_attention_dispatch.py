@@ -202,3 +202,24 @@ def test_auto_on_cuda_matches_reference():
     assert (o.float() - ref).abs().max().item() < 2e-2
     report = wk.attention_backends()
     assert report["device"] == torch.cuda.get_device_name()
+
+
+def test_benchmark_rows_become_table_entries(tmp_path):
+    """bench_attention.py --write-table: dispatcher rows summed over shapes, a candidate that
+    failed on one shape left out, and the table then picks the fastest."""
+    from benchmarks import bench_attention as bench
+
+    def row(shape, impl, ms, status="ok"):
+        return dict(op="dispatch", mode="joint", shape=shape, impl=impl, dtype="bf16", D=128,
+                    ms=ms, status=status)
+
+    rows = [row("a", "triton", 2.0), row("b", "triton", 2.0), row("a", "sdpa-cudnn", 1.0),
+            row("b", "sdpa-cudnn", 3.5), row("a", "fa3", 0.5), row("b", "fa3", None, "failed"),
+            dict(op="joint", mode="fwd", shape="a", impl="auto", status="ok", ms=1.0)]
+    env = {"gpu": "FakeGPU", "date_utc": "2026-01-01", "torch": "x", "triton": "y"}
+    (entry,) = bench.table_entries(rows, env)
+    assert entry["times_ms"] == {"triton": 4.0, "sdpa-cudnn": 4.5} and entry["shape"] == "a+b"
+    path = str(tmp_path / "t.json")
+    dispatch.write_table_entries([entry], path)
+    assert dispatch.choose("FakeGPU", "bf16", 128, "joint", ALL, dispatch.load_table(path))[0] == "triton"
+    assert bench._parse(["--write-table"]).ops == ["joint", "cached", "dispatch"]
