@@ -223,3 +223,9 @@ def test_benchmark_rows_become_table_entries(tmp_path):
     dispatch.write_table_entries([entry], path)
     assert dispatch.choose("FakeGPU", "bf16", 128, "joint", ALL, dispatch.load_table(path))[0] == "triton"
     assert bench._parse(["--write-table"]).ops == ["joint", "cached", "dispatch"]
+
+
+def test_unmeasured_default_switch(fake_cuda, monkeypatch):
+    monkeypatch.setattr(dispatch, "load_table", lambda *a: {"version": 1, "entries": []})
+    monkeypatch.setattr(dispatch, "UNMEASURED_PREFERS_HOPPER", False)
+    assert dispatch._pick(0, "bf16", 128, "joint", True) == "triton"

@@ -44,6 +44,9 @@ __all__ = ["BACKEND_NAMES", "MODES", "TABLE_PATH", "attention_backends", "availa
 BACKEND_NAMES = ("triton", "triton-hopper", "sdpa-cudnn", "sdpa-flash", "sdpa-math", "fa3", "fa2")
 MODES = ("joint", "joint-train", "cached")
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backend_table.json")
+#: Where the table has no time for a case on an sm_90+ GPU, ``auto`` runs the Hopper kernel
+#: when True (the issue's intent), ``kernels.py`` when False.
+UNMEASURED_PREFERS_HOPPER = True
 #: Candidates that concatenate the keys/values in cached mode (no two-range form).
 CONCAT_IN_CACHED = ("sdpa-cudnn", "sdpa-flash", "sdpa-math", "fa3", "fa2")
 
@@ -167,7 +170,7 @@ def _pick(device_index: int, dtype: str, head_dim: int, mode: str, hopper_layout
     break, no guard on the table)."""
     cap = torch.cuda.get_device_capability(device_index)[0]
     avail = _filter(dict(_static_available(True, cap)), dtype, head_dim, hopper_layout_ok)
-    default = "triton-hopper" if avail["triton-hopper"] else "triton"
+    default = "triton-hopper" if avail["triton-hopper"] and UNMEASURED_PREFERS_HOPPER else "triton"
     device = torch.cuda.get_device_name(device_index)
     choice, source = choose(device, dtype, head_dim, mode, avail, load_table(), default)
     key = (device, dtype, head_dim, mode)
@@ -319,7 +322,7 @@ def attention_backends(device: torch.device | str | None = None, head_dims=(64, 
                                       source="no CUDA device: auto runs the reference"))
                     continue
                 av = _filter(avail, dtype, d, True)
-                default = "triton-hopper" if av["triton-hopper"] else "triton"
+                default = "triton-hopper" if av["triton-hopper"] and UNMEASURED_PREFERS_HOPPER else "triton"
                 b, src = choose(name, dtype, d, mode, av, table, default)
                 picks.append(dict(dtype=dtype, head_dim=d, mode=mode, backend=b, source=src))
     return {"device": name, "table": TABLE_PATH, "available": avail, "notes": notes, "picks": picks}

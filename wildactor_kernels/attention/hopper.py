@@ -20,6 +20,16 @@ The rotation of q/k (I-RoPE) is always a prologue here (``apply_rope`` first, th
 ``"prologue"`` mode of ``kernels.py``): rotating K inside the loop would put registers between
 the TMA copy and the wgmma that reads shared memory.
 
+Compiled for sm_90 (``tests/test_attention_hopper.py`` prints the report; triton 3.6 and 3.9
+agree): every candidate loads K/V/Q with ``cp.async.bulk.tensor`` on mbarriers (no per-thread
+``cp.async``), 0 spills, at most 213 KB of shared memory. Warp-specialised candidates run 12 warps
+(1 producer + 2 consumer warp groups, ``setmaxnreg`` 40/232, 168 registers at launch). The
+hand-pipelined ones (8 warps, 155-204 registers) commit the next QK^T wgmma and run the softmax's
+``ex2`` before waiting on it; Triton's pipeliner retires it with the ``wgmma.wait_group 0`` after the
+next P@V (the P@V accumulator is rescaled every step, so that dot cannot stay in flight), hence no
+``wait_group 1`` in the PTX. No persistent scheduling yet: the grid is (query blocks, B*H) with the
+query blocks of one head adjacent, so K/V of a head stay in L2 across its blocks.
+
 Layout ``[B, N, H, D]``, any strides with a unit head-dim stride and 16-byte aligned rows (TMA's
 rules; ``hopper_supported`` checks them). ``D`` in ``HOPPER_HEAD_DIMS``. The log-sum-exp is
 stored in the units of ``kernels.py`` (base 2, scaled), so the backward pass is the existing one
