@@ -132,7 +132,8 @@ def _static_available(is_cuda: bool, capability_major: int) -> tuple[tuple[str, 
 
 def _filter(avail: dict[str, bool], dtype: str, head_dim: int, hopper_layout_ok: bool) -> dict[str, bool]:
     avail = dict(avail)
-    avail["triton-hopper"] = avail["triton-hopper"] and hopper_layout_ok and head_dim in (64, 128)
+    avail["triton-hopper"] = (avail["triton-hopper"] and hopper_layout_ok and head_dim in (64, 128)
+                              and dtype in ("fp16", "bf16"))
     for name in ("sdpa-flash", "fa3", "fa2"):  # half precision only
         avail[name] = avail[name] and dtype in ("fp16", "bf16")
     return avail

@@ -260,11 +260,14 @@ def hopper_layout_reason(*tensors: torch.Tensor) -> str | None:
 
 def hopper_supported(*tensors: torch.Tensor) -> str | None:
     """None when the Hopper kernel can run on these ``[B, N, H, D]`` inputs, else the reason:
-    an sm_90+ GPU (or the Triton interpreter on CPU tensors) and :func:`hopper_layout_reason`."""
+    an sm_90+ GPU with fp16/bf16 inputs (or the Triton interpreter on CPU tensors, fp32 too) and
+    :func:`hopper_layout_reason`."""
     q = tensors[0]
     if q.is_cuda:
         if torch.cuda.get_device_capability(q.device)[0] < 9:
             return "needs compute capability 9.0+ (Hopper)"
+        if q.dtype == torch.float32:  # tiles sized for 16-bit operands (shared memory)
+            return "fp32 on the GPU is left to kernels.py (the tiles are sized for fp16/bf16)"
     elif not interpreter_active():
         return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"
     return hopper_layout_reason(*tensors)
