@@ -4,17 +4,20 @@ Same maths, API and asymmetric block mapping as ``kernels.py`` (``_query_segment
 what changes is how the tiles move:
 
 - K/V (and Q) tiles are read through tensor descriptors (``tl.make_tensor_descriptor``), one
-  2-D ``[rows, D]`` descriptor per (batch, head), so on sm_90 every tile is one TMA copy
+  2-D ``[rows, D]`` descriptor per (batch, head), so on sm_90 every tile is a TMA copy
   (``cp.async.bulk.tensor``) completed on an mbarrier instead of per-thread ``cp.async``. The
-  descriptor's row bound is the end of the key range, so a ragged tail block reads zeros past it
-  (its scores are still masked to -inf).
-- The key loop is software-pipelined by hand: the scores of block ``j+1`` are issued
-  (``tl.dot(q, k_{j+1}^T)``) before the softmax of block ``j`` runs, so the next QK^T is loop
-  carried and its wgmma stays in flight while the exp2/max/sum of the current block execute
-  (``wgmma.wait_group 1`` in the PTX, FA3's intra-warpgroup overlap).
-- With ``WARP_SPEC`` the key loop is ``tl.range(..., warp_specialize=True)``: Triton's Hopper
-  warp-specialisation pass splits TMA producer and wgmma/softmax consumer warps (where the
-  installed Triton supports it; see ``HOPPER_WARP_SPEC``).
+  descriptor's row bound is the end of the key range: a ragged tile reads zeros past it, and its
+  scores are masked by an additive 0/-inf column bias. Device-side descriptors live in a global
+  scratch buffer; the launcher installs a torch allocator for it (``triton.set_allocator``)
+  unless one is set.
+- Two key loops, both autotune candidates (``WARP_SPEC`` in the config; ``HOPPER_WARP_SPEC``
+  can force one):
+  ``_range_ws``: ``tl.range(..., warp_specialize=True)``: Triton's Hopper pass gives the TMA
+  loads to a producer warp group and the query rows to two consumer warp groups, so one group's
+  softmax overlaps the other's wgmma (joint mode only: the pass takes one loop per kernel).
+  ``_range_overlap``: hand-pipelined: the QK^T of tile ``j+1`` is issued before the softmax of
+  tile ``j`` and only loop-carried, so its wgmma runs during that softmax (FA3's intra-warpgroup
+  overlap; joint and cached).
 
 The rotation of q/k (I-RoPE) is always a prologue here (``apply_rope`` first, the
 ``"prologue"`` mode of ``kernels.py``): rotating K inside the loop would put registers between
@@ -264,7 +267,8 @@ def hopper_supported(*tensors: torch.Tensor) -> str | None:
     :func:`hopper_layout_reason`."""
     q = tensors[0]
     if q.is_cuda:
-        if torch.cuda.get_device_capability(q.device)[0] < 9:
+        # under torch.compile the device was judged when the backend was picked (dispatch.py)
+        if not torch.compiler.is_compiling() and torch.cuda.get_device_capability(q.device)[0] < 9:
             return "needs compute capability 9.0+ (Hopper)"
         if q.dtype == torch.float32:  # tiles sized for 16-bit operands (shared memory)
             return "fp32 on the GPU is left to kernels.py (the tiles are sized for fp16/bf16)"
