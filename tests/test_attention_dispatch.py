@@ -229,3 +229,17 @@ def test_unmeasured_default_switch(fake_cuda, monkeypatch):
     monkeypatch.setattr(dispatch, "load_table", lambda *a: {"version": 1, "entries": []})
     monkeypatch.setattr(dispatch, "UNMEASURED_PREFERS_HOPPER", False)
     assert dispatch._pick(0, "bf16", 128, "joint", True) == "triton"
+
+
+def test_pick_is_a_compile_time_constant(fake_cuda, monkeypatch):
+    """Under torch.compile(fullgraph=True) the decision is made at trace time: no graph break."""
+    monkeypatch.setattr(dispatch, "load_table", lambda *a: _table({"sdpa-cudnn": 1.0, "triton": 2.0}))
+
+    def f(x):
+        name = dispatch._pick(0, "bf16", 128, "joint", dispatch._hopper_layout_ok(x, x, x))
+        return x * (2.0 if name == "sdpa-cudnn" else 3.0)
+
+    x = torch.ones(1, 8, 2, 128, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend="eager")(x)
+    assert torch.equal(out, 2 * x)

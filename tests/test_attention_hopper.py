@@ -156,6 +156,30 @@ def test_hopper_never_auto_under_interpreter():
     assert dispatch.pick_backend(q, "joint") in ("reference", "triton")
 
 
+def test_hopper_custom_ops_opcheck():
+    """Schema, fake kernels, autograd registration (into kernels.py's backward ops)."""
+    q, k, v = (torch.randn(1, 20, 2, 64, device=DEVICE, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(torch.ops.wildactor.hopper_asym_attention_fwd.default, (q, k, v, 13, 0.25))
+    rk, rv = (torch.randn(1, 7, 2, 64, device=DEVICE, requires_grad=True) for _ in range(2))
+    torch.library.opcheck(torch.ops.wildactor.hopper_cached_asym_attention_fwd.default,
+                          (q, k, v, rk, rv, 0.25))
+
+
+def test_hopper_torch_compile_fullgraph(monkeypatch):
+    """No graph break: fullgraph compile (AOT autograd) of forward and backward, equal to eager."""
+    monkeypatch.undo()  # nan_empty's Python-level torch.empty patch is not traceable by dynamo
+    q, k, v = _leaves(*_qkv(1, 48, 2, 64, torch.float32))
+
+    def loss(q, k, v):
+        return (Hm.asym_attention_hopper(q, k, v, 37).float() ** 2).sum()
+
+    torch._dynamo.reset()
+    gc = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(q, k, v), (q, k, v))
+    ge = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    for a, b_ in zip(gc, ge):
+        assert torch.allclose(a, b_, atol=1e-6), (a - b_).abs().max()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_SM90, reason="needs an sm_90+ GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -240,14 +240,15 @@ def _tma_ok(t: torch.Tensor) -> bool:
     """TMA's rules for a ``[B, N, H, D]`` operand read as per-(batch, head) ``[N, D]`` tiles:
     unit head-dim stride, 16-byte aligned base and row/batch/head strides."""
     e = t.element_size()
-    base = t.storage_offset() * e if torch.compiler.is_compiling() else t.data_ptr()
-    return (t.stride(-1) == 1 and base % 16 == 0
-            and all((s * e) % 16 == 0 for s in t.stride()[:3]))
+    strides_ok = t.stride(-1) == 1 and all((s * e) % 16 == 0 for s in t.stride()[:3])
+    if torch.compiler.is_compiling():  # no pointer while tracing: _hopper_fwd checks it at run time
+        return strides_ok
+    return strides_ok and t.data_ptr() % 16 == 0
 
 
 def hopper_layout_reason(*tensors: torch.Tensor) -> str | None:
     """None when dtype, head_dim and layouts suit the Hopper kernel, else the reason. Under
-    torch.compile the base pointer is judged by the storage offset (allocations are aligned)."""
+    torch.compile only the strides are judged (the launch checks the base pointers)."""
     q = tensors[0]
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype} is not one of {_DTYPES}"
@@ -302,6 +303,10 @@ def _ws_mode() -> int:
 def _hopper_fwd(q, k, v, k2, v2, num_video: int, scale: float, cached: bool):
     """Launch; returns ``o [B, NQ, H, D]`` and the base-2 scaled ``lse [B, H, NQ]`` (float32),
     the units of ``kernels._attn_fwd``."""
+    for t in (q, k, v) + ((k2, v2) if cached else ()):
+        if t.numel() and t.data_ptr() % 16:
+            raise ValueError("attention.hopper: a tensor's base pointer is not 16-byte aligned "
+                             "(TMA); use backend='triton' or make it contiguous")
     b, nq, h, d = q.shape
     o = torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
