@@ -131,6 +131,7 @@ def _static_available(is_cuda: bool, capability_major: int) -> tuple[tuple[str, 
 
 
 def _filter(avail: dict[str, bool], dtype: str, head_dim: int, hopper_layout_ok: bool) -> dict[str, bool]:
+    # (64, 128) is hopper.HOPPER_HEAD_DIMS, repeated so that deciding never imports Triton
     avail = dict(avail)
     avail["triton-hopper"] = (avail["triton-hopper"] and hopper_layout_ok and head_dim in (64, 128)
                               and dtype in ("fp16", "bf16"))
