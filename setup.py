@@ -20,6 +20,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["wildactor_kernels", "wildactor_kernels.*"]) + MODEL_PACKAGES,
     package_dir={"wildactor_kernels.model": "model"},
+    # the attention dispatcher's measured table (docs/design.md §9)
+    package_data={"wildactor_kernels.attention": ["backend_table.json"]},
     install_requires=[
         # 2.13.0 (the CI pin) and the device's 2.11 both satisfy this range.
         "torch>=2.4,<2.14",

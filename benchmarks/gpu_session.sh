@@ -110,7 +110,7 @@ run_kernels() {
     gpu_state
     local att=(--shapes wan5b-720p wan1.3b-480p wan14b-720p --ops joint cached)
     step attention 280 "$PY" benchmarks/bench_attention.py "${att[@]}" --impls ours-fused ours-prologue \
-        ours-norope sdpa-cudnn-2call sdpa-flash-2call flash-attn-2call sdpa-cudnn-cat
+        ours-norope sdpa-cudnn-2call sdpa-flash-2call flash-attn-2call sdpa-cudnn-cat ours-hopper auto
     step lora 90 "$PY" benchmarks/bench_lora.py
     if [[ $CUDA == 1 ]]; then
         step quant 75 "$PY" benchmarks/bench_quant.py
@@ -120,6 +120,10 @@ run_kernels() {
     step rope 45 "$PY" benchmarks/bench_rope.py --impls triton eager --out bench_rope.json
     optional attention-compiled-peers 150 "$PY" benchmarks/bench_attention.py --shapes wan5b-720p --ops joint \
         --impls flex-blockmask compile-ref
+    # the auto dispatcher's candidates, timed as auto runs them; the table lands in $OUTDIR
+    # (commit it as wildactor_kernels/attention/backend_table.json)
+    optional attention-dispatch 120 "$PY" benchmarks/bench_attention.py --shapes wan5b-720p --no-bwd \
+        --ops dispatch --write-table "$OUTDIR/backend_table.json"
     optional rope-compile 60 "$PY" benchmarks/bench_rope.py --shapes wan5b-720p --impls compile --out bench_rope.json
     pack
 }
