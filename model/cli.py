@@ -316,32 +316,40 @@ MIN_OPSET = 18  # the torch.onnx dynamo exporter
 
 
 def check_export(args: argparse.Namespace) -> None:
-    """Checks of ``wildactor export``'s arguments (the subcommand itself lives with the exporter)."""
-    if args.layers is not None and args.layers < 1:
-        raise UsageError(f"--layers {args.layers}: expected a whole number >= 1")
-    if args.weights:
-        check_weights_dir(args.weights)
-        if args.layers is not None:
-            raise UsageError(f"--layers {args.layers}: applies to random weights only; with --weights the "
+    """Checks of ``wildactor export``'s arguments (the subcommand itself lives with the exporter;
+    an option it does not declare is read as its default)."""
+    layers, weights = getattr(args, "layers", None), getattr(args, "weights", None)
+    opset, fp8 = getattr(args, "opset", 23), getattr(args, "fp8", False)
+    attention, engine = getattr(args, "attention", "onnx"), getattr(args, "engine", False)
+    no_check, workspace_gb = getattr(args, "no_check", False), getattr(args, "workspace_gb", 8.0)
+    if layers is not None and layers < 1:
+        raise UsageError(f"--layers {layers}: expected a whole number >= 1")
+    if weights:
+        check_weights_dir(weights)
+        if layers is not None:
+            raise UsageError(f"--layers {layers}: applies to random weights only; with --weights the "
                              f"saved config.json sets the depth")
+        if "--preset" in getattr(args, "given_flags", ()):
+            raise UsageError(f"--preset {args.preset}: applies to random weights only; with --weights the "
+                             f"saved config.json sets the model")
     require_module("onnx", "wildactor export", "pip install onnx onnxscript (or pip install "
                    "wildactor-kernels[test])")
     require_module("onnxscript", "wildactor export", "pip install onnxscript")
     import onnx
 
     top = onnx.defs.onnx_opset_version()
-    if not MIN_OPSET <= args.opset <= top:
-        raise UsageError(f"--opset {args.opset}: expected {MIN_OPSET} to {top} (the exporter needs "
+    if not MIN_OPSET <= opset <= top:
+        raise UsageError(f"--opset {opset}: expected {MIN_OPSET} to {top} (the exporter needs "
                          f"opset >= {MIN_OPSET}; this onnx knows up to {top}; default 23)")
-    if args.fp8 and args.opset < 19:
-        raise UsageError(f"--opset {args.opset}: --fp8 needs opset >= 19 (float8 Q/DQ)")
-    if args.attention == "onnx" and args.opset < 23:
-        print(f"wildactor export: note: --opset {args.opset} has no Attention op (opset 23); attention "
+    if fp8 and opset < 19:
+        raise UsageError(f"--opset {opset}: --fp8 needs opset >= 19 (float8 Q/DQ)")
+    if attention == "onnx" and opset < 23:
+        print(f"wildactor export: note: --opset {opset} has no Attention op (opset 23); attention "
               f"is exported in decomposed form (MatMul/Softmax)", file=sys.stderr)
-    if not args.no_check:
+    if not no_check:
         require_module("onnxruntime", "the onnxruntime check of wildactor export",
                        "pip install onnxruntime, or skip the check with --no-check")
-    if args.engine:
+    if engine:
         require_module("tensorrt", "--engine", "install TensorRT 10 (pip install tensorrt) on a CUDA "
                        "machine, or drop --engine to export the ONNX graphs only")
         import torch
@@ -349,8 +357,8 @@ def check_export(args: argparse.Namespace) -> None:
         if not torch.cuda.is_available():
             raise UsageError("--engine: TensorRT engines are built on a CUDA device and none is available "
                              "here; drop --engine to export the ONNX graphs only")
-    if args.workspace_gb <= 0:
-        raise UsageError(f"--workspace-gb {args.workspace_gb:g}: expected a positive number of GB")
+    if workspace_gb <= 0:
+        raise UsageError(f"--workspace-gb {workspace_gb:g}: expected a positive number of GB")
     check_out_dir(args.out)
 
 
@@ -539,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
             rest = [a for a in argv[1:] if a != "--debug"]
             return cmd_bench(argparse.Namespace(bench_args=rest, debug=debug or len(rest) < len(argv) - 1))
         args = build_parser().parse_args(argv)
+        args.given_flags = {a.split("=")[0] for a in argv if a.startswith("--")}
         debug = debug or bool(getattr(args, "debug", False))
         check = getattr(args, "check", None)
         if check is not None:

@@ -115,6 +115,8 @@ def _cases(tmp: str) -> dict[str, dict]:
                                        needles=["--weights", "/nonexistent"]),
         "export-weights-with-layers": dict(argv=["export", "--out", out, "--weights", bad_weights,
                                                  "--layers", "2"], needles=["--layers", "--weights"]),
+        "export-weights-with-preset": dict(argv=["export", "--out", out, "--weights", bad_weights,
+                                                 "--preset", "wan2.2-5b"], needles=["--preset", "--weights"]),
         "export-opset-12": dict(argv=["export", "--out", out, "--opset", "12"], needles=["--opset", "12"]),
         "export-zero-layers": dict(argv=["export", "--out", out, "--layers", "0"], needles=["--layers"]),
         "export-unknown-preset": dict(argv=["export", "--out", out, "--preset", "huge"],
