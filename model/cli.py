@@ -16,6 +16,7 @@ import os
 import platform
 import statistics
 import sys
+import textwrap
 import time
 
 DEBUG_ENV = "WILDACTOR_DEBUG"
@@ -367,9 +368,10 @@ def _add_export(sub) -> None:
 
     register_cli(sub)
     p = sub.choices["export"]
-    p.description = ("Export a WildActor model as two ONNX graphs (the reference encoder, run once per "
-                     "generation, and the denoiser, run every step), check them with onnxruntime "
-                     "against PyTorch, and optionally build TensorRT engines.")
+    p.description = textwrap.fill(
+        "Export a WildActor model as two ONNX graphs (the reference encoder, run once per generation, "
+        "and the denoiser, run every step), check them with onnxruntime against PyTorch, and "
+        "optionally build TensorRT engines.", 88)
     p.epilog = ("valid presets: " + ", ".join(_presets()) + "\n\nexamples:\n"
                 "  wildactor export --preset tiny --out export/\n"
                 "  wildactor export --preset tiny --out export8/ --fp8   # FP8 Q/DQ graphs for TensorRT\n"
@@ -446,7 +448,7 @@ def _sub(sub, name: str, summary: str, description: str, examples: list[str], pr
     if presets:
         epilog += "valid presets: " + ", ".join(_presets()) + "\n\n"
     epilog += "examples:\n" + "".join(f"  {e}\n" for e in examples) + "\n" + EPILOG_HINT
-    p = sub.add_parser(name, help=summary, description=description, epilog=epilog,
+    p = sub.add_parser(name, help=summary, description=textwrap.fill(description, 88), epilog=epilog,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_debug(p)
     return p
@@ -455,8 +457,8 @@ def _sub(sub, name: str, summary: str, description: str, examples: list[str], pr
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="wildactor",
-        description=("WildActor kernels: check the install, run a small demo, measure quantization "
-                     "quality, export to ONNX/TensorRT, run the benchmarks."),
+        description=textwrap.fill("WildActor kernels: check the install, run a small demo, measure "
+                                  "quantization quality, export to ONNX/TensorRT, run the benchmarks.", 88),
         epilog=("Run `wildactor COMMAND --help` for the options and an example of each command.\n"
                 + EPILOG_HINT))
     p.add_argument("--debug", action="store_true", default=os.environ.get(DEBUG_ENV) == "1",
