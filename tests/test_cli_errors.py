@@ -267,3 +267,20 @@ def test_help_texts_are_plain_and_list_presets():
     for name in ("info", "demo", "quantize-report", "export"):
         assert "examples:" in texts[name] and f"wildactor {name}" in texts[name].split("examples:")[1], name
         assert sub[name].description, name
+
+
+def test_smoke_rows_are_labelled_by_what_ran():
+    """The CPU smoke run's model-step rows name the ops, GEMM, dtype and device that ran, never
+    the CUDA path (Triton) they stand in for."""
+    from benchmarks.suite import smoke_label
+
+    cpu = torch.device("cpu")
+    ours = smoke_label({"path": "ours-bf16", "dtype": "bfloat16", "kernels": "reference"}, cpu)
+    fp8 = smoke_label({"path": "ours-fp8", "dtype": "bfloat16", "kernels": "reference",
+                       "fp8_gemm_paths": {"emulate": 20}}, cpu)
+    eager = smoke_label({"path": "eager", "dtype": "bfloat16"}, cpu)
+    for label in (ours, fp8, eager):
+        assert "Triton" not in label and "cpu" in label and "bfloat16" in label, label
+    assert "reference ops" in ours and "emulate GEMM" in fp8
+    triton_row = {"path": "ours-bf16", "dtype": "float32", "kernels": "triton"}
+    assert "Triton kernels" in smoke_label(triton_row, cpu)
