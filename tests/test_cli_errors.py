@@ -284,3 +284,22 @@ def test_smoke_rows_are_labelled_by_what_ran():
     assert "reference ops" in ours and "emulate GEMM" in fp8
     triton_row = {"path": "ours-bf16", "dtype": "float32", "kernels": "triton"}
     assert "Triton kernels" in smoke_label(triton_row, cpu)
+
+
+def test_third_party_noise_filter_is_narrow(caplog):
+    """The CLI drops exactly the third-party lines that say nothing to our user (bitsandbytes'
+    missing optional CPU kernel, the ONNX exporter's torchvision notice); other lines of the same
+    loggers still show."""
+    import logging
+
+    from wildactor_kernels.model.cli import QUIET_LOGS, quiet_third_party
+
+    quiet_third_party()
+    for name, needles in QUIET_LOGS.items():
+        log = logging.getLogger(name)
+        with caplog.at_level(logging.WARNING, logger=name):
+            caplog.clear()
+            log.warning("%s: something", needles[0])
+            log.warning("a warning that matters")
+        msgs = [r.getMessage() for r in caplog.records if r.name == name]
+        assert msgs == ["a warning that matters"], (name, msgs)
