@@ -53,18 +53,24 @@ SUMMARY=()
 FAILED=0
 
 plan() {
-    local total=0 s
+    local total=0 s rest
     echo "### plan: one run, budget ${SESSION_BUDGET_S} s (device limit 570 s), steps in order of value:"
     for s in "${STEPS[@]}"; do
+        [[ $s == model ]] || total=$((total + LIMIT[$s]))
+    done
+    rest=$((540 - total))
+    for s in "${STEPS[@]}"; do
         if [[ $s == model ]]; then
-            printf '###   %-12s %4s s  (the time left, run only if >= %d s)\n' "$s" "$((SESSION_BUDGET_S - total))" "$MODEL_MIN_S"
+            printf '###   %-12s %4d s  (the time left, run only if >= %d s)\n' "$s" "$rest" "$MODEL_MIN_S"
         else
             printf '###   %-12s %4d s\n' "$s" "${LIMIT[$s]}"
-            total=$((total + LIMIT[$s]))
         fi
     done
-    echo "### planned total: ${total} s of fixed steps + model up to $((SESSION_BUDGET_S - total)) s = ${SESSION_BUDGET_S} s max (<= 540: $( ((SESSION_BUDGET_S <= 540 && total <= SESSION_BUDGET_S)) && echo ok || echo OVER))"
-    ((SESSION_BUDGET_S <= 540 && total <= SESSION_BUDGET_S))
+    echo "### planned total: ${total} s of fixed steps + model up to ${rest} s = $((total + rest)) s max (<= 540: $( ((total <= 540)) && echo ok || echo OVER))"
+    if ((SESSION_BUDGET_S < 540)); then
+        echo "### this run's budget is ${SESSION_BUDGET_S} s (WILDACTOR_SESSION_BUDGET_S): the last steps are cut or skipped"
+    fi
+    ((total <= 540 && SESSION_BUDGET_S <= 540))
 }
 
 left() { echo $((SESSION_BUDGET_S - (SECONDS - T0))); }
