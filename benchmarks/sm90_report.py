@@ -260,7 +260,8 @@ def workloads(shapes: list[str]):
 
         yield f"lora {din}->{dout} r128", lora
         yield f"lora folded {din}->{dout}", folded
-        yield f"fp8 per-token quant K={din}", quant
+        if dout == 3072:  # the quantized inputs: K = 3072 and K = 14336, once each
+            yield f"fp8 per-token quant K={din}", quant
 
 
 def capture(shapes: list[str], sites: set[str] | None = None) -> list[Launch]:
@@ -457,9 +458,12 @@ def collect(shapes: list[str], cache_dir: str, log=print) -> dict[str, Any]:
     for i, launch in enumerate(unique):
         label = kernel_label(launch.fn)
         consts = {p.name: launch.args[p.name] for p in launch.fn.params if p.is_constexpr}
+        _, spec, _ = _specialise(launch.fn, launch.args)
+        ones = [k for k in spec if k not in consts and spec[k] == 1]  # ints Triton makes constant 1
         row = dict(kernel=label, config=launch.config or {}, autotuned=launch.autotuned,
                    candidate=launch.candidate, first_candidate=launch.first_candidate,
-                   constexprs={k: _short(v) for k, v in consts.items()}, sites=launch.sites)
+                   constexprs={k: _short(v) for k, v in consts.items()}, equal_to_1=ones,
+                   sites=launch.sites)
         try:
             row.update(build(launch, cache_dir))
         except Exception as e:  # a config that does not build is a finding, not a crash
@@ -489,6 +493,14 @@ def _variant(row: dict, varying: dict[str, set[str]]) -> str:
     return " ".join(f"{k}={v}" for k, v in row["constexprs"].items() if k in keys and k not in row["config"])
 
 
+def _sites(row: dict, shapes: list[str]) -> str:
+    """The workloads that launch this build, without the shape name when only one was built."""
+    sites = row["sites"]
+    if len(shapes) == 1:
+        sites = [s.removeprefix(shapes[0] + " ") for s in sites]
+    return ", ".join(sites)
+
+
 def _varying(rows: list[dict]) -> dict[str, set[str]]:
     seen: dict[str, dict[str, set]] = {}
     for r in rows:
@@ -514,7 +526,8 @@ def to_markdown(rep: dict) -> str:
         "memory, warps, stages, resident CTAs per SM (65,536 registers, 228 KB shared memory, 64 warps, "
         "32 CTAs per SM; 1 KB reserved per CTA) with the limit that binds, and whether the PTX has "
         "`wgmma.mma_async`, `cp.async.bulk.tensor` (TMA), `mbarrier`, `setmaxnreg`. "
-        "cand: kept by the autotuner's early prune at these shapes (1st: its first candidate). "
+        "cand: kept by the autotuner's early prune at these shapes (1st: its first candidate; fixed: "
+        "no autotuner). used by: the public-op workloads that launch this build (sm90_report.workloads). "
         "**SPILL** / **NO FIT** flag configs that spill or cannot run (over 227 KB shared or 0 CTAs/SM).",
         "",
         f"Summary: {len(rows)} builds of {len({r['kernel'] for r in rows})} kernels; "
@@ -532,13 +545,14 @@ def to_markdown(rep: dict) -> str:
                          + (" (autotune candidate)" if r["candidate"] else " (pruned)"))
         lines.append("")
     hdr = ("| kernel | variant | config | warps | stages | regs | spill st/ld B | stack B | smem B "
-           "| CTAs/SM | wgmma | TMA | mbarrier | setmaxnreg | cand | flags |")
+           "| CTAs/SM | wgmma | TMA | mbarrier | setmaxnreg | cand | flags | used by |")
     lines += [hdr, "|" + "---|" * (hdr.count("|") - 1)]
     for r in rows:
         if "error" in r:
             lines.append(f"| `{r['kernel']}` | {_variant(r, varying)} | {_cfg_text(r['config'])} | "
                          f"{r['config'].get('num_warps', '')} | {r['config'].get('num_stages', '')} | "
-                         f"| | | | | | | | | | **BUILD FAILED**: {r['error'][:120]} |")
+                         f"| | | | | | | | | | **BUILD FAILED**: {r['error'][:120]} | "
+                         f"{_sites(r, rep['shapes'])} |")
             continue
         flags = []
         if r["spills"]:
@@ -553,8 +567,10 @@ def to_markdown(rep: dict) -> str:
             f"| {r['num_stages']} | {r['registers']} | {r['spill_store_bytes']}/{r['spill_load_bytes']} "
             f"| {r['stack_bytes']} | "
             f"{r['shared_bytes']} | {r['ctas_per_sm']} ({r['occupancy_bound_by']}) | {yn[r['wgmma']]} | "
-            f"{yn[r['tma']]} | {yn[r['mbarrier']]} | {yn[r['setmaxnreg']]} | {cand} | {' '.join(flags)} |")
-    lines += ["", "Sites (public op and shape) of each build are in the JSON file beside this one.", ""]
+            f"{yn[r['tma']]} | {yn[r['mbarrier']]} | {yn[r['setmaxnreg']]} | {cand} | {' '.join(flags)} | "
+            f"{_sites(r, rep['shapes'])} |")
+    lines += ["", "The JSON file beside this one has every build's constexprs, the arguments Triton "
+              "specialises to 1 (`equal_to_1`), its workloads and build time.", ""]
     return "\n".join(lines)
 
 
