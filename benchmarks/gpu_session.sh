@@ -81,6 +81,10 @@ collect() {  # copy what this run wrote so far into OUTDIR (after every step)
     if [[ -n $files ]]; then
         # shellcheck disable=SC2086
         tar czf "$OUTDIR/results.tar.gz.tmp" $files && mv "$OUTDIR/results.tar.gz.tmp" "$OUTDIR/results.tar.gz"
+        local size
+        size=$(stat -c %s "$OUTDIR/results.tar.gz" 2>/dev/null || echo 0)
+        echo "### collect: results.tar.gz $((size / 1024)) KiB, $(echo "$files" | wc -l) files"
+        ((size < 16 * 1024 * 1024)) || echo "### collect: WARNING results.tar.gz is over 16 MiB: the device tool will not return it"
     fi
     sync
 }
