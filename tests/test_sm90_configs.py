@@ -23,6 +23,7 @@ import os
 import sys
 
 import pytest
+import triton
 from helpers import run_sm90_build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,6 +36,7 @@ SHAPE = "wan5b-720p"
 SITES = [site for site, _ in sm90_report.workloads([SHAPE])]
 FAST = {f"{SHAPE} joint prologue", "lora 3072->3072 r128", "fp8 per-token quant K=3072"}
 FULL = os.environ.get("WILDACTOR_SM90_FULL") == "1"
+MEASURED_ON_THIS_TRITON = triton.__version__.startswith("3.9.")
 
 # site -> what spills there today (first candidates after the prune, Triton 3.9, bytes per thread:
 # spill stores / loads; benchmarks/results/sm90_resources_triton3.9.md). Remove an entry when the
@@ -95,7 +97,9 @@ def _params():
             marks += [pytest.mark.slow,
                       pytest.mark.skipif(not FULL, reason="full sweep: set WILDACTOR_SM90_FULL=1")]
         if site in KNOWN_SPILLS:
-            marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_SPILLS[site]))
+            # strict where measured (CI's Triton); elsewhere the bytes differ (3.6: only the fused
+            # rotation backward spills, see sm90_resources_triton3.6.md)
+            marks.append(pytest.mark.xfail(strict=MEASURED_ON_THIS_TRITON, reason=KNOWN_SPILLS[site]))
         out.append(pytest.param(site, marks=marks, id=site.replace(" ", "_")))
     return out
 
