@@ -83,15 +83,31 @@ _PTX_FEATURES = {"wgmma": "wgmma.mma_async", "tma": "cp.async.bulk.tensor", "mba
 
 
 # =========================================================================== discovery
+_DEFINES_KERNELS = re.compile(r"@(triton\.)?(jit|autotune|heuristics)\b|triton\.(jit|autotune|heuristics)\(")
+
+
 def kernel_modules() -> list[str]:
-    """Every module of the package (``wildactor_kernels.model`` excluded: it defines no kernels)."""
+    """The modules of the package whose source defines Triton kernels (``@triton.jit``,
+    ``triton.autotune(...)``, ...; ``wildactor_kernels.model``, the repository's ``model/`` folder,
+    included); the others are not imported."""
+    import importlib.util
+
+    import wildactor_kernels.model
+
     import wildactor_kernels
 
-    names = ["wildactor_kernels"]
-    for info in pkgutil.walk_packages(wildactor_kernels.__path__, "wildactor_kernels."):
-        if info.name.startswith("wildactor_kernels.model"):
-            continue
-        names.append(info.name)
+    names = []
+    for pkg in (wildactor_kernels, wildactor_kernels.model):
+        infos = [pkg.__name__] + [i.name for i in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
+        for name in infos:
+            if name in names:
+                continue
+            spec = importlib.util.find_spec(name)
+            if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+                continue
+            with open(spec.origin, encoding="utf-8") as f:
+                if _DEFINES_KERNELS.search(f.read()):
+                    names.append(name)
     return names
 
 
