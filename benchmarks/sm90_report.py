@@ -506,7 +506,10 @@ def _cfg_text(cfg: dict) -> str:
 def _variant(row: dict, varying: dict[str, set[str]]) -> str:
     """The constexprs (not set by the autotune config) that differ between builds of the kernel."""
     keys = varying.get(row["kernel"], set())
-    return " ".join(f"{k}={v}" for k, v in row["constexprs"].items() if k in keys and k not in row["config"])
+    out = " ".join(f"{k}={v}" for k, v in row["constexprs"].items() if k in keys and k not in row["config"])
+    if "equal_to_1" in keys and row.get("equal_to_1"):
+        out += (" " if out else "") + "=1: " + ",".join(row["equal_to_1"])
+    return out
 
 
 def _sites(row: dict, shapes: list[str]) -> str:
@@ -520,7 +523,7 @@ def _sites(row: dict, shapes: list[str]) -> str:
 def _varying(rows: list[dict]) -> dict[str, set[str]]:
     seen: dict[str, dict[str, set]] = {}
     for r in rows:
-        for k, v in r["constexprs"].items():
+        for k, v in [*r["constexprs"].items(), ("equal_to_1", ",".join(r.get("equal_to_1", [])))]:
             seen.setdefault(r["kernel"], {}).setdefault(k, set()).add(v)
     return {kern: {k for k, vals in d.items() if len(vals) > 1} for kern, d in seen.items()}
 
