@@ -309,3 +309,29 @@ def test_kernel_compiles_for_sm90():
         assert "spills=0/0" in ln, f"register spills: {ln}"
         shared = int(ln.split("shared=")[1].split()[0])
         assert shared <= 227 * 1024, ln
+
+
+# =========================================================================== benchmark rows
+def test_bench_fp8_rows_run():
+    """The fp8 rows of bench_attention.py call what they claim (interpreter on CPU, tiny shape);
+    the speed-up and quality fields are filled from the rows."""
+    from benchmarks import bench_attention as BA
+
+    layout = wk.TokenLayout(video=(1, 4, 8), refs=[("face", 2, 4)])
+    n, nv, d = layout.num_tokens, layout.num_video, 64
+    cos, sin = (t.to(DEVICE) for t in wk.rope_cos_sin(wk.irope_positions(layout), d))
+    q, k, v = _acts(1, n, 2, d)
+    ref = asym_attention_ref(q, k, v, nv, cos, sin)
+    out = BA._joint_impls(["ours-fp8"], n, nv, DEVICE)["ours-fp8"]()(q, k, v, nv, cos, sin, 0.125)
+    row = {}
+    BA._fp8_metrics(row, out, ref)
+    assert row["cos"] >= COS_MIN and row["rel_l2"] <= REL_L2_MAX, row
+    vc, sc = (t[: nv] for t in (cos, sin))
+    impls = BA._cached_impls(["ours-fp8", "ours-fp8-cache"])
+    a = impls["ours-fp8"]()(q[:, :nv], k[:, :nv], v[:, :nv], k[:, nv:], v[:, nv:], vc, sc, 0.125)
+    b = impls["ours-fp8-cache"]()(q[:, :nv], k[:, :nv], v[:, :nv], k[:, nv:], v[:, nv:], vc, sc, 0.125)
+    assert a.shape == b.shape == (1, nv, 2, d) and not torch.isnan(b).any()
+    rows = [dict(op="joint", shape="s", mode="fwd", impl="sdpa-cudnn-2call", status="ok", ms=2.0),
+            dict(op="joint", shape="s", mode="fwd", impl="ours-fp8", status="ok", ms=1.0)]
+    BA._x_vs_cudnn(rows, "sdpa-cudnn-2call")
+    assert rows[1]["x_vs_cudnn"] == 2.0
