@@ -127,11 +127,14 @@ def _add_quantize_report(sub) -> None:
     s.add_argument("--mode", default="fp8", choices=["fp8", "int8", "nf4"])
     s.add_argument("--layers", type=int, default=None, help="override num_layers (e.g. 2 for big presets)")
     s.add_argument("--device", default=None)
+    s.add_argument("--attention", default=None, choices=["fp8"],
+                   help="also run self-attention in 8 bits (inference only)")
 
     def run(args):
         from .quant import run_quantize_report
 
-        run_quantize_report(args.preset, args.mode, device=args.device, layers=args.layers)
+        run_quantize_report(args.preset, args.mode, device=args.device, layers=args.layers,
+                            attention=args.attention)
         return 0
 
     s.set_defaults(func=run)

@@ -227,6 +227,9 @@ class SelfAttention(nn.Module):
         self.to_out = nn.ModuleList([lin()])
         self.norm_q = RMSNorm(d, cfg.eps, device=device, dtype=dtype)
         self.norm_k = RMSNorm(d, cfg.eps, device=device, dtype=dtype)
+        # None: attention in the activations' dtype; "fp8": 8-bit attention (inference only),
+        # set by quantize_model(..., attention="fp8")
+        self.precision: str | None = None
 
     def qkv(self, h: Tensor, num_video: int, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``h [B, N, dim]`` -> normed, rotated ``q, k`` and ``v``, each ``[B, N, H, D]``."""
@@ -246,9 +249,10 @@ class SelfAttention(nn.Module):
         video queries also read the cached reference keys.
         """
         if ref_kv is None:
-            o = wk.asym_attention(q, k, v, num_video, backend=self.backend)
+            o = wk.asym_attention(q, k, v, num_video, backend=self.backend, precision=self.precision)
         else:
-            o = wk.cached_asym_attention(q, k, v, ref_kv[0], ref_kv[1], backend=self.backend)
+            o = wk.cached_asym_attention(q, k, v, ref_kv[0], ref_kv[1], backend=self.backend,
+                                         precision=self.precision)
         return self.to_out[0](o.flatten(2), num_video)
 
 

@@ -335,3 +335,47 @@ def test_bench_fp8_rows_run():
             dict(op="joint", shape="s", mode="fwd", impl="ours-fp8", status="ok", ms=1.0)]
     BA._x_vs_cudnn(rows, "sdpa-cudnn-2call")
     assert rows[1]["x_vs_cudnn"] == 2.0
+
+
+# =========================================================================== the model
+@pytest.fixture(scope="module")
+def tiny_bf16():
+    """A random tiny WildActor in bf16 with non-zero adapters, and inputs with a face and a body
+    reference (test_quant.py's fixture)."""
+    from wildactor_kernels.model import WildActor, WildActorConfig
+    from wildactor_kernels.model.quant import _random_inputs, _randomize_adapters
+
+    torch.manual_seed(0)
+    cfg = WildActorConfig.preset("tiny")
+    m = WildActor(cfg)
+    _randomize_adapters(m, 0)
+    return m.to(torch.bfloat16).eval(), _random_inputs(cfg, "cpu", torch.bfloat16, seed=0)
+
+
+def test_model_fp8_attention_sqnr(tiny_bf16):
+    """``quantize_model(m, "fp8", attention="fp8")``: FP8 linears + 8-bit self-attention, model
+    output SQNR >= 20 dB against the bf16 model (joint and cached paths); 8-bit attention alone
+    changes the output (it is really used) and stays above the floor too."""
+    import copy
+
+    from wildactor_kernels.model.quant import quantize_model, sqnr_db
+
+    m, inp = tiny_bf16
+    with torch.no_grad():
+        y_ref = m(**inp)
+        mq = quantize_model(copy.deepcopy(m), "fp8", attention="fp8")
+        assert mq.quantization["attention"] == "fp8"
+        assert all(b.attn1.precision == "fp8" for b in mq.blocks)
+        y_q = mq(**inp)
+        cache = mq.encode_references(inp["refs"])
+        y_qc = mq(inp["latents"], inp["timestep"], inp["context"], ref_cache=cache)
+        ma = copy.deepcopy(m)
+        for b in ma.blocks:
+            b.attn1.precision = "fp8"
+        y_a = ma(**inp)
+    joint, cached, attn_only = sqnr_db(y_ref, y_q), sqnr_db(y_ref, y_qc), sqnr_db(y_ref, y_a)
+    print(f"tiny bf16: FP8 linears + FP8 attention {joint:.2f} dB (cached path {cached:.2f} dB), "
+          f"FP8 attention alone {attn_only:.2f} dB")
+    assert joint >= 20 and cached >= 20 and 20 <= attn_only < float("inf")
+    with pytest.raises(ValueError, match="attention"):
+        quantize_model(copy.deepcopy(m), "fp8", attention="int8")
