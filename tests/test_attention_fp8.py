@@ -253,30 +253,30 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from wildactor_kernels.attention import fp8_kernels as FK
 
-PTRS = {"Q": "*bf16", "Out": "*bf16", "KQ1": "*i8", "KQ2": "*i8", "VT1": "*fp8e4nv",
-        "VT2": "*fp8e4nv", "KS1": "*fp32", "KS2": "*fp32", "RATIO": "*fp32", "OSCALE": "*fp32"}
-kern = FK._fp8_attn_fwd_kernel
-fn = kern.fn
 ptxas = get_ptxas(90).path
-for cfg in kern.configs:
-    consts = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, UPCAST=False, **cfg.kwargs)
+UNIT = ("stride_qd", "stride_od", "stride_kd", "stride_vd")  # unit-stride head dim, as Triton specialises it
+
+
+def build(kern, ptrs, consts, num_warps, num_stages, label):
+    fn = kern.fn if hasattr(kern, "configs") else kern
+    consts = dict(consts)
     sig, attrs = {}, {}
     for i, a in enumerate(fn.arg_names):
         if a in consts:
             sig[a] = "constexpr"
-        elif a in ("stride_qd", "stride_od"):
-            sig[a] = "constexpr"; consts[a] = 1  # unit-stride head dim, as Triton specialises it
+        elif a in UNIT:
+            sig[a] = "constexpr"; consts[a] = 1
         elif a == "qk_scale":
             sig[a] = "fp32"
-        elif a in PTRS:
-            sig[a] = PTRS[a]; attrs[(i,)] = [["tt.divisibility", 16]]
+        elif a in ptrs:
+            sig[a] = ptrs[a]; attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[a] = "i32"
-            if a.startswith("stride"):
+            if a.startswith("stride") or a == "NPAD":
                 attrs[(i,)] = [["tt.divisibility", 16]]
     k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                       options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = k.asm["ptx"]
     mmas = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+\.[\w.]+)", ptx)))
     with tempfile.TemporaryDirectory() as td:
@@ -289,23 +289,36 @@ for cfg in kern.configs:
     regs = re.search(r"Used (\d+) registers", info)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     assert regs and spill, info[-2000:]
-    print(f"BLOCK_M={cfg.kwargs['BLOCK_M']} warps={cfg.num_warps} stages={cfg.num_stages}: "
-          f"regs={regs.group(1)} spills={spill.group(1)}/{spill.group(2)} shared={k.metadata.shared} "
-          f"mma={mmas}")
+    print(f"{label} warps={num_warps} stages={num_stages}: regs={regs.group(1)} "
+          f"spills={spill.group(1)}/{spill.group(2)} shared={k.metadata.shared} mma={mmas}")
+
+
+ATTN = {"Q": "*bf16", "Out": "*bf16", "KQ1": "*i8", "KQ2": "*i8", "VT1": "*fp8e4nv",
+        "VT2": "*fp8e4nv", "KS1": "*fp32", "KS2": "*fp32", "RATIO": "*fp32", "OSCALE": "*fp32"}
+kern = FK._fp8_attn_fwd_kernel
+for cfg in kern.configs:
+    build(kern, ATTN, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, UPCAST=False, **cfg.kwargs),
+          cfg.num_warps, cfg.num_stages, f"ATTN BLOCK_M={cfg.kwargs['BLOCK_M']}")
+QUANT = {"K": "*bf16", "V": "*bf16", "MEAN": "*fp32", "VINV": "*fp32", "KQ": "*i8", "KS": "*fp32",
+         "VT": "*fp8e4nv"}
+build(FK._quant_kv_kernel, QUANT, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, UPCAST=False), 4, 1,
+      "QUANT BLOCK_N=64")
 '''
 
 
 def test_kernel_compiles_for_sm90():
-    """Build every autotune candidate for sm_90 ahead of time (D = 128, BLOCK_N = 64): QK^T must
-    lower to int8 wgmma (s32.s8.s8), PV to fp8 wgmma (e4m3.e4m3), with no register spills and
-    within the shared-memory budget."""
+    """Build every autotune candidate of the attention kernel and the K/V quantizer for sm_90
+    ahead of time (D = 128, BLOCK_N = 64): QK^T must lower to int8 wgmma (s32.s8.s8), PV to fp8
+    wgmma (e4m3.e4m3), with no register spills and within the shared-memory budget."""
     stdout = run_sm90_build(_SM90_COMPILE)
     print(stdout)
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("BLOCK_M=")]
-    assert len(lines) >= 2, stdout  # every sm_90 candidate is built
-    for ln in lines:
+    attn = [ln for ln in stdout.splitlines() if ln.startswith("ATTN ")]
+    quant = [ln for ln in stdout.splitlines() if ln.startswith("QUANT ")]
+    assert len(attn) >= 2 and len(quant) == 1, stdout  # every sm_90 candidate is built
+    for ln in attn:
         assert "s32.s8.s8" in ln, f"QK^T is not an int8 wgmma: {ln}"
         assert "e4m3.e4m3" in ln, f"PV is not an fp8 wgmma: {ln}"
+    for ln in attn + quant:
         assert "spills=0/0" in ln, f"register spills: {ln}"
         shared = int(ln.split("shared=")[1].split()[0])
         assert shared <= 227 * 1024, ln
@@ -379,3 +392,19 @@ def test_model_fp8_attention_sqnr(tiny_bf16):
     assert joint >= 20 and cached >= 20 and 20 <= attn_only < float("inf")
     with pytest.raises(ValueError, match="attention"):
         quantize_model(copy.deepcopy(m), "fp8", attention="int8")
+
+
+@pytest.mark.parametrize("n,d,bn", [(75, 64, 16), (130, 128, 64), (37, 96, 32)],
+                         ids=["N75-D64", "N130-D128", "N37-D96"])
+def test_triton_quantizer_matches_spec(n, d, bn, nan_empty):
+    """The one-pass Triton K/V quantizer writes the spec's codes and scales (bit for bit under
+    the interpreter), padding included; strided inputs (views of a fused QKV) are read in place."""
+    qkv = torch.randn(2, n, 3, 2, d, device=DEVICE) * 3 + torch.randn(2, d, device=DEVICE)
+    k, v = qkv[:, :, 1].bfloat16(), qkv[:, :, 2]
+    mean = R.key_mean(k)
+    got = _kernels().quantize_kv_triton(k, v, mean, bn)
+    want = R.quantize_kv(k, v, mean, bn)
+    assert torch.equal(got.k, want.k)
+    assert torch.equal(got.k_scale, want.k_scale)
+    assert torch.equal(got.v.view(torch.uint8), want.v.view(torch.uint8))
+    assert torch.equal(got.v_scale, want.v_scale) and got.num_tokens == n

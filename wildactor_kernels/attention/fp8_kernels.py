@@ -44,10 +44,19 @@ import triton
 import triton.language as tl
 
 from .._utils import interpreter_active
-from .fp8_reference import AMAX_EPS, INT8_MAX, P_SCALE, QuantizedKV, quantize_kv
+from .fp8_reference import (
+    AMAX_EPS,
+    E4M3_MAX,
+    INT8_MAX,
+    P_SCALE,
+    TOKEN_PAD,
+    QuantizedKV,
+    key_mean,
+    quantize_kv,
+)
 from .kernels import _query_segment
 
-__all__ = ["fp8_attention_fwd", "fp8_block_m"]
+__all__ = ["fp8_attention_fwd", "fp8_block_m", "quantize_kv_triton", "asym_attention_fp8_triton"]
 
 _LOG2E = 1.4426950408889634
 # module constants read inside @triton.jit must be constexpr
@@ -209,6 +218,79 @@ def _fp8_attn_fwd_kernel(
     tl.store(p_o, o.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
+# =========================================================================== K/V quantizer
+@triton.jit
+def _quant_kv_kernel(
+    K, V, MEAN, VINV, KQ, KS, VT,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    H, N, NPAD, NT,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One program = one tile of ``BLOCK_N`` keys of one (batch, head): ``quantize_kv`` of the
+    spec in one read of K and V. K: minus the mean, int8 with the tile's scale, rows ``[B, H,
+    Np, D]``; V: times ``448 / v_amax`` per channel, e4m3, written transposed ``[B, H, D, Np]``.
+    Rows ``[N, Np)`` are written as zeros (loaded as zeros), so the outputs need no memset."""
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    i_bh64 = i_bh.to(tl.int64)
+    offs_n = i_t * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_in = (offs_n < N)[:, None] & d_ok[None, :]
+    m_out = (offs_n < NPAD)[:, None] & d_ok[None, :]
+
+    mean = tl.load(MEAN + i_bh64 * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
+    p_k = K + i_b * stride_kb + i_h * stride_kh + offs_n[:, None].to(tl.int64) * stride_kn \
+        + offs_d[None, :] * stride_kd
+    k = tl.load(p_k, mask=m_in, other=0.0).to(tl.float32)
+    k = tl.where(m_in, k - mean[None, :], 0.0)
+    amax = tl.maximum(tl.max(tl.max(tl.abs(k), 1), 0), _AMAX_EPS)
+    t = k * (_INT8_MAX / amax)
+    t = tl.where(t >= 0, tl.floor(t + 0.5), -tl.floor(-t + 0.5))
+    kq = tl.minimum(tl.maximum(t, -_INT8_MAX), _INT8_MAX).to(tl.int8)
+    p_kq = KQ + i_bh64 * NPAD * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(p_kq, kq, mask=m_out)
+    tl.store(KS + i_bh64 * NT + i_t, amax / _INT8_MAX)
+
+    vinv = tl.load(VINV + i_bh64 * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
+    p_v = V + i_b * stride_vb + i_h * stride_vh + offs_n[:, None].to(tl.int64) * stride_vn \
+        + offs_d[None, :] * stride_vd
+    v = tl.load(p_v, mask=m_in, other=0.0).to(tl.float32)
+    v = tl.minimum(tl.maximum(v * vinv[None, :], -448.0), 448.0)
+    if UPCAST:  # the interpreter's fp32 -> e4m3 conversion misrounds; exact values convert fine
+        v = _round_e4m3(v)
+    p_vt = VT + i_bh64 * HEAD_DIM * NPAD + offs_d[None, :] * NPAD + offs_n[:, None]
+    tl.store(p_vt, v.to(tl.float8e4nv), mask=m_out)
+
+
+def quantize_kv_triton(k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor,
+                       block_n: int) -> QuantizedKV:
+    """``fp8_reference.quantize_kv`` on the GPU: same codes and scales (bit for bit under the
+    interpreter; on the GPU up to the rounding of one fp32 division per tile / channel). The
+    per-channel V maximum is one torch reduction (no copy); the rest is one Triton pass."""
+    b, n, h, d = k.shape
+    if n == 0:
+        return quantize_kv(k, v, k_mean, block_n)
+    npad = -(-n // TOKEN_PAD) * TOKEN_PAD
+    nt = -(-n // block_n)
+    vmax = torch.linalg.vector_norm(v, ord=float("inf"), dim=1, dtype=torch.float32)  # [B, H, D]
+    vmax = vmax.clamp(min=AMAX_EPS)
+    vinv = (E4M3_MAX / vmax).contiguous()
+    kq = torch.empty((b, h, npad, d), dtype=torch.int8, device=k.device)
+    ks = torch.empty((b, h, nt), dtype=torch.float32, device=k.device)
+    vt = torch.empty((b, h, d, npad), dtype=torch.float8_e4m3fn, device=k.device)
+    mean = k_mean.float().contiguous()
+    _quant_kv_kernel[(max(nt, -(-npad // block_n)), b * h)](
+        k, v, mean, vinv, kq, ks, vt, *k.stride(), *v.stride(), h, n, npad, nt,
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n,
+        UPCAST=interpreter_active(), num_warps=4,
+    )
+    return QuantizedKV(kq, ks, mean, vt, (vmax / E4M3_MAX).contiguous(), n, block_n)
+
+
 # =========================================================================== launcher
 def fp8_block_m() -> int | None:
     """The query tile of the kernel when it is fixed (the interpreter's one config), else None
@@ -273,12 +355,10 @@ def fp8_attention_fwd(q: torch.Tensor, set1: QuantizedKV, set2: QuantizedKV, num
 
 def asym_attention_fp8_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_video: int,
                               scale: float | None = None, *, block_n: int) -> torch.Tensor:
-    """Joint mode on rotated ``q, k, v [B, N, H, D]``: K/V quantized by the reference's
-    quantizers (video set, reference set, one smoothing vector), then the kernel."""
-    from .fp8_reference import key_mean
-
+    """Joint mode on rotated ``q, k, v [B, N, H, D]``: K/V quantized (video set, reference set,
+    one smoothing vector) by :func:`quantize_kv_triton`, then the kernel."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     mean = key_mean(k)
-    vid = quantize_kv(k[:, :num_video], v[:, :num_video], mean, block_n)
-    ref = quantize_kv(k[:, num_video:], v[:, num_video:], mean, block_n)
+    vid = quantize_kv_triton(k[:, :num_video], v[:, :num_video], mean, block_n)
+    ref = quantize_kv_triton(k[:, num_video:], v[:, num_video:], mean, block_n)
     return fp8_attention_fwd(q, vid, ref, num_video, scale)

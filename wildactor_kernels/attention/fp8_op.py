@@ -23,9 +23,10 @@ from .fp8_reference import (
     QuantizedKV,
     asym_attention_fp8_ref,
     cached_asym_attention_fp8_ref,
+    key_mean,
     prepare_cached_sets,
-    quantize_ref_kv,
 )
+from .fp8_reference import quantize_ref_kv as _quantize_ref_kv_ref
 
 __all__ = ["PRECISIONS", "check_precision", "asym_attention_fp8", "cached_asym_attention_fp8",
            "QuantizedKV", "quantize_ref_kv"]
@@ -64,6 +65,34 @@ def _guard(o: torch.Tensor, *inputs: torch.Tensor | None) -> torch.Tensor:
     if needs and torch.is_grad_enabled():
         return _ForwardOnly.apply(o, *needs)
     return o
+
+
+def quantize_ref_kv(ref_k: torch.Tensor, ref_v: torch.Tensor, block_n: int = DEFAULT_BLOCK_N,
+                    backend: str = "auto") -> QuantizedKV:
+    """Quantize a reference K/V cache once for ``cached_asym_attention(..., precision="fp8")``.
+
+    Args:
+        ref_k, ref_v: ``[B, Nr, H, D]`` float, keys already rotated.
+        block_n: keys per int8 scale (the kernel's key block; keep the default).
+        backend: ``"auto" | "triton" | "reference"`` (the quantizer that runs).
+    Returns:
+        a :class:`QuantizedKV` (int8 keys smoothed by their own mean, e4m3 values, scales) that
+        replaces ``ref_k`` (with ``ref_v=None``): about half the bytes of a bf16 cache, and a step
+        quantizes only the video keys and values.
+    """
+    check_tensor("ref_k", ref_k, ndim=4, floating=True)
+    check_tensor("ref_v", ref_v, ndim=4, floating=True)
+    if ref_k.shape != ref_v.shape:
+        raise ValueError(f"ref_k and ref_v must share one shape, got {tuple(ref_k.shape)} and "
+                         f"{tuple(ref_v.shape)}")
+    if not isinstance(block_n, int) or block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n!r}")
+    check_same_device(ref_k=ref_k, ref_v=ref_v)
+    if resolve_backend(backend, ref_k) == "reference":
+        return _quantize_ref_kv_ref(ref_k, ref_v, block_n)
+    from .fp8_kernels import quantize_kv_triton
+
+    return quantize_kv_triton(ref_k, ref_v, key_mean(ref_k), block_n)
 
 
 def _rotate(x: torch.Tensor, cos, sin, backend: str) -> torch.Tensor:
@@ -131,12 +160,13 @@ def cached_asym_attention_fp8(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.T
         else:
             import math
 
-            from .fp8_kernels import fp8_attention_fwd
+            from .fp8_kernels import fp8_attention_fwd, quantize_kv_triton
 
             qr, kr = q_v, k_v
             if cos is not None:
                 qr, kr = _rotate(q_v, cos, sin, "triton"), _rotate(k_v, cos, sin, "triton")
-            vid, ref = prepare_cached_sets(kr, v_v, ref_k, ref_v, DEFAULT_BLOCK_N)
+            vid, ref = prepare_cached_sets(kr, v_v, ref_k, ref_v, DEFAULT_BLOCK_N,
+                                           quantize=quantize_kv_triton)
             sc = 1.0 / math.sqrt(d) if scale is None else float(scale)
             o = fp8_attention_fwd(qr, vid, ref, nv, sc)
     rk = ref_k if isinstance(ref_k, torch.Tensor) else None

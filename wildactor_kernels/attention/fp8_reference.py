@@ -132,7 +132,7 @@ def key_mean(*keys: torch.Tensor) -> torch.Tensor:
     b, _, h, d = keys[0].shape
     if total == 0:
         return torch.zeros((b, h, d), dtype=torch.float32, device=keys[0].device)
-    acc = sum(k.float().sum(dim=1) for k in keys)
+    acc = sum(k.sum(dim=1, dtype=torch.float32) for k in keys)
     return acc / total
 
 
@@ -286,9 +286,12 @@ def cached_asym_attention_fp8_ref(q_v: torch.Tensor, k_v: torch.Tensor, v_v: tor
 
 
 def prepare_cached_sets(k_v: torch.Tensor, v_v: torch.Tensor, ref_k: torch.Tensor | QuantizedKV,
-                        ref_v: torch.Tensor | None, block_n: int) -> tuple[QuantizedKV, QuantizedKV]:
-    """The two key sets of cached mode (video, reference), sharing one smoothing vector."""
+                        ref_v: torch.Tensor | None, block_n: int,
+                        quantize=None) -> tuple[QuantizedKV, QuantizedKV]:
+    """The two key sets of cached mode (video, reference), sharing one smoothing vector.
+    ``quantize``: the quantizer (default :func:`quantize_kv`; the Triton path passes its own)."""
+    quantize = quantize or quantize_kv
     if isinstance(ref_k, QuantizedKV):
-        return quantize_kv(k_v, v_v, ref_k.k_mean, ref_k.block_n), ref_k
+        return quantize(k_v, v_v, ref_k.k_mean, ref_k.block_n), ref_k
     mean = key_mean(k_v, ref_k)
-    return quantize_kv(k_v, v_v, mean, block_n), quantize_kv(ref_k, ref_v, mean, block_n)
+    return quantize(k_v, v_v, mean, block_n), quantize(ref_k, ref_v, mean, block_n)
