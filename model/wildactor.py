@@ -637,7 +637,8 @@ class WildActor(nn.Module):
         if cache.num_layers != len(self.blocks):
             raise ValueError(f"ref_cache has {cache.num_layers} layers; this model has {len(self.blocks)}")
         c = self.cfg
-        key = (tuple(video_grid), batch_size, str(self.device), self.dtype, c.spatial_shift, c.theta)
+        fp8 = any(getattr(b.attn1, "precision", None) == "fp8" for b in self.blocks)
+        key = (tuple(video_grid), batch_size, str(self.device), self.dtype, c.spatial_shift, c.theta, fp8)
         if cache._bound is not None and cache._bound[0] == key:  # same grid as the previous step
             return list(cache._bound[1]), list(cache._bound[2])
         bound = cache.to(device=self.device, dtype=self.dtype)
@@ -651,8 +652,12 @@ class WildActor(nn.Module):
             cos, sin = cos.to(self.device), sin.to(self.device)
             bound.k = [wk.apply_rope(k, cos, sin, backend=c.backend) for k in bound.k]
         bound = bound.expand(batch_size)
-        cache._bound = (key, bound.k, bound.v)
-        return list(bound.k), list(bound.v)
+        ks, vs = list(bound.k), list(bound.v)
+        if fp8:  # 8-bit attention reads a quantized cache (QuantizedKV, values inside): once per grid
+            ks = [wk.attention.quantize_ref_kv(k, v, backend=c.backend) for k, v in zip(ks, vs)]
+            vs = [None] * len(ks)
+        cache._bound = (key, ks, vs)
+        return list(ks), list(vs)
 
     def forward(self, latents: Tensor, timestep: Tensor | float, context: Tensor,
                 refs: Sequence[Reference] | None = None, ref_cache: RefCache | None = None) -> Tensor:

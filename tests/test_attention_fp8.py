@@ -382,6 +382,7 @@ def test_model_fp8_attention_sqnr(tiny_bf16):
         y_q = mq(**inp)
         cache = mq.encode_references(inp["refs"])
         y_qc = mq(inp["latents"], inp["timestep"], inp["context"], ref_cache=cache)
+        assert all(isinstance(k, R.QuantizedKV) for k in cache._bound[1])  # quantized once
         ma = copy.deepcopy(m)
         for b in ma.blocks:
             b.attn1.precision = "fp8"
