@@ -139,6 +139,19 @@ def test_kernel_matches_reference(b, n, nv, h, d, bn, nan_empty):
     assert rel <= 2e-3 and far <= 0.02, (rel, far)
 
 
+@pytest.mark.parametrize("scale", [-0.125, 0.15], ids=["negative", "larger"])
+def test_kernel_custom_scale(scale, nan_empty):
+    """A negative softmax scale takes the min-based row max on full blocks (SCALE_NEG)."""
+    q, k, v = _acts(1, 150, 1, 64, dtype=torch.float32)
+    fk = _kernels()
+    out = fk.asym_attention_fp8_triton(q, k, v, 100, scale, block_n=16)
+    ref = R.asym_attention_fp8_ref(q, k, v, 100, scale=scale, block_m=fk.fp8_block_m() or 128,
+                                   block_n=16)
+    _, rel = _metrics(out, ref)
+    assert rel <= 2e-3, rel
+    _assert_quality(out, dense_asym_attention_fp64(q, k, v, 100, scale), f"scale {scale} vs fp64")
+
+
 @pytest.mark.parametrize("k_offset", [0.0, 10.0], ids=lambda x: f"koff{x:g}")
 def test_kernel_accuracy_bf16(k_offset, nan_empty):
     """bf16 inputs, D = 128, Nv = 192, Nr = 67: the kernel against fp64 and bf16 attention."""
@@ -297,7 +310,8 @@ ATTN = {"Q": "*bf16", "Out": "*bf16", "KQ1": "*i8", "KQ2": "*i8", "VT1": "*fp8e4
         "VT2": "*fp8e4nv", "KS1": "*fp32", "KS2": "*fp32", "RATIO": "*fp32", "OSCALE": "*fp32"}
 kern = FK._fp8_attn_fwd_kernel
 for cfg in kern.configs:
-    build(kern, ATTN, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, UPCAST=False, **cfg.kwargs),
+    build(kern, ATTN, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, SCALE_NEG=False, UPCAST=False,
+                           **cfg.kwargs),
           cfg.num_warps, cfg.num_stages, f"ATTN BLOCK_M={cfg.kwargs['BLOCK_M']}")
 QUANT = {"K": "*bf16", "V": "*bf16", "MEAN": "*fp32", "VINV": "*fp32", "KQ": "*i8", "KS": "*fp32",
          "VT": "*fp8e4nv"}
@@ -409,3 +423,25 @@ def test_triton_quantizer_matches_spec(n, d, bn, nan_empty):
     assert torch.equal(got.k_scale, want.k_scale)
     assert torch.equal(got.v.view(torch.uint8), want.v.view(torch.uint8))
     assert torch.equal(got.v_scale, want.v_scale) and got.num_tokens == n
+
+
+# =========================================================================== GPU, full size
+@pytest.mark.gpu
+@pytest.mark.parametrize("cached", [False, True], ids=["joint", "cached"])
+def test_gpu_wan5b_720p_accuracy(cached):
+    """docs/design.md §8 wan5b-720p (B 1, 24 heads, D 128, Nv 27,280, Nr 4,400) on the GPU, bf16:
+    8-bit attention against bf16 SDPA (the fp64 truth does not fit at this size)."""
+    nv, nr = 31 * 22 * 40, 5 * 22 * 40
+    q, k, v = _acts(1, nv + nr, 24, 128, k_offset=4.0)
+    with torch.no_grad():
+        if cached:
+            args = (q[:, :nv], k[:, :nv], v[:, :nv], k[:, nv:], v[:, nv:])
+            out = wk.cached_asym_attention(*args, backend="triton", precision="fp8")
+            cache = wk.attention.quantize_ref_kv(k[:, nv:], v[:, nv:])
+            out_c = wk.cached_asym_attention(*args[:3], cache, None, backend="triton", precision="fp8")
+            base = wk.cached_asym_attention(*args, backend="reference")
+            _assert_quality(out_c, base, "wan5b-720p cached, QuantizedKV vs bf16 SDPA")
+        else:
+            out = wk.asym_attention(q, k, v, nv, backend="triton", precision="fp8")
+            base = asym_attention_ref(q, k, v, nv)
+    _assert_quality(out, base, f"wan5b-720p {'cached' if cached else 'joint'} vs bf16 SDPA")

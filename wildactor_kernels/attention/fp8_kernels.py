@@ -14,10 +14,12 @@ its quantizers for K and V, so the kernel proper is the attention loop:
 Per program: the q tile is loaded once, quantized to int8 in registers (one scale for the tile
 and head), and the softmax scale ``sm_scale * log2 e`` is folded into that scale. Per key block:
 ``int8 q @ int8 k^T`` (int32 accumulate, exact), one scalar rescale to fp32 scores, online
-softmax in fp32 base 2, ``P`` to e4m3 as ``e4m3(P * 448)``, ``acc += P @ V`` with the e4m3
-``V`` tile (fp32 accumulate). Between the two sets the accumulator is rescaled per channel by
-``RATIO = v_scale_1 / v_scale_2``; the epilogue multiplies by ``OSCALE = v_scale_2 / 448`` and
-divides by the row sum.
+softmax in fp32 base 2 with the P scale folded into the exponent (``p = exp2(s*c - (m - log2
+448))``, one FMA + one exp2 per score on full blocks, where the row max is taken on the int32
+scores and scaled once per row), ``P`` to e4m3, ``acc += P @ V`` with the e4m3 ``V`` tile (fp32
+accumulate). Between the two sets the accumulator is rescaled per channel by
+``RATIO = v_scale_1 / v_scale_2``; the epilogue multiplies by ``OSCALE = v_scale_2`` and divides
+by the row sum (which carries the same factor 448 as P).
 
 Operand layouts for Hopper wgmma: int8 and fp8 wgmma need both shared-memory operands K-major
 (the reduction dimension contiguous). QK^T reduces over D: q ``[BM, D]`` and k ``[BN, D]`` are
@@ -48,7 +50,7 @@ from .fp8_reference import (
     AMAX_EPS,
     E4M3_MAX,
     INT8_MAX,
-    P_SCALE,
+    LOG2_P_SCALE,
     TOKEN_PAD,
     QuantizedKV,
     key_mean,
@@ -62,7 +64,7 @@ _LOG2E = 1.4426950408889634
 # module constants read inside @triton.jit must be constexpr
 _INT8_MAX = tl.constexpr(INT8_MAX)
 _AMAX_EPS = tl.constexpr(AMAX_EPS)
-_P_SCALE = tl.constexpr(P_SCALE)
+_LOG2_P_SCALE = tl.constexpr(LOG2_P_SCALE)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -83,7 +85,8 @@ def _round_e4m3(x):
 
 @triton.jit
 def _fp8_block(acc, l_i, m_i, q, qk_c, p_k, p_vt, ks, n_left, offs_n, d_ok,
-               MASK_N: tl.constexpr, MASK_D: tl.constexpr, UPCAST: tl.constexpr):
+               MASK_N: tl.constexpr, MASK_D: tl.constexpr, SCALE_NEG: tl.constexpr,
+               UPCAST: tl.constexpr):
     n_ok = offs_n < n_left
     # ---- scores: int8 x int8 -> int32 (exact), one scalar rescale to base-2 logits
     if MASK_N:
@@ -96,12 +99,19 @@ def _fp8_block(acc, l_i, m_i, q, qk_c, p_k, p_vt, ks, n_left, offs_n, d_ok,
             k = tl.load(p_k, mask=d_ok[None, :], other=0)
         else:
             k = tl.load(p_k)
-    qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
-    s = qk.to(tl.float32) * (qk_c * ks)
+    qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+    c = qk_c * ks  # > 0 unless the softmax scale is negative
     if MASK_N:
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp2(s - m_new[:, None])
+        s = tl.where(n_ok[None, :], qk * c, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - (m_new - _LOG2_P_SCALE)[:, None])
+    else:
+        # full block: the max of the scaled scores is the scaled max (the min for c < 0), exactly
+        if SCALE_NEG:
+            m_new = tl.maximum(m_i, tl.min(qk, 1) * c)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
+        p = tl.exp2(qk * c - (m_new - _LOG2_P_SCALE)[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     # ---- PV: V^T tile [BD, BN] (tokens contiguous), its transpose is the K-major B operand
@@ -117,16 +127,16 @@ def _fp8_block(acc, l_i, m_i, q, qk_c, p_k, p_vt, ks, n_left, offs_n, d_ok,
             vt = tl.load(p_vt)
     acc = acc * alpha[:, None]
     if UPCAST:
-        acc = tl.dot(_round_e4m3(p * _P_SCALE), tl.trans(vt.to(tl.float32)), acc,
-                     input_precision="ieee")
+        acc = tl.dot(_round_e4m3(p), tl.trans(vt.to(tl.float32)), acc, input_precision="ieee")
     else:
-        acc = tl.dot((p * _P_SCALE).to(tl.float8e4nv), tl.trans(vt), acc)
+        acc = tl.dot(p.to(tl.float8e4nv), tl.trans(vt), acc)
     return acc, l_i, m_new
 
 
 @triton.jit
 def _fp8_set(acc, l_i, m_i, q, qk_c, KQ, KS, VT, n_keys, stride_kn, stride_vd, offs_n, offs_d, d_ok,
-             BLOCK_N: tl.constexpr, MASK_D: tl.constexpr, UPCAST: tl.constexpr):
+             BLOCK_N: tl.constexpr, MASK_D: tl.constexpr, SCALE_NEG: tl.constexpr,
+             UPCAST: tl.constexpr):
     """Online softmax over the ``n_keys`` keys of one quantized set: full blocks without key
     masks, then at most one masked tail. ``KQ, KS, VT`` point at this (batch, head)."""
     o_k = offs_n[:, None] * stride_kn + offs_d[None, :]
@@ -136,12 +146,12 @@ def _fp8_set(acc, l_i, m_i, q, qk_c, KQ, KS, VT, n_keys, stride_kn, stride_vd, o
         ks = tl.load(KS + start // BLOCK_N)
         acc, l_i, m_i = _fp8_block(acc, l_i, m_i, q, qk_c, KQ + start * stride_kn + o_k,
                                    VT + start + o_vt, ks, n_keys - start, offs_n, d_ok,
-                                   False, MASK_D, UPCAST)
+                                   False, MASK_D, SCALE_NEG, UPCAST)
     for start in range(n_full, n_keys, BLOCK_N):  # runs at most once: the ragged tail
         ks = tl.load(KS + start // BLOCK_N)
         acc, l_i, m_i = _fp8_block(acc, l_i, m_i, q, qk_c, KQ + start * stride_kn + o_k,
                                    VT + start + o_vt, ks, n_keys - start, offs_n, d_ok,
-                                   True, MASK_D, UPCAST)
+                                   True, MASK_D, SCALE_NEG, UPCAST)
     return acc, l_i, m_i
 
 
@@ -154,7 +164,7 @@ def _fwd_configs():
     return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s) for m, w, s in cfgs]
 
 
-@triton.autotune(configs=_fwd_configs(), key=["HEAD_DIM", "BLOCK_N", "UPCAST"])
+@triton.autotune(configs=_fwd_configs(), key=["HEAD_DIM", "BLOCK_N", "SCALE_NEG", "UPCAST"])
 @triton.jit
 def _fp8_attn_fwd_kernel(
     Q, Out, KQ1, KS1, VT1, KQ2, KS2, VT2, RATIO, OSCALE,
@@ -164,7 +174,7 @@ def _fp8_attn_fwd_kernel(
     stride_k2h, stride_k2n, stride_s2h, stride_v2h, stride_v2d,
     H, NQ, NV, N1, N2, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr,
+    SCALE_NEG: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One program = one query block of one (batch, head). Quantized sets are contiguous
     ``[B, H, ...]``, so one stride per (batch*H + head) index ``i_bh`` addresses them."""
@@ -201,14 +211,14 @@ def _fp8_attn_fwd_kernel(
     # ---- set 1 (video blocks only)
     acc, l_i, m_i = _fp8_set(acc, l_i, m_i, q8, qk_c, KQ1 + i_bh64 * stride_k1h,
                              KS1 + i_bh64 * stride_s1h, VT1 + i_bh64 * stride_v1h, n1, stride_k1n,
-                             stride_v1d, offs_n, offs_d, d_ok, BLOCK_N, MASK_D, UPCAST)
+                             stride_v1d, offs_n, offs_d, d_ok, BLOCK_N, MASK_D, SCALE_NEG, UPCAST)
     # ---- set 2, after moving the accumulator to set 2's value scales
     p_c = i_bh64 * HEAD_DIM + offs_d
     ratio = tl.load(RATIO + p_c, mask=d_ok, other=1.0)
     acc = acc * ratio[None, :]
     acc, l_i, m_i = _fp8_set(acc, l_i, m_i, q8, qk_c, KQ2 + i_bh64 * stride_k2h,
                              KS2 + i_bh64 * stride_s2h, VT2 + i_bh64 * stride_v2h, N2, stride_k2n,
-                             stride_v2d, offs_n, offs_d, d_ok, BLOCK_N, MASK_D, UPCAST)
+                             stride_v2d, offs_n, offs_d, d_ok, BLOCK_N, MASK_D, SCALE_NEG, UPCAST)
 
     # ---- epilogue
     oscale = tl.load(OSCALE + p_c, mask=d_ok, other=0.0)
@@ -293,10 +303,14 @@ def quantize_kv_triton(k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor,
 
 # =========================================================================== launcher
 def fp8_block_m() -> int | None:
-    """The query tile of the kernel when it is fixed (the interpreter's one config), else None
-    (autotuned). The reference reproduces the kernel exactly when given this ``block_m``."""
+    """The query tile the kernel used: the interpreter's one config, or on the GPU the autotuner's
+    last choice (None before the first launch). The reference reproduces the kernel when given
+    this ``block_m``."""
     cfgs = _fwd_configs()
-    return cfgs[0].kwargs["BLOCK_M"] if len(cfgs) == 1 else None
+    if len(cfgs) == 1:
+        return cfgs[0].kwargs["BLOCK_M"]
+    best = getattr(_fp8_attn_fwd_kernel, "best_config", None)
+    return None if best is None else best.kwargs["BLOCK_M"]
 
 
 def _set_args(s: QuantizedKV):
@@ -336,8 +350,7 @@ def fp8_attention_fwd(q: torch.Tensor, set1: QuantizedKV, set2: QuantizedKV, num
         ratio = (set1.v_scale / set2.v_scale).contiguous()
         if n1 == 0:
             set1 = set2
-    oscale = (set2.v_scale * torch.tensor(1.0 / P_SCALE, dtype=torch.float32,
-                                          device=q.device)).contiguous()
+    oscale = set2.v_scale.contiguous()
 
     def grid(meta):
         bm = meta["BLOCK_M"]
@@ -348,7 +361,7 @@ def fp8_attention_fwd(q: torch.Tensor, set1: QuantizedKV, set2: QuantizedKV, num
         *q.stride(), *o.stride(), *_set_args(set1), *_set_args(set2),
         h, nq, num_video, n1, n2, scale * _LOG2E,
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=set2.block_n,
-        UPCAST=interpreter_active(),
+        SCALE_NEG=scale < 0, UPCAST=interpreter_active(),
     )
     return o
 

@@ -17,11 +17,13 @@ Scheme, for one (batch, head):
    out); K tiles are ``block_n`` keys from the start of their key set. ``q_i8 . k_i8`` is exact
    in int32 (``|sum| <= 127^2 * D < 2^24``, so fp32 and fp64 hold it exactly too).
 3. **Online softmax in fp32, base 2**: ``s = qk_i32 * ((q_scale * sm_scale * log2 e) * k_scale)``,
-   running max ``m``, ``p = exp2(s - m)``; the row sum ``l`` uses the unquantized fp32 ``p``.
-4. **P in e4m3 after the max subtraction**: ``p <= 1``, stored as ``e4m3(p * 448)`` so the whole
-   e4m3 range is used; **V in e4m3 per channel** over the tokens of its key set,
-   ``v_scale[d] = max(amax_n |v[:, d]|, AMAX_EPS) / 448``. ``acc += e4m3(P) @ e4m3(V)`` in fp32;
-   the output is ``acc * (v_scale / 448) / l``.
+   running max ``m``. The P scale 448 is folded into the exponent:
+   ``p = exp2(s - (m - log2 448)) = 448 * exp2(s - m)`` in ``[0, 448]``, one FMA and one exp2 per
+   score; the row sum ``l`` adds the unquantized fp32 ``p`` (so it carries the factor 448 too).
+4. **P in e4m3 after the max subtraction**: ``e4m3(p)`` uses the whole e4m3 range; **V in e4m3
+   per channel** over the tokens of its key set, ``v_scale[d] = max(amax_n |v[:, d]|, AMAX_EPS) /
+   448``. ``acc += e4m3(P) @ e4m3(V)`` in fp32; the output is ``acc * v_scale / l`` (the two
+   factors 448 cancel).
 
 Key sets. A query block walks one or two *key sets*, each quantized on its own (its own K tiles
 and V channel scales, one shared smoothing vector): in joint mode the video keys ``[0, Nv)``
@@ -54,6 +56,7 @@ __all__ = [
     "INT8_MAX",
     "E4M3_MAX",
     "P_SCALE",
+    "LOG2_P_SCALE",
     "AMAX_EPS",
     "TOKEN_PAD",
     "DEFAULT_BLOCK_M",
@@ -63,8 +66,10 @@ __all__ = [
 INT8_MAX = 127.0
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
-#: P (in [0, 1] after the max subtraction) is stored as e4m3(P * P_SCALE).
+#: P (in [0, 1] after the max subtraction) is stored as e4m3(P * P_SCALE), the factor folded
+#: into the exponent as ``LOG2_P_SCALE``.
 P_SCALE = 448.0
+LOG2_P_SCALE = math.log2(P_SCALE)
 #: keeps an all-zero tile finite (its codes are zero); the same value as the FP8 linears use.
 AMAX_EPS = 1e-12
 #: quantized sets pad their token count to a multiple of this (16-byte aligned rows of V^T).
@@ -216,6 +221,7 @@ def fp8_attention_core(q: torch.Tensor, sets: list[QuantizedKV], scale: float,
     m_i = torch.full((b, h, m), float("-inf"), dtype=torch.float32, device=dev)
     l_i = torch.zeros((b, h, m), dtype=torch.float32, device=dev)
     acc = torch.zeros((b, h, m, d), dtype=torch.float32, device=dev)
+    log2_p = torch.tensor(LOG2_P_SCALE, dtype=torch.float32, device=dev)
     prev = None
     for s in sets:
         if s.num_tokens == 0:
@@ -228,16 +234,15 @@ def fp8_attention_core(q: torch.Tensor, sets: list[QuantizedKV], scale: float,
             qk = (qi @ s.k[:, :, lo:hi].double().transpose(-1, -2)).float()  # exact int32 values
             sc = qk * (qk_c[..., None] * s.k_scale[:, :, t, None, None])
             m_new = torch.maximum(m_i, sc.amax(-1))
-            p = torch.exp2(sc - m_new[..., None])
+            p = torch.exp2(sc - (m_new - log2_p)[..., None])  # P * 448, in [0, 448]
             alpha = torch.exp2(m_i - m_new)
             l_i = l_i * alpha + p.sum(-1)
-            p8 = (p * P_SCALE).to(E4M3).float()
+            p8 = p.clamp(max=E4M3_MAX).to(E4M3).float()  # saturating, as cvt.rn.satfinite
             v8 = s.v[:, :, :, lo:hi].float()  # [B, H, D, n]
             acc = acc * alpha[..., None] + p8 @ v8.transpose(-1, -2)
             m_i = m_new
         prev = s
-    out_scale = prev.v_scale * torch.tensor(1.0 / P_SCALE, dtype=torch.float32, device=dev)
-    o = acc * out_scale[:, :, None, :] / l_i[..., None]
+    o = acc * prev.v_scale[:, :, None, :] / l_i[..., None]
     return o.permute(0, 2, 1, 3)
 
 
