@@ -353,6 +353,10 @@ def test_bench_fp8_rows_run():
     row = {}
     BA._fp8_metrics(row, out, ref)
     assert row["cos"] >= COS_MIN and row["rel_l2"] <= REL_L2_MAX, row
+    qr, kr = (wk.apply_rope(t, cos, sin, backend="triton") for t in (q, k))
+    out_k = BA._joint_impls(["ours-fp8-kernel"], n, nv, DEVICE)["ours-fp8-kernel"]()(
+        qr, kr, v, nv, cos, sin, 0.125)
+    assert torch.equal(out_k, out)  # same rotation, same quantization: the same kernel result
     vc, sc = (t[: nv] for t in (cos, sin))
     impls = BA._cached_impls(["ours-fp8", "ours-fp8-cache"])
     a = impls["ours-fp8"]()(q[:, :nv], k[:, :nv], v[:, :nv], k[:, nv:], v[:, nv:], vc, sc, 0.125)
