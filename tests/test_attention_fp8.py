@@ -449,3 +449,22 @@ def test_gpu_wan5b_720p_accuracy(cached):
             out = wk.asym_attention(q, k, v, nv, backend="triton", precision="fp8")
             base = asym_attention_ref(q, k, v, nv)
     _assert_quality(out, base, f"wan5b-720p {'cached' if cached else 'joint'} vs bf16 SDPA")
+
+
+def test_gpu_without_fp8_tensor_cores(monkeypatch, caplog):
+    """On an sm_80 GPU, backend='triton' raises (naming sm_89) and 'auto' warns and runs the
+    reference: never a silent fallback."""
+    from wildactor_kernels.attention import fp8_op
+
+    class FakeCuda:
+        is_cuda = True
+        device = "cuda:0"
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(RuntimeError, match="sm_89"):
+        fp8_op._resolve("triton", FakeCuda())
+    with caplog.at_level("WARNING", logger="wildactor_kernels"):
+        assert fp8_op._resolve("auto", FakeCuda()) == "reference"
+    assert "sm_80" in caplog.text
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fp8_op._resolve("auto", FakeCuda()) == "triton"

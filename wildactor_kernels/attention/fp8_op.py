@@ -16,6 +16,7 @@ from .._utils import (
     check_rope_tables,
     check_same_device,
     check_tensor,
+    logger,
     resolve_backend,
 )
 from .fp8_reference import (
@@ -34,6 +35,26 @@ __all__ = ["PRECISIONS", "check_precision", "asym_attention_fp8", "cached_asym_a
 
 #: Accepted values of ``precision``: None (the input dtype) or ``"fp8"`` (8-bit attention).
 PRECISIONS = (None, "fp8")
+
+
+#: fp8 tensor cores (e4m3 mma) start at sm_89 (Ada) / sm_90 (Hopper)
+_MIN_CAPABILITY = (8, 9)
+
+
+def _resolve(backend: str, t: torch.Tensor) -> str:
+    """``resolve_backend`` plus the GPU generation: on a CUDA device without fp8 tensor cores,
+    ``"auto"`` runs the reference with a warning and ``"triton"`` raises."""
+    choice = resolve_backend(backend, t)
+    if choice == "triton" and t.is_cuda:
+        cap = torch.cuda.get_device_capability(t.device)
+        if cap < _MIN_CAPABILITY:
+            msg = (f"8-bit attention kernels need fp8 tensor cores (sm_89+); {t.device} is "
+                   f"sm_{cap[0]}{cap[1]}")
+            if backend == "triton":
+                raise RuntimeError(msg + ": use backend='reference' or precision=None")
+            logger.warning("%s: precision='fp8' runs the plain-PyTorch reference", msg)
+            return "reference"
+    return choice
 
 
 def check_precision(precision: object, ref_k: object = None) -> bool:
@@ -102,7 +123,7 @@ def quantize_ref_kv(ref_k: torch.Tensor, ref_v: torch.Tensor, block_n: int = DEF
     if not isinstance(block_n, int) or block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n!r}")
     check_same_device(ref_k=ref_k, ref_v=ref_v)
-    if resolve_backend(backend, ref_k) == "reference":
+    if _resolve(backend, ref_k) == "reference":
         return _quantize_ref_kv_ref(ref_k, ref_v, block_n)
     from .fp8_kernels import quantize_kv_triton
 
@@ -120,7 +141,7 @@ def asym_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_vi
                        backend: str) -> torch.Tensor:
     """8-bit joint asymmetric attention; inputs already checked by ``op.asym_attention``."""
     with torch.no_grad():
-        if resolve_backend(backend, q) == "reference":
+        if _resolve(backend, q) == "reference":
             o = asym_attention_fp8_ref(q, k, v, num_video, cos, sin, scale,
                                        block_m=DEFAULT_BLOCK_M, block_n=DEFAULT_BLOCK_N)
         else:
@@ -166,7 +187,7 @@ def cached_asym_attention_fp8(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.T
         check_same_device(q_v=q_v, k_v=k_v, v_v=v_v, ref_k=ref_k, ref_v=ref_v, cos=cos, sin=sin)
     check_rope_tables(cos, sin, nv, d)
     with torch.no_grad():
-        if resolve_backend(backend, q_v) == "reference":
+        if _resolve(backend, q_v) == "reference":
             o = cached_asym_attention_fp8_ref(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale,
                                               block_m=DEFAULT_BLOCK_M, block_n=DEFAULT_BLOCK_N)
         else:
