@@ -12,6 +12,7 @@ from .._utils import (
     check_tensor,
     resolve_backend,
 )
+from .._validate import check_attention_scale
 from .reference import asym_attention_ref, cached_asym_attention_ref
 
 #: Accepted values of ``rope_mode`` (None: the Triton module's default, ``kernels.ROPE_MODE``).
@@ -60,6 +61,7 @@ def asym_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_video:
     Returns:
         ``[B, N, H, D]`` in the dtype of q. Differentiable in q, k, v.
     """
+    scale = check_attention_scale(scale)
     _check_qkv(("q", "k", "v"), q, k, v)
     b, n, h, d = q.shape
     num_video = check_num_video(num_video, n)
@@ -88,6 +90,7 @@ def cached_asym_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tenso
     Returns:
         ``[B, Nv, H, D]`` in the dtype of q_v.
     """
+    scale = check_attention_scale(scale)
     _check_qkv(("q_v", "k_v", "v_v"), q_v, k_v, v_v)
     check_tensor("ref_k", ref_k, ndim=4, floating=True)
     check_tensor("ref_v", ref_v, ndim=4, floating=True)
