@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._utils import check_num_video, check_tensor, resolve_backend
+from .._validate import check_bool, check_int, check_real
 from .op import ref_lora_linear
 
 FOLD_MODES = ("auto", "fold", "unfold")
@@ -83,6 +84,12 @@ class RefLoRALinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int = 0,
                  alpha: float | None = None, backend: str = "auto", device=None, dtype=None):
         super().__init__()
+        in_features = check_int("in_features", in_features, minimum=0)
+        out_features = check_int("out_features", out_features, minimum=0)
+        rank = check_int("rank", rank, minimum=0)
+        bias = check_bool("bias", bias)
+        if alpha is not None:
+            alpha = check_real("alpha", alpha, positive=True)
         fk = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **fk))
