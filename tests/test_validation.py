@@ -270,3 +270,20 @@ def test_fp8_linear_argument_errors():
         with pytest.raises(exc, match=match):
             wk.fp8_linear(args["x"], args["weight_fp8"], args["weight_scale"], args["bias"],
                           gemm="emulate", use_fast_accum=args["use_fast_accum"])
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"rank": 1.5}, TypeError, "rank must be an int, got float 1.5"),
+    ({"rank": True}, TypeError, "rank must be an int, got bool"),
+    ({"rank": -1}, ValueError, "rank must be an int >= 0"),
+    ({"in_features": 8.0}, TypeError, "in_features must be an int"),
+    ({"out_features": "6"}, TypeError, "out_features must be an int"),
+    ({"alpha": float("nan")}, ValueError, "alpha must be finite"),
+    ({"alpha": 0.0}, ValueError, "alpha must be positive"),
+    ({"alpha": "16"}, TypeError, "alpha must be a Python float"),
+    ({"bias": "yes"}, TypeError, "bias must be a bool"),
+])
+def test_ref_lora_module_constructor_numbers(kwargs, exc, match):
+    args = {"in_features": 8, "out_features": 6, "rank": 2} | kwargs
+    with pytest.raises(exc, match=match):
+        wk.RefLoRALinear(**args)

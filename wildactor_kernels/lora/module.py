@@ -8,8 +8,10 @@ Folded inference (``fold_mode``): reference rows may use a cached ``W_ref = W + 
 instead of the low-rank path, i.e. two plain GEMMs (or, on the Triton backend, one GEMM that
 picks ``W`` or ``W_ref`` per M tile). The cache is not part of the state dict, costs one
 extra ``[Dout, Din]`` weight per layer, and is rebuilt whenever ``weight``, ``lora_A`` or
-``lora_B`` change (their autograd ``_version`` counters, storage, dtype or device, or the
-scale); :meth:`RefLoRALinear.unfold` drops it explicitly.
+``lora_B`` change: in place (their autograd ``_version`` counters), by replacement of the
+Parameter or of its ``.data`` (the key holds weak references to the Parameter objects and their
+storages, never addresses, which the allocator reuses), in dtype, device, shape or strides, or
+when the scale changes; :meth:`RefLoRALinear.unfold` drops it explicitly.
 
 - ``"unfold"``: always the low-rank path (:func:`wildactor_kernels.ref_lora_linear`).
 - ``"fold"``: always ``W_ref``; raises if autograd needs grads of ``weight``/``lora_*``
@@ -151,7 +153,7 @@ class RefLoRALinear(nn.Module):
 
     def invalidate_fold_cache(self) -> None:
         """Drop ``W_ref``; the next folded forward rebuilds it (needed only after changes the
-        version counters do not see, e.g. writes through ``.data``)."""
+        key does not see: in-place writes through ``.data`` or under ``torch.inference_mode``)."""
         self._fold_cache = None
 
     def _fold_key(self) -> tuple | None:
