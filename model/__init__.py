@@ -13,14 +13,14 @@ import importlib
 _EXPORTS = {
     "WildActorConfig": "config",
     "WildActor": "wildactor",
-    "Reference": "wildactor",
-    "RefCache": "wildactor",
+    "Reference": "references",
+    "RefCache": "references",
     "FlowMatchSampler": "sampler",
     "sample_views": "view_sampling",
     "quantize_model": "quant",
     "quantization_report": "quant",
-    "export_onnx": "export",
-    "OnnxWildActor": "export",
+    "export_onnx": "export.onnx_export",
+    "OnnxWildActor": "export.onnx_export",
     "build_engine": "tensorrt",
     "TensorRTWildActor": "tensorrt",
 }

@@ -14,7 +14,9 @@ are not touched (pass ``module_filter_fn(module, fqn) -> bool`` to choose other 
 
 Modes (one frozen dataclass config each):
 
-``"fp8"`` (:class:`Float8Config`, H100 class): weights float8_e4m3fn with per-output-channel
+``"fp8"`` (:class:`~wildactor_kernels.quant.Float8Config`, H100 class; the layers and the module
+    swap, :func:`~wildactor_kernels.quant.convert_to_fp8_linear`, live beside their kernel in
+    :mod:`wildactor_kernels.quant` and are re-exported here): weights float8_e4m3fn with per-output-channel
     fp32 scales (``weight``, ``weight_scale [N, 1]``); activations quantized per token at every
     call (the Triton kernel on CUDA, the torch reference on CPU); the GEMM is rowwise
     ``torch._scaled_mm`` on sm_89+ and an emulated fp32 matmul of the same FP8 codes elsewhere
@@ -55,8 +57,13 @@ import torch
 import torch.nn as nn
 
 from wildactor_kernels.lora.module import RefLoRALinear
-from wildactor_kernels.quant import FP8_DTYPE, quantize_weight_fp8, resolve_fp8_gemm
-from wildactor_kernels.quant.linear import GEMMS, _warn_once
+from wildactor_kernels.quant import (
+    Float8Config,
+    Float8Linear,
+    Float8RefLoRALinear,
+    RefLoRAMixin,
+    convert_to_fp8_linear,
+)
 
 logger = logging.getLogger("wildactor_kernels")
 
@@ -82,31 +89,6 @@ __all__ = [
 
 
 # =========================================================================== configs
-@dataclass(frozen=True)
-class Float8Config:
-    """FP8 (e4m3) weights per output channel, activations per token, rowwise-scaled GEMM.
-
-    Attributes:
-        gemm: ``"auto"`` (rowwise ``torch._scaled_mm`` on CUDA sm_89+, emulated elsewhere, with
-            a warning), ``"scaled_mm"`` (always; it also runs on CPU with torch >= 2.5), or
-            ``"emulate"`` (fp32 matmul of the FP8 codes, any device).
-        act_backend: backend of the per-token activation quantization
-            (``"auto" | "triton" | "reference"``).
-        use_fast_accum: ``_scaled_mm`` fast accumulation (torchao's inference default).
-    """
-
-    gemm: str = "auto"
-    act_backend: str = "auto"
-    use_fast_accum: bool = True
-
-    def __post_init__(self) -> None:
-        if self.gemm not in GEMMS:
-            raise ValueError(f"Float8Config.gemm must be one of {GEMMS}, got {self.gemm!r}")
-        if self.act_backend not in ("auto", "triton", "reference"):
-            raise ValueError(f"Float8Config.act_backend must be 'auto', 'triton' or 'reference', "
-                             f"got {self.act_backend!r}")
-
-
 @dataclass(frozen=True)
 class Int8Config:
     """bitsandbytes LLM.int8 (``Linear8bitLt``, ``has_fp16_weights=False``).
@@ -136,173 +118,6 @@ class NF4Config:
 _CONFIG_TYPES = {"fp8": Float8Config, "int8": Int8Config, "nf4": NF4Config}
 
 
-# =========================================================================== FP8 modules
-class Float8Linear(nn.Module):
-    """``nn.Linear`` replacement with float8_e4m3fn weights and per-token FP8 activations.
-
-    State: ``weight [N, K]`` float8_e4m3fn (frozen parameter), ``weight_scale [N, 1]`` fp32
-    buffer (``W ~ weight * weight_scale``), ``bias [N]`` (frozen, original dtype) or None.
-    ``forward(x [..., K]) -> [..., N]`` in ``x.dtype``; gradients flow to ``x`` (and to the bias
-    when it requires grad) through the dequantized weight.
-
-    Attributes set at first use: ``gemm_path`` (``"scaled_mm"`` or ``"emulate"``) and
-    ``fallback_reason`` (None, or why the fast path does not run).
-
-    ``.to(dtype)`` / ``.half()`` leave the FP8 weight and its fp32 scales alone (a float cast of
-    the codes would silently drop the scales); device moves apply to them as usual.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 config: Float8Config | None = None, device=None, dtype=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.config = config or Float8Config()
-        self.weight = nn.Parameter(torch.zeros(out_features, in_features, device=device, dtype=FP8_DTYPE),
-                                   requires_grad=False)
-        self.register_buffer("weight_scale", torch.ones(out_features, 1, device=device, dtype=torch.float32))
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype),
-                                     requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
-        self.gemm_path: str | None = None
-        self.fallback_reason: str | None = None
-        self._fuse_bias = True
-
-    @classmethod
-    def from_float(cls, lin: nn.Module, config: Float8Config | None = None) -> Float8Linear:
-        """Quantize ``lin`` (``nn.Linear`` or anything with ``weight [N, K]`` and ``bias``)."""
-        w = lin.weight
-        new = cls(w.shape[1], w.shape[0], bias=lin.bias is not None, config=config,
-                  device=w.device, dtype=w.dtype)
-        new._copy_base_from(lin)
-        return new
-
-    def _copy_base_from(self, lin: nn.Module) -> None:
-        q, s = quantize_weight_fp8(lin.weight.detach())
-        self.weight.data = q
-        self.weight_scale.copy_(s)
-        if lin.bias is not None:
-            self.bias.data = lin.bias.detach().clone()
-        self.resolve_path(lin.weight.device)
-
-    # ---------------------------------------------------------------- GEMM path
-    def resolve_path(self, device: torch.device, warn: bool = False) -> str:
-        """Decide (and record) the GEMM path for ``device``; with ``warn``, log (once per
-        distinct reason) when ``gemm="auto"`` cannot take the fast path."""
-        path, reason = resolve_fp8_gemm(self.config.gemm, device)
-        self._path_device = torch.device(device).type
-        if (path, reason) != (self.gemm_path, self.fallback_reason):
-            self.gemm_path, self.fallback_reason = path, reason
-            self._fuse_bias = True
-            if warn and reason is not None and self.config.gemm == "auto":
-                _warn_once(f"Float8Linear: {reason}")
-        return path
-
-    def _base(self, x: torch.Tensor) -> torch.Tensor:
-        from wildactor_kernels.quant.linear import _Fp8LinearFn
-
-        if self.gemm_path is None or getattr(self, "_path_device", None) != x.device.type:
-            self.resolve_path(x.device, warn=True)
-        cfg = self.config
-        if self.gemm_path == "scaled_mm":
-            try:
-                return _Fp8LinearFn.apply(x, self.weight, self.weight_scale, self.bias, "scaled_mm",
-                                          cfg.act_backend, cfg.use_fast_accum, self._fuse_bias)
-            except torch.cuda.OutOfMemoryError:
-                raise  # not a missing feature: the emulated path would need even more memory
-            except RuntimeError as e:  # e.g. a torch build without rowwise-scaled FP8 GEMMs
-                if self._fuse_bias and self.bias is not None:
-                    self._fuse_bias = False
-                    logger.warning("Float8Linear: torch._scaled_mm with a fused bias failed (%s); adding "
-                                   "the bias after the GEMM", str(e).splitlines()[0])
-                    return self._base(x)
-                self.gemm_path = "emulate"
-                self.fallback_reason = f"torch._scaled_mm failed at run time: {str(e).splitlines()[0]}"
-                logger.warning("Float8Linear: %s; using the emulated FP8 GEMM", self.fallback_reason)
-        return _Fp8LinearFn.apply(x, self.weight, self.weight_scale, self.bias, "emulate",
-                                  cfg.act_backend, cfg.use_fast_accum, True)
-
-    def forward(self, x: torch.Tensor, num_video: int | None = None) -> torch.Tensor:
-        return self._base(x)
-
-    # ---------------------------------------------------------------- dtype safety
-    def _apply(self, fn, recurse=True):
-        keep = {"weight": self.weight.detach(), "weight_scale": self.weight_scale.detach()}
-        super()._apply(fn, recurse)
-        for name, old in keep.items():
-            cur = getattr(self, name)
-            if cur.dtype != old.dtype:  # a dtype cast: undo it, keep the device move
-                fixed = old.to(cur.device)
-                if name == "weight":
-                    self.weight = nn.Parameter(fixed, requires_grad=False)
-                else:
-                    self.weight_scale = fixed
-        return self
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        w = state_dict.get(prefix + "weight")
-        if w is not None and w.dtype != FP8_DTYPE and w.is_floating_point():
-            # a float checkpoint (e.g. diffusers Wan): quantize it as the conversion does
-            q, s = quantize_weight_fp8(w)
-            state_dict[prefix + "weight"], state_dict[prefix + "weight_scale"] = q, s
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, weight=float8_e4m3fn per-channel, act=per-token, "
-                f"gemm={self.gemm_path}")
-
-
-class _RefLoRAMixin:
-    """Reference-only adapter kept in high precision on top of a quantized base linear.
-
-    Same attributes and PEFT keys as :class:`RefLoRALinear` (``rank``, ``alpha``, ``scale``,
-    ``lora_A.weight [r, Din]``, ``lora_B.weight [Dout, r]``); the adapter modules are the
-    original ones (trainable as before). ``y[:, Nv:] += s * B(A(x[:, Nv:]))``.
-    """
-
-    def _take_lora(self, src: nn.Module | None) -> None:
-        rank = int(getattr(src, "rank", 0) or 0)
-        self.rank = rank
-        self.alpha = float(getattr(src, "alpha", max(rank, 1)))
-        self.backend = getattr(src, "backend", "auto")
-        if rank > 0:
-            self.lora_A, self.lora_B = src.lora_A, src.lora_B
-        else:
-            self.lora_A = self.lora_B = None
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank if self.rank > 0 else 0.0
-
-    def _add_ref_lora(self, x: torch.Tensor, y: torch.Tensor, num_video: int | None) -> torch.Tensor:
-        if self.rank == 0 or num_video is None or x.ndim != 3 or num_video >= x.shape[1]:
-            return y
-        x_r = x[:, num_video:]
-        delta = self.lora_B(self.lora_A(x_r.to(self.lora_A.weight.dtype))) * self.scale
-        return torch.cat([y[:, :num_video], y[:, num_video:] + delta.to(y.dtype)], dim=1)
-
-
-class Float8RefLoRALinear(_RefLoRAMixin, Float8Linear):
-    """FP8 version of :class:`~wildactor_kernels.RefLoRALinear`: FP8 base for every row, bf16
-    (original dtype) reference-only adapter on top. ``forward(x [B, N, Din], num_video=None)``."""
-
-    @classmethod
-    def from_float(cls, lin: nn.Module, config: Float8Config | None = None) -> Float8RefLoRALinear:
-        new = super().from_float(lin, config)
-        new._take_lora(lin)
-        return new
-
-    def forward(self, x: torch.Tensor, num_video: int | None = None) -> torch.Tensor:
-        return self._add_ref_lora(x, self._base(x), num_video)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", rank={self.rank}, alpha={self.alpha}"
-
-
 # =========================================================================== bitsandbytes modules
 def _import_bnb():
     try:
@@ -321,7 +136,7 @@ def _bnb_classes() -> dict[str, type]:
     """The bitsandbytes-backed layers (defined on first use: bitsandbytes is optional)."""
     bnb = _import_bnb()
 
-    class Int8Linear(_RefLoRAMixin, bnb.nn.Linear8bitLt):
+    class Int8Linear(RefLoRAMixin, bnb.nn.Linear8bitLt):
         """bitsandbytes ``Linear8bitLt`` (frozen int8 base) + optional reference-only adapter.
         Keys: ``weight`` int8, ``SCB`` fp32 row scales, ``weight_format``, ``bias``, ``lora_*``."""
 
@@ -330,7 +145,7 @@ def _bnb_classes() -> dict[str, type]:
             y = super().forward(x.to(torch.float16)).to(x.dtype)
             return self._add_ref_lora(x, y, num_video)
 
-    class NF4Linear(_RefLoRAMixin, bnb.nn.Linear4bit):
+    class NF4Linear(RefLoRAMixin, bnb.nn.Linear4bit):
         """bitsandbytes ``Linear4bit`` (frozen NF4 base) + optional reference-only adapter.
         Keys: ``weight`` packed uint8, ``weight.absmax`` / ``weight.quant_map`` / ... (quant
         state), ``bias``, ``lora_*``."""
@@ -427,7 +242,8 @@ def quantized_modules(m: nn.Module) -> dict[str, nn.Module]:
 def quantize_model(m: nn.Module, mode: str, *,
                    module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
                    emulate: bool | None = None,
-                   config: Float8Config | Int8Config | NF4Config | None = None) -> nn.Module:
+                   config: Float8Config | Int8Config | NF4Config | None = None,
+                   attention: str | None = None) -> nn.Module:
     """Convert the base linears of ``m`` in place and return ``m``.
 
     Args:
@@ -441,14 +257,21 @@ def quantize_model(m: nn.Module, mode: str, *,
             when it falls back).
         config: a :class:`Float8Config` / :class:`Int8Config` / :class:`NF4Config` matching
             ``mode`` (default: the dataclass defaults).
+        attention: None (attention stays in the activations' dtype) or ``"fp8"``: every
+            self-attention (``precision`` attribute, ``attn1``) runs 8-bit attention
+            (``asym_attention(..., precision="fp8")``, docs/design.md §9). Inference only: a
+            gradient through it raises. A quantization flag rather than a config field because,
+            like the FP8 linears, it is an inference-time transform of a trained model.
     Returns:
-        ``m``, with ``m.quantization = {"mode", "config", "converted": [fqn, ...]}``.
+        ``m``, with ``m.quantization = {"mode", "config", "converted": [fqn, ...], "attention"}``.
     Raises:
         ValueError: unknown mode, config of the wrong type, ``emulate`` with a bitsandbytes
             mode, or no layer matched. ImportError: bitsandbytes missing for int8 / nf4.
     """
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; valid modes: {', '.join(MODES)}")
+    if attention not in (None, "fp8"):
+        raise ValueError(f"attention must be None or 'fp8', got {attention!r}")
     if config is None:
         config = _CONFIG_TYPES[mode]()
     if not isinstance(config, _CONFIG_TYPES[mode]):
@@ -466,19 +289,16 @@ def quantize_model(m: nn.Module, mode: str, *,
                and filt(mod, fqn)]
     if not targets:
         raise ValueError(f"quantize_model({mode!r}): no nn.Linear / RefLoRALinear matched the module filter")
-    converted = []
-    for fqn, mod in targets:
-        if mode == "fp8":
-            cls = Float8RefLoRALinear if isinstance(mod, RefLoRALinear) else Float8Linear
-            new = cls.from_float(mod, config)
-        elif mode == "int8":
-            new = _to_int8(mod, config)
-        else:
-            new = _to_nf4(mod, config)
-        new.train(mod.training)
-        parent_name, _, child = fqn.rpartition(".")
-        setattr(m.get_submodule(parent_name) if parent_name else m, child, new)
-        converted.append(fqn)
+    converted = [fqn for fqn, _ in targets]
+    if mode == "fp8":
+        chosen = {id(mod) for _, mod in targets}
+        convert_to_fp8_linear(m, config, module_filter_fn=lambda mod, fqn: id(mod) in chosen)
+    else:
+        for fqn, mod in targets:
+            new = _to_int8(mod, config) if mode == "int8" else _to_nf4(mod, config)
+            new.train(mod.training)
+            parent_name, _, child = fqn.rpartition(".")
+            setattr(m.get_submodule(parent_name) if parent_name else m, child, new)
 
     if mode == "fp8":
         reasons: dict[str, int] = {}
@@ -490,7 +310,11 @@ def quantize_model(m: nn.Module, mode: str, *,
         for r, n in reasons.items():
             log("quantize_model('fp8'): %d of %d layers use the emulated FP8 GEMM: %s", n, len(converted), r)
     prev = getattr(m, "quantization", None)
-    info = {"mode": mode, "config": config, "converted": converted}
+    info = {"mode": mode, "config": config, "converted": converted, "attention": attention}
+    if attention is not None:
+        for mod in m.modules():
+            if hasattr(mod, "attend") and hasattr(mod, "precision"):  # SelfAttention (attn1)
+                mod.precision = attention
     if isinstance(prev, dict) and prev.get("converted"):  # a second call on other layers
         info["converted"] = list(prev["converted"]) + converted
     object.__setattr__(m, "quantization", info)
@@ -700,14 +524,15 @@ def _randomize_adapters(m: nn.Module, seed: int) -> None:
 
 def run_quantize_report(preset: str, mode: str, *, device: str | torch.device | None = None,
                         layers: int | None = None, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                        print_table: bool = True) -> dict:
+                        print_table: bool = True, attention: str | None = None) -> dict:
     """Build a random WildActor (``preset``, ``layers`` blocks), quantize a copy with ``mode`` and
     return :func:`quantization_report` on random latents, text and two references (face, body),
     with ``report["table"]`` the markdown table (printed unless ``print_table=False``).
 
     ``device=None`` picks CUDA when available. ``layers``: override the depth (for a
     wan2.2-5b-shaped stack on CPU use ``layers=2``). ``dtype``: model and input dtype (bf16: the
-    SQNR is measured against the bf16 model, as docs/design.md §7 states).
+    SQNR is measured against the bf16 model, as docs/design.md §7 states). ``attention="fp8"``:
+    8-bit self-attention too (:func:`quantize_model`'s flag).
     """
     from .config import WildActorConfig
     from .wildactor import WildActor
@@ -720,9 +545,9 @@ def run_quantize_report(preset: str, mode: str, *, device: str | torch.device | 
     m_ref = WildActor(cfg)
     _randomize_adapters(m_ref, seed)
     m_ref = m_ref.to(device=device, dtype=dtype).eval()
-    m_q = quantize_model(copy.deepcopy(m_ref), mode)
+    m_q = quantize_model(copy.deepcopy(m_ref), mode, attention=attention)
     rep = quantization_report(m_ref, m_q, _random_inputs(cfg, device, dtype, seed))
-    rep.update(preset=preset, num_layers=cfg.num_layers, device=str(device),
+    rep.update(preset=preset, num_layers=cfg.num_layers, device=str(device), attention=attention,
                dtype=str(dtype).replace("torch.", ""))
     rep["table"] = (f"preset {preset} ({cfg.num_layers} layers, dim {cfg.dim}), {rep['dtype']} on {device}\n"
                     + format_report(rep))

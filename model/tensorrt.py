@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from .export import DENOISER, ENCODER, MANIFEST, TwoGraphRunner, load_manifest
+from .export.contract import DENOISER, ENCODER, MANIFEST
+from .export.runner import TwoGraphRunner, load_manifest
 
 __all__ = ["build_engine", "build_engines", "engine_shapes", "TensorRTWildActor", "ENGINE_SUFFIX"]
 

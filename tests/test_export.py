@@ -28,6 +28,7 @@ from wildactor_kernels.model import (  # noqa: E402
     export_onnx,
 )
 from wildactor_kernels.model import export as E  # noqa: E402
+from wildactor_kernels.model.export import contract, passes  # noqa: E402
 from wildactor_kernels.model.quant import sqnr_db  # noqa: E402
 
 TOL = 1e-3
@@ -218,13 +219,13 @@ def test_external_data_round_trip(fp32_export, model, runner, tmp_path):
     """Large models keep their weights in ``<graph>.onnx.data``; the graph still loads and runs."""
     res, _ = fp32_export
     proto = onnx.load(str(res.denoiser))
-    path, nbytes = tmp_path / "denoiser.onnx", E._init_bytes(proto)
-    E._save(proto, path, external=True)
+    path, nbytes = tmp_path / "denoiser.onnx", passes.initializer_bytes(proto)
+    passes.save_model(proto, path, external=True)
     assert (tmp_path / "denoiser.onnx.data").stat().st_size > 0.9 * nbytes  # tensors < 1 KiB stay inline
-    assert E._init_bytes(onnx.load(str(path), load_external_data=False)) < 0.1 * nbytes
+    assert passes.initializer_bytes(onnx.load(str(path), load_external_data=False)) < 0.1 * nbytes
     onnx.checker.check_model(str(path))
     names = [i.name for i in proto.graph.input]
-    ins = E._graph_inputs(model, E.default_example(model.cfg, seed=9), torch.float32)[E.DENOISER]
+    ins = contract.graph_inputs(model, E.default_example(model.cfg, seed=9), torch.float32)[E.DENOISER]
     arrays = {n: t.numpy() for n, t in zip(names, ins)}
     a = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert (a.run(None, arrays)[0] == runner.sessions[E.DENOISER].run(None, arrays)[0]).all()
@@ -251,7 +252,7 @@ def test_fp16_export_within_twice_the_pytorch_fp16_error(tmp_path):
 
 # =========================================================================== FP8 Q/DQ
 def _fp8_structure(m: WildActor, res, base: int) -> None:
-    linears = E._fp8_targets(m)
+    linears = passes.fp8_targets(m)
     for gname, path in ((E.ENCODER, res.reference_encoder), (E.DENOISER, res.denoiser)):
         proto = onnx.load(str(path))
         g = proto.graph
@@ -282,7 +283,7 @@ def _fp8_structure(m: WildActor, res, base: int) -> None:
             if n.op_type == "MatMul" and n.input[1] in producers and producers[n.input[1]] in weight_dq:
                 assert producers[n.input[0]].op_type == "DequantizeLinear"
         # no float copy of a quantized weight is left in the graph
-        floats = [E._to_torch(i).float() for i in g.initializer if len(i.dims) == 2
+        floats = [passes.to_torch(i).float() for i in g.initializer if len(i.dims) == 2
                   and i.data_type in (TensorProto.FLOAT, TensorProto.BFLOAT16)]
         for fqn in quantized:
             wt = linears[fqn].weight.detach().t().float()

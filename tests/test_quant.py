@@ -285,6 +285,49 @@ def test_module_filter(tiny):
     assert not isinstance(mq.blocks[0].attn1.to_q, Float8Linear)
 
 
+def test_convert_to_fp8_linear_module_swap():
+    """The kernel package's module swap (torchao shape: frozen config + filter) on a plain module:
+    every float linear by default, only the filtered ones with a filter, the root itself when it
+    is a linear; layers already in FP8 are left alone; the config must be a Float8Config."""
+    from wildactor_kernels.model import quant as model_quant
+
+    from wildactor_kernels import RefLoRALinear
+    from wildactor_kernels.quant import Float8Config, Float8Linear, Float8RefLoRALinear, convert_to_fp8_linear
+
+    assert model_quant.Float8Linear is Float8Linear and model_quant.Float8Config is Float8Config
+    torch.manual_seed(0)
+
+    def net():
+        return nn.Sequential(nn.Linear(32, 48), nn.GELU(), RefLoRALinear(48, 32, rank=4), nn.Linear(32, 16))
+
+    src = net()
+    m = copy.deepcopy(src)
+    cfg = Float8Config(gemm="emulate", act_backend="reference")
+    out = convert_to_fp8_linear(m, cfg)
+    assert out is m
+    assert [type(m[i]) for i in (0, 2, 3)] == [Float8Linear, Float8RefLoRALinear, Float8Linear]
+    assert m[0].config is cfg and m[0].gemm_path == "emulate"
+    assert type(m[2].lora_A) is nn.Linear  # the adapter of a RefLoRALinear stays high precision
+    x = torch.randn(2, 5, 32)
+    f0, f2, f3 = (Float8Linear.from_float(src[0], cfg), Float8RefLoRALinear.from_float(src[2], cfg),
+                  Float8Linear.from_float(src[3], cfg))
+    assert torch.equal(m(x), f3(f2(src[1](f0(x)))))
+
+    m2 = net()
+    convert_to_fp8_linear(m2, cfg, module_filter_fn=lambda mod, fqn: fqn == "3")
+    assert type(m2[0]) is nn.Linear and type(m2[2]) is RefLoRALinear and type(m2[3]) is Float8Linear
+    done = m2[3]
+    convert_to_fp8_linear(m2, cfg)  # a second pass converts the rest, leaves the FP8 layer alone
+    assert type(m2[0]) is Float8Linear and type(m2[2]) is Float8RefLoRALinear and m2[3] is done
+    lin = nn.Linear(16, 16)
+    new = convert_to_fp8_linear(lin, cfg)
+    assert type(new) is Float8Linear and type(lin) is nn.Linear
+    y = new(torch.randn(3, 16))
+    assert y.shape == (3, 16) and torch.isfinite(y).all()
+    with pytest.raises(TypeError, match="Float8Config"):
+        convert_to_fp8_linear(net(), {"gemm": "emulate"})
+
+
 @pytest.mark.parametrize("mode, floor", [("fp8", 25.0), ("int8", 25.0), ("nf4", 12.0)])
 def test_sqnr_floor(tiny, mode, floor):
     """Measured: (1) SQNR of the model output (velocity of the video latents, joint forward with

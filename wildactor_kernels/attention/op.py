@@ -13,6 +13,7 @@ from .._utils import (
     resolve_backend,
 )
 from .._validate import check_attention_scale
+from . import fp8_op
 from .reference import asym_attention_ref, cached_asym_attention_ref
 
 #: Accepted values of ``rope_mode`` (None: the Triton module's default, ``kernels.ROPE_MODE``).
@@ -40,7 +41,7 @@ def _check_rope_mode(rope_mode: object) -> None:
 def asym_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_video: int,
                    cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
                    scale: float | None = None, backend: str = "auto",
-                   rope_mode: str | None = None) -> torch.Tensor:
+                   rope_mode: str | None = None, precision: str | None = None) -> torch.Tensor:
     """Asymmetric identity-preserving attention (AIPA).
 
     Video queries (the first ``num_video`` tokens) attend to all N keys; reference queries
@@ -58,8 +59,10 @@ def asym_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_video:
             (``wildactor_kernels.attention.kernels.ROPE_MODE``). Both give the same result up to
             rounding; it only changes the speed. Validated on every backend, ignored by the
             reference backend (and when cos/sin are None).
+        precision: None (the input dtype) or ``"fp8"``: 8-bit attention (``fp8_reference.py``),
+            forward only: a gradient through it raises.
     Returns:
-        ``[B, N, H, D]`` in the dtype of q. Differentiable in q, k, v.
+        ``[B, N, H, D]`` in the dtype of q. Differentiable in q, k, v (``precision=None``).
     """
     scale = check_attention_scale(scale)
     _check_qkv(("q", "k", "v"), q, k, v)
@@ -68,8 +71,14 @@ def asym_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_video:
     check_rope_tables(cos, sin, n, d)
     check_same_device(q=q, k=k, v=v, cos=cos, sin=sin)
     _check_rope_mode(rope_mode)
+    if fp8_op.check_precision(precision):
+        return fp8_op.asym_attention_fp8(q, k, v, num_video, cos, sin, scale, backend)
     if resolve_backend(backend, q) == "reference":
         return asym_attention_ref(q, k, v, num_video, cos, sin, scale)
+    if backend == "auto":  # on CUDA: the measured choice of dispatch.py (docs/design.md §9)
+        from .dispatch import asym_attention_auto
+
+        return asym_attention_auto(q, k, v, num_video, cos, sin, scale, rope_mode)
     from .kernels import asym_attention_triton
 
     return asym_attention_triton(q, k, v, num_video, cos, sin, scale, rope_mode=rope_mode)
@@ -79,7 +88,7 @@ def cached_asym_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tenso
                           ref_k: torch.Tensor, ref_v: torch.Tensor,
                           cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
                           scale: float | None = None, backend: str = "auto",
-                          rope_mode: str | None = None) -> torch.Tensor:
+                          rope_mode: str | None = None, precision: str | None = None) -> torch.Tensor:
     """Video queries over ``[video K/V; cached reference K/V]``, without concatenating them.
 
     Args:
@@ -87,10 +96,15 @@ def cached_asym_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tenso
         ref_k, ref_v: ``[B, Nr, H, D]`` cached reference keys (already rotated) and values.
         scale, backend, rope_mode: as in :func:`asym_attention` (``rope_mode`` concerns the
             rotation of q_v and k_v only; the cached keys are never rotated again).
+        precision: as in :func:`asym_attention`. With ``"fp8"``, ``ref_k`` may be a
+            ``QuantizedKV`` from ``quantize_ref_kv(ref_k, ref_v)`` (then ``ref_v=None``).
     Returns:
         ``[B, Nv, H, D]`` in the dtype of q_v.
     """
     scale = check_attention_scale(scale)
+    if fp8_op.check_precision(precision, ref_k):
+        _check_rope_mode(rope_mode)
+        return fp8_op.cached_asym_attention_fp8(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale, backend)
     _check_qkv(("q_v", "k_v", "v_v"), q_v, k_v, v_v)
     check_tensor("ref_k", ref_k, ndim=4, floating=True)
     check_tensor("ref_v", ref_v, ndim=4, floating=True)
@@ -106,6 +120,10 @@ def cached_asym_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tenso
     _check_rope_mode(rope_mode)
     if resolve_backend(backend, q_v) == "reference":
         return cached_asym_attention_ref(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale)
+    if backend == "auto":  # on CUDA: the measured choice of dispatch.py (docs/design.md §9)
+        from .dispatch import cached_asym_attention_auto
+
+        return cached_asym_attention_auto(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale, rope_mode)
     from .kernels import cached_asym_attention_triton
 
     return cached_asym_attention_triton(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale,

@@ -1,8 +1,12 @@
 """FP8 quantization: reference maths (``reference.py``), the per-token quantization kernel
 (``kernels.py``), its public op (``op.py``) and the FP8 linear with its GEMM paths
-(``linear.py``). Module swapping for whole models lives in :mod:`wildactor_kernels.model.quant`."""
+(``linear.py``), and the FP8 layers with their frozen config and module swap (``module.py``:
+:class:`Float8Config`, :class:`Float8Linear`, :func:`convert_to_fp8_linear`). The WildActor
+choice of layers (the Wan filter), bitsandbytes and the SQNR report live in
+:mod:`wildactor_kernels.model.quant`."""
 
 from .linear import GEMM_PATHS, GEMMS, fp8_gemm, fp8_linear, resolve_fp8_gemm
+from .module import Float8Config, Float8Linear, Float8RefLoRALinear, RefLoRAMixin, convert_to_fp8_linear
 from .op import per_token_quant_fp8
 from .reference import (
     AMAX_EPS,
@@ -28,4 +32,9 @@ __all__ = [
     "FP8_DTYPE",
     "FP8_MAX",
     "AMAX_EPS",
+    "Float8Config",
+    "Float8Linear",
+    "Float8RefLoRALinear",
+    "RefLoRAMixin",
+    "convert_to_fp8_linear",
 ]
