@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._utils import check_dtypes, check_num_video, check_same_device, check_tensor, resolve_backend
+from .._validate import check_lora_scale
 from .reference import ref_lora_linear_ref
 
 
@@ -25,6 +26,7 @@ def ref_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     Returns:
         ``[B, N, Dout]`` in x's dtype. Differentiable in x, A, B, and W, b when they need grad.
     """
+    scale = check_lora_scale(scale)
     check_tensor("x", x, ndim=3, floating=True)
     check_tensor("weight", weight, ndim=2, floating=True)
     check_tensor("lora_a", lora_a, ndim=2, floating=True)
