@@ -18,8 +18,7 @@ Sizes stay tiny: the Triton interpreter runs every program instance in Python. T
 is four seeds of five cases per op (well under a minute on two cores); a longer fuzz with other seeds is
 ``WILDACTOR_FUZZ_SEEDS=3-40 WILDACTOR_FUZZ_CASES=8 pytest tests/test_fuzz.py``.
 
-Cases that hit a defect fixed on another branch carry ``xfail(strict=False)`` with the issue
-item in the reason (see :func:`_known_defect`), so they stay in the fuzz and show in the report.
+The defects issue 11 found by hand are pinned cases (``PINNED``): they run whatever the seeds draw.
 """
 
 from __future__ import annotations
@@ -398,29 +397,6 @@ def _draw(op: str, seed: int, i: int) -> dict:
     return case
 
 
-def _known_defect(c: dict) -> str | None:
-    """Issue 11 items fixed on the kernels branch: the exact cases that hit them (None: none)."""
-    if c["bad"] is not None:
-        return None
-    op, grads = c["op"], c.get("grads")
-    if op == "ref_lora_linear" and c["mixed"]:  # the reference raises a raw RuntimeError, Triton casts
-        return "issue 11 item 4, fixed on the kernels branch (mixed dtypes: one rule on both backends)"
-    if op == "ref_lora_linear":
-        strided_bias = c["bias"] and c["hows"][2] in ("strided", "stride0")  # 1-D: no transpose
-        if strided_bias and c["dout"] > 1 and c["b"] * (c["nv"] + c["nr"]) > 0:
-            return "issue 11 item 1, fixed on the kernels branch (Triton LoRA ignores the bias stride)"
-        if c["din"] == 0 and (grads[1] or grads[3]):  # Triton: grads of weight / lora_a [*, 0]
-            return "issue 11 item 4, fixed on the kernels branch (LoRA backward with Din=0)"
-        if c["nr"] == 0 and (grads[3] or grads[4]) and not (grads[0] or grads[1] or (c["bias"] and grads[2])):
-            return ("issue 11 item 4, fixed on the kernels branch "
-                    "(num_video=N: no graph for adapter-only grads)")
-    if op == "asym_attention" and c["nv"] + c["nr"] == 0 and any(grads[:3]):
-        return "issue 11 item 4, fixed on the kernels branch (N=0: no graph on the reference backend)"
-    if op == "cached_asym_attention" and c["nv"] == 0 and any(grads):
-        return "issue 11 item 4, fixed on the kernels branch (Nv=0: no graph on the reference backend)"
-    return None
-
-
 # Pinned cases: every defect issue 11 found by hand stays in the default run whatever the seeds
 # draw (a drawn case with the given fields overridden).
 PINNED = [
@@ -450,18 +426,13 @@ def _pinned(name: str, op: str, fields: dict) -> dict:
 def _params():
     out = []
     for name, op, fields in PINNED:
-        c = _pinned(name, op, fields)
-        reason = _known_defect(c)
-        out.append(pytest.param(c, id=f"pinned-{name}",
-                                marks=[pytest.mark.xfail(strict=False, reason=reason)] if reason else []))
+        out.append(pytest.param(_pinned(name, op, fields), id=f"pinned-{name}"))
     for seed in SEEDS:
         for op in DRAW:
             for i in range(CASES_PER_SEED):
                 c = _draw(op, seed, i)
                 cid = f"{op}-s{seed}-{i}-{'bad-' + c['bad'] if c['bad'] else 'ok'}"
-                reason = _known_defect(c)
-                marks = [pytest.mark.xfail(strict=False, reason=reason)] if reason else []
-                out.append(pytest.param(c, id=cid, marks=marks))
+                out.append(pytest.param(c, id=cid))
     return out
 
 
