@@ -78,7 +78,6 @@ def _session_cases(world: int) -> list[tuple[str, dict]]:
 
 def _worker(world: int, out_path: str) -> None:
     import torch.distributed as dist
-
     from wildactor_kernels.model import FlowMatchSampler, ParallelConfig, parallelize
     from wildactor_kernels.model.parallel import comm_bytes_per_forward, count_communication
 
@@ -102,7 +101,8 @@ def _worker(world: int, out_path: str) -> None:
             lat, t, ctx, refs = _inputs(2, tt, hh * 2, ww * 2)
             cache = base.encode_references(refs)
             with torch.no_grad():
-                for path, kwargs in (("cached", {"ref_cache": cache}), ("joint", {"refs": refs}), ("norefs", {})):
+                paths = (("cached", {"ref_cache": cache}), ("joint", {"refs": refs}), ("norefs", {}))
+                for path, kwargs in paths:
                     want = base(lat, t, ctx, **kwargs)
                     with count_communication() as cc:
                         got = pm(lat, t, ctx, **kwargs)
@@ -111,8 +111,8 @@ def _worker(world: int, out_path: str) -> None:
                     g0 = got.clone()
                     dist.broadcast(g0, 0)
                     report(f"same/{name}/{path}/{shape_name}", (got - g0).abs().max().item())
-                    expect = comm_bytes_per_forward(cfg, batch=2, num_video=tt * hh * ww, heads=4, head_dim=16,
-                                                    layers=2, out_features=16, elem_bytes=4)
+                    expect = comm_bytes_per_forward(cfg, batch=2, num_video=tt * hh * ww, heads=4,
+                                                    head_dim=16, layers=2, out_features=16, elem_bytes=4)
                     counted = {k: cc.bytes.get(("forward", k), 0) for k in expect}
                     bytes_ok[f"{name}/{path}/{shape_name}"] = [counted, expect]
         # ---- per-token timesteps (Wan2.2 TI2V), odd shape, cached
@@ -120,8 +120,8 @@ def _worker(world: int, out_path: str) -> None:
         tt = torch.rand(2, 45, generator=torch.Generator().manual_seed(5)) * 1000
         cache = base.encode_references(refs)
         with torch.no_grad():
-            report(f"fwd/{name}/per_token_t/odd",
-                   (pm(lat, tt, ctx, ref_cache=cache) - base(lat, tt, ctx, ref_cache=cache)).abs().max().item())
+            got, want = pm(lat, tt, ctx, ref_cache=cache), base(lat, tt, ctx, ref_cache=cache)
+            report(f"fwd/{name}/per_token_t/odd", (got - want).abs().max().item())
         # ---- adapters' gradients on the joint path (odd shape)
         single, par_model = copy.deepcopy(base), copy.deepcopy(base)
         par = parallelize(par_model, cfg)
@@ -181,7 +181,7 @@ def _run_session(world: int, tmp_dir: str, timeout: float = 240.0) -> dict:
                 q.kill()
             pytest.fail(f"the {world}-rank session timed out")
     if any(p.returncode for p in procs) or not os.path.exists(out):
-        pytest.fail(f"the {world}-rank session failed:\n" + "\n".join(l[-3000:] for l in logs))
+        pytest.fail(f"the {world}-rank session failed:\n" + "\n".join(log[-3000:] for log in logs))
     with open(out) as f:
         data = json.load(f)
     data["seconds"] = time.time() - start
@@ -249,6 +249,11 @@ def test_sessions_are_quick(sessions):
 
 
 # =========================================================================== single process
+def _sdpa(q, k, v):
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return o.transpose(1, 2)
+
+
 def _lse_truth(q, k, v, scale):
     s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
     o = torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v.double())
@@ -261,15 +266,14 @@ def test_attention_with_lse_matches_fp64(nq, nk):
     o, lse = attention_with_lse(q, k, v)
     o64, lse64 = _lse_truth(q, k, v, 0.25)
     assert (o.double() - o64).abs().max() < 1e-5 and (lse.double() - lse64).abs().max() < 1e-5
-    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-    assert (o - ref).abs().max() < 1e-5
+    assert (o - _sdpa(q, k, v)).abs().max() < 1e-5
 
 
 def test_merge_of_key_blocks_equals_full_attention_and_gradients():
     q = torch.randn(1, 29, 2, 8, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 50, 2, 8, dtype=torch.float64, requires_grad=True)
     v = torch.randn(1, 50, 2, 8, dtype=torch.float64, requires_grad=True)
-    full = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    full = _sdpa(q, k, v)
     cuts = [0, 13, 13, 40, 50]  # includes an empty block
     parts = [attention_with_lse(q, k[:, a:b], v[:, a:b]) for a, b in zip(cuts, cuts[1:])]
     assert math.isinf(parts[1][1].max().item())

@@ -7,9 +7,9 @@ our own):
   its backward is the inverse all-to-all.
 - :func:`ring_shift`: one ``dist.batch_isend_irecv`` pair (ring: send to the next rank, receive
   from the previous one); its backward shifts the gradient the other way.
-- :func:`gather_output`: ``dist.all_gather_single`` (``all_gather_into_tensor`` before torch 2.13) of every rank's piece of the output;
-  every rank computes the same loss from the same gathered output, so the backward keeps this
-  rank's slice of the gradient and sends nothing.
+- :func:`gather_output`: ``dist.all_gather_single`` (``all_gather_into_tensor`` before torch
+  2.13) of every rank's piece of the output; every rank computes the same loss from the same
+  gathered output, so the backward keeps this rank's slice of the gradient and sends nothing.
 
 :func:`count_communication` records the payload each call sends from this rank, by kind and
 pass: an all-to-all sends ``(P-1)/P`` of its input, a ring shift its whole tensor, an all-gather

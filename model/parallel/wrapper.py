@@ -58,7 +58,8 @@ class ParallelWildActor(nn.Module):
         except AttributeError:
             return getattr(super().__getattr__("model"), name)
 
-    def encode_references(self, refs: Sequence[Reference], video_shape: Sequence[int] | None = None) -> RefCache:
+    def encode_references(self, refs: Sequence[Reference],
+                          video_shape: Sequence[int] | None = None) -> RefCache:
         """The wrapped model's reference cache: computed whole on every rank, once per generation."""
         return self.model.encode_references(refs, video_shape=video_shape)
 
@@ -158,8 +159,8 @@ def _check_video(m: WildActor, latents: object) -> tuple[int, tuple[int, int, in
     t, h, w = latents.shape[2:]
     p = m.cfg.patch_size
     if latents.shape[1] != m.cfg.in_channels or t % p[0] or h % p[1] or w % p[2] or 0 in (t, h, w):
-        raise ValueError(f"latents [B, C, T, H, W] = {tuple(latents.shape)}: need C = {m.cfg.in_channels} and "
-                         f"T, H, W positive multiples of patch_size {p}")
+        raise ValueError(f"latents [B, C, T, H, W] = {tuple(latents.shape)}: need C = "
+                         f"{m.cfg.in_channels} and T, H, W positive multiples of patch_size {p}")
     return latents.shape[0], m.video_grid(latents.shape)
 
 
@@ -199,8 +200,8 @@ def parallelize(model: WildActor, config: ParallelConfig, group_or_mesh=None) ->
         raise TypeError(f"config must be a ParallelConfig, got {type(config).__name__}")
     heads = model.cfg.num_heads
     if heads % config.ulysses:
-        raise ValueError(f"ParallelConfig.ulysses={config.ulysses} must divide the number of heads ({heads}); "
-                         f"split the rest of the sequence with ring= instead")
+        raise ValueError(f"ParallelConfig.ulysses={config.ulysses} must divide the number of heads "
+                         f"({heads}); split the rest of the sequence with ring= instead")
     mesh = ParallelMesh(config, group_or_mesh, device_type=model.device.type)
     logger.info("parallelize: %s on rank %d", mesh, dist.get_rank())
     return ParallelWildActor(model, config, mesh)
