@@ -12,6 +12,8 @@ import platform
 import sys
 import time
 
+from .parallel.launch import add_parallel_arguments, parallel_from_args
+
 
 # --------------------------------------------------------------------------- info
 def _probe(module: str) -> str:
@@ -61,6 +63,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     cfg = WildActorConfig.preset(args.preset)
     m = WildActor(cfg).to(device).eval()
+    m = parallel_from_args(m, args)  # under torchrun: sequence parallel, only rank 0 prints
     c, (t, h, w) = cfg.in_channels, (args.frames, args.height, args.width)
     gen = torch.Generator().manual_seed(args.seed)
     refs = [Reference(kind, torch.randn(1, c, 1, rh, rw, generator=gen).to(device))
@@ -114,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--tol", type=float, default=1e-4, help="max allowed |cached - uncached|")
     s.add_argument("--no-progress", action="store_true")
+    add_parallel_arguments(s)  # --ulysses, --ring, --cfg-parallel (docs/parallel.md)
     s.set_defaults(func=cmd_demo)
 
     for extra in _EXTRA_COMMANDS:

@@ -122,6 +122,10 @@ def _worker(world: int, out_path: str) -> None:
         with torch.no_grad():
             got, want = pm(lat, tt, ctx, ref_cache=cache), base(lat, tt, ctx, ref_cache=cache)
             report(f"fwd/{name}/per_token_t/odd", (got - want).abs().max().item())
+        # ---- a batch that does not divide by cfg (and the warm-up call of the demo)
+        with torch.no_grad():
+            got, want = pm(lat[:1], t[:1], ctx[:1], refs=refs), base(lat[:1], t[:1], ctx[:1], refs=refs)
+            report(f"fwd/{name}/batch1/odd", (got - want).abs().max().item())
         # ---- adapters' gradients on the joint path (odd shape)
         single, par_model = copy.deepcopy(base), copy.deepcopy(base)
         par = parallelize(par_model, cfg)
@@ -211,8 +215,9 @@ def test_forward_equals_single_process(sessions, name, path, shape):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_per_token_timesteps(sessions, name):
-    assert sessions[_config_world(name)]["results"][f"fwd/{name}/per_token_t/odd"] <= TOL
+@pytest.mark.parametrize("case", ["per_token_t", "batch1"])
+def test_per_token_timesteps_and_batch_one(sessions, name, case):
+    assert sessions[_config_world(name)]["results"][f"fwd/{name}/{case}/odd"] <= TOL
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -241,6 +246,19 @@ def test_bytes_counted_equal_the_model(sessions, name):
     for shape in SHAPES:
         assert rows[f"{name}/cached/{shape}"][0] == rows[f"{name}/joint/{shape}"][0] == \
             rows[f"{name}/norefs/{shape}"][0]
+
+
+def test_torchrun_demo_on_gloo(tmp_path):
+    """The README's command, scaled down: torchrun, 2 ranks, gloo; rank 0 alone prints."""
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), "-m", "wildactor_kernels.model.cli", "demo", "--ulysses", "2", "--steps", "2",
+           "--frames", "2", "--height", "6", "--width", "10", "--no-progress"]
+    r = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.stdout.count("WildActor demo:") == 1 and "OK: cached and uncached sampling agree" in r.stdout
+    assert "ParallelConfig(ulysses=2, ring=1, cfg=1) on 2 ranks (gloo)" in r.stdout
 
 
 def test_sessions_are_quick(sessions):

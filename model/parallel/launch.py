@@ -3,7 +3,8 @@
 ``torchrun --nproc-per-node N -m wildactor_kernels.model.cli demo --ulysses 2 --cfg-parallel``
 starts ``N`` processes; :func:`parallel_from_args` initialises the default group from torchrun's
 environment (NCCL when CUDA is there, gloo otherwise), pins each rank to its GPU, wraps the model,
-and silences every rank but 0 (no prints, no progress bars; only rank 0 writes files).
+and silences every rank but 0 (no prints, no progress bars; only rank 0 writes files). Nothing
+heavy is imported until a flag asks for it.
 """
 
 from __future__ import annotations
@@ -12,11 +13,6 @@ import argparse
 import atexit
 import os
 import sys
-
-import torch
-import torch.distributed as dist
-
-from .mesh import ParallelConfig
 
 __all__ = ["add_parallel_arguments", "parallel_from_args", "is_main_process"]
 
@@ -31,10 +27,15 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def is_main_process() -> bool:
+    import torch.distributed as dist
+
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _init_from_env() -> None:
+    import torch
+    import torch.distributed as dist
+
     if dist.is_initialized():
         return
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -55,6 +56,10 @@ def parallel_from_args(model, args: argparse.Namespace):
     flags, all ranks go to Ulysses when the heads allow it, else to the ring. On ranks other than
     0, stdout goes to /dev/null and ``args.no_progress`` is set.
     """
+    import torch
+    import torch.distributed as dist
+
+    from .mesh import ParallelConfig
     from .wrapper import parallelize
 
     ulysses, ring = getattr(args, "ulysses", 1), getattr(args, "ring", 1)
@@ -63,6 +68,8 @@ def parallel_from_args(model, args: argparse.Namespace):
     if (ulysses, ring, cfg) == (1, 1, 1) and not torchrun:
         return model
     _init_from_env()
+    if model.device.type == "cuda":  # each rank on its own GPU (torchrun's LOCAL_RANK)
+        model = model.to(torch.device("cuda", torch.cuda.current_device()))
     world = dist.get_world_size()
     if (ulysses, ring, cfg) == (1, 1, 1):
         ulysses = world if model.cfg.num_heads % world == 0 else 1

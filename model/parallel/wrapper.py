@@ -3,7 +3,8 @@
 Every rank passes the same full inputs and gets the same full output. Inside:
 
 - ``cfg > 1``: the batch is cut in ``cfg`` slices (the sampler's ``[cond; uncond]`` batch gives one
-  guidance branch per slice) and each slice of the mesh runs its own;
+  guidance branch per slice) and each slice of the mesh runs its own; a batch that does not
+  divide runs whole on every slice (with a warning, once);
 - the video tokens are padded to a multiple of ``ulysses * ring`` and each rank keeps one shard;
   everything but self-attention (modulation, projections, LoRA, cross-attention to the text, FFN,
   output head) is per token and runs on the shard as it is;
@@ -51,6 +52,7 @@ class ParallelWildActor(nn.Module):
         self.model = model
         self.config = config
         self.mesh = mesh
+        self._warned = False
 
     def __getattr__(self, name: str):
         try:
@@ -82,10 +84,12 @@ class ParallelWildActor(nn.Module):
         if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[0] != b:
             raise ValueError(f"context must be a tensor [B, L, text_dim] with B = {b}, got "
                              f"{getattr(context, 'shape', type(context).__name__)}")
-        if cfg.cfg > 1:  # this slice of the mesh runs one slice of the batch (one guidance branch)
-            if b % cfg.cfg:
-                raise ValueError(f"ParallelConfig.cfg={cfg.cfg} splits the batch: its size ({b}) must be a "
-                                 f"multiple of it (the sampler's CFG batch is [cond; uncond])")
+        split = cfg.cfg > 1 and b % cfg.cfg == 0
+        if cfg.cfg > 1 and not split and not self._warned and pm.rank == 0:
+            logger.warning("ParallelConfig.cfg=%d splits the batch, but this call's batch is %d: every cfg "
+                           "group runs the whole batch (no CFG-parallel speed-up for such calls)", cfg.cfg, b)
+            self._warned = True
+        if split:  # this slice of the mesh runs one slice of the batch (one guidance branch)
             bc = b // cfg.cfg
             sl = slice(pm.cfg_rank * bc, (pm.cfg_rank + 1) * bc)
             latents, t, context = latents[sl], t[sl], context[sl]
@@ -127,7 +131,10 @@ class ParallelWildActor(nn.Module):
         pieces = gather_output(y, pm.group, pm.rank)                  # [world, bc, ns, F]
         order = torch.tensor([c * cfg.seq + s for c, s in pm.coords], device=y.device)
         out = pieces[torch.argsort(order)].view(cfg.cfg, cfg.seq, bc, plan.shard, -1)
-        out = out.transpose(1, 2).reshape(cfg.cfg * bc, plan.padded, -1)[:, :nv]
+        # an unsplit batch was computed by every cfg group alike: the first group's copy is used
+        # (so the others get no gradient, and the sum over ranks stays the single-process one)
+        out = out if split else out[:1]
+        out = out.transpose(1, 2).reshape(-1, plan.padded, out.shape[-1])[:, :nv]
         return _unpatchify(out, grid, m.cfg.patch_size)
 
 
