@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .mesh import ParallelConfig
 
-__all__ = ["comm_bytes_per_forward", "step_time_model", "Shape", "SHAPES"]
+__all__ = ["comm_bytes_per_forward", "step_time_model", "markdown_report", "Shape", "SHAPES"]
 
 
 def comm_bytes_per_forward(config: ParallelConfig, *, batch: int, num_video: int, heads: int, head_dim: int,
@@ -86,7 +86,8 @@ def _flops_per_branch(s: Shape, tokens: int) -> tuple[float, float, float]:
 def step_time_model(shape: Shape | str, config: ParallelConfig, *, guidance_branches: int = 2,
                     peak_flops: float = 989e12, efficiency: float = 0.5, link_bw: float = 450e9,
                     a2a_efficiency: float = 0.75, p2p_efficiency: float = 0.85, ring_bw: float | None = None,
-                    overlap_ring: bool = True, elem_bytes: int = 2) -> dict[str, float]:
+                    overlap_ring: bool = True, elem_bytes: int = 2,
+                    rank_efficiency: float | None = None) -> dict[str, float]:
     """Seconds per denoising step (every guidance branch) on ``config.world_size`` GPUs, on paper.
 
     Compute: FLOPs of the cached path (one-time reference encoding left out) at
@@ -96,7 +97,8 @@ def step_time_model(shape: Shape | str, config: ParallelConfig, *, guidance_bran
     nodes), hidden behind the attention of the block in flight when ``overlap_ring`` (only its
     excess counts) or added in full when not. Output all-gather included. Returns a dict with
     ``compute``, ``all_to_all``, ``p2p``, ``gather``, ``step`` (seconds), ``single`` (one GPU,
-    same efficiency) and ``speedup``.
+    same efficiency) and ``speedup``. ``rank_efficiency`` (default ``efficiency``) is the fraction
+    of the peak each rank of the parallel run reaches (its shards are ``P`` times shorter).
     """
     s = SHAPES[shape] if isinstance(shape, str) else shape
     if s.heads % config.ulysses:
@@ -107,7 +109,8 @@ def step_time_model(shape: Shape | str, config: ParallelConfig, *, guidance_bran
     branches = guidance_branches // config.cfg          # branches each rank runs
     ns = math.ceil(s.num_video / config.seq)
     attn, lin, repl = _flops_per_branch(s, ns)
-    compute = branches * (attn + lin + repl) / rate
+    prate = (efficiency if rank_efficiency is None else rank_efficiency) * peak_flops
+    compute = branches * (attn + lin + repl) / prate
     a1, l1, r1 = _flops_per_branch(s, s.num_video)
     single = guidance_branches * (a1 + l1 + r1) / rate
     b = comm_bytes_per_forward(config, batch=branches * config.cfg, num_video=s.num_video, heads=s.heads,
@@ -119,7 +122,7 @@ def step_time_model(shape: Shape | str, config: ParallelConfig, *, guidance_bran
         # per layer: R - 1 shifts, each hidden behind the attention of one K/V block (1/R of it)
         shifts = s.layers * (config.ring - 1)
         per_shift = p2p_total / shifts
-        per_block = branches * attn / config.ring / s.layers / rate
+        per_block = branches * attn / config.ring / s.layers / prate
         p2p = shifts * max(0.0, per_shift - per_block)
     else:
         p2p = p2p_total
@@ -128,3 +131,49 @@ def step_time_model(shape: Shape | str, config: ParallelConfig, *, guidance_bran
     return {"compute": compute, "all_to_all": a2a, "p2p": p2p, "gather": gather, "step": step,
             "single": single, "speedup": single / step, "attn_flops_per_rank": branches * attn,
             "bytes_a2a": b["all_to_all"], "bytes_p2p": b["p2p"]}
+
+
+def _row(name: str, cfg: ParallelConfig, label: str = "", **kw) -> str:
+    r = step_time_model(name, cfg, **kw)
+    return (f"| {name} | {label or f'U{cfg.ulysses} R{cfg.ring} C{cfg.cfg}'} | "
+            f"{r['attn_flops_per_rank'] / 1e15:.2f} | {r['bytes_a2a'] / 1e9:.2f} | "
+            f"{r['bytes_p2p'] / 1e9:.2f} | "
+            f"{r['compute'] * 1e3:.0f} | {r['all_to_all'] * 1e3:.1f} | {r['p2p'] * 1e3:.1f} | "
+            f"{r['step'] * 1e3:.0f} | {r['single']:.2f} | {r['speedup']:.2f}x |")
+
+
+_HEADER = ("| shape | scheme | attn PFLOP/rank | a2a GB/rank | P2P GB/rank | compute ms | a2a ms | "
+           "P2P ms (exposed) | step ms | 1 GPU s | speed-up |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def markdown_report() -> str:
+    """The tables of docs/parallel.md (``python -m wildactor_kernels.model.parallel.cost``)."""
+    C = ParallelConfig
+    out = ["### 8 x H100, one node (NVLink 450 GB/s per direction)", "", _HEADER]
+    for name, s in SHAPES.items():
+        for cfg in (C(ulysses=8), C(ring=8), C(ulysses=4, ring=2), C(ulysses=4, cfg=2),
+                    C(ulysses=2, ring=2, cfg=2)):
+            if s.heads % cfg.ulysses == 0:
+                out.append(_row(name, cfg))
+        out.append(_row(name, C(ring=8), "R8, no overlap (as built)", overlap_ring=False))
+    out += ["", "### 16 x H100, two nodes (ring or cfg across nodes at 50 GB/s per GPU)", "", _HEADER]
+    for name in ("wan5b-720p", "wan14b-720p"):
+        heads = SHAPES[name].heads
+        out.append(_row(name, C(ulysses=8, ring=2), "U8 R2, ring across nodes", ring_bw=50e9))
+        out.append(_row(name, C(ring=16), "R16 (ring crosses nodes)", ring_bw=50e9))
+        out.append(_row(name, C(ulysses=8, cfg=2), "U8 C2, cfg across nodes"))
+        if heads % 16 == 0:
+            out.append(_row(name, C(ulysses=16), "U16 across nodes", link_bw=50e9))
+    out += ["", "### wan14b-720p, U8 on 8 GPUs: what the goal depends on", "",
+            "| assumption changed | speed-up |", "|---|---|"]
+    for label, kw in (("baseline (50% of peak on 1 and on 8 GPUs, a2a at 75% of 450 GB/s)", {}),
+                      ("all-to-all at 25% of 450 GB/s", dict(a2a_efficiency=0.25)),
+                      ("each of the 8 ranks at 45% of peak (single GPU 50%)", dict(rank_efficiency=0.45)),
+                      ("each of the 8 ranks at 44% of peak", dict(rank_efficiency=0.44)),
+                      ("fp32 activations on the wire", dict(elem_bytes=4))):
+        out.append(f"| {label} | {step_time_model('wan14b-720p', C(ulysses=8), **kw)['speedup']:.2f}x |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(markdown_report())
