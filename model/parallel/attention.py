@@ -8,8 +8,10 @@ Each rank holds ``ns`` consecutive video tokens (shard ``s = r * U + u`` of the 
    consecutive), and one all-to-all turns the output back.
 2. Ring (``R > 1``): the K/V of ring chunk ``r`` travel around the ring; at step ``i`` this rank
    attends to chunk ``(r - i) mod R`` with :func:`attention_with_lse`, and the partial results
-   merge by their log-sum-exp. Without a ring (``R = 1``) the rank holds the whole sequence for
-   its heads and calls the library's attention op (Triton on CUDA).
+   merge by their log-sum-exp. Without autograd the next block is sent while the current one is
+   computed; with autograd each shift is a differentiable exchange that completes first.
+   Without a ring (``R = 1``) the rank holds the whole sequence for its heads and calls the
+   library's attention op (Triton on CUDA).
 3. Padding (``P * ns > Nv``) sits at the end of the sequence: keys past ``Nv`` are sliced off
    each block, so padded tokens are never attended to; padded query rows are dropped later.
 4. References never need communication: the cached K/V (or, on the joint path, the reference
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 import wildactor_kernels as wk
 from wildactor_kernels.attention.lse import attention_with_lse, merge_attention
 
-from .comm import all_to_all, ring_shift
+from .comm import all_to_all, ring_shift, ring_shift_start
 from .mesh import ParallelMesh
 
 Tensor = torch.Tensor
@@ -111,11 +113,16 @@ def video_attention(q: Tensor, k: Tensor, v: Tensor, extra: tuple[Tensor, Tensor
             o = F.pad(o, (0, 0, 0, 0, 0, chunk - nv))
     else:
         parts, kv = [], torch.stack([k, v])
+        # without autograd the next block is already on its way while this one is computed
+        overlap = not (torch.is_grad_enabled() and kv.requires_grad)
         for i in range(R):
             src = (pm.ring_rank - i) % R
             valid = max(0, min(chunk, plan.num_video - src * chunk))   # padding is at the end
+            pending = ring_shift_start(kv, pm.ring_next, pm.ring_prev) if overlap and i < R - 1 else None
             parts.append(attention_with_lse(q, kv[0, :, :valid], kv[1, :, :valid]))
-            if i < R - 1:
+            if pending is not None:
+                kv = pending.wait()
+            elif i < R - 1:
                 kv = ring_shift(kv, pm.ring_next, pm.ring_prev)
         if extra is not None:
             parts.append(attention_with_lse(q, extra[0], extra[1]))

@@ -6,7 +6,9 @@ our own):
 - :func:`all_to_all`: ``dist.all_to_all_single`` (Ulysses: sequence shards <-> head shards);
   its backward is the inverse all-to-all.
 - :func:`ring_shift`: one ``dist.batch_isend_irecv`` pair (ring: send to the next rank, receive
-  from the previous one); its backward shifts the gradient the other way.
+  from the previous one); its backward shifts the gradient the other way. Without autograd,
+  :func:`ring_shift_start` starts the same exchange and returns at once, so the next K/V block
+  travels while the current one is computed.
 - :func:`gather_output`: ``dist.all_gather_single`` (``all_gather_into_tensor`` before torch
   2.13) of every rank's piece of the output; every rank computes the same loss from the same
   gathered output, so the backward keeps this rank's slice of the gradient and sends nothing.
@@ -25,7 +27,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-__all__ = ["CommCounter", "count_communication", "all_to_all", "ring_shift", "gather_output"]
+__all__ = ["CommCounter", "count_communication", "all_to_all", "ring_shift", "ring_shift_start",
+           "gather_output"]
 
 
 class CommCounter:
@@ -129,6 +132,32 @@ class _RingShift(torch.autograd.Function):
 def ring_shift(x: torch.Tensor, send_to: int, recv_from: int, group=None) -> torch.Tensor:
     """Send ``x`` to global rank ``send_to`` and return the tensor received from ``recv_from``."""
     return _RingShift.apply(x, send_to, recv_from, group)
+
+
+class PendingShift:
+    """A ring shift in flight (:func:`ring_shift_start`); :meth:`wait` returns the received tensor."""
+
+    def __init__(self, x: torch.Tensor, send_to: int, recv_from: int, group) -> None:
+        self._x = x.contiguous()  # kept alive until the send completes
+        self._out = torch.empty_like(self._x)
+        ops = [dist.P2POp(dist.isend, self._x, send_to, group),
+               dist.P2POp(dist.irecv, self._out, recv_from, group)]
+        self._reqs = dist.batch_isend_irecv(ops)
+        _record("forward", "p2p", _nbytes(self._x))
+
+    def wait(self) -> torch.Tensor:
+        for req in self._reqs:
+            req.wait()
+        return self._out
+
+
+def ring_shift_start(x: torch.Tensor, send_to: int, recv_from: int, group=None) -> PendingShift:
+    """Start a ring shift without waiting for it, so compute can overlap the transfer. Not
+    differentiable: for tensors that need no gradient (inference); :func:`ring_shift` otherwise."""
+    if x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("ring_shift_start is not differentiable; use ring_shift for tensors that "
+                           "need a gradient")
+    return PendingShift(x, send_to, recv_from, group)
 
 
 # --------------------------------------------------------------------------- output gather

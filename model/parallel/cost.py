@@ -155,7 +155,7 @@ def markdown_report() -> str:
                     C(ulysses=2, ring=2, cfg=2)):
             if s.heads % cfg.ulysses == 0:
                 out.append(_row(name, cfg))
-        out.append(_row(name, C(ring=8), "R8, no overlap (as built)", overlap_ring=False))
+        out.append(_row(name, C(ring=8), "R8, shifts not overlapped (autograd path)", overlap_ring=False))
     out += ["", "### 16 x H100, two nodes (ring or cfg across nodes at 50 GB/s per GPU)", "", _HEADER]
     for name in ("wan5b-720p", "wan14b-720p"):
         heads = SHAPES[name].heads
