@@ -80,6 +80,7 @@ def _worker(world: int, out_path: str) -> None:
     import torch.distributed as dist
     from wildactor_kernels.model import FlowMatchSampler, ParallelConfig, parallelize
     from wildactor_kernels.model.parallel import comm_bytes_per_forward, count_communication
+    from wildactor_kernels.model.parallel.mesh import MESH_DIMS
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -153,6 +154,21 @@ def _worker(world: int, out_path: str) -> None:
             want = s.sample(base, (1, 4, 3, 6, 10), ctx, refs=refs, seed=7)
             got = s.sample(pm, (1, 4, 3, 6, 10), ctx, refs=refs, seed=7)
             report(f"sampler/{name}/{'cached' if use_cache else 'joint'}", (got - want).abs().max().item())
+    if world == 4:  # a DeviceMesh instead of a process group, one numbered in mesh order and one not
+        from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+        meshes = {"mesh_c2u2": (dict(cfg=2, ulysses=2), init_device_mesh("cpu", (2, 1, 2),
+                                                                         mesh_dim_names=MESH_DIMS)),
+                  "mesh_r2u2_shuffled": (dict(ring=2, ulysses=2), DeviceMesh(
+                      "cpu", torch.tensor([3, 1, 0, 2]).view(1, 2, 2), mesh_dim_names=MESH_DIMS))}
+        lat, t, ctx, refs = _inputs(2, 3, 6, 10)
+        cache = base.encode_references(refs)
+        for name, (kw, mesh) in meshes.items():
+            pm = parallelize(base, ParallelConfig(**kw), mesh)
+            with torch.no_grad():
+                for path, kwargs in (("cached", {"ref_cache": cache}), ("joint", {"refs": refs})):
+                    got, want = pm(lat, t, ctx, **kwargs), base(lat, t, ctx, **kwargs)
+                    report(f"fwd/{name}/{path}/odd", (got - want).abs().max().item())
     dist.barrier()
     if rank == 0:
         with open(out_path, "w") as f:
@@ -246,6 +262,12 @@ def test_bytes_counted_equal_the_model(sessions, name):
     for shape in SHAPES:
         assert rows[f"{name}/cached/{shape}"][0] == rows[f"{name}/joint/{shape}"][0] == \
             rows[f"{name}/norefs/{shape}"][0]
+
+
+@pytest.mark.parametrize("name", ["mesh_c2u2", "mesh_r2u2_shuffled"])
+@pytest.mark.parametrize("path", ["cached", "joint"])
+def test_device_mesh_input(sessions, name, path):
+    assert sessions[4]["results"][f"fwd/{name}/{path}/odd"] <= TOL
 
 
 def test_torchrun_demo_on_gloo(tmp_path):

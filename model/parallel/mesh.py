@@ -65,7 +65,8 @@ class ParallelMesh:
             inside the Ulysses group, the order the all-to-all uses).
         seq_rank: ``ring_rank * ulysses + ulysses_rank``, the sequence shard this rank holds.
         ulysses_group, ring_group: the groups of the two sequence dimensions.
-        ring_next, ring_prev: global ranks of the ring neighbours (K/V go to ``ring_next``).
+        ring_next, ring_prev: global ranks of the ring neighbours with the same head shard
+            (K/V go to ``ring_next``).
         coords: ``(cfg, seq)`` coordinate of every member of ``group``, by group rank (how the
             gathered output is reassembled).
     """
@@ -102,19 +103,23 @@ class ParallelMesh:
         self.cfg_rank, self.ring_rank = int(c), int(r)
         self.ulysses_group = mesh.get_group("ulysses")
         self.ring_group = mesh.get_group("ring")
+        # the all-to-all orders its pieces by rank inside the Ulysses group, so that rank (not the
+        # mesh coordinate, which a user's mesh may number differently) decides the head shard
         self.ulysses_rank = dist.get_rank(self.ulysses_group)
-        u = int(mesh.get_coordinate()[2])
-        grid = mesh.mesh
-        R = config.ring
-        self.ring_next = int(grid[self.cfg_rank, (self.ring_rank + 1) % R, u])
-        self.ring_prev = int(grid[self.cfg_rank, (self.ring_rank - 1) % R, u])
         self.seq_rank = self.ring_rank * config.ulysses + self.ulysses_rank
-        # Where each member's piece goes in the gathered output; exchanged once, here, because a
-        # user's mesh may number its ranks in any order.
-        mine = torch.tensor([self.cfg_rank, self.seq_rank], dtype=torch.int64)
-        allc = [torch.zeros_like(mine) for _ in range(config.world_size)]
-        dist.all_gather(allc, mine, group=group)
-        self.coords = [tuple(int(x) for x in t) for t in allc]
+        # Every member's (cfg, ring, ulysses rank, global rank), exchanged once, here: the ring
+        # neighbours are the ranks with the same head shard one ring position away, and the
+        # gathered output is reassembled by (cfg, sequence shard).
+        mine = torch.tensor([self.cfg_rank, self.ring_rank, self.ulysses_rank, dist.get_rank()],
+                            dtype=torch.int64)
+        table = [torch.zeros_like(mine) for _ in range(config.world_size)]
+        dist.all_gather(table, mine, group=group)
+        table = [tuple(int(x) for x in t) for t in table]
+        where = {(c_, r_, u_): g for c_, r_, u_, g in table}
+        R, c, u = config.ring, self.cfg_rank, self.ulysses_rank
+        self.ring_next = where[(c, (self.ring_rank + 1) % R, u)]
+        self.ring_prev = where[(c, (self.ring_rank - 1) % R, u)]
+        self.coords = [(c_, r_ * config.ulysses + u_) for c_, r_, u_, _ in table]
         self.rank = dist.get_rank(group)
 
     def __repr__(self) -> str:
