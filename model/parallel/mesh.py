@@ -110,8 +110,9 @@ class ParallelMesh:
         # Every member's (cfg, ring, ulysses rank, global rank), exchanged once, here: the ring
         # neighbours are the ranks with the same head shard one ring position away, and the
         # gathered output is reassembled by (cfg, sequence shard).
+        dev = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else "cpu"
         mine = torch.tensor([self.cfg_rank, self.ring_rank, self.ulysses_rank, dist.get_rank()],
-                            dtype=torch.int64)
+                            dtype=torch.int64, device=dev)  # NCCL moves CUDA tensors only
         table = [torch.zeros_like(mine) for _ in range(config.world_size)]
         dist.all_gather(table, mine, group=group)
         table = [tuple(int(x) for x in t) for t in table]
