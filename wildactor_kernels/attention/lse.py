@@ -55,7 +55,8 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     if k.shape != v.shape or k.shape[0] != b or k.shape[2:] != (h, d):
         raise ValueError(f"k and v must have shape [B, Nk, H, D] = [{b}, Nk, {h}, {d}], got "
                          f"{tuple(k.shape)} and {tuple(v.shape)}")
-    if resolve_backend(backend, q) == "triton":
+    # "auto" is the reference on every device until the kernels return their log-sum-exp
+    if resolve_backend(backend, q) == "triton" and backend == "triton":
         raise NotImplementedError("attention_with_lse has no Triton entry yet (the kernels do not return "
                                   "their log-sum-exp); use backend='reference' or 'auto'")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
