@@ -365,6 +365,36 @@ def test_config_and_parallelize_checks():
         parallelize(m, ParallelConfig(ulysses=2))
 
 
+def test_wrapper_checks_inputs_before_communicating():
+    """Input errors are raised before any collective (a single-member mesh, no peers needed)."""
+    import torch.distributed as dist
+    from wildactor_kernels.model import ParallelConfig, parallelize
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        m = _tiny_model()
+        pm = parallelize(m, ParallelConfig())
+        lat, t, ctx, refs = _inputs(1, 2, 4, 6)
+        want = m(lat, t, ctx, refs=refs)
+        assert (pm(lat, t, ctx, refs=refs) - want).abs().max() <= TOL   # one rank = the model
+        assert pm.num_parameters() == m.num_parameters()                 # other names reach the model
+        with pytest.raises(ValueError, match="context"):
+            pm(lat, t, ctx[..., :8])
+        with pytest.raises(ValueError, match="latents"):
+            pm(lat[:, :2], t, ctx)
+        with pytest.raises(ValueError, match="timestep"):
+            pm(lat, torch.zeros(3), ctx)
+        with pytest.raises(ValueError, match="not both"):
+            pm(lat, t, ctx, refs=refs, ref_cache=m.encode_references(refs))
+        with pytest.raises(TypeError, match="already parallelized"):
+            parallelize(pm, ParallelConfig())
+        with pytest.raises(ValueError, match="needs 2 ranks"):
+            parallelize(m, ParallelConfig(ring=2))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_cost_model_bytes_and_the_8gpu_goal():
     from wildactor_kernels.model.parallel import ParallelConfig, comm_bytes_per_forward, step_time_model
 

@@ -81,8 +81,9 @@ class ParallelWildActor(nn.Module):
         b, grid = _check_video(m, latents)
         nv = grid[0] * grid[1] * grid[2]
         t = _timestep(timestep, b, nv, latents.device)
-        if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[0] != b:
-            raise ValueError(f"context must be a tensor [B, L, text_dim] with B = {b}, got "
+        if (not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[0] != b
+                or context.shape[2] != m.cfg.text_dim):
+            raise ValueError(f"context must be a tensor [B, L, text_dim] = [{b}, L, {m.cfg.text_dim}], got "
                              f"{getattr(context, 'shape', type(context).__name__)}")
         split = cfg.cfg > 1 and b % cfg.cfg == 0
         if cfg.cfg > 1 and not split and not self._warned and pm.rank == 0:
