@@ -20,10 +20,13 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["wildactor_kernels", "wildactor_kernels.*"]) + MODEL_PACKAGES,
     package_dir={"wildactor_kernels.model": "model"},
+    # the attention dispatcher's measured table (docs/design.md §9)
+    package_data={"wildactor_kernels.attention": ["backend_table.json"]},
     install_requires=[
-        # 2.13.0 (the CI pin) and the device's 2.11 both satisfy this range.
-        "torch>=2.4,<2.14",
-        "triton>=3.0; platform_system=='Linux'",
+        # The tested versions (README "Tested versions"): CI runs torch 2.13.0 (CPU) with
+        # triton 3.9; the GPU machine has torch 2.11 with triton 3.6. Nothing older was tried.
+        "torch>=2.11,<2.14",
+        "triton>=3.6,<3.10; platform_system=='Linux'",
         "einops>=0.7",
         "safetensors>=0.4",
         "numpy>=1.24",

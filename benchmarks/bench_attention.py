@@ -16,7 +16,15 @@ Implementations (all measured in the same run; a peer that fails is reported as 
 - ``flex-blockmask``  FlexAttention with a block mask (``q < Nv or kv >= Nv``), rope and attention
                       compiled together by Inductor;
 - ``flash-attn-2call`` flash-attn's ``flash_attn_func`` twice plus eager rope (when installed);
-- ``compile-ref``     ``torch.compile`` of the plain-PyTorch reference.
+- ``compile-ref``     ``torch.compile`` of the plain-PyTorch reference;
+- ``ours-hopper``     the sm_90 forward (``attention/hopper.py``: TMA, warp specialisation) after
+                      the rope-kernel prologue; its backward is the ``ours-*`` one;
+- ``auto``            ``backend="auto"``: the dispatcher's pick (column ``picked`` in the JSON).
+
+``--ops dispatch`` times every candidate of the ``auto`` dispatcher available here exactly as it
+runs them (modes ``joint``, ``joint-train`` = forward+backward, ``cached``); ``--write-table
+[PATH]`` (implies it) writes those times, summed over the shapes measured, into the dispatcher's
+table (default: the package's ``attention/backend_table.json``, which ``auto`` reads; commit it).
 
 ``--ops cached`` adds the inference path (video queries over ``[k_v; cached ref_k]``, forward
 only): ours in both rope modes against eager rope + ``torch.cat`` + one cuDNN SDPA call.
@@ -34,6 +42,7 @@ Usage::
     python benchmarks/bench_attention.py                              # all shapes, fwd + fwd+bwd
     python benchmarks/bench_attention.py --shapes wan5b-720p --no-bwd
     python benchmarks/bench_attention.py --impls ours-fused ours-prologue sdpa-cudnn-2call
+    python benchmarks/bench_attention.py --ops joint cached --write-table  # + the auto table
 
 Results are appended to ``benchmarks/results/bench_attention.json`` (``--out``) and the run's
 table written beside it as ``bench_attention_<gpu>.md`` (GPU name, versions, commit and date
@@ -60,6 +69,7 @@ if ROOT not in sys.path:  # `python benchmarks/bench_attention.py` puts benchmar
 
 import wildactor_kernels as wk  # noqa: E402
 from benchmarks import harness  # noqa: E402
+from wildactor_kernels.attention import dispatch  # noqa: E402
 from wildactor_kernels.attention import kernels as K  # noqa: E402
 from wildactor_kernels.attention.reference import asym_attention_ref  # noqa: E402
 from wildactor_kernels.rope.reference import apply_rope_ref  # noqa: E402
@@ -67,8 +77,8 @@ from wildactor_kernels.rope.reference import apply_rope_ref  # noqa: E402
 SHAPES = harness.DESIGN_SHAPES  # docs/design.md §8
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 JOINT_IMPLS = ("ours-fused", "ours-prologue", "ours-norope", "sdpa-cudnn-2call", "sdpa-flash-2call",
-               "flex-blockmask", "flash-attn-2call", "compile-ref")
-CACHED_IMPLS = ("ours-fused", "ours-prologue", "sdpa-cudnn-cat")
+               "flex-blockmask", "flash-attn-2call", "compile-ref", "ours-hopper", "auto")
+CACHED_IMPLS = ("ours-fused", "ours-prologue", "sdpa-cudnn-cat", "ours-hopper", "auto")
 
 
 def _fwd_flops(b, h, d, nv, nr) -> float:
@@ -116,6 +126,17 @@ def _flash_attn_2call():
     return fn
 
 
+def _hopper():
+    from wildactor_kernels.attention import hopper  # sm_90+ forward (docs/design.md §9)
+
+    return hopper
+
+
+def _auto_pick(q, mode, *others) -> str:
+    """The candidate ``backend="auto"`` runs for these inputs (recorded in the row)."""
+    return dispatch.pick_backend(q, mode, q, *others)
+
+
 def _joint_impls(names, n, nv, device):
     from torch.nn.attention import SDPBackend
 
@@ -131,6 +152,8 @@ def _joint_impls(names, n, nv, device):
         "flex-blockmask": lambda: _flex(n, nv, device),
         "flash-attn-2call": _flash_attn_2call,
         "compile-ref": lambda: torch.compile(asym_attention_ref, dynamic=False),
+        "ours-hopper": lambda: _hopper().asym_attention_hopper,
+        "auto": lambda: (lambda q, k, v, nv_, c, s, sc: wk.asym_attention(q, k, v, nv_, c, s, sc)),
     }
     return {name: makers[name] for name in names}
 
@@ -146,6 +169,8 @@ def _cached_impls(names):
         "ours-fused": lambda: (lambda *a: K.cached_asym_attention_triton(*a, rope_mode="fused")),
         "ours-prologue": lambda: (lambda *a: K.cached_asym_attention_triton(*a, rope_mode="prologue")),
         "sdpa-cudnn-cat": lambda: sdpa_cat,
+        "ours-hopper": lambda: _hopper().cached_asym_attention_hopper,
+        "auto": lambda: (lambda *a: wk.cached_asym_attention(*a)),
     }
     return {name: makers[name] for name in names}
 
@@ -198,6 +223,8 @@ def run_joint(args, shape, device, dtype, peak) -> list[dict]:
         for mode in (["fwd"] if args.no_bwd else ["fwd", "fwd+bwd"]):
             row = dict(op="joint", mode=mode, shape=shape, impl=name, dtype=args.dtype, B=b, H=h, D=d,
                        Nv=nv, Nr=nr)
+            if name == "auto":
+                row["picked"] = _auto_pick(q, "joint" if mode == "fwd" else "joint-train", k, v)
             try:
                 if fn is None:
                     fn = make()
@@ -242,6 +269,8 @@ def run_cached(args, shape, device, dtype, peak) -> list[dict]:
     for name, make in _cached_impls(impl_names).items():
         row = dict(op="cached", mode="fwd", shape=shape, impl=name, dtype=args.dtype, B=b, H=h, D=d,
                    Nv=nv, Nr=nr)
+        if name == "auto":
+            row["picked"] = _auto_pick(q, "cached", k, v, rk, rv)
         try:
             fn = make()
             with torch.no_grad():
@@ -258,6 +287,80 @@ def run_cached(args, shape, device, dtype, peak) -> list[dict]:
         rows.append(row)
         torch.cuda.empty_cache()
     return rows
+
+
+def run_dispatch(args, shape, device, dtype, peak) -> list[dict]:
+    """Time every dispatcher candidate available here exactly as ``backend="auto"`` would run it
+    (our rope prologue included; fused-QKV views): ``joint`` and ``cached`` forward,
+    ``joint-train`` forward+backward. Rows ``op="dispatch"``, ``mode`` the dispatcher's mode,
+    ``impl`` the candidate; ``--write-table`` turns them into the dispatcher's table."""
+    spec = SHAPES[shape]
+    layout = harness.design_layout(spec)
+    b, h, d = spec["B"], spec["H"], spec["D"]
+    nv, nr, n = layout.num_video, layout.num_ref, layout.num_tokens
+    cos, sin = wk.rope_cos_sin(wk.irope_positions(layout).to(device), d)
+    qkv = torch.randn(b, n, 3, h, d, device=device, dtype=dtype, requires_grad=True)
+    q, k, v = qkv.unbind(2)
+    rk = torch.randn(b, nr, h, d, device=device, dtype=dtype)
+    rv = torch.randn(b, nr, h, d, device=device, dtype=dtype)
+    do = torch.randn(b, n, h, d, device=device, dtype=dtype)
+    flops = _fwd_flops(b, h, d, nv, nr)
+    rows = []
+    for mode in dispatch.MODES:
+        if mode == "joint-train" and args.no_bwd:
+            continue
+        avail = dispatch.available_backends(q, k, v) if mode != "cached" else \
+            dispatch.available_backends(q[:, :nv], k[:, :nv], v[:, :nv], rk, rv)
+        for name in (c for c in dispatch.BACKEND_NAMES if avail[c] and c != "sdpa-math"):
+            row = dict(op="dispatch", mode=mode, shape=shape, impl=name, dtype=args.dtype, B=b, H=h,
+                       D=d, Nv=nv, Nr=nr)
+            try:
+                if mode == "cached":
+                    qv, kv, vv = q[:, :nv].detach(), k[:, :nv].detach(), v[:, :nv].detach()
+
+                    def call(name=name):
+                        with torch.no_grad():
+                            dispatch.run_cached_backend(name, qv, kv, vv, rk, rv, cos[:nv], sin[:nv])
+                    _measure(row, call, None, 4.0 * b * h * d * nv * (nv + nr), args, peak, device)
+                elif mode == "joint":
+                    def call(name=name):
+                        with torch.no_grad():
+                            dispatch.run_backend(name, q, k, v, nv, cos, sin)
+                    _measure(row, call, [qkv], flops, args, peak, device)
+                else:
+                    def call(name=name):
+                        dispatch.run_backend(name, *qkv.unbind(2), nv, cos, sin).backward(do)
+                    _measure(row, call, [qkv], 3.5 * flops, args, peak, device)
+            except Exception as e:  # a candidate that fails here is left out of the table
+                row.update(status=_status(e), error=f"{type(e).__name__}: {e}"[:500])
+            _print_row(row)
+            rows.append(row)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def table_entries(rows: list[dict], env: dict) -> list[dict]:
+    """Dispatcher table entries from ``run_dispatch`` rows: per (GPU, dtype, head_dim, mode) the
+    candidates' milliseconds summed over the shapes measured (a candidate that failed on one of
+    them is left out), with the shapes, the script, the date and the versions."""
+    groups: dict[tuple, dict] = {}
+    for r in rows:
+        if r.get("op") != "dispatch":
+            continue
+        g = groups.setdefault((r["dtype"], r["D"], r["mode"]), {"times": {}, "failed": set(), "shapes": []})
+        if r["shape"] not in g["shapes"]:
+            g["shapes"].append(r["shape"])
+        if r["status"] == "ok":
+            g["times"][r["impl"]] = g["times"].get(r["impl"], 0.0) + r["ms"]
+        else:
+            g["failed"].add(r["impl"])
+    out = []
+    for (dtype, d, mode), g in sorted(groups.items()):
+        times = {b: round(t, 4) for b, t in g["times"].items() if b not in g["failed"]}
+        out.append(dict(device=env["gpu"], dtype=dtype, head_dim=d, mode=mode, times_ms=times,
+                        shape="+".join(g["shapes"]), source="benchmarks/bench_attention.py",
+                        date=env.get("date_utc"), torch=env.get("torch"), triton=env.get("triton")))
+    return out
 
 
 # --------------------------------------------------------------------------- output
@@ -305,7 +408,8 @@ def _parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--ops", nargs="+", default=["joint", "cached"], choices=["joint", "cached"])
+    ap.add_argument("--ops", nargs="+", default=["joint", "cached"], choices=["joint", "cached", "dispatch"],
+                    help="dispatch: time the auto dispatcher's candidates (implied by --write-table)")
     ap.add_argument("--impls", nargs="+", default=None,
                     choices=sorted(set(JOINT_IMPLS) | set(CACHED_IMPLS)),
                     help="subset of implementations (default: all)")
@@ -319,7 +423,13 @@ def _parse(argv):
                          "dtype; 989, H100 SXM bf16, for a GPU missing from the table)")
     ap.add_argument("--out", default=os.path.join(harness.RESULTS_DIR, "bench_attention.json"),
                     help="JSON file to append this run to (a folder: bench_attention.json in it)")
-    return ap.parse_args(argv)
+    ap.add_argument("--write-table", nargs="?", const=dispatch.TABLE_PATH, default=None, metavar="PATH",
+                    help="write the dispatcher candidates' times into the backend table (default: "
+                         "the package's backend_table.json, which backend='auto' reads)")
+    args = ap.parse_args(argv)
+    if args.write_table and "dispatch" not in args.ops:
+        args.ops.append("dispatch")
+    return args
 
 
 def main(argv=None) -> int:
@@ -341,6 +451,8 @@ def main(argv=None) -> int:
                 rows += run_joint(args, shape, device, dtype, peak)
             if "cached" in args.ops:
                 rows += run_cached(args, shape, device, dtype, peak)
+            if "dispatch" in args.ops:
+                rows += run_dispatch(args, shape, device, dtype, peak)
     print(f"# total {time.perf_counter() - t_start:.0f} s", flush=True)
     run = harness.script_run("bench_attention", env, dtype=args.dtype, peak_tflops=peak,
                              rope_mode_default=K.ROPE_MODE, warmup_ms=args.warmup, rep_ms=args.rep,
@@ -349,6 +461,10 @@ def main(argv=None) -> int:
     out_md = os.path.join(os.path.dirname(os.path.abspath(out_json)),
                           f"bench_attention_{harness.file_slug(env['gpu'] or 'cpu')}.md")
     harness.append_json_run(out_json, run)
+    if args.write_table:
+        entries = table_entries(rows, env)
+        dispatch.write_table_entries(entries, args.write_table)
+        print(f"# wrote {len(entries)} dispatcher entries to {args.write_table}")
     harness.write_text(out_md, _markdown(run, _session_rows(out_json)))
     print(f"# appended {len(rows)} rows to {out_json}; table in {out_md}")
     return 130 if partial else 0

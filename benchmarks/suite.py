@@ -6,7 +6,7 @@
 On CUDA:
 
 - ``kernels``: the per-kernel scripts (``bench_rope.py``, ``bench_attention.py``,
-  ``bench_lora.py``, ``bench_quant.py``) on the docs/design.md §8 shapes, each in its own process
+  ``bench_lora.py``, ``bench_quant.py``) on the design's benchmark shapes, each in its own process
   (a CUDA fault or a hang in one cannot take the others down; ``--script-timeout`` bounds each;
   ``--in-process`` calls their ``main(argv)`` instead). They write their own JSON and markdown
   in ``benchmarks/results/``; the suite records which ran, how long, and how they ended.
@@ -17,9 +17,11 @@ On CUDA:
 Rows go to ``benchmarks/results/{kernel_suite,model_step}.jsonl`` (or all to ``--json PATH``),
 then :mod:`benchmarks.report` writes the markdown tables and plots.
 
-Without CUDA (or with ``--smoke``) it says so and runs a smoke run in seconds instead: each op
-on a tiny layout (reference backend) and the model step on the ``tiny`` preset, written to
-``--json PATH`` or a temp file, never into ``benchmarks/results/`` unless that is the path given.
+Without CUDA (or with ``--smoke`` or ``--device cpu``) it says so and runs a smoke run in seconds
+instead: each op on a tiny layout (reference backend) and the model step on the ``tiny`` preset,
+written to ``--json PATH`` or a temp file, never into ``benchmarks/results/`` unless that is the
+path given. Options that only the CUDA run uses (``--shape``, the model-suite options) are refused
+there rather than ignored, and ``--device cuda`` without a CUDA device is an error.
 """
 
 from __future__ import annotations
@@ -50,7 +52,12 @@ KERNEL_SCRIPTS = (("rope", "bench_rope.py"), ("attention", "bench_attention.py")
                   ("lora", "bench_lora.py"), ("quant", "bench_quant.py"))
 SUITES = ("kernels", "model", "all")
 
-__all__ = ["register_cli", "cmd_bench", "run_full", "run_kernel_suite", "run_smoke", "op_cases", "main"]
+__all__ = ["BenchUsageError", "register_cli", "cmd_bench", "run_full", "run_kernel_suite", "run_smoke",
+           "op_cases", "main"]
+
+
+class BenchUsageError(ValueError):
+    """A mistake in the ``bench`` arguments: :func:`main` prints it as one line (exit status 2)."""
 
 
 # ============================================================================ ops at a small shape
@@ -220,8 +227,14 @@ def run_smoke(suite: str, json_path: str | None, *, quiet: bool = False, report_
             rows.append(row)
         harness.append_jsonl(path, rows, kind="ops_smoke", env=env, run_id=run_id)
     if suite in ("model", "all"):
-        rows = bench_model.run_shape("tiny", device=device, paths=bench_model.PATHS, iters=2, warmup=1,
-                                     encode_iters=2, log=log)
+        rows = bench_model.run_shape("tiny", device=device, paths=bench_model.PATHS, iters=3, warmup=1,
+                                     encode_iters=3, log=log)
+        for row in rows:
+            row["label"] = smoke_label(row, device)
+            if row.get("path") in ("ours-bf16", "ours-fp8") and row.get("kernels") != "triton":
+                row.setdefault("notes", []).append(
+                    "same reference ops as (a): its speed-up over (a) comes from the reference cache "
+                    "alone, not from kernels")
         harness.append_jsonl(path, rows, kind=bench_model.KIND, env=env, run_id=run_id)
     if report_md:
         for p in report.write_reports(path, plots=False):
@@ -229,18 +242,37 @@ def run_smoke(suite: str, json_path: str | None, *, quiet: bool = False, report_
     return path
 
 
+def smoke_label(row: dict[str, Any], device: torch.device) -> str:
+    """A model-step row's label by what actually ran (ops backend, GEMM, dtype, device), not by
+    the CUDA path it stands in for."""
+    path, dtype, dev = row.get("path"), row.get("dtype", "?"), device.type
+    ops = {"triton": "Triton kernels", "reference": "reference ops"}.get(str(row.get("kernels")),
+                                                                       "reference ops")
+    if path == "eager":
+        return f"(a) eager, reference ops, no cache, {dtype}, {dev}"
+    if path == "compile":
+        return "(b) torch.compile + SDPA cuDNN + cache (CUDA only)"
+    if path == "ours-bf16":
+        return f"(c) {ops} + cache, {dtype}, {dev}"
+    if path == "ours-fp8":
+        gemm = ", ".join(sorted(row.get("fp8_gemm_paths") or {})) or "?"
+        return f"(d) {ops} + cache, FP8 weights ({gemm} GEMM), {dtype} activations, {dev}"
+    return str(row.get("label") or path)
+
+
 # ============================================================================ command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", choices=SUITES, default="all", help="what to run (default: all)")
     p.add_argument("--shape", action="append", default=None, metavar="NAME",
                    choices=sorted(set(KERNEL_SHAPES) | set(bench_model.SHAPES)),
-                   help="limit to this docs/design.md §8 shape (repeatable; default: wan5b-720p and "
+                   help="limit to this benchmark shape (CUDA only; repeatable; default: wan5b-720p and "
                         "wan1.3b-480p for the model, each script's own default for the kernels)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="append all rows to this JSON-lines file (default: benchmarks/results/<kind>.jsonl "
                         "on CUDA, a temp file for the CPU smoke run)")
     p.add_argument("--smoke", action="store_true", help="the CPU smoke run even where CUDA is available")
-    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda if available")
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"],
+                   help="cuda: the measured run; cpu: the smoke run (default: cuda if available)")
     p.add_argument("--script-timeout", type=float, default=300.0, help="seconds per kernel script")
     p.add_argument("--in-process", action="store_true",
                    help="call the kernel scripts' main(argv) in this process instead of subprocesses")
@@ -254,17 +286,75 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     The parser calls :func:`cmd_bench` through ``args.func(args)``."""
     p = subparsers.add_parser(
         "bench", help="benchmark suite: kernels and model step on CUDA (a CPU smoke run elsewhere)",
-        description=__doc__.split("\n\n")[0])
+        description="Time the kernels and one model denoising step on CUDA against their peers; "
+                    "without CUDA, a seconds-long smoke run of the same pipeline (not performance data).",
+        epilog="examples:\n  wildactor bench --suite kernels\n  wildactor bench --suite model --shape "
+               "wan5b-720p --json results.jsonl\n  wildactor bench --smoke --json /tmp/smoke.jsonl\n\n"
+               "Add --debug (or set WILDACTOR_DEBUG=1) to see the full traceback of an error.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
     return p
 
 
+#: model-suite and kernel-script options that only the CUDA run reads
+CUDA_ONLY_OPTIONS = ("shape", "paths", "layers", "iters", "warmup", "encode_iters", "no_compile",
+                     "compile_timeout", "seed", "script_timeout", "in_process")
+
+
+def check_json_path(path: str, flag: str = "--json") -> str:
+    """``path`` can be appended to: its folder exists or can be made, and a file can be opened there."""
+    p = os.path.abspath(path)
+    if os.path.isdir(p):
+        raise BenchUsageError(f"{flag} {path}: is a directory; give a file name (e.g. {path.rstrip('/')}/"
+                              f"bench.jsonl)")
+    anc = os.path.dirname(p)
+    while not os.path.exists(anc):
+        anc = os.path.dirname(anc)
+    if not os.path.isdir(anc):
+        raise BenchUsageError(f"{flag} {path}: {anc} is a file, so no folder can be made below it")
+    try:
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise BenchUsageError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+    return path
+
+
+def check_args(args: argparse.Namespace) -> bool:
+    """Check ``args`` before any work; returns True for the smoke run, False for the CUDA run."""
+    cuda_here = torch.cuda.is_available()
+    if args.device == "cuda" and not cuda_here:
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "torch sees no CUDA device"
+        raise BenchUsageError(f"--device cuda: no CUDA device is available ({why}, torch "
+                              f"{torch.__version__}); without --device a CPU smoke run checks the "
+                              f"pipeline")
+    smoke = args.smoke or args.device == "cpu" or not cuda_here
+    if smoke:
+        defaults = argparse.ArgumentParser()
+        add_arguments(defaults)
+        base = vars(defaults.parse_args([]))
+        given = [o for o in CUDA_ONLY_OPTIONS if o in base and getattr(args, o, base[o]) != base[o]]
+        if given:
+            why = "there is no CUDA device here" if not cuda_here else (
+                "of --smoke" if args.smoke else "of --device cpu")
+            flags = ", ".join("--" + o.replace("_", "-") for o in given)
+            it = "them" if len(given) > 1 else "it"
+            raise BenchUsageError(f"{flags}: only the CUDA run reads {it}; here the smoke run (tiny "
+                                  f"shapes, reference ops) runs because {why}; drop {it}, or run on a "
+                                  f"CUDA machine")
+    if args.json:
+        check_json_path(args.json)
+    return smoke
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run what ``args`` asks; returns the exit status."""
-    cuda = torch.cuda.is_available() and args.device != "cpu"
-    if not cuda or args.smoke:
-        print("wildactor bench: " + ("no CUDA device here" if not cuda else "--smoke") + ". The kernel "
+    if check_args(args):
+        why = ("no CUDA device here" if not torch.cuda.is_available()
+               else "--smoke" if args.smoke else "--device cpu")
+        print("wildactor bench: " + why + ". The kernel "
               "and model benchmarks time GPU work (H100-class) and have nothing meaningful to measure "
               "on the CPU; running a smoke run instead (tiny shapes, reference backend, a couple of "
               "steps) to check the pipeline. Its timings are not performance data.", flush=True)
@@ -326,15 +416,37 @@ def rows_with_env(rows: list[dict[str, Any]], env: dict[str, Any], run_id: str) 
     return [{"kind": bench_model.KIND, "run_id": run_id, **r, "env": env} for r in rows]
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        raise BenchUsageError(f"{message} (see `{self.prog} --help`)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="wildactor")
+    """``wildactor bench``: a mistake prints one line on stderr (exit 2), a failure one line
+    (exit 1); ``--debug`` or ``WILDACTOR_DEBUG=1`` shows the traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("WILDACTOR_DEBUG") == "1" or "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    parser = _Parser(prog="wildactor")
     sub = parser.add_subparsers(dest="command")
     register_cli(sub)
-    argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "bench":
         argv = ["bench", *argv]
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except BenchUsageError as e:
+        if debug:
+            raise
+        print(f"wildactor bench: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - one line for the user; --debug shows the traceback
+        if debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"wildactor bench: error: {type(e).__name__}: {first} (run again with --debug for the "
+              f"traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ import importlib
 _EXPORTS = {
     "WildActorConfig": "config",
     "WildActor": "wildactor",
-    "Reference": "wildactor",
-    "RefCache": "wildactor",
+    "Reference": "references",
+    "RefCache": "references",
     "FlowMatchSampler": "sampler",
     "sample_views": "view_sampling",
     "quantize_model": "quant",

@@ -33,7 +33,8 @@ class FlowMatchSampler:
         shift: Wan time shift ``s`` (5.0 for 720p Wan2.x, 3.0 for 480p).
         guidance_scale: classifier-free guidance weight (``<= 1`` disables the unconditional branch).
         use_ref_cache: encode the references once and reuse their K/V at every step and branch.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (on stderr, left in place when sampling ends).
+        progress_desc: the bar's label.
     """
 
     num_steps: int = 30
@@ -41,6 +42,7 @@ class FlowMatchSampler:
     guidance_scale: float = 5.0
     use_ref_cache: bool = True
     progress: bool = True
+    progress_desc: str = "denoising"
 
     def sigmas(self, device=None) -> torch.Tensor:
         """Shifted sigmas ``[num_steps + 1]`` from 1 down to 0 (float64)."""
@@ -102,7 +104,7 @@ class FlowMatchSampler:
 
         sig = self.sigmas(device=device)
         steps = range(self.num_steps)
-        for i in tqdm(steps, disable=not self.progress, desc="denoising", leave=False):
+        for i in tqdm(steps, disable=not self.progress, desc=self.progress_desc, leave=True):
             s_now, s_next = sig[i], sig[i + 1]
             x_in = torch.cat([x, x], dim=0) if cfg else x
             t = torch.full((x_in.shape[0],), float(1000.0 * s_now), device=device, dtype=torch.float32)

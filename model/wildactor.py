@@ -24,15 +24,19 @@ Two code paths, which must agree (tests check it to ~1e-5 in fp32):
 
 Shape vocabulary: ``B`` batch, ``Nv``/``Nr`` video/reference tokens, ``H`` heads, ``D`` head dim,
 ``L`` text tokens; attention tensors use the flash-attn layout ``[B, N, H, D]``.
+
+This file holds the maths; the plumbing lives beside it: ``references.py`` (:class:`Reference`,
+:class:`RefCache` and ``bind_ref_cache``, shared with the ONNX/TensorRT runners), ``checks.py``
+(input checks), ``rope_tables.py`` (the thread-safe I-RoPE table cache), ``weights.py``
+(loading, all or nothing) and ``adapters.py`` (adapter key names). The kernel backend lives in
+``cfg.backend`` alone, read by every op at call time through :class:`ConfigRef`.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -40,95 +44,20 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import wildactor_kernels as wk
-from wildactor_kernels import REF_KINDS, RefLoRALinear, TokenLayout
+from wildactor_kernels import RefLoRALinear, TokenLayout
 
+from . import checks, weights
+from .adapters import is_adapter
 from .config import WildActorConfig
+from .references import RefCache, Reference, bind_ref_cache
+from .rope_tables import RopeTableCache
+
+__all__ = ["WildActor", "WildActorConfig", "Reference", "RefCache", "KEEP_FP32"]
 
 #: parameters kept in fp32 by :meth:`WildActor.cast` (diffusers' ``_keep_in_fp32_modules``)
 KEEP_FP32 = re.compile(r"^(condition_embedder\.time_embedder\.|(blocks\.\d+\.)?scale_shift_table$"
                        r"|blocks\.\d+\.norm2\.)")
 Tensor = torch.Tensor
-
-
-# ============================================================================ inputs and cache
-@dataclass(frozen=True, eq=False)
-class Reference:
-    """One reference image of the actor, as a VAE latent.
-
-    Args:
-        kind: ``"face"`` (a face crop) or ``"body"`` (a full-body view); picks the I-RoPE offset.
-        latent: float ``[B, C, 1, h, w]`` (one latent frame; ``B`` equal to the video batch or 1,
-            which broadcasts). ``h, w`` must be multiples of the spatial patch size.
-    """
-
-    kind: str
-    latent: Tensor
-
-    def __post_init__(self) -> None:
-        if self.kind not in REF_KINDS:
-            raise ValueError(f"Reference kind must be one of {REF_KINDS}, got {self.kind!r}")
-        if not isinstance(self.latent, torch.Tensor):
-            raise TypeError(f"Reference latent must be a torch.Tensor, got {type(self.latent).__name__}")
-        if not self.latent.is_floating_point():
-            raise TypeError(f"Reference latent must be floating point, got {self.latent.dtype}")
-        if self.latent.ndim != 5 or self.latent.shape[2] != 1:
-            raise ValueError(f"Reference latent must have shape [B, C, 1, h, w] (one latent frame), got "
-                             f"{tuple(self.latent.shape)}")
-
-
-@dataclass
-class RefCache:
-    """Per-layer reference keys and values, computed once per generation.
-
-    Attributes:
-        k: one tensor per layer, ``[Bc, Nr, H, D]``: normed keys, rotated by I-RoPE for the video
-            grid ``video_grid``.
-        v: one tensor per layer, ``[Bc, Nr, H, D]``.
-        refs: token grid of each reference, ``[(kind, h, w), ...]`` (after patchify).
-        video_grid: ``(T, Hg, Wg)`` the keys are rotated for; ``(0, 0, 0)`` means "not bound to a
-            video yet": the model re-rotates the keys by the grid offset when it uses the cache
-            (reference-reference attention only sees position differences, so the reference
-            hidden states do not depend on the video grid, only the final key rotation does).
-
-    ``Bc`` is 1 (one identity shared by the whole video batch, e.g. both CFG branches: the model
-    expands it) or the video batch size.
-    """
-
-    k: list[Tensor]
-    v: list[Tensor]
-    refs: list[tuple[str, int, int]] = field(default_factory=list)
-    video_grid: tuple[int, int, int] = (0, 0, 0)
-    # K/V as last bound by WildActor.bind_ref_cache (grid, batch, device, dtype), reused by every
-    # step of a generation; not part of the cache's value.
-    _bound: tuple | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.k)
-
-    @property
-    def num_ref(self) -> int:
-        return sum(h * w for _, h, w in self.refs)
-
-    @property
-    def batch_size(self) -> int:
-        return self.k[0].shape[0] if self.k else 1
-
-    def to(self, *args, **kwargs) -> RefCache:
-        """``Tensor.to`` on every tensor (device and/or dtype); returns a new cache."""
-        return RefCache([t.to(*args, **kwargs) for t in self.k], [t.to(*args, **kwargs) for t in self.v],
-                        list(self.refs), tuple(self.video_grid))
-
-    def expand(self, batch_size: int) -> RefCache:
-        """Broadcast a batch-1 cache to ``batch_size`` (a view, no copy)."""
-        if self.batch_size == batch_size:
-            return self
-        if self.batch_size != 1:
-            raise ValueError(f"a RefCache of batch {self.batch_size} cannot serve a video batch of "
-                             f"{batch_size} (only batch 1 broadcasts)")
-        return RefCache([t.expand(batch_size, -1, -1, -1) for t in self.k],
-                        [t.expand(batch_size, -1, -1, -1) for t in self.v], list(self.refs),
-                        tuple(self.video_grid))
 
 
 # ============================================================================ building blocks
@@ -210,23 +139,66 @@ class ConditionEmbedder(nn.Module):
         return self.text_embedder(context)
 
 
+class ConfigRef:
+    """The model's config, one mutable reference shared by the layers that read it at call time.
+
+    The kernel backend lives in ``WildActor.cfg.backend`` only: :meth:`WildActor.set_backend`
+    swaps the (frozen) config here and every layer sees it on its next call.
+    """
+
+    __slots__ = ("cfg",)
+
+    def __init__(self, cfg: WildActorConfig):
+        self.cfg = cfg
+
+
+class AdapterLinear(RefLoRALinear):
+    """:class:`~wildactor_kernels.RefLoRALinear` whose ``backend`` is the model's, read at call time.
+
+    Assigning ``layer.backend = "triton"`` pins that one layer (e.g. to run only the LoRA kernels
+    on Triton); ``layer.backend = None`` or :meth:`WildActor.set_backend` unpins it.
+    """
+
+    def __init__(self, d_in: int, d_out: int, ref: ConfigRef, device=None, dtype=None):
+        object.__setattr__(self, "_ref", ref)  # read by the backend property during super().__init__
+        cfg = ref.cfg
+        super().__init__(d_in, d_out, bias=True, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                         backend=cfg.backend, device=device, dtype=dtype)
+        self._pinned: str | None = None
+
+    @property
+    def backend(self) -> str:
+        pinned = self.__dict__.get("_pinned")
+        return pinned if pinned is not None else self._ref.cfg.backend
+
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        self.__dict__["_pinned"] = value
+
+
 class SelfAttention(nn.Module):
     """``attn1``: q/k/v/o are :class:`RefLoRALinear` (adapter on reference rows only); q/k get
     RMSNorm across heads and I-RoPE; attention is asymmetric (docs/design.md §4)."""
 
-    def __init__(self, cfg: WildActorConfig, device=None, dtype=None):
+    def __init__(self, ref: ConfigRef, device=None, dtype=None):
         super().__init__()
+        cfg = ref.cfg
         d = cfg.dim
-        self.heads, self.eps, self.backend = cfg.num_heads, cfg.eps, cfg.backend
+        self._ref = ref
+        self.heads, self.eps = cfg.num_heads, cfg.eps
 
-        def lin() -> RefLoRALinear:
-            return RefLoRALinear(d, d, bias=True, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                                 backend=cfg.backend, device=device, dtype=dtype)
+        def lin() -> AdapterLinear:
+            return AdapterLinear(d, d, ref, device=device, dtype=dtype)
 
         self.to_q, self.to_k, self.to_v = lin(), lin(), lin()
         self.to_out = nn.ModuleList([lin()])
         self.norm_q = RMSNorm(d, cfg.eps, device=device, dtype=dtype)
         self.norm_k = RMSNorm(d, cfg.eps, device=device, dtype=dtype)
+
+    @property
+    def backend(self) -> str:
+        """The model's kernel backend (read at call time)."""
+        return self._ref.cfg.backend
 
     def qkv(self, h: Tensor, num_video: int, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``h [B, N, dim]`` -> normed, rotated ``q, k`` and ``v``, each ``[B, N, H, D]``."""
@@ -287,12 +259,11 @@ class GELUProj(nn.Module):
 class FeedForward(nn.Module):
     """``ffn``: ``net.2(net.0(x))`` (``net.1`` is diffusers' dropout slot, an identity here)."""
 
-    def __init__(self, cfg: WildActorConfig, device=None, dtype=None):
+    def __init__(self, ref: ConfigRef, device=None, dtype=None):
         super().__init__()
-        kw = dict(bias=True, rank=cfg.lora_rank, alpha=cfg.lora_alpha, backend=cfg.backend,
-                  device=device, dtype=dtype)
-        self.net = nn.ModuleList([GELUProj(RefLoRALinear(cfg.dim, cfg.ffn_dim, **kw)), nn.Identity(),
-                                  RefLoRALinear(cfg.ffn_dim, cfg.dim, **kw)])
+        cfg, fk = ref.cfg, dict(device=device, dtype=dtype)
+        self.net = nn.ModuleList([GELUProj(AdapterLinear(cfg.dim, cfg.ffn_dim, ref, **fk)), nn.Identity(),
+                                  AdapterLinear(cfg.ffn_dim, cfg.dim, ref, **fk)])
 
     def forward(self, x: Tensor, num_video: int | None = None) -> Tensor:
         return self.net[2](self.net[0](x, num_video), num_video)
@@ -328,17 +299,17 @@ class WanBlock(nn.Module):
     rows only), modulated FFN. ``scale_shift_table [1, 6, dim]`` holds the learned modulation bias
     (shift, scale, gate for attention; shift, scale, gate for the FFN)."""
 
-    def __init__(self, cfg: WildActorConfig, device=None, dtype=None):
+    def __init__(self, ref: ConfigRef, device=None, dtype=None):
         super().__init__()
-        fk = dict(device=device, dtype=dtype)
+        cfg, fk = ref.cfg, dict(device=device, dtype=dtype)
         self.norm1 = FP32LayerNorm(cfg.dim, cfg.eps, affine=False)
-        self.attn1 = SelfAttention(cfg, **fk)
+        self.attn1 = SelfAttention(ref, **fk)
         # diffusers: an affine fp32 LayerNorm, or nothing at all when cross_attn_norm=False
         self.norm2 = (FP32LayerNorm(cfg.dim, cfg.eps, affine=True, **fk) if cfg.cross_attn_norm
                       else nn.Identity())
         self.attn2 = CrossAttention(cfg, **fk)
         self.norm3 = FP32LayerNorm(cfg.dim, cfg.eps, affine=False)
-        self.ffn = FeedForward(cfg, **fk)
+        self.ffn = FeedForward(ref, **fk)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, cfg.dim, **fk) / cfg.dim**0.5)
 
     def modulation(self, e: Tensor) -> tuple[Tensor, ...]:
@@ -386,10 +357,6 @@ class WanBlock(nn.Module):
         return x, k, v
 
 
-def _is_adapter(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name
-
-
 # ============================================================================ the model
 class WildActor(nn.Module):
     """WildActor: Wan DiT + I-RoPE + asymmetric reference attention + reference-only LoRA.
@@ -415,17 +382,17 @@ class WildActor(nn.Module):
         super().__init__()
         if not isinstance(cfg, WildActorConfig):
             raise TypeError(f"cfg must be a WildActorConfig, got {type(cfg).__name__}")
-        self.cfg = cfg
+        self._ref = ConfigRef(cfg)  # the one home of the config (and so of the backend)
         fk = dict(device=device, dtype=dtype)
         d = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_channels, d, kernel_size=cfg.patch_size,
                                          stride=cfg.patch_size, **fk)
         self.condition_embedder = ConditionEmbedder(cfg, **fk)
-        self.blocks = nn.ModuleList([WanBlock(cfg, **fk) for _ in range(cfg.num_layers)])
+        self.blocks = nn.ModuleList([WanBlock(self._ref, **fk) for _ in range(cfg.num_layers)])
         self.norm_out = FP32LayerNorm(d, cfg.eps, affine=False)
         self.proj_out = nn.Linear(d, cfg.out_channels * math.prod(cfg.patch_size), **fk)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, d, **fk) / d**0.5)
-        self._rope_cache: OrderedDict = OrderedDict()
+        self._rope_tables = RopeTableCache(max_entries=32)
         #: recompute each block in backward (joint path, training) to save activation memory
         self.gradient_checkpointing = False
         if dtype is not None:
@@ -433,6 +400,22 @@ class WildActor(nn.Module):
         self.freeze_backbone()
 
     # ------------------------------------------------------------------ parameters
+    @property
+    def cfg(self) -> WildActorConfig:
+        """The model's :class:`WildActorConfig`; ``cfg.backend`` is read by every op at call time."""
+        return self._ref.cfg
+
+    @cfg.setter
+    def cfg(self, cfg: WildActorConfig) -> None:
+        if not isinstance(cfg, WildActorConfig):
+            raise TypeError(f"cfg must be a WildActorConfig, got {type(cfg).__name__}")
+        self._ref.cfg = cfg
+
+    @property
+    def backend(self) -> str:
+        """The kernel backend of every op (``cfg.backend``)."""
+        return self._ref.cfg.backend
+
     @property
     def device(self) -> torch.device:
         return self.patch_embedding.weight.device
@@ -444,18 +427,18 @@ class WildActor(nn.Module):
     def freeze_backbone(self) -> None:
         """Backbone ``requires_grad=False``, adapters ``requires_grad=True``."""
         for name, p in self.named_parameters():
-            p.requires_grad_(_is_adapter(name))
+            p.requires_grad_(is_adapter(name))
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The reference-only LoRA parameters (``lora_A``/``lora_B`` of every adapted linear)."""
         for name, p in self.named_parameters():
-            if _is_adapter(name):
+            if is_adapter(name):
                 yield p
 
     def num_parameters(self, include_adapters: bool = False) -> int:
         """Parameter count of the backbone (plus the adapters if asked); works on ``meta``."""
         return sum(p.numel() for name, p in self.named_parameters()
-                   if include_adapters or not _is_adapter(name))
+                   if include_adapters or not is_adapter(name))
 
     def cast(self, dtype: torch.dtype) -> WildActor:
         """Cast parameters to ``dtype``, except those diffusers keeps in fp32 (the timestep
@@ -467,42 +450,25 @@ class WildActor(nn.Module):
         return self
 
     def set_backend(self, backend: str) -> None:
-        """Switch the kernel backend (``"auto" | "triton" | "reference"``) of every op."""
+        """Switch the kernel backend (``"auto" | "triton" | "reference"``) of every op, including
+        layers pinned to another backend (see :class:`AdapterLinear`)."""
         self.cfg = self.cfg.replace(backend=backend)
         for mod in self.modules():
-            if isinstance(mod, (RefLoRALinear, SelfAttention)):
+            if isinstance(mod, AdapterLinear):
+                mod.backend = None  # follow the model again
+            elif isinstance(mod, RefLoRALinear):  # a plain one swapped in by hand
                 mod.backend = backend
 
     # ------------------------------------------------------------------ layout and RoPE
     def video_grid(self, latent_shape: Sequence[int]) -> tuple[int, int, int]:
         """Token grid ``(T, Hg, Wg)`` of a latent shape ``[..., T, H, W]``."""
-        t, h, w = latent_shape[-3:]  # no int(): symbolic sizes stay symbolic under torch.export
-        pt, ph, pw = self.cfg.patch_size
-        return t // pt, h // ph, w // pw
+        return checks.video_grid(self.cfg, latent_shape)
 
     def rope_tables(self, layout: TokenLayout,
                     device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
         """I-RoPE ``cos, sin``: fp32 ``[N, D//2]`` for ``layout`` (cached per layout and device)."""
         device = torch.device(device) if device is not None else self.device
-        c = self.cfg
-        key = (layout, str(device), c.face_offset, c.body_offset, c.spatial_shift, c.theta, c.head_dim)
-        hit = self._rope_cache.get(key)
-        # Under torch.compile the cache is read but never written: dynamo cannot replay a dict
-        # insert keyed by a TokenLayout built inside the compiled region (a graph break).
-        compiling = torch.compiler.is_compiling()
-        if hit is None:
-            pos = wk.irope_positions(layout, face_offset=c.face_offset, body_offset=c.body_offset,
-                                     spatial_shift=c.spatial_shift)
-            cos, sin = wk.rope_cos_sin(pos, c.head_dim, theta=c.theta)
-            hit = (cos.to(device), sin.to(device))
-            if compiling:
-                return hit
-            self._rope_cache[key] = hit
-            while len(self._rope_cache) > 32:
-                self._rope_cache.popitem(last=False)
-        elif not compiling:
-            self._rope_cache.move_to_end(key)
-        return hit
+        return self._rope_tables.get(self.cfg, layout, device)
 
     # ------------------------------------------------------------------ embeddings (pure tensors)
     def patchify(self, latents: Tensor) -> Tensor:
@@ -584,7 +550,7 @@ class WildActor(nn.Module):
 
         ``batch_size=None`` uses the largest reference batch; references of batch 1 broadcast.
         """
-        refs = self._check_refs(refs)
+        refs = checks.check_refs(self.cfg, refs)
         if batch_size is None:
             batch_size = max((r.latent.shape[0] for r in refs), default=1)
         toks, grids = [], []
@@ -624,31 +590,11 @@ class WildActor(nn.Module):
     def bind_ref_cache(self, cache: RefCache, video_grid: tuple[int, int, int],
                        batch_size: int) -> tuple[list[Tensor], list[Tensor]]:
         """The cache's K/V ready for :meth:`denoise`: keys rotated for ``video_grid``, batch
-        expanded to ``batch_size``, model dtype and device. The result is memoised on the cache
-        for the same grid/batch/dtype, so a grid-free cache costs one rotation per generation."""
-        if not isinstance(cache, RefCache):
-            raise TypeError(f"ref_cache must be a RefCache, got {type(cache).__name__}")
-        if cache.num_layers == 0:
-            return [], []
-        if cache.num_layers != len(self.blocks):
-            raise ValueError(f"ref_cache has {cache.num_layers} layers; this model has {len(self.blocks)}")
-        c = self.cfg
-        key = (tuple(video_grid), batch_size, str(self.device), self.dtype, c.spatial_shift, c.theta)
-        if cache._bound is not None and cache._bound[0] == key:  # same grid as the previous step
-            return list(cache._bound[1]), list(cache._bound[2])
-        bound = cache.to(device=self.device, dtype=self.dtype)
-        if tuple(bound.video_grid) != tuple(video_grid):
-            # Rotations compose additively, R(p + o) = R(o) R(p), and every reference token moves by
-            # the same offset o when the video grid changes.
-            s = 1 if c.spatial_shift else 0
-            (t0, h0, w0), (t1, h1, w1) = bound.video_grid, video_grid
-            off = torch.tensor([[t1 - t0, (h1 - h0) * s, (w1 - w0) * s]], dtype=torch.int64)
-            cos, sin = wk.rope_cos_sin(off.expand(bound.num_ref, 3), c.head_dim, c.theta)
-            cos, sin = cos.to(self.device), sin.to(self.device)
-            bound.k = [wk.apply_rope(k, cos, sin, backend=c.backend) for k in bound.k]
-        bound = bound.expand(batch_size)
-        cache._bound = (key, bound.k, bound.v)
-        return list(bound.k), list(bound.v)
+        expanded to ``batch_size``, model dtype and device (see
+        :func:`~wildactor_kernels.model.references.bind_ref_cache`; memoised on the cache, so a
+        grid-free cache costs one rotation per generation)."""
+        return bind_ref_cache(cache, self.cfg, video_grid, batch_size, device=self.device,
+                              dtype=self.dtype, backend=self.backend)
 
     def forward(self, latents: Tensor, timestep: Tensor | float, context: Tensor,
                 refs: Sequence[Reference] | None = None, ref_cache: RefCache | None = None) -> Tensor:
@@ -666,10 +612,10 @@ class WildActor(nn.Module):
         """
         if refs is not None and ref_cache is not None:
             raise ValueError("give refs (joint path) or ref_cache (cached path), not both")
-        b, grid = self._check_video(latents)
+        b, grid = checks.check_video(self.cfg, latents)
         nv = grid[0] * grid[1] * grid[2]
-        t = self._check_timestep(timestep, b, nv, latents.device)
-        self._check_context(context, b)
+        t = checks.check_timestep(timestep, b, nv, latents.device)
+        checks.check_context(self.cfg, context, b)
         if ref_cache is not None:
             ks, vs = self.bind_ref_cache(ref_cache, grid, b)
             cos, sin = self.rope_tables(TokenLayout(grid), latents.device)
@@ -690,103 +636,45 @@ class WildActor(nn.Module):
         return self._head(x[:, :nv], temb, grid)
 
     # ------------------------------------------------------------------ weights (model/weights.py)
-    def load_wan_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True):
-        """Load diffusers ``WanTransformer3DModel`` weights (``lora_*`` keys optional)."""
-        from .weights import load_wan_state_dict
-
-        return load_wan_state_dict(self, state_dict, strict=strict)
+    def load_wan_state_dict(self, state_dict: Mapping[str, Tensor],
+                            strict: bool = True) -> weights.LoadResult:
+        """Load diffusers ``WanTransformer3DModel`` weights (``lora_*`` keys optional); see
+        :func:`~wildactor_kernels.model.weights.load_wan_state_dict`."""
+        return weights.load_wan_state_dict(self, state_dict, strict=strict)
 
     def save_pretrained(self, directory: str) -> None:
         """Write ``config.json`` and ``model.safetensors`` (backbone + adapters) to ``directory``."""
-        from .weights import save_pretrained
-
-        save_pretrained(self, directory)
+        weights.save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str, device: torch.device | str | None = None,
                         dtype: torch.dtype | None = None, **overrides) -> WildActor:
-        """Load a model written by :meth:`save_pretrained` (built on meta, no double allocation)."""
-        from .weights import from_pretrained
-
-        return from_pretrained(directory, device=device, dtype=dtype, **overrides)
+        """Load a model written by :meth:`save_pretrained` (built on meta, no double allocation).
+        ``dtype=None`` keeps the saved dtype; ``overrides`` change config fields that do not alter
+        shapes (e.g. ``backend="reference"``)."""
+        cfg, sd, saved_dtype = weights.read_pretrained(directory, device=device, **overrides)
+        model = cls(cfg, device="meta", dtype=dtype or saved_dtype)
+        model.load_wan_state_dict(sd, strict=True)
+        return model
 
     @classmethod
     def from_diffusers(cls, wan_model: nn.Module, **overrides) -> WildActor:
-        """Build from a diffusers ``WanTransformer3DModel`` (its weights, device, dtype)."""
-        from .weights import from_diffusers
-
-        return from_diffusers(wan_model, **overrides)
+        """Build from a diffusers ``WanTransformer3DModel`` (its weights, device, dtype; fresh adapters)."""
+        cfg, sd, dtype = weights.read_diffusers(wan_model, **overrides)
+        model = cls(cfg, device="meta", dtype=dtype)
+        model.load_wan_state_dict(sd, strict=True)
+        return model
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
         """PEFT-named adapter tensors, e.g. ``blocks.0.attn1.to_q.lora_A.weight``."""
-        return {k: v for k, v in self.state_dict().items() if _is_adapter(k)}
+        return {k: v for k, v in self.state_dict().items() if is_adapter(k)}
 
     def save_adapters(self, path: str) -> None:
-        """Save the adapters alone to a ``.safetensors`` file."""
-        from .weights import save_adapters
+        """Save the adapters alone to a ``.safetensors`` file (rank and ``lora_alpha`` in its metadata)."""
+        weights.save_adapters(self, path)
 
-        save_adapters(self, path)
-
-    def load_adapters(self, path: str, strict: bool = True) -> None:
-        """Load adapters written by :meth:`save_adapters` (rank must match)."""
-        from .weights import load_adapters
-
-        load_adapters(self, path, strict=strict)
-
-    # ------------------------------------------------------------------ input checks
-    def _check_video(self, latents: object) -> tuple[int, tuple[int, int, int]]:
-        if not isinstance(latents, torch.Tensor):
-            raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
-        if latents.ndim != 5:
-            raise ValueError(f"latents must have shape [B, C, T, H, W], got {tuple(latents.shape)}")
-        if not latents.is_floating_point():
-            raise TypeError(f"latents must be floating point, got {latents.dtype}")
-        b, c, t, h, w = latents.shape
-        if c != self.cfg.in_channels:
-            raise ValueError(f"latents have {c} channels; the model expects "
-                             f"in_channels={self.cfg.in_channels}")
-        p = self.cfg.patch_size
-        if t == 0 or h == 0 or w == 0 or t % p[0] or h % p[1] or w % p[2]:
-            raise ValueError(f"latent T, H, W = {(t, h, w)} must be positive multiples of patch_size {p}")
-        return b, self.video_grid(latents.shape)
-
-    def _check_timestep(self, timestep: object, b: int, nv: int, device: torch.device) -> Tensor:
-        if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
-            timestep = torch.tensor([float(timestep)])
-        if not isinstance(timestep, torch.Tensor):
-            raise TypeError(f"timestep must be a tensor or a number, got {type(timestep).__name__}")
-        t = timestep.to(device=device, dtype=torch.float32)
-        if t.ndim == 0 or tuple(t.shape) == (1,):
-            return t.reshape(1).expand(b)
-        if tuple(t.shape) in ((b,), (b, nv)):
-            return t
-        raise ValueError(f"timestep must have shape [B] = [{b}] (or [B, Nv] = [{b}, {nv}]), "
-                         f"got {tuple(t.shape)}")
-
-    def _check_context(self, context: object, b: int) -> None:
-        if not isinstance(context, torch.Tensor):
-            raise TypeError(f"context must be a torch.Tensor, got {type(context).__name__}")
-        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != self.cfg.text_dim:
-            raise ValueError(f"context must have shape [B, L, text_dim] = [{b}, L, {self.cfg.text_dim}], got "
-                             f"{tuple(context.shape)}")
-
-    def _check_refs(self, refs: Iterable[Reference] | None) -> list[Reference]:
-        if refs is None:
-            return []
-        if isinstance(refs, Reference):
-            raise TypeError("refs must be a list of Reference, not a single Reference")
-        refs = list(refs)
-        ph, pw = self.cfg.patch_size[1:]
-        for i, r in enumerate(refs):
-            if not isinstance(r, Reference):
-                raise TypeError(f"refs[{i}] must be a Reference, got {type(r).__name__}")
-            _, c, _, h, w = r.latent.shape
-            if c != self.cfg.in_channels:
-                raise ValueError(f"refs[{i}] latent has {c} channels; the model expects "
-                                 f"in_channels={self.cfg.in_channels}")
-            if self.cfg.patch_size[0] != 1:
-                raise ValueError("references are single latent frames: they need patch_size[0] == 1")
-            if h == 0 or w == 0 or h % ph or w % pw:
-                raise ValueError(f"refs[{i}] latent h, w = {(h, w)} must be positive multiples of "
-                                 f"the spatial patch {(ph, pw)}")
-        return refs
+    def load_adapters(self, path: str, strict: bool = True, alpha: str = "check") -> None:
+        """Load adapters written by :meth:`save_adapters`, all or nothing. The rank must match;
+        a different ``lora_alpha`` is an error unless ``alpha="file"`` (adopt the file's) or
+        ``alpha="model"`` (keep the model's); see :func:`~wildactor_kernels.model.weights.load_adapters`."""
+        weights.load_adapters(self, path, strict=strict, alpha=alpha)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from wildactor_kernels.model import WildActor, WildActorConfig
-from wildactor_kernels.model.wildactor import _is_adapter
+from wildactor_kernels.model.adapters import is_adapter
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import WanTransformer3DModel  # noqa: E402
@@ -74,7 +74,7 @@ def test_key_sets_match_exactly():
     wan = WanTransformer3DModel(**cfg.to_diffusers_config())
     wan_keys = set(wan.state_dict())
     ours = WildActor(cfg)
-    backbone_keys = {k for k in ours.state_dict() if not _is_adapter(k)}
+    backbone_keys = {k for k in ours.state_dict() if not is_adapter(k)}
     assert backbone_keys == wan_keys
     adapter_keys = set(ours.state_dict()) - backbone_keys
     # q, k, v, o and both FFN linears of every block carry lora_A and lora_B

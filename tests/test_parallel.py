@@ -276,10 +276,10 @@ def test_torchrun_demo_on_gloo(tmp_path):
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
            str(_free_port()), "-m", "wildactor_kernels.model.cli", "demo", "--ulysses", "2", "--steps", "2",
-           "--frames", "2", "--height", "6", "--width", "10", "--no-progress"]
+           "--frames", "2", "--height", "6", "--width", "10", "--repeats", "1", "--no-progress"]
     r = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert r.stdout.count("WildActor demo:") == 1 and "OK: cached and uncached sampling agree" in r.stdout
+    assert r.stdout.count("WildActor demo:") == 1 and "\nOK: " in r.stdout and "MISMATCH" not in r.stdout
     assert "ParallelConfig(ulysses=2, ring=1, cfg=1) on 2 ranks (gloo)" in r.stdout
 
 

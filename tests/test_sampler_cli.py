@@ -105,13 +105,29 @@ def test_cli_info(capsys):
 
 def test_cli_demo_agrees(capsys):
     assert main(["demo", "--steps", "2", "--frames", "2", "--height", "8", "--width", "8",
-                 "--no-progress"]) == 0
+                 "--no-progress", "--repeats", "2"]) == 0
     out = capsys.readouterr().out
     assert "with reference cache" in out and "without cache" in out and "OK" in out
+    # timings are medians after a warm-up, and the diff line says what it compares
+    assert "median of 2 runs after one warm-up run of each path" in out
+    assert "max |uncached - cached| over the final latents" in out
+    assert "PyTorch reference ops on cpu, float32" in out  # what actually ran
 
 
 def test_cli_demo_fails_on_disagreement(capsys):
     # a negative tolerance can never be met: the demo must then exit non-zero
     assert main(["demo", "--steps", "1", "--frames", "1", "--height", "4", "--width", "4",
-                 "--no-progress", "--tol", "-1"]) == 1
+                 "--no-progress", "--tol", "-1", "--repeats", "1"]) == 1
     assert "MISMATCH" in capsys.readouterr().out
+
+
+def test_progress_bar_is_left_in_place(tiny, capsys):
+    refs, ctx, shape = _inputs(tiny)
+    FlowMatchSampler(num_steps=3, guidance_scale=1.0, progress_desc="sampling test").sample(
+        tiny, shape, ctx, refs=refs)
+    err = capsys.readouterr().err
+    assert "sampling test" in err and "3/3" in err
+    # leave=True ends the bar with a newline; a bar that is removed ends by clearing its line
+    assert err.endswith("\n") and not err.rstrip("\n").endswith("\r")
+    FlowMatchSampler(num_steps=2, guidance_scale=1.0, progress=False).sample(tiny, shape, ctx)
+    assert capsys.readouterr().err == ""

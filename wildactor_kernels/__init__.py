@@ -4,7 +4,8 @@ Public ops (each takes ``backend="auto" | "triton" | "reference"`` and supports 
 
 - I-RoPE: :class:`TokenLayout`, :func:`irope_positions`, :func:`rope_cos_sin`,
   :func:`apply_rope`, :func:`qk_norm_rope` (Wan q/k RMSNorm across heads + I-RoPE);
-- asymmetric attention: :func:`asym_attention`, :func:`cached_asym_attention`;
+- asymmetric attention: :func:`asym_attention`, :func:`cached_asym_attention`
+  (:func:`attention_backends`: what ``backend="auto"`` picks on this machine, and why);
 - reference-only LoRA: :func:`ref_lora_linear`, :class:`RefLoRALinear`;
 - FP8: :func:`per_token_quant_fp8` (dynamic per-token activation scales), :func:`fp8_linear`.
 
@@ -15,7 +16,7 @@ and ``op.py`` (checks + dispatch). The WildActor model built on them is the subp
 
 from ._checkout import install_checkout_finder as _install_checkout_finder
 from ._utils import BACKENDS
-from .attention import asym_attention, cached_asym_attention
+from .attention import asym_attention, attention_backends, cached_asym_attention
 from .layout import REF_KINDS, TokenLayout, axis_dims, irope_positions, rope_cos_sin
 from .lora import RefLoRALinear, ref_lora_linear
 from .quant import fp8_linear, per_token_quant_fp8
@@ -37,6 +38,7 @@ __all__ = [
     "qk_norm_rope",
     "asym_attention",
     "cached_asym_attention",
+    "attention_backends",
     "ref_lora_linear",
     "RefLoRALinear",
     "per_token_quant_fp8",

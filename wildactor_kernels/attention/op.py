@@ -68,6 +68,10 @@ def asym_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_video:
     _check_rope_mode(rope_mode)
     if resolve_backend(backend, q) == "reference":
         return asym_attention_ref(q, k, v, num_video, cos, sin, scale)
+    if backend == "auto":  # on CUDA: the measured choice of dispatch.py (docs/design.md §9)
+        from .dispatch import asym_attention_auto
+
+        return asym_attention_auto(q, k, v, num_video, cos, sin, scale, rope_mode)
     from .kernels import asym_attention_triton
 
     return asym_attention_triton(q, k, v, num_video, cos, sin, scale, rope_mode=rope_mode)
@@ -103,6 +107,10 @@ def cached_asym_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tenso
     _check_rope_mode(rope_mode)
     if resolve_backend(backend, q_v) == "reference":
         return cached_asym_attention_ref(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale)
+    if backend == "auto":  # on CUDA: the measured choice of dispatch.py (docs/design.md §9)
+        from .dispatch import cached_asym_attention_auto
+
+        return cached_asym_attention_auto(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale, rope_mode)
     from .kernels import cached_asym_attention_triton
 
     return cached_asym_attention_triton(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale,

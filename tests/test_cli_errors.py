@@ -1,0 +1,305 @@
+"""The ``wildactor`` command answers user mistakes with one line on stderr and a non-zero exit.
+
+Each case checks: no Python traceback, the expected exit status (2 for a mistake in the
+arguments, 1 for a failure inside the work), one line on stderr, and that the line names the
+argument at fault.
+
+Starting a Python that imports torch costs seconds on a busy CI machine, so most cases run in
+ONE subprocess (a driver): it calls the console script's entry point ``main(argv)`` case after
+case, with file descriptors 1 and 2 sent to per-case files (so output of grandchildren and of
+logging is captured too) and an exception escaping ``main`` printed as the traceback Python
+would print. A few cases also run as a separate ``python -m wildactor_kernels.model.cli``
+process, end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_CUDA = torch.cuda.is_available()
+
+DRIVER = r"""
+import json, os, sys, tempfile, time, traceback
+
+cases = json.load(open(sys.argv[1]))
+results = {}
+_absent = object()
+for case in cases:
+    saved_env = dict(os.environ)
+    os.environ.update(case.get("env", {}))
+    saved_mods = {}
+    for name in case.get("without", []):  # sys.modules[name] = None: `import name` raises
+        saved_mods[name] = sys.modules.get(name, _absent)
+        sys.modules[name] = None
+    files = [tempfile.TemporaryFile(mode="w+"), tempfile.TemporaryFile(mode="w+")]
+    sys.stdout.flush(); sys.stderr.flush()
+    saved_fds = [os.dup(1), os.dup(2)]
+    os.dup2(files[0].fileno(), 1); os.dup2(files[1].fileno(), 2)
+    t0 = time.perf_counter()
+    try:
+        if case["entry"] == "cli":
+            from wildactor_kernels.model.cli import main
+        else:
+            from benchmarks.suite import main
+        rc = main(case["argv"])
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        rc = 1
+    sys.stdout.flush(); sys.stderr.flush()
+    os.dup2(saved_fds[0], 1); os.dup2(saved_fds[1], 2)
+    for fd in saved_fds:
+        os.close(fd)
+    for name, mod in saved_mods.items():
+        if mod is _absent:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = mod
+    os.environ.clear(); os.environ.update(saved_env)
+    out = []
+    for f in files:
+        f.seek(0); out.append(f.read()); f.close()
+    results[case["name"]] = dict(rc=rc, out=out[0], err=out[1], seconds=time.perf_counter() - t0)
+json.dump(results, open(sys.argv[2], "w"))
+"""
+
+
+def _cases(tmp: str) -> dict[str, dict]:
+    """name -> {"argv", "needles" (all must be in the error line), optional "without" (modules made
+    unimportable), "env", "entry" ("cli" or "suite": benchmarks.suite.main, which `wildactor bench`
+    runs), "status" (expected exit status, default 2), "traceback" (a --debug case)}."""
+    a_file = os.path.join(tmp, "a_file")
+    with open(a_file, "w") as fh:
+        fh.write("not a directory\n")
+    bad_weights = os.path.join(tmp, "bad_weights")
+    os.makedirs(bad_weights)
+    with open(os.path.join(bad_weights, "config.json"), "w") as fh:
+        fh.write('{"dim": "not a number"}')
+    with open(os.path.join(bad_weights, "model.safetensors"), "wb") as fh:
+        fh.write(b"\0" * 16)
+    out = os.path.join(tmp, "out")
+    c: dict[str, dict] = {
+        # first: bitsandbytes prints its noise on its first import only
+        "info-no-third-party-noise": dict(argv=["info"], status=0, needles=[]),
+        "demo-unknown-preset": dict(argv=["demo", "--preset", "huge"],
+                                    needles=["--preset", "huge", "tiny", "wan2.2-5b"]),
+        "demo-odd-height": dict(argv=["demo", "--height", "15"], needles=["--height", "15"]),
+        "demo-zero-frames": dict(argv=["demo", "--frames", "0"], needles=["--frames"]),
+        "demo-zero-steps": dict(argv=["demo", "--steps", "0"], needles=["--steps"]),
+        "demo-device-gpu": dict(argv=["demo", "--device", "gpu"], needles=["--device", "gpu", "cuda"]),
+        "demo-width-text": dict(argv=["demo", "--width", "wide"], needles=["--width", "wide"]),
+        "demo-no-command": dict(argv=[], needles=["COMMAND"]),
+        "quantize-unknown-preset": dict(argv=["quantize-report", "--preset", "huge"],
+                                        needles=["--preset", "tiny"]),
+        "quantize-zero-layers": dict(argv=["quantize-report", "--layers", "0"], needles=["--layers", "0"]),
+        "quantize-int8-without-bitsandbytes": dict(argv=["quantize-report", "--mode", "int8"],
+                                                   without=["bitsandbytes"],
+                                                   needles=["--mode int8", "bitsandbytes"]),
+        "quantize-nf4-without-bitsandbytes": dict(argv=["quantize-report", "--mode", "nf4"],
+                                                  without=["bitsandbytes"],
+                                                  needles=["--mode nf4", "bitsandbytes"]),
+        "export-out-in-proc": dict(argv=["export", "--out", "/proc/nope"], needles=["--out", "/proc/nope"]),
+        "export-out-below-a-file": dict(argv=["export", "--out", os.path.join(a_file, "sub")],
+                                        needles=["--out", "is a file"]),
+        "export-out-is-a-file": dict(argv=["export", "--out", a_file], needles=["--out", "is a file"]),
+        "export-missing-weights": dict(argv=["export", "--out", out, "--weights", "/nonexistent"],
+                                       needles=["--weights", "/nonexistent"]),
+        "export-weights-with-layers": dict(argv=["export", "--out", out, "--weights", bad_weights,
+                                                 "--layers", "2"], needles=["--layers", "--weights"]),
+        "export-weights-with-preset": dict(argv=["export", "--out", out, "--weights", bad_weights,
+                                                 "--preset", "wan2.2-5b"], needles=["--preset", "--weights"]),
+        "export-opset-12": dict(argv=["export", "--out", out, "--opset", "12"], needles=["--opset", "12"]),
+        "export-zero-layers": dict(argv=["export", "--out", out, "--layers", "0"], needles=["--layers"]),
+        "export-unknown-preset": dict(argv=["export", "--out", out, "--preset", "huge"],
+                                      needles=["--preset", "tiny"]),
+        "export-without-onnx": dict(argv=["export", "--out", out], without=["onnx"], needles=["onnx", "pip"]),
+        "export-engine-without-tensorrt": dict(argv=["export", "--out", os.path.join(tmp, "engine_out"),
+                                                     "--engine"],
+                                               without=["tensorrt"], needles=["--engine", "tensorrt"]),
+        # past the argument checks: a failure inside the work is one line too (exit 1)
+        "export-broken-weights": dict(argv=["export", "--out", out, "--weights", bad_weights],
+                                      needles=["error", "--debug"], status=1),
+        "bench-json-in-proc": dict(entry="suite", argv=["--json", "/proc/nope/x.jsonl"],
+                                   needles=["--json", "/proc/nope/x.jsonl"]),
+        "bench-json-is-a-dir": dict(entry="suite", argv=["--json", tmp], needles=["--json", "directory"]),
+        "bench-device-gpu": dict(entry="suite", argv=["--device", "gpu"], needles=["--device", "gpu"]),
+        "debug-flag": dict(argv=["--debug", "demo", "--preset", "huge"], traceback=True,
+                           needles=["--preset"]),
+        "debug-flag-after-subcommand": dict(argv=["demo", "--height", "15", "--debug"], traceback=True,
+                                            needles=["--height"]),
+        "debug-env": dict(argv=["demo", "--preset", "huge"], env={"WILDACTOR_DEBUG": "1"}, traceback=True,
+                          needles=["--preset"]),
+    }
+    if not HAS_CUDA:
+        c.update({
+            "demo-device-cuda-on-cpu-torch": dict(argv=["demo", "--device", "cuda"],
+                                                  needles=["--device cuda", "no CUDA device"]),
+            "quantize-device-cuda-on-cpu-torch": dict(argv=["quantize-report", "--device", "cuda:0"],
+                                                      needles=["--device cuda:0"]),
+            "bench-shape-on-cpu": dict(entry="suite", argv=["--shape", "wan5b-720p"],
+                                       needles=["--shape", "smoke run"]),
+            "bench-device-cuda-on-cpu": dict(entry="suite", argv=["--device", "cuda"],
+                                             needles=["--device cuda", "no CUDA device"]),
+            "bench-model-option-on-cpu": dict(entry="suite", argv=["--suite", "model", "--iters", "3"],
+                                              needles=["--iters", "smoke run"]),
+        })
+    return c
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.pop("WILDACTOR_DEBUG", None)
+    return env
+
+
+def _run_cli(argv: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """``wildactor ARGV`` as its own process."""
+    return subprocess.run([sys.executable, "-m", "wildactor_kernels.model.cli", *argv], cwd=ROOT,
+                          env={**_env(), **(env_extra or {})}, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("cli_errors"))
+    cases = _cases(tmp)
+    spec = [{"name": n, "entry": c.get("entry", "cli"), "argv": c["argv"],
+             "without": c.get("without", []), "env": c.get("env", {})} for n, c in cases.items()]
+    with open(os.path.join(tmp, "cases.json"), "w") as fh:
+        json.dump(spec, fh)
+    out_json = os.path.join(tmp, "results.json")
+    p = subprocess.run([sys.executable, "-c", DRIVER, os.path.join(tmp, "cases.json"), out_json], cwd=ROOT,
+                       env=_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and os.path.exists(out_json), p.stdout + p.stderr
+    with open(out_json) as fh:
+        got = json.load(fh)
+    return {"_tmp": tmp, **{n: dict(cases[n], **got[n]) for n in cases}}
+
+
+def _all_case_names() -> list[str]:
+    with tempfile.TemporaryDirectory() as d:
+        return list(_cases(d))
+
+
+def _mistakes() -> list[str]:
+    with tempfile.TemporaryDirectory() as d:
+        return [n for n, c in _cases(d).items() if not c.get("traceback") and c.get("status", 2) != 0]
+
+
+@pytest.mark.parametrize("name", _mistakes())
+def test_mistake_is_one_line_without_traceback(results, name):
+    r = results[name]
+    text = r["out"] + r["err"]
+    assert "Traceback" not in text, f"{r['argv']}:\n{text}"
+    assert r["rc"] == r.get("status", 2), f"{r['argv']}: exit status {r['rc']}\n{text}"
+    lines = [ln for ln in r["err"].splitlines() if ln.strip()]
+    assert len(lines) == 1, f"{r['argv']}: expected one line on stderr, got:\n{r['err']}"
+    line = lines[0]
+    assert line.startswith("wildactor"), line
+    for needle in r["needles"]:
+        assert needle in line, f"{needle!r} not in {line!r}"
+
+
+def test_each_check_runs_before_any_work(results):
+    for name, r in results.items():
+        if name.startswith("_") or r.get("status", 2) != 2:
+            continue
+        assert r["seconds"] < 30, (name, r["seconds"])  # stopped at the checks, no model built
+    # --engine without tensorrt: nothing traced, nothing written
+    assert not os.path.exists(os.path.join(results["_tmp"], "engine_out"))
+    assert "[export]" not in results["export-engine-without-tensorrt"]["out"]
+
+
+@pytest.mark.parametrize("name", ["debug-flag", "debug-flag-after-subcommand", "debug-env"])
+def test_debug_shows_the_traceback(results, name):
+    r = results[name]
+    assert r["rc"] != 0 and "Traceback" in r["err"]
+    assert all(n in r["err"] for n in r["needles"])
+
+
+def test_info_has_no_third_party_noise(results):
+    r = results["info-no-third-party-noise"]
+    assert r["rc"] == 0, r["err"]
+    text = r["out"] + r["err"]
+    assert "gemm_4bit_forward" not in text and "pip install kernels" not in text
+    assert "bitsandbytes" in r["out"] and "torch" in r["out"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    pytest.param(["demo", "--preset", "huge"], "--preset", id="demo-unknown-preset"),
+    pytest.param(["bench", "--json", "/proc/nope/x.jsonl"], "--json", id="bench-json-through-cli"),
+])
+def test_end_to_end_process(argv, needle):
+    p = _run_cli(argv)
+    assert "Traceback" not in p.stdout + p.stderr, p.stderr
+    assert p.returncode == 2
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0], p.stderr
+
+
+def test_debug_end_to_end():
+    p = _run_cli(["--debug", "demo", "--preset", "huge"])
+    assert p.returncode != 0 and "Traceback" in p.stderr and "--preset" in p.stderr
+
+
+def test_help_texts_are_plain_and_list_presets():
+    from wildactor_kernels.model.cli import build_parser
+    from wildactor_kernels.model.config import PRESETS
+
+    parser = build_parser()
+    top = parser.format_help()
+    sub = parser._subparsers._group_actions[0].choices  # argparse keeps the subparsers here
+    texts = {"": top, **{name: p.format_help() for name, p in sub.items() if name != "bench"}}
+    for name, text in texts.items():
+        for bad in ("\u00a7", "``", ":class:", ":func:", "DESIGN", "later sections"):
+            assert bad not in text, f"{name or 'top-level'} help has {bad!r}"
+    for name in ("demo", "quantize-report", "export"):
+        assert all(p in texts[name] for p in PRESETS), name
+    for name in ("info", "demo", "quantize-report", "export"):
+        assert "examples:" in texts[name] and f"wildactor {name}" in texts[name].split("examples:")[1], name
+        assert sub[name].description, name
+
+
+def test_smoke_rows_are_labelled_by_what_ran():
+    """The CPU smoke run's model-step rows name the ops, GEMM, dtype and device that ran, never
+    the CUDA path (Triton) they stand in for."""
+    from benchmarks.suite import smoke_label
+
+    cpu = torch.device("cpu")
+    ours = smoke_label({"path": "ours-bf16", "dtype": "bfloat16", "kernels": "reference"}, cpu)
+    fp8 = smoke_label({"path": "ours-fp8", "dtype": "bfloat16", "kernels": "reference",
+                       "fp8_gemm_paths": {"emulate": 20}}, cpu)
+    eager = smoke_label({"path": "eager", "dtype": "bfloat16"}, cpu)
+    for label in (ours, fp8, eager):
+        assert "Triton" not in label and "cpu" in label and "bfloat16" in label, label
+    assert "reference ops" in ours and "emulate GEMM" in fp8
+    triton_row = {"path": "ours-bf16", "dtype": "float32", "kernels": "triton"}
+    assert "Triton kernels" in smoke_label(triton_row, cpu)
+
+
+def test_third_party_noise_filter_is_narrow(caplog):
+    """The CLI drops exactly the third-party lines that say nothing to our user (bitsandbytes'
+    missing optional CPU kernel, the ONNX exporter's torchvision notice); other lines of the same
+    loggers still show."""
+    import logging
+
+    from wildactor_kernels.model.cli import QUIET_LOGS, quiet_third_party
+
+    quiet_third_party()
+    for name, needles in QUIET_LOGS.items():
+        log = logging.getLogger(name)
+        with caplog.at_level(logging.WARNING, logger=name):
+            caplog.clear()
+            log.warning("%s: something", needles[0])
+            log.warning("a warning that matters")
+        msgs = [r.getMessage() for r in caplog.records if r.name == name]
+        assert msgs == ["a warning that matters"], (name, msgs)
