@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from wildactor_kernels import TokenLayout
 
+from .. import checks
 from ..wildactor import RefCache, Reference, WildActor
 from .attention import ShardPlan, attend_override
 from .comm import gather_output
@@ -78,13 +79,10 @@ class ParallelWildActor(nn.Module):
         m, cfg, pm = self.model, self.config, self.mesh
         if refs is not None and ref_cache is not None:
             raise ValueError("give refs (joint path) or ref_cache (cached path), not both")
-        b, grid = _check_video(m, latents)
+        b, grid = checks.check_video(m.cfg, latents)
         nv = grid[0] * grid[1] * grid[2]
-        t = _timestep(timestep, b, nv, latents.device)
-        if (not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[0] != b
-                or context.shape[2] != m.cfg.text_dim):
-            raise ValueError(f"context must be a tensor [B, L, text_dim] = [{b}, L, {m.cfg.text_dim}], got "
-                             f"{getattr(context, 'shape', type(context).__name__)}")
+        t = checks.check_timestep(timestep, b, nv, latents.device)
+        checks.check_context(m.cfg, context, b)
         split = cfg.cfg > 1 and b % cfg.cfg == 0
         if cfg.cfg > 1 and not split and not self._warned and pm.rank == 0:
             logger.warning("ParallelConfig.cfg=%d splits the batch, but this call's batch is %d: every cfg "
@@ -158,31 +156,6 @@ def _unpatchify(x: Tensor, grid: tuple[int, int, int], patch: Sequence[int]) -> 
     b, (t, h, w), (pt, ph, pw) = x.shape[0], grid, patch
     x = x.reshape(b, t, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
     return x.reshape(b, -1, t * pt, h * ph, w * pw)
-
-
-def _check_video(m: WildActor, latents: object) -> tuple[int, tuple[int, int, int]]:
-    if not isinstance(latents, torch.Tensor) or latents.ndim != 5 or not latents.is_floating_point():
-        raise ValueError(f"latents must be a float tensor [B, C, T, H, W], got "
-                         f"{getattr(latents, 'shape', type(latents).__name__)}")
-    t, h, w = latents.shape[2:]
-    p = m.cfg.patch_size
-    if latents.shape[1] != m.cfg.in_channels or t % p[0] or h % p[1] or w % p[2] or 0 in (t, h, w):
-        raise ValueError(f"latents [B, C, T, H, W] = {tuple(latents.shape)}: need C = "
-                         f"{m.cfg.in_channels} and T, H, W positive multiples of patch_size {p}")
-    return latents.shape[0], m.video_grid(latents.shape)
-
-
-def _timestep(timestep: object, b: int, nv: int, device: torch.device) -> Tensor:
-    if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
-        timestep = torch.tensor([float(timestep)])
-    if not isinstance(timestep, torch.Tensor):
-        raise TypeError(f"timestep must be a tensor or a number, got {type(timestep).__name__}")
-    t = timestep.to(device=device, dtype=torch.float32)
-    if t.ndim == 0 or tuple(t.shape) == (1,):
-        return t.reshape(1).expand(b)
-    if tuple(t.shape) in ((b,), (b, nv)):
-        return t
-    raise ValueError(f"timestep must have shape [B] = [{b}] (or [B, Nv] = [{b}, {nv}]), got {tuple(t.shape)}")
 
 
 def parallelize(model: WildActor, config: ParallelConfig, group_or_mesh=None) -> ParallelWildActor:
