@@ -1,6 +1,7 @@
 """Sequence parallelism (docs/parallel.md) on the CPU: gloo, several processes on 127.0.0.1.
 
-Two sessions are spawned once per test run (2 and 4 ranks; this file is also the worker script).
+Two sessions run once per test run (2 and 4 ranks, forked from the test process; where the
+platform cannot fork, fresh interpreters run this file as the worker script).
 Each rank builds the same tiny WildActor, runs every case of its session on the parallel model
 and on the single-process model, and the largest difference over the ranks comes back here:
 
