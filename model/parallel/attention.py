@@ -11,7 +11,7 @@ Each rank holds ``ns`` consecutive video tokens (shard ``s = r * U + u`` of the 
    merge by their log-sum-exp. Without autograd the next block is sent while the current one is
    computed; with autograd each shift is a differentiable exchange that completes first.
    Without a ring (``R = 1``) the rank holds the whole sequence for its heads and calls the
-   library's attention op (Triton on CUDA).
+   library's attention op with the model's backend (on CUDA, ``"auto"`` picks a fast kernel).
 3. Padding (``P * ns > Nv``) sits at the end of the sequence: keys past ``Nv`` are sliced off
    each block, so padded tokens are never attended to; padded query rows are dropped later.
 4. References never need communication: the cached K/V (or, on the joint path, the reference
