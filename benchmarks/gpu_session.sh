@@ -137,7 +137,7 @@ run_all() {
     local fwd_impls=(ours-prologue ours-fused ours-norope ours-hopper auto sdpa-cudnn-2call sdpa-cudnn-cat)
     local tests=(tests/test_attention_kernels.py tests/test_rope_kernels.py tests/test_lora_kernels.py
                  tests/test_lora_module.py tests/test_quant.py tests/test_attention_hopper.py
-                 tests/test_attention_dispatch.py)
+                 tests/test_attention_dispatch.py tests/test_attention_fp8.py)
     local extra=()
     if ((DRY)); then
         extra+=(--timeout 60 -n 4 --dist load)
