@@ -1,4 +1,5 @@
-"""``wildactor_kernels.model``: the WildActor model, sampler, quantization and export (docs/design.md §6-7).
+"""``wildactor_kernels.model``: the WildActor model, sampler, quantization, export and
+sequence parallelism (docs/design.md §6-7, §10).
 
 The repository keeps this package in its top-level ``model/`` folder; it is installed (and only
 importable) as ``wildactor_kernels.model``. Names are resolved lazily so that importing it
@@ -23,6 +24,9 @@ _EXPORTS = {
     "OnnxWildActor": "export.onnx_export",
     "build_engine": "tensorrt",
     "TensorRTWildActor": "tensorrt",
+    "parallelize": "parallel",
+    "ParallelConfig": "parallel",
+    "ParallelWildActor": "parallel",
 }
 
 __all__ = sorted(_EXPORTS)

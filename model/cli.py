@@ -19,6 +19,8 @@ import sys
 import textwrap
 import time
 
+from .parallel.launch import add_parallel_arguments, parallel_from_args
+
 DEBUG_ENV = "WILDACTOR_DEBUG"
 EPILOG_HINT = "Add --debug (or set WILDACTOR_DEBUG=1) to see the full traceback of an error."
 
@@ -241,6 +243,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     cfg = WildActorConfig.preset(args.preset)
     m = WildActor(cfg).to(device).eval()
+    m = parallel_from_args(m, args)  # under torchrun: sequence parallel, only rank 0 prints
     dtype = next(m.parameters()).dtype
     c, (t, h, w) = cfg.in_channels, (args.frames, args.height, args.width)
     gen = torch.Generator().manual_seed(args.seed)
@@ -498,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tol", type=_finite_float, default=1e-4,
                    help="largest allowed |uncached - cached| difference of the results (default: 1e-4)")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_parallel_arguments(s)  # --ulysses, --ring, --cfg-parallel (docs/parallel.md)
     s.set_defaults(func=cmd_demo, check=check_demo)
 
     s = _sub(sub, "quantize-report", "signal-to-noise ratio of a quantized model against the original",
