@@ -167,3 +167,35 @@ def test_package_docstring_claims_hold():
     y = wk.fp8_linear(x, (w / w_scale).to(torch.float8_e4m3fn), w_scale, gemm="emulate")
     y.sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+def _architecture_map() -> str:
+    with open(README, encoding="utf-8") as fh:
+        text = fh.read()
+    return text.split("## Architecture map", 1)[1].split("\n## ", 1)[0]
+
+
+def test_architecture_map_names_files_that_exist():
+    """Every file or folder the README's architecture map names exists, and today's modules are in it."""
+    section = _architecture_map()
+    named: set[str] = set()
+    for row in section.splitlines():
+        if not row.startswith("| `"):
+            continue
+        where, what = row.split("|")[1:3]
+        paths = re.findall(r"`([^`]+)`", where)
+        assert paths, row
+        base = paths[0] if paths[0].endswith("/") else os.path.dirname(paths[0]) + "/"
+        for path in paths:
+            assert os.path.exists(os.path.join(ROOT, path)), f"README architecture map: no {path}"
+            named.add(path.rstrip("/"))
+        for name in re.findall(r"`([\w.]+\.(?:py|json|md|sh))`", what):  # files of the row's folder
+            assert os.path.exists(os.path.join(ROOT, base, name)), f"README architecture map: no {base}{name}"
+            named.add(base + name)
+    for path in ("model/references.py", "model/checks.py", "model/rope_tables.py", "model/adapters.py",
+                 "model/export/contract.py", "model/export/passes.py", "model/export/runner.py",
+                 "model/export/onnx_export.py", "wildactor_kernels/quant/module.py",
+                 "wildactor_kernels/quant/linear.py", "wildactor_kernels/attention/hopper.py",
+                 "wildactor_kernels/attention/dispatch.py", "wildactor_kernels/attention/backend_table.json",
+                 "benchmarks/sm90_report.py", "docs/design.md", "docs/deployment.md"):
+        assert path in named, f"README architecture map does not name {path}"
