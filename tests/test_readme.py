@@ -144,6 +144,9 @@ def test_package_docstring_claims_hold():
     sig = inspect.signature(wk.fp8_linear).parameters
     assert "backend" not in sig and "gemm" in sig and "act_backend" in sig
     assert "``fp8_linear`` has no ``backend=``" in doc and "not differentiable" in doc
+    for name in ("asym_attention", "cached_asym_attention"):  # 8-bit attention: forward only, said so
+        assert "precision" in inspect.signature(getattr(wk, name)).parameters, name
+    assert 'precision="fp8"``, 8-bit attention, is forward only' in " ".join(doc.split())
     assert "each takes" not in doc.lower() and "every op" not in doc.lower()
     no_backend = doc.split("(plain PyTorch, no backend)")[1].split(";")[0]
     for name in ("TokenLayout", "irope_positions", "rope_cos_sin", "axis_dims"):

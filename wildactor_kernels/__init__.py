@@ -6,7 +6,8 @@ Public API:
   :func:`irope_positions`, :func:`rope_cos_sin`, :func:`axis_dims`;
 - I-RoPE: :func:`apply_rope`, :func:`qk_norm_rope` (Wan q/k RMSNorm across heads + I-RoPE);
 - asymmetric attention: :func:`asym_attention`, :func:`cached_asym_attention`
-  (:func:`attention_backends`: what ``backend="auto"`` picks on this machine, and why);
+  (:func:`attention_backends`: what ``backend="auto"`` picks on this machine, and why;
+  ``precision="fp8"``: 8-bit attention, see :mod:`wildactor_kernels.attention`);
 - reference-only LoRA: :func:`ref_lora_linear`, :class:`RefLoRALinear` (``backend=`` given to
   the constructor);
 - FP8: :func:`per_token_quant_fp8` (dynamic per-token activation scales), :func:`fp8_linear`.
@@ -15,7 +16,8 @@ Backends and gradients:
 
 - ``apply_rope``, ``qk_norm_rope``, ``asym_attention``, ``cached_asym_attention``,
   ``ref_lora_linear`` and ``RefLoRALinear`` take ``backend="auto" | "triton" | "reference"``
-  and support autograd on every backend;
+  and support autograd on every backend (the attention ops with their default precision:
+  ``precision="fp8"``, 8-bit attention, is forward only and raises on a backward pass);
 - ``per_token_quant_fp8`` takes ``backend=`` too but is not differentiable (it rounds; its
   input is detached);
 - ``fp8_linear`` has no ``backend=``: ``gemm="auto" | "scaled_mm" | "emulate"`` picks the GEMM
