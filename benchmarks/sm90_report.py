@@ -8,7 +8,10 @@ How the kernels and their arguments are found (nothing here names a kernel or a 
    its module's source launches it (``name[grid](...)``), the others are ``@triton.jit`` helpers.
 2. Capture: the public ops (``wk.asym_attention`` fused/prologue, ``wk.cached_asym_attention``,
    ``wk.apply_rope``, ``wk.qk_norm_rope``, ``wk.ref_lora_linear``, ``RefLoRALinear`` folded,
-   ``wk.per_token_quant_fp8``) run forward and backward on CPU tensors of the §8 shapes with
+   ``wk.per_token_quant_fp8``; the Hopper forward through its backend name ``"triton-hopper"``,
+   once with the warp-specialised loop first and once hand-pipelined; ``precision="fp8"``
+   attention, joint and with a ``quantize_ref_kv`` cache) run forward and backward on CPU
+   tensors of the §8 shapes with
    Triton's launch entry points replaced by recorders: the launchers compute their grids,
    constexprs, heuristics and strides exactly as on the GPU (``TRITON_INTERPRET=0``), and
    every ``Autotuner`` launch is expanded into one launch per config. Nothing is computed on the
@@ -80,6 +83,14 @@ _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
 
 _PTX_FEATURES = {"wgmma": "wgmma.mma_async", "tma": "cp.async.bulk.tensor", "mbarrier": "mbarrier",
                  "setmaxnreg": "setmaxnreg", "cp_async": "cp.async"}
+# ``wgmma.wait_group.sync.aligned N``: wait until at most N wgmma groups are in flight; N >= 1
+# lets the next group's tensor-core work overlap what follows the wait (issue 13)
+_WAIT_GROUP_RE = re.compile(r"wgmma\.wait_group\S*\s+(\d+)")
+
+
+def wait_groups(ptx: str) -> list[int]:
+    """The distinct ``N`` of the PTX's ``wgmma.wait_group N`` instructions, ascending."""
+    return sorted({int(n) for n in _WAIT_GROUP_RE.findall(ptx)})
 
 
 # =========================================================================== discovery
@@ -257,6 +268,46 @@ def workloads(shapes: list[str]):
             yield f"{name} joint {label}", lambda m=mode: joint(m)
             yield f"{name} cached {label}", lambda m=mode: cached(m)
         yield f"{name} qk_norm_rope", qk_norm
+
+        # the Hopper forward (TMA descriptors, warp-specialised or hand-pipelined key loop):
+        # backend="auto" picks it only on a measured sm_90, so it is driven by its backend name;
+        # its backward is the kernels.py one (already built above)
+        def hopper(cached_mode, warp_spec=None, b=b, n=n, h=h, d=d, nv=nv, nr=nr, cos=cos, sin=sin):
+            from wildactor_kernels.attention import dispatch
+            from wildactor_kernels.attention import hopper as hp
+
+            saved, hp.HOPPER_WARP_SPEC = hp.HOPPER_WARP_SPEC, warp_spec
+            try:
+                with torch.no_grad():
+                    if cached_mode:
+                        ins = (t(b, nv, h, d), t(b, nv, h, d), t(b, nv, h, d), t(b, nr, h, d),
+                               t(b, nr, h, d))
+                        dispatch.run_cached_backend("triton-hopper", *ins, cos[:nv], sin[:nv])
+                    else:
+                        dispatch.run_backend("triton-hopper", t(b, n, h, d), t(b, n, h, d),
+                                             t(b, n, h, d), nv, cos, sin)
+            finally:
+                hp.HOPPER_WARP_SPEC = saved
+
+        # 8-bit attention (precision="fp8", forward only): K/V quantizer + int8/e4m3 kernel
+        def fp8_attn(cached_mode, b=b, n=n, h=h, d=d, nv=nv, nr=nr, cos=cos, sin=sin):
+            from wildactor_kernels.attention import quantize_ref_kv
+
+            with torch.no_grad():
+                if cached_mode:
+                    cache = quantize_ref_kv(t(b, nr, h, d), t(b, nr, h, d), backend="triton")
+                    wk.cached_asym_attention(t(b, nv, h, d), t(b, nv, h, d), t(b, nv, h, d), cache,
+                                             None, cos[:nv], sin[:nv], backend="triton",
+                                             precision="fp8")
+                else:
+                    wk.asym_attention(t(b, n, h, d), t(b, n, h, d), t(b, n, h, d), nv, cos, sin,
+                                      backend="triton", precision="fp8")
+
+        yield f"{name} hopper joint", lambda f=hopper: f(False)
+        yield f"{name} hopper joint pipelined", lambda f=hopper: f(False, warp_spec=False)
+        yield f"{name} hopper cached", lambda f=hopper: f(True)
+        yield f"{name} fp8 joint", lambda f=fp8_attn: f(False)
+        yield f"{name} fp8 cached", lambda f=fp8_attn: f(True)
 
     nv, nr = harness.design_tokens("wan5b-720p")
     for din, dout in ((3072, 3072), (3072, 14336), (14336, 3072)):
@@ -454,10 +505,13 @@ def build(launch: Launch, cache_dir: str) -> dict[str, Any]:
     spill = res["spill_store_bytes"] + res["spill_load_bytes"]
     fits = (smem <= SM90["smem_per_block"] and res["registers"] <= SM90["max_regs_per_thread"]
             and occ["ctas"] >= 1)
+    waits = wait_groups(ptx)
     return dict(res, shared_bytes=smem, num_warps=warps, num_stages=k.metadata.num_stages,
                 ctas_per_sm=occ["ctas"], occupancy_bound_by=occ["bound_by"],
                 spills=spill > 0, fits=fits,
                 **{f: pat in ptx for f, pat in _PTX_FEATURES.items()},
+                wait_groups=waits, wait_group_min=waits[0] if waits else None,
+                wait_group_max=waits[-1] if waits else None,
                 build_s=round(time.perf_counter() - t0, 2))
 
 
@@ -512,6 +566,11 @@ def _variant(row: dict, varying: dict[str, set[str]]) -> str:
     return out
 
 
+def _waits(row: dict) -> str:
+    w = row.get("wait_groups") or []
+    return "-" if not w else str(w[0]) if len(w) == 1 else f"{w[0]}-{w[-1]}"
+
+
 def _sites(row: dict, shapes: list[str]) -> str:
     """The workloads that launch this build, without the shape name when only one was built."""
     sites = row["sites"]
@@ -544,7 +603,9 @@ def to_markdown(rep: dict) -> str:
         "Columns: registers per thread, spill stores/loads (bytes per thread), stack frame, dynamic shared "
         "memory, warps, stages, resident CTAs per SM (65,536 registers, 228 KB shared memory, 64 warps, "
         "32 CTAs per SM; 1 KB reserved per CTA) with the limit that binds, and whether the PTX has "
-        "`wgmma.mma_async`, `cp.async.bulk.tensor` (TMA), `mbarrier`, `setmaxnreg`. "
+        "`wgmma.mma_async`, `cp.async.bulk.tensor` (TMA), `mbarrier`, `setmaxnreg`; wait N: the `N` "
+        "of the PTX's `wgmma.wait_group N` (smallest-largest; `-` none; N >= 1 somewhere means a wgmma "
+        "group stays in flight past a wait). "
         "cand: kept by the autotuner's early prune at these shapes (1st: its first candidate; fixed: "
         "no autotuner). used by: the public-op workloads that launch this build (sm90_report.workloads). "
         "**SPILL** / **NO FIT** flag configs that spill or cannot run (over 227 KB shared or 0 CTAs/SM).",
@@ -564,13 +625,13 @@ def to_markdown(rep: dict) -> str:
                          + (" (autotune candidate)" if r["candidate"] else " (pruned)"))
         lines.append("")
     hdr = ("| kernel | variant | config | warps | stages | regs | spill st/ld B | stack B | smem B "
-           "| CTAs/SM | wgmma | TMA | mbarrier | setmaxnreg | cand | flags | used by |")
+           "| CTAs/SM | wgmma | wait N | TMA | mbarrier | setmaxnreg | cand | flags | used by |")
     lines += [hdr, "|" + "---|" * (hdr.count("|") - 1)]
     for r in rows:
         if "error" in r:
             lines.append(f"| `{r['kernel']}` | {_variant(r, varying)} | {_cfg_text(r['config'])} | "
                          f"{r['config'].get('num_warps', '')} | {r['config'].get('num_stages', '')} | "
-                         f"| | | | | | | | | | **BUILD FAILED**: {r['error'][:120]} | "
+                         f"| | | | | | | | | | | **BUILD FAILED**: {r['error'][:120]} | "
                          f"{_sites(r, rep['shapes'])} |")
             continue
         flags = []
@@ -586,6 +647,7 @@ def to_markdown(rep: dict) -> str:
             f"| {r['num_stages']} | {r['registers']} | {r['spill_store_bytes']}/{r['spill_load_bytes']} "
             f"| {r['stack_bytes']} | "
             f"{r['shared_bytes']} | {r['ctas_per_sm']} ({r['occupancy_bound_by']}) | {yn[r['wgmma']]} | "
+            f"{_waits(r)} | "
             f"{yn[r['tma']]} | {yn[r['mbarrier']]} | {yn[r['setmaxnreg']]} | {cand} | {' '.join(flags)} | "
             f"{_sites(r, rep['shapes'])} |")
     lines += ["", "The JSON file beside this one has every build's constexprs, the arguments Triton "

@@ -7,9 +7,11 @@ launcher's fixed config, or its autotuner's first candidate after the early prun
 the tests' sm_90 builds use too) -- and ptxas must report 0 spill bytes.
 
 One case per workload of ``sm90_report.workloads`` (public op names, stable when kernels are
-renamed). Three cases run by default (a few builds, about a minute cold, seconds with Triton's
-cache warm); the rest are marked ``slow`` and run with ``WILDACTOR_SM90_FULL=1``.
-``benchmarks/results/sm90_resources_triton<ver>.md`` has every config of every kernel.
+renamed), the Hopper forward (warp-specialised and hand-pipelined picks, cached) and 8-bit
+attention (K/V quantizer + kernel) included. Five cases run by default (a few builds, about a
+minute cold, seconds with Triton's cache warm); the rest are marked ``slow`` and run with
+``WILDACTOR_SM90_FULL=1``. ``benchmarks/results/sm90_resources_triton<ver>.md`` has every config
+of every kernel.
 
 Known spills are ``xfail(strict=True)`` with the bytes measured (Triton 3.9, ptxas of its
 wheel): when the autotune lists are pruned to configs that do not spill, these cases pass,
@@ -34,27 +36,31 @@ from benchmarks import sm90_report  # noqa: E402  (TRITON_INTERPRET is set only 
 
 SHAPE = "wan5b-720p"
 SITES = [site for site, _ in sm90_report.workloads([SHAPE])]
-FAST = {f"{SHAPE} joint prologue", "lora 3072->3072 r128", "fp8 per-token quant K=3072"}
+FAST = {f"{SHAPE} joint prologue", f"{SHAPE} hopper joint", f"{SHAPE} fp8 cached",
+        "lora 3072->3072 r128", "fp8 per-token quant K=3072"}
+# modules whose kernels only a workload added for them launches (not asym_attention's default
+# route): the coverage check names them so that dropping their workload fails loudly
+MUST_REACH_MODULES = ("attention.kernels", "attention.hopper", "attention.fp8_kernels")
 FULL = os.environ.get("WILDACTOR_SM90_FULL") == "1"
 MEASURED_ON_THIS_TRITON = triton.__version__.startswith("3.9.")
 
 # site -> what spills there today (first candidates after the prune, Triton 3.9, bytes per thread:
 # spill stores / loads; benchmarks/results/sm90_resources_triton3.9.md). Remove an entry when the
-# autotune lists are pruned so that the case passes (strict: an unexpected pass fails).
-_DKDV = "attention dK/dV BLOCK_M=64 BLOCK_N=128 w8 s2"
+# autotune lists are pruned so that the case passes (strict: an unexpected pass fails). The
+# joint prologue / no-rope picks and every dK/dV pick stopped spilling with the pruned lists;
+# the Hopper and 8-bit kernels never spilled.
+_DQ_ROT = "attention dQ BLOCK_M=128 BLOCK_N=64 w8 s2 ROTATE"
 _FWD = "forward BLOCK_M=128 BLOCK_N=128 w8 s3"
 KNOWN_SPILLS: dict[str, str] = {
-    f"{SHAPE} joint prologue": f"{_DKDV}: 88/140 B",
-    f"{SHAPE} joint no-rope": f"{_DKDV}: 88/140 B",
-    f"{SHAPE} joint fused": f"{_DKDV} ROTATE: 612/948 B; dQ BLOCK_M=128 BLOCK_N=64 w8 s2 ROTATE: 24/36 B",
-    f"{SHAPE} cached prologue": f"{_DKDV} CACHED: 76/120 B; {_FWD} CACHED: 8/8 B",
-    f"{SHAPE} cached no-rope": f"{_DKDV} CACHED: 76/120 B; {_FWD} CACHED: 8/8 B",
-    f"{SHAPE} cached fused": f"{_DKDV} ROTATE CACHED: 600/936 B; dQ BLOCK_M=128 BLOCK_N=64 w8 s2 ROTATE "
-                             "CACHED: 48/48 B",
+    f"{SHAPE} joint fused": f"{_DQ_ROT}: 24/36 B",
+    f"{SHAPE} cached prologue": f"{_FWD} CACHED: 8/8 B",
+    f"{SHAPE} cached no-rope": f"{_FWD} CACHED: 8/8 B",
+    f"{SHAPE} cached fused": f"{_DQ_ROT} CACHED: 48/48 B",
 }
 
 _cache: dict[str, list[dict]] = {}
 _missing: list[str] = []
+_kernels: list[str] = []
 
 
 def _built(site: str) -> list[dict]:
@@ -69,16 +75,18 @@ def _built(site: str) -> list[dict]:
             "from benchmarks import sm90_report as R\n"
             f"launches = R.capture([{SHAPE!r}])\n"
             "reached = {R.kernel_label(lc.fn) for lc in launches}\n"
-            "missing = sorted(set(R.discover_kernels()) - reached)\n"
+            "kernels = sorted(R.discover_kernels())\n"
+            "missing = sorted(set(kernels) - reached)\n"
             "cache = os.path.join(os.path.expanduser('~'), '.cache', 'wildactor_sm90')\n"
             f"out = R.build_picks({SHAPE!r}, {todo!r}, cache, launches)\n"
-            "print('@@' + json.dumps(dict(out=out, missing=missing)))\n"
+            "print('@@' + json.dumps(dict(out=out, missing=missing, kernels=kernels)))\n"
         )
         stdout = run_sm90_build(script, timeout=900)
         line = next(ln for ln in stdout.splitlines() if ln.startswith("@@"))
         res = json.loads(line[2:])
         _cache.update(res["out"])
         _missing[:] = res["missing"]
+        _kernels[:] = res["kernels"]
     return _cache[site]
 
 
@@ -87,6 +95,9 @@ def test_every_kernel_is_launched_by_a_workload():
     report and from these checks: the workloads must reach every kernel the package defines."""
     _built(sorted(FAST)[0])
     assert not _missing, f"kernels no workload launches (add them to sm90_report.workloads): {_missing}"
+    modules = {k.rsplit(".", 1)[0] for k in _kernels}
+    absent = [m for m in MUST_REACH_MODULES if m not in modules]
+    assert not absent, f"no kernel discovered in {absent}: discovery missed them ({sorted(modules)})"
 
 
 def _params():
@@ -97,8 +108,8 @@ def _params():
             marks += [pytest.mark.slow,
                       pytest.mark.skipif(not FULL, reason="full sweep: set WILDACTOR_SM90_FULL=1")]
         if site in KNOWN_SPILLS:
-            # strict where measured (CI's Triton); elsewhere the bytes differ (3.6: only the fused
-            # rotation backward spills, see sm90_resources_triton3.6.md)
+            # strict where measured (CI's Triton); elsewhere the bytes differ (see
+            # sm90_resources_triton3.6.md)
             marks.append(pytest.mark.xfail(strict=MEASURED_ON_THIS_TRITON, reason=KNOWN_SPILLS[site]))
         out.append(pytest.param(site, marks=marks, id=site.replace(" ", "_")))
     return out
