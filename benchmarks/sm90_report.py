@@ -616,6 +616,23 @@ def to_markdown(rep: dict) -> str:
         + ".",
         "",
     ]
+    picks = [r for r in rows if "error" not in r and (r["first_candidate"] or not r["autotuned"])]
+    if picks:
+        yn = {True: "yes", False: "-"}
+        lines += ["Picked configs (what each launch runs first: the launcher's fixed config or the "
+                  "autotuner's first candidate after its early prune; the full table below has every "
+                  "config):", "",
+                  "| kernel | variant | config | warps | stages | regs | spill st/ld B | smem B | CTAs/SM "
+                  "| wgmma | wait N | TMA | setmaxnreg | used by |",
+                  "|" + "---|" * 14]
+        for r in picks:
+            lines.append(
+                f"| `{r['kernel']}` | {_variant(r, varying)} | {_cfg_text(r['config'])} | {r['num_warps']} "
+                f"| {r['num_stages']} | {r['registers']} | "
+                + (f"**{r['spill_store_bytes']}/{r['spill_load_bytes']}**" if r["spills"] else "0/0")
+                + f" | {r['shared_bytes']} | {r['ctas_per_sm']} | {yn[r['wgmma']]} | {_waits(r)} | "
+                f"{yn[r['tma']]} | {yn[r['setmaxnreg']]} | {_sites(r, rep['shapes'])} |")
+        lines.append("")
     if spill:
         lines += ["Spilling configs:", ""]
         for r in spill:
