@@ -2,7 +2,7 @@
 
 The repository keeps this package in its top-level ``model/`` folder; it is installed (and only
 importable) as ``wildactor_kernels.model``. Names are resolved lazily so that importing it
-stays cheap and an optional dependency of one part (onnxruntime, tensorrt, bitsandbytes) never
+stays cheap and an optional dependency of one part (onnxruntime, tensorrt, bitsandbytes, diffusers) never
 breaks the others.
 """
 
@@ -23,6 +23,11 @@ _EXPORTS = {
     "OnnxWildActor": "export.onnx_export",
     "build_engine": "tensorrt",
     "TensorRTWildActor": "tensorrt",
+    "WildActorPipeline": "pipeline",
+    "patch_diffusers_wan": "diffusers_compat",
+    "unpatch_diffusers_wan": "diffusers_compat",
+    "load_adapter_file": "adapter_formats",
+    "AdapterReport": "adapter_formats",
 }
 
 __all__ = sorted(_EXPORTS)
