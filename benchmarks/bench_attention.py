@@ -26,6 +26,23 @@ runs them (modes ``joint``, ``joint-train`` = forward+backward, ``cached``); ``-
 [PATH]`` (implies it) writes those times, summed over the shapes measured, into the dispatcher's
 table (default: the package's ``attention/backend_table.json``, which ``auto`` reads; commit it).
 
+8-bit rows (forward only, inference; docs/design.md §9), against the bf16 rows above:
+
+- ``ours-fp8``        ``asym_attention(..., precision="fp8")`` on the Triton backend: rope pass,
+                      K/V quantization, the int8-QK^T / e4m3-PV kernel (Q quantized inside);
+- ``ours-fp8-kernel`` the 8-bit kernel alone on inputs rotated and K/V quantized beforehand
+                      (Q is still quantized inside): what the prologue passes cost is the
+                      difference to ``ours-fp8``;
+- ``sage-2call``      SageAttention's ``sageattn`` twice (video, references) plus eager rope
+                      (when installed);
+- ``fa3-fp8-2call``   FlashAttention-3's FP8 forward twice plus eager rope and a per-(B, H)
+                      e4m3 cast of q, k, v (when ``flash_attn_interface`` is installed).
+
+Their rows also carry ``cos`` / ``rel_l2`` against SDPA's bf16 output and ``x_vs_cudnn``, the
+speed-up over ``sdpa-cudnn-2call`` on the same shape. FLOP/s count the bf16 FLOPs
+(TFLOP/s-equivalent). Cached mode adds ``ours-fp8`` (reference K/V quantized on every call)
+and ``ours-fp8-cache`` (quantized once by ``quantize_ref_kv``: the per-step cost).
+
 ``--ops cached`` adds the inference path (video queries over ``[k_v; cached ref_k]``, forward
 only): ours in both rope modes against eager rope + ``torch.cat`` + one cuDNN SDPA call.
 
@@ -77,8 +94,12 @@ from wildactor_kernels.rope.reference import apply_rope_ref  # noqa: E402
 SHAPES = harness.DESIGN_SHAPES  # docs/design.md §8
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 JOINT_IMPLS = ("ours-fused", "ours-prologue", "ours-norope", "sdpa-cudnn-2call", "sdpa-flash-2call",
-               "flex-blockmask", "flash-attn-2call", "compile-ref", "ours-hopper", "auto")
-CACHED_IMPLS = ("ours-fused", "ours-prologue", "sdpa-cudnn-cat", "ours-hopper", "auto")
+               "flex-blockmask", "flash-attn-2call", "compile-ref", "ours-hopper", "auto", "ours-fp8",
+               "ours-fp8-kernel", "sage-2call", "fa3-fp8-2call")
+CACHED_IMPLS = ("ours-fused", "ours-prologue", "sdpa-cudnn-cat", "ours-hopper", "auto", "ours-fp8",
+                "ours-fp8-cache")
+#: 8-bit implementations: forward only, rows carry cos / rel_l2 / x_vs_cudnn
+FP8_IMPLS = ("ours-fp8", "ours-fp8-kernel", "sage-2call", "fa3-fp8-2call", "ours-fp8-cache")
 
 
 def _fwd_flops(b, h, d, nv, nr) -> float:
@@ -126,6 +147,60 @@ def _flash_attn_2call():
     return fn
 
 
+def _sage_2call():
+    from sageattention import sageattn  # ImportError -> reported as not installed
+
+    def fn(q, k, v, nv, cos, sin, scale):
+        qr, kr = apply_rope_ref(q, cos, sin), apply_rope_ref(k, cos, sin)
+        outs = []
+        if nv:
+            outs.append(sageattn(qr[:, :nv], kr, v, tensor_layout="NHD", is_causal=False, sm_scale=scale))
+        if q.shape[1] > nv:
+            outs.append(sageattn(qr[:, nv:], kr[:, nv:], v[:, nv:], tensor_layout="NHD",
+                                 is_causal=False, sm_scale=scale))
+        return torch.cat(outs, 1)
+    return fn
+
+
+def _fa3_fp8_2call():
+    from flash_attn_interface import flash_attn_func  # FlashAttention-3 (hopper/) build
+
+    def e4m3(x):  # per-(B, H) scale, the descale layout FA3 takes
+        amax = x.abs().amax(dim=(1, 3)).float().clamp(min=1e-12)
+        xs = (x.float() / (amax / 448.0)[:, None, :, None]).to(torch.float8_e4m3fn)
+        return xs, (amax / 448.0).contiguous()
+
+    def call(q, k, v, scale):
+        (q8, dq), (k8, dk), (v8, dv) = e4m3(q), e4m3(k), e4m3(v)
+        o = flash_attn_func(q8, k8, v8, softmax_scale=scale, causal=False, q_descale=dq,
+                            k_descale=dk, v_descale=dv)
+        return (o[0] if isinstance(o, tuple) else o).to(q.dtype)
+
+    def fn(q, k, v, nv, cos, sin, scale):
+        qr, kr = apply_rope_ref(q, cos, sin), apply_rope_ref(k, cos, sin)
+        outs = []
+        if nv:
+            outs.append(call(qr[:, :nv], kr, v, scale))
+        if q.shape[1] > nv:
+            outs.append(call(qr[:, nv:], kr[:, nv:], v[:, nv:], scale))
+        return torch.cat(outs, 1)
+    return fn
+
+
+def _fp8_metrics(row, out, ref):
+    o, r = out.float().flatten(), ref.float().flatten()
+    row["cos"] = torch.nn.functional.cosine_similarity(o, r, dim=0).item()
+    row["rel_l2"] = ((o - r).norm() / r.norm()).item()
+
+
+def _x_vs_cudnn(rows, cudnn_impl):
+    base = {r["mode"]: r["ms"] for r in rows if r["impl"] == cudnn_impl and r["status"] == "ok"}
+    for r in rows:
+        if r["impl"] in FP8_IMPLS and r["status"] == "ok" and r["mode"] in base:
+            r["x_vs_cudnn"] = base[r["mode"]] / r["ms"]
+            print(f"#   {r['op']} {r['shape']} {r['impl']}: {r['x_vs_cudnn']:.2f}x {cudnn_impl}, "
+                  f"cos {r.get('cos', float('nan')):.5f}, rel L2 {r.get('rel_l2', float('nan')):.4f}",
+                  flush=True)
 def _hopper():
     from wildactor_kernels.attention import hopper  # sm_90+ forward (docs/design.md §9)
 
@@ -152,10 +227,43 @@ def _joint_impls(names, n, nv, device):
         "flex-blockmask": lambda: _flex(n, nv, device),
         "flash-attn-2call": _flash_attn_2call,
         "compile-ref": lambda: torch.compile(asym_attention_ref, dynamic=False),
+        "ours-fp8": lambda: (lambda q, k, v, nv_, c, s, sc:
+                             wk.asym_attention(q, k, v, nv_, c, s, sc, backend="triton",
+                                               precision="fp8")),
+        "ours-fp8-kernel": lambda: _fp8_kernel_only,
+        "sage-2call": _sage_2call,
+        "fa3-fp8-2call": _fa3_fp8_2call,
         "ours-hopper": lambda: _hopper().asym_attention_hopper,
         "auto": lambda: (lambda q, k, v, nv_, c, s, sc: wk.asym_attention(q, k, v, nv_, c, s, sc)),
     }
     return {name: makers[name] for name in names}
+
+
+_CACHE: dict = {}
+
+
+def _fp8_kernel_only(q, k, v, nv, cos, sin, scale):
+    """The 8-bit kernel on rotated q and K/V sets quantized once (outside the timed calls)."""
+    from wildactor_kernels.attention import fp8_kernels as FK
+    from wildactor_kernels.attention.fp8_reference import DEFAULT_BLOCK_N, key_mean
+
+    key = ("joint", k.data_ptr(), v.data_ptr(), tuple(k.shape), nv)
+    if key not in _CACHE:
+        _CACHE.clear()
+        mean = key_mean(k)
+        _CACHE[key] = (FK.quantize_kv_triton(k[:, :nv], v[:, :nv], mean, DEFAULT_BLOCK_N),
+                       FK.quantize_kv_triton(k[:, nv:], v[:, nv:], mean, DEFAULT_BLOCK_N))
+    return FK.fp8_attention_fwd(q, *_CACHE[key], nv, scale)
+
+
+def _fp8_cached_step(q, k, v, rk, rv, cos, sin, scale):
+    """One cached step with the reference K/V quantized once (outside the timed calls)."""
+    key = (rk.data_ptr(), rv.data_ptr(), tuple(rk.shape))
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = wk.attention.quantize_ref_kv(rk, rv)
+    return wk.cached_asym_attention(q, k, v, _CACHE[key], None, cos, sin, scale, backend="triton",
+                                    precision="fp8")
 
 
 def _cached_impls(names):
@@ -169,6 +277,9 @@ def _cached_impls(names):
         "ours-fused": lambda: (lambda *a: K.cached_asym_attention_triton(*a, rope_mode="fused")),
         "ours-prologue": lambda: (lambda *a: K.cached_asym_attention_triton(*a, rope_mode="prologue")),
         "sdpa-cudnn-cat": lambda: sdpa_cat,
+        "ours-fp8": lambda: (lambda q, k, v, rk, rv, cos, sin, scale: wk.cached_asym_attention(
+            q, k, v, rk, rv, cos, sin, scale, backend="triton", precision="fp8")),
+        "ours-fp8-cache": lambda: _fp8_cached_step,
         "ours-hopper": lambda: _hopper().cached_asym_attention_hopper,
         "auto": lambda: (lambda *a: wk.cached_asym_attention(*a)),
     }
@@ -217,10 +328,10 @@ def run_joint(args, shape, device, dtype, peak) -> list[dict]:
     rows = []
     impl_names = [i for i in JOINT_IMPLS if args.impls is None or i in args.impls]
     for name, make in _joint_impls(impl_names, n, nv, device).items():
-        leaf = qkv_rot if name == "ours-norope" else qkv
+        leaf = qkv_rot if name in ("ours-norope", "ours-fp8-kernel") else qkv
         args_of = (lambda t: (*t.unbind(2), nv, cos, sin, scale))
         fn = None
-        for mode in (["fwd"] if args.no_bwd else ["fwd", "fwd+bwd"]):
+        for mode in (["fwd"] if args.no_bwd or name in FP8_IMPLS else ["fwd", "fwd+bwd"]):
             row = dict(op="joint", mode=mode, shape=shape, impl=name, dtype=args.dtype, B=b, H=h, D=d,
                        Nv=nv, Nr=nr)
             if name == "auto":
@@ -232,6 +343,8 @@ def run_joint(args, shape, device, dtype, peak) -> list[dict]:
                     with torch.no_grad():
                         out = fn(*args_of(leaf))
                     row["max_abs_err"] = (out.float() - ref.float()).abs().max().item()
+                    if name in FP8_IMPLS:
+                        _fp8_metrics(row, out, ref)
                     del out
 
                     def call(fn=fn, leaf=leaf):
@@ -247,6 +360,7 @@ def run_joint(args, shape, device, dtype, peak) -> list[dict]:
             _print_row(row)
             rows.append(row)
             torch.cuda.empty_cache()
+    _x_vs_cudnn(rows, "sdpa-cudnn-2call")
     return rows
 
 
@@ -274,8 +388,11 @@ def run_cached(args, shape, device, dtype, peak) -> list[dict]:
         try:
             fn = make()
             with torch.no_grad():
-                row["max_abs_err"] = (fn(q, k, v, rk, rv, cos, sin, scale).float()
-                                      - ref.float()).abs().max().item()
+                out = fn(q, k, v, rk, rv, cos, sin, scale)
+                row["max_abs_err"] = (out.float() - ref.float()).abs().max().item()
+                if name in FP8_IMPLS:
+                    _fp8_metrics(row, out, ref)
+                del out
 
             def call(fn=fn):
                 with torch.no_grad():
@@ -286,6 +403,7 @@ def run_cached(args, shape, device, dtype, peak) -> list[dict]:
         _print_row(row)
         rows.append(row)
         torch.cuda.empty_cache()
+    _x_vs_cudnn(rows, "sdpa-cudnn-cat")
     return rows
 
 

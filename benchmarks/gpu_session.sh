@@ -1,60 +1,121 @@
 #!/usr/bin/env bash
-# One call of a GPU session (benchmarks/GPU_RUNBOOK.md): the device tool runs it from the repo root.
+# The whole GPU session in ONE device call (benchmarks/GPU_RUNBOOK.md): at most 540 s, under the
+# device tool's 570 s limit. The device tool runs it from the repo root:
 #
-#   bash benchmarks/gpu_session.sh tests|kernels|model [OUTDIR] [COMMIT]
+#   bash benchmarks/gpu_session.sh [OUTDIR] [COMMIT]      # OUTDIR default $OUT, else /tmp/wildactor-gpu
+#   bash benchmarks/gpu_session.sh --dry-run              # the plan: budget per step and total, exit 0
 #
-#   tests    wildactor info, nvidia-smi, the whole pytest suite (-rs, junit xml)   budget 300 s
-#   kernels  bench_attention (3 shapes, joint+cached, fwd and fwd+bwd, both rope modes),
-#            bench_lora, bench_quant, bench_rope; then, if time is left, the compiled
-#            peers (FlexAttention, torch.compile) at wan5b-720p                      budget 500 s
-#   model    bench_model, one process per shape (wan5b-720p, wan1.3b-480p), one run  budget 470 s
+# Steps, most valuable first, each under its own limit (seconds, `timeout -s INT`):
+#   info         wildactor info, nvidia-smi                                                    15
+#   attn-fwd     wan5b-720p joint + cached forward: ours (prologue, fused, no-rope) against
+#                SDPA cuDNN two-call and the cuDNN concat form; max|err| vs SDPA at that shape  150
+#   gpu-tests    pytest -m gpu on the attention, rope, LoRA, quant tests (bf16 and fp16),
+#                per-test timeout, no Inductor compiles (TORCH_COMPILE_DISABLE, -k not compile) 120
+#   attn-bwd     wan5b-720p joint forward+backward: ours (prologue, fused) against cuDNN        90
+#   attn-shapes  wan1.3b-480p and wan14b-720p, joint + cached forward                          55
+#   rope         bench_rope (triton, eager), wan5b-720p                                         25
+#   quant        bench_quant --quick (per-layer FP8 GEMM + quantization kernel, memory)         30
+#   lora         bench_lora, the three wan2.2-5b linears, fwd and fwd+bwd                       40
+#   model        if >= 60 s are left: bench_model wan5b-720p at 4 layers, no torch.compile   the rest
 #
-# OUTDIR (default $OUT, else /tmp/wildactor-gpu) receives <stage>.log, tests: junit.xml, and
-# kernels/model: <stage>_results.tar.gz (the files of benchmarks/results/ this call wrote, paths
-# relative to the repo root). The copied tree has no .git: COMMIT (or $WILDACTOR_GIT_COMMIT) is
-# the commit the results are stamped with. Every step runs under `timeout -s INT`: at its limit
-# a benchmark script writes the rows measured so far and the next step runs; steps that no
-# longer fit the stage's budget ($WILDACTOR_STAGE_BUDGET_S) are skipped and logged as such.
-# Without CUDA it is a dry run (the scripts say they have nothing to measure; model: tiny on CPU;
-# files go to OUTDIR/dry-results, never into benchmarks/results). Exit status 1 if a step failed.
+# A step gets min(its limit, the time left of the 540 s budget); a step with under 15 s left
+# is skipped and logged. At its limit a benchmark script writes the rows measured so far
+# (exit 130; the step shows rc 124) and the next step runs. After EVERY step the results are
+# copied into OUTDIR, so a run killed at the device limit still returns data:
+#   OUTDIR/session.log        this log (tee'd as it runs)
+#   OUTDIR/results.tar.gz     the files of benchmarks/results/ this run wrote (paths from the repo root)
+#   OUTDIR/junit.xml          the GPU tests
+# (three files; the device tool returns at most 8 of 16 MiB). The copied tree has no .git:
+# COMMIT (or $WILDACTOR_GIT_COMMIT) stamps the results. Without CUDA (or with --dry-run) the
+# script prints the plan and exits 0. Exit status 1 if a step failed.
 set -uo pipefail
 
-STAGE=${1:-}
-case "$STAGE" in tests | kernels | model) ;; *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|kernels|model [OUTDIR] [COMMIT]" >&2
-    exit 2 ;;
-esac
-OUTDIR=${2:-${OUT:-/tmp/wildactor-gpu}}
-mkdir -p "$OUTDIR"
-OUTDIR=$(cd "$OUTDIR" && pwd)
+SESSION_BUDGET_S=${WILDACTOR_SESSION_BUDGET_S:-540}
+MIN_STEP_S=15
+MODEL_MIN_S=60
+STEPS=(info attn-fwd gpu-tests attn-bwd attn-shapes dispatch rope quant lora model)
+declare -A LIMIT=([info]=15 [attn-fwd]=140 [gpu-tests]=110 [attn-bwd]=90 [attn-shapes]=55
+                  [dispatch]=30 [rope]=25 [quant]=30 [lora]=30 [model]=0)  # model: the time left (>= 60 s)
+
+DRY=0
+if [[ ${1:-} == --dry-run ]]; then
+    DRY=1
+    shift
+fi
+OUTDIR=${1:-${OUT:-/tmp/wildactor-gpu}}
 cd "$(dirname "$0")/.." || exit 2
-export WILDACTOR_GIT_COMMIT=${3:-${WILDACTOR_GIT_COMMIT:-unknown}}
+export WILDACTOR_GIT_COMMIT=${2:-${WILDACTOR_GIT_COMMIT:-unknown}}
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
-LOG=$OUTDIR/$STAGE.log
 T0=$SECONDS
-declare -A DEFAULT_BUDGET=([tests]=300 [kernels]=500 [model]=470)
-BUDGET=${WILDACTOR_STAGE_BUDGET_S:-${DEFAULT_BUDGET[$STAGE]}}
 SUMMARY=()
 FAILED=0
 
-left() { echo $((BUDGET - (SECONDS - T0))); }
+plan() {
+    local total=0 s rest
+    echo "### plan: one run, budget ${SESSION_BUDGET_S} s (device limit 570 s), steps in order of value:"
+    for s in "${STEPS[@]}"; do
+        [[ $s == model ]] || total=$((total + LIMIT[$s]))
+    done
+    rest=$((540 - total))
+    for s in "${STEPS[@]}"; do
+        if [[ $s == model ]]; then
+            printf '###   %-12s %4d s  (the time left, run only if >= %d s)\n' "$s" "$rest" "$MODEL_MIN_S"
+        else
+            printf '###   %-12s %4d s\n' "$s" "${LIMIT[$s]}"
+        fi
+    done
+    echo "### planned total: ${total} s of fixed steps + model up to ${rest} s = $((total + rest)) s max (<= 540: $( ((total <= 540)) && echo ok || echo OVER))"
+    if ((SESSION_BUDGET_S < 540)); then
+        echo "### this run's budget is ${SESSION_BUDGET_S} s (WILDACTOR_SESSION_BUDGET_S): the last steps are cut or skipped"
+    fi
+    ((total <= 540 && SESSION_BUDGET_S <= 540))
+}
 
-# step NAME LIMIT_S CMD...: run CMD under `timeout -s INT` with min(LIMIT_S, time left) seconds
+left() { echo $((SESSION_BUDGET_S - (SECONDS - T0))); }
+
+collect() {  # copy what this run wrote so far into OUTDIR (after every step)
+    local files
+    files=$(find benchmarks/results -type f -newer "$STAMP" 2>/dev/null | sort)
+    if [[ -n $files ]]; then
+        # shellcheck disable=SC2086
+        tar czf "$OUTDIR/results.tar.gz.tmp" $files && mv "$OUTDIR/results.tar.gz.tmp" "$OUTDIR/results.tar.gz"
+        local size
+        size=$(stat -c %s "$OUTDIR/results.tar.gz" 2>/dev/null || echo 0)
+        echo "### collect: results.tar.gz $((size / 1024)) KiB, $(echo "$files" | wc -l) files"
+        ((size < 16 * 1024 * 1024)) || echo "### collect: WARNING results.tar.gz is over 16 MiB: the device tool will not return it"
+    fi
+    sync
+}
+
+# step NAME CMD...: run CMD under `timeout -s INT` with min(LIMIT[NAME], time left - 5) seconds
 step() {
-    local name=$1 limit=$2 l rc t
-    shift 2
-    l=$(left)
-    if ((l < 15)); then
-        echo "### $name: skipped, ${l} s left of the ${BUDGET} s budget"
+    local name=$1 limit=${LIMIT[$1]} l rc t
+    shift
+    if ((DRY)); then
+        [[ -e $2 || $2 == -m ]] || { echo "### $name: MISSING $2"; FAILED=1; }
+        echo "### $name ($([[ $name == model ]] && echo "the time left" || echo "${limit} s")): $*"
+        return 0
+    fi
+    l=$(($(left) - 5))
+    if [[ $name == model ]]; then
+        if ((l < MODEL_MIN_S)); then
+            echo "### $name: skipped, ${l} s left (needs ${MODEL_MIN_S} s)"
+            SUMMARY+=("$name: skipped (budget)")
+            return 0
+        fi
+        limit=$l
+    fi
+    if ((l < MIN_STEP_S)); then
+        echo "### $name: skipped, ${l} s left of the ${SESSION_BUDGET_S} s budget"
         SUMMARY+=("$name: skipped (budget)")
         return 0
     fi
     ((limit > l)) && limit=$l
-    echo "### $name: start $(date -u +%H:%M:%S), limit ${limit} s: $*"
+    echo "### $name: start $(date -u +%H:%M:%S) (t=$((SECONDS - T0)) s), limit ${limit} s: $*"
     t=$SECONDS
-    timeout -s INT -k 20 "$limit" "$@"
+    timeout -s INT -k 10 "$limit" "$@"
     rc=$?
     ((rc == 0)) || FAILED=1
     case $rc in
@@ -62,98 +123,75 @@ step() {
     esac
     echo "### $name: rc=$rc after $((SECONDS - t)) s"
     SUMMARY+=("$name: rc=$rc $((SECONDS - t)) s")
-}
-
-# optional NAME LIMIT_S CMD...: step only if the whole LIMIT_S still fits the budget
-optional() {
-    local name=$1 limit=$2
-    if (($(left) < limit + 15)); then
-        echo "### $name: skipped, $(left) s left, needs ${limit} s"
-        SUMMARY+=("$name: skipped (budget)")
-        return 0
-    fi
-    step "$@"
+    collect
 }
 
 gpu_state() {
+    ((DRY)) && return 0
     nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
         --format=csv 2>&1 || echo "nvidia-smi not available"
 }
 
-pack() {  # the files of benchmarks/results/ this call wrote, paths relative to the repo root
-    local files
-    files=$(find benchmarks/results -type f -newer "$STAMP" 2>/dev/null)
-    if [[ -z $files ]]; then
-        echo "### pack: no result files written"
-        return 0
-    fi
-    # shellcheck disable=SC2086
-    tar czf "$OUTDIR/${STAGE}_results.tar.gz" $files && echo "### pack: $OUTDIR/${STAGE}_results.tar.gz:" && tar tzf "$OUTDIR/${STAGE}_results.tar.gz"
-}
-
-run_tests() {
-    step info 60 "$PY" -m wildactor_kernels.model.cli info
-    gpu_state
+run_all() {
+    local att=(benchmarks/bench_attention.py --min-reps 5)
+    local fwd_impls=(ours-prologue ours-fused ours-norope ours-hopper auto sdpa-cudnn-2call sdpa-cudnn-cat)
+    local tests=(tests/test_attention_kernels.py tests/test_rope_kernels.py tests/test_lora_kernels.py
+                 tests/test_lora_module.py tests/test_quant.py tests/test_attention_hopper.py
+                 tests/test_attention_dispatch.py tests/test_attention_fp8.py)
     local extra=()
-    if [[ $CUDA == 1 ]] && "$PY" -c "import xdist" 2>/dev/null; then
-        extra+=(-n 8 --dist load)  # 8 workers on 16 cores: the Triton compiles of the tests overlap
-    fi
-    if "$PY" -c "import pytest_timeout" 2>/dev/null; then
-        extra+=(--timeout 240)
-    fi
-    # shellcheck disable=SC2086
-    step pytest $(($(left) - 10)) "$PY" -m pytest -q ${PYTEST_TARGETS:-tests} -rs -p no:cacheprovider \
-        --durations=25 --junitxml="$OUTDIR/junit.xml" "${extra[@]}"
-}
-
-run_kernels() {
-    gpu_state
-    local att=(--shapes wan5b-720p wan1.3b-480p wan14b-720p --ops joint cached)
-    step attention 280 "$PY" benchmarks/bench_attention.py "${att[@]}" --impls ours-fused ours-prologue \
-        ours-norope sdpa-cudnn-2call sdpa-flash-2call flash-attn-2call sdpa-cudnn-cat ours-hopper auto
-    step lora 90 "$PY" benchmarks/bench_lora.py
-    if [[ $CUDA == 1 ]]; then
-        step quant 75 "$PY" benchmarks/bench_quant.py
+    if ((DRY)); then
+        extra+=(--timeout 60 -n 4 --dist load)
     else
-        step quant 75 "$PY" benchmarks/bench_quant.py --sections memory --out-dir "$OUTDIR/dry-results"
+        "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 60)
+        "$PY" -c "import xdist" 2>/dev/null && extra+=(-n 4 --dist load)  # the tests' Triton compiles overlap
     fi
-    step rope 45 "$PY" benchmarks/bench_rope.py --impls triton eager --out bench_rope.json
-    optional attention-compiled-peers 150 "$PY" benchmarks/bench_attention.py --shapes wan5b-720p --ops joint \
-        --impls flex-blockmask compile-ref
-    # the auto dispatcher's candidates, timed as auto runs them; the table lands in $OUTDIR
+
+    step info "$PY" -m wildactor_kernels.model.cli info
+    gpu_state
+    step attn-fwd "$PY" "${att[@]}" --shapes wan5b-720p --ops joint cached --no-bwd --impls "${fwd_impls[@]}"
+    TORCH_COMPILE_DISABLE=1 step gpu-tests "$PY" -m pytest -q "${tests[@]}" -m gpu -k "not compile" -rs \
+        -p no:cacheprovider --durations=15 --junitxml="$OUTDIR/junit.xml" "${extra[@]}"
+    step attn-bwd "$PY" "${att[@]}" --shapes wan5b-720p --ops joint --impls ours-prologue ours-fused sdpa-cudnn-2call
+    step attn-shapes "$PY" "${att[@]}" --shapes wan1.3b-480p wan14b-720p --ops joint cached --no-bwd \
+        --impls "${fwd_impls[@]}"
+    # the auto dispatcher's candidates timed as auto runs them; the table lands in $OUTDIR
     # (commit it as wildactor_kernels/attention/backend_table.json)
-    optional attention-dispatch 120 "$PY" benchmarks/bench_attention.py --shapes wan5b-720p --no-bwd \
-        --ops dispatch --write-table "$OUTDIR/backend_table.json"
-    optional rope-compile 60 "$PY" benchmarks/bench_rope.py --shapes wan5b-720p --impls compile --out bench_rope.json
-    pack
-}
-
-run_model() {
+    step dispatch "$PY" benchmarks/bench_attention.py --shapes wan5b-720p --no-bwd --ops dispatch \
+        --write-table "$OUTDIR/backend_table.json"
+    step rope "$PY" benchmarks/bench_rope.py --shapes wan5b-720p --impls triton eager --out bench_rope.json
+    step quant "$PY" benchmarks/bench_quant.py --quick
+    step lora "$PY" benchmarks/bench_lora.py
+    step model "$PY" benchmarks/bench_model.py --shapes wan5b-720p --layers 4 --no-compile --paths eager ours-bf16 ours-fp8
     gpu_state
-    if [[ $CUDA == 1 ]]; then
-        step model-wan5b-720p 260 "$PY" benchmarks/bench_model.py --shapes wan5b-720p --compile-timeout 90
-        step model-wan1.3b-480p 200 "$PY" benchmarks/bench_model.py --shapes wan1.3b-480p --compile-timeout 90
-    else
-        step model-tiny-cpu 120 "$PY" benchmarks/bench_model.py --device cpu --shapes tiny \
-            --json "$OUTDIR/dry-results/model_step.jsonl"
-    fi
-    pack
 }
 
 main() {
-    echo "### gpu_session $STAGE: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $WILDACTOR_GIT_COMMIT, budget ${BUDGET} s, out $OUTDIR"
-    CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
-    [[ $CUDA == 1 ]] || echo "### no CUDA device: dry run"
-    # kernels/model: one run id for every script of this call (several processes, one session)
-    [[ $STAGE == tests ]] || export WILDACTOR_RUN_ID=${WILDACTOR_RUN_ID:-$(date -u +%Y%m%dT%H%M%SZ)-$STAGE}
+    echo "### gpu_session: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $WILDACTOR_GIT_COMMIT, out $OUTDIR"
+    plan || return 1
+    local cuda=0
+    ((DRY)) || cuda=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+    if [[ $cuda != 1 ]]; then
+        echo "### dry run (no CUDA device or --dry-run): the commands, nothing measured"
+        DRY=1
+        run_all
+        return "$FAILED"
+    fi
+    export WILDACTOR_RUN_ID=${WILDACTOR_RUN_ID:-$(date -u +%Y%m%dT%H%M%SZ)-session}  # one run id for every script
     STAMP=$(mktemp)
     sleep 1  # files written from now on are newer than the stamp
-    "run_$STAGE"
+    run_all
+    collect
     rm -f "$STAMP"
-    echo "### gpu_session $STAGE done in $((SECONDS - T0)) s:"
+    echo "### gpu_session done in $((SECONDS - T0)) s:"
     printf '###   %s\n' "${SUMMARY[@]}"
     return "$FAILED"
 }
 
-main 2>&1 | tee -a "$LOG"
+if ((DRY)); then
+    main
+    exit $?
+fi
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+main 2>&1 | tee "$OUTDIR/session.log"
 exit "${PIPESTATUS[0]}"

@@ -308,7 +308,8 @@ def check_quantize_report(args: argparse.Namespace) -> None:
 def cmd_quantize_report(args: argparse.Namespace) -> int:
     from .quant import run_quantize_report
 
-    run_quantize_report(args.preset, args.mode, device=args.device, layers=args.layers)
+    run_quantize_report(args.preset, args.mode, device=args.device, layers=args.layers,
+                        attention=args.attention)
     return 0
 
 
@@ -504,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
              "signal-to-quantization-noise ratio (SQNR, in dB; higher is better) of every converted "
              "layer and of the model output.",
              ["wildactor quantize-report --preset tiny --mode fp8",
-              "wildactor quantize-report --preset wan2.2-5b --layers 2 --mode int8"], presets=True)
+              "wildactor quantize-report --preset wan2.2-5b --layers 2 --mode int8",
+              "wildactor quantize-report --preset tiny --mode fp8 --attention fp8"], presets=True)
     s.add_argument("--preset", default="tiny", choices=presets, metavar="NAME",
                    help="model configuration (default: tiny)")
     s.add_argument("--mode", default="fp8", choices=["fp8", "int8", "nf4"],
@@ -513,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build only this many transformer blocks (e.g. 2 to try a big preset quickly)")
     s.add_argument("--device", type=_device_name, default=None,
                    help="cpu, cuda or cuda:N (default: cuda if a CUDA device is present, else cpu)")
+    s.add_argument("--attention", default=None, choices=["fp8"],
+                   help="also run self-attention in 8 bits (inference only; default: the model's dtype)")
     s.set_defaults(func=cmd_quantize_report, check=check_quantize_report)
 
     _add_export(sub)

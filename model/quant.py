@@ -242,7 +242,8 @@ def quantized_modules(m: nn.Module) -> dict[str, nn.Module]:
 def quantize_model(m: nn.Module, mode: str, *,
                    module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
                    emulate: bool | None = None,
-                   config: Float8Config | Int8Config | NF4Config | None = None) -> nn.Module:
+                   config: Float8Config | Int8Config | NF4Config | None = None,
+                   attention: str | None = None) -> nn.Module:
     """Convert the base linears of ``m`` in place and return ``m``.
 
     Args:
@@ -256,14 +257,21 @@ def quantize_model(m: nn.Module, mode: str, *,
             when it falls back).
         config: a :class:`Float8Config` / :class:`Int8Config` / :class:`NF4Config` matching
             ``mode`` (default: the dataclass defaults).
+        attention: None (attention stays in the activations' dtype) or ``"fp8"``: every
+            self-attention (``precision`` attribute, ``attn1``) runs 8-bit attention
+            (``asym_attention(..., precision="fp8")``, docs/design.md §9). Inference only: a
+            gradient through it raises. A quantization flag rather than a config field because,
+            like the FP8 linears, it is an inference-time transform of a trained model.
     Returns:
-        ``m``, with ``m.quantization = {"mode", "config", "converted": [fqn, ...]}``.
+        ``m``, with ``m.quantization = {"mode", "config", "converted": [fqn, ...], "attention"}``.
     Raises:
         ValueError: unknown mode, config of the wrong type, ``emulate`` with a bitsandbytes
             mode, or no layer matched. ImportError: bitsandbytes missing for int8 / nf4.
     """
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; valid modes: {', '.join(MODES)}")
+    if attention not in (None, "fp8"):
+        raise ValueError(f"attention must be None or 'fp8', got {attention!r}")
     if config is None:
         config = _CONFIG_TYPES[mode]()
     if not isinstance(config, _CONFIG_TYPES[mode]):
@@ -302,7 +310,11 @@ def quantize_model(m: nn.Module, mode: str, *,
         for r, n in reasons.items():
             log("quantize_model('fp8'): %d of %d layers use the emulated FP8 GEMM: %s", n, len(converted), r)
     prev = getattr(m, "quantization", None)
-    info = {"mode": mode, "config": config, "converted": converted}
+    info = {"mode": mode, "config": config, "converted": converted, "attention": attention}
+    if attention is not None:
+        for mod in m.modules():
+            if hasattr(mod, "attend") and hasattr(mod, "precision"):  # SelfAttention (attn1)
+                mod.precision = attention
     if isinstance(prev, dict) and prev.get("converted"):  # a second call on other layers
         info["converted"] = list(prev["converted"]) + converted
     object.__setattr__(m, "quantization", info)
@@ -512,14 +524,15 @@ def _randomize_adapters(m: nn.Module, seed: int) -> None:
 
 def run_quantize_report(preset: str, mode: str, *, device: str | torch.device | None = None,
                         layers: int | None = None, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                        print_table: bool = True) -> dict:
+                        print_table: bool = True, attention: str | None = None) -> dict:
     """Build a random WildActor (``preset``, ``layers`` blocks), quantize a copy with ``mode`` and
     return :func:`quantization_report` on random latents, text and two references (face, body),
     with ``report["table"]`` the markdown table (printed unless ``print_table=False``).
 
     ``device=None`` picks CUDA when available. ``layers``: override the depth (for a
     wan2.2-5b-shaped stack on CPU use ``layers=2``). ``dtype``: model and input dtype (bf16: the
-    SQNR is measured against the bf16 model, as docs/design.md §7 states).
+    SQNR is measured against the bf16 model, as docs/design.md §7 states). ``attention="fp8"``:
+    8-bit self-attention too (:func:`quantize_model`'s flag).
     """
     from .config import WildActorConfig
     from .wildactor import WildActor
@@ -532,9 +545,9 @@ def run_quantize_report(preset: str, mode: str, *, device: str | torch.device | 
     m_ref = WildActor(cfg)
     _randomize_adapters(m_ref, seed)
     m_ref = m_ref.to(device=device, dtype=dtype).eval()
-    m_q = quantize_model(copy.deepcopy(m_ref), mode)
+    m_q = quantize_model(copy.deepcopy(m_ref), mode, attention=attention)
     rep = quantization_report(m_ref, m_q, _random_inputs(cfg, device, dtype, seed))
-    rep.update(preset=preset, num_layers=cfg.num_layers, device=str(device),
+    rep.update(preset=preset, num_layers=cfg.num_layers, device=str(device), attention=attention,
                dtype=str(dtype).replace("torch.", ""))
     rep["table"] = (f"preset {preset} ({cfg.num_layers} layers, dim {cfg.dim}), {rep['dtype']} on {device}\n"
                     + format_report(rep))

@@ -128,7 +128,8 @@ def rerotate_keys(ks: Sequence[Tensor], cfg: WildActorConfig, num_ref: int, from
 
 def bind_ref_cache(cache: RefCache, cfg: WildActorConfig, video_grid: Sequence[int], batch_size: int, *,
                    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                   backend: str = "auto", stacked: bool = False, memo: bool = True):
+                   backend: str = "auto", stacked: bool = False, memo: bool = True,
+                   quantize: bool = False):
     """A reference cache made ready for one denoising call.
 
     Args:
@@ -140,6 +141,9 @@ def bind_ref_cache(cache: RefCache, cfg: WildActorConfig, video_grid: Sequence[i
         backend: kernel backend of the key re-rotation (needed only when the grids differ).
         stacked: return two stacked contiguous tensors ``[L, B, Nr, H, D]`` (the graph inputs of
             the exported denoiser) instead of two lists of ``L`` tensors ``[B, Nr, H, D]``.
+        quantize: 8-bit attention reads a quantized cache: each layer's keys become a
+            :class:`wildactor_kernels.attention.QuantizedKV` (values inside; the values list
+            holds ``None``), made once per grid and memoised like the rest.
         memo: keep the result on the cache (``cache._bound``) for the next call with the same
             grid, batch, device, dtype, backend and layout; every step of a generation then
             reuses it. ``False`` for a one-off cache.
@@ -160,8 +164,10 @@ def bind_ref_cache(cache: RefCache, cfg: WildActorConfig, video_grid: Sequence[i
     if cache.num_layers != cfg.num_layers:
         raise ValueError(f"ref_cache has {cache.num_layers} layers; this model has {cfg.num_layers}")
     grid = tuple(video_grid)
+    if quantize and stacked:
+        raise ValueError("quantize=True gives per-layer QuantizedKV, not stacked tensors")
     key = (grid, batch_size, None if device is None else str(device), dtype, backend, stacked,
-           cfg.spatial_shift, cfg.ref_time, cfg.theta, cfg.head_dim)
+           cfg.spatial_shift, cfg.ref_time, cfg.theta, cfg.head_dim, quantize)
     if cache._bound is not None and cache._bound[0] == key:  # same call as the previous step
         ks, vs = cache._bound[1], cache._bound[2]
         return (ks, vs) if stacked else (list(ks), list(vs))
@@ -171,6 +177,9 @@ def bind_ref_cache(cache: RefCache, cfg: WildActorConfig, video_grid: Sequence[i
     ks, vs = bound.k, bound.v
     if stacked:
         ks, vs = torch.stack(ks).contiguous(), torch.stack(vs).contiguous()
+    elif quantize:
+        ks = [wk.attention.quantize_ref_kv(k, v, backend=backend) for k, v in zip(ks, vs)]
+        vs = [None] * len(ks)
     if memo:
         cache._bound = (key, ks, vs)
     return (ks, vs) if stacked else (list(ks), list(vs))

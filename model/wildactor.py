@@ -196,6 +196,9 @@ class SelfAttention(nn.Module):
         self.to_out = nn.ModuleList([lin()])
         self.norm_q = RMSNorm(d, cfg.eps, device=device, dtype=dtype)
         self.norm_k = RMSNorm(d, cfg.eps, device=device, dtype=dtype)
+        # None: attention in the activations' dtype; "fp8": 8-bit attention (inference only),
+        # set by quantize_model(..., attention="fp8")
+        self.precision: str | None = None
 
     @property
     def backend(self) -> str:
@@ -220,9 +223,10 @@ class SelfAttention(nn.Module):
         video queries also read the cached reference keys.
         """
         if ref_kv is None:
-            o = wk.asym_attention(q, k, v, num_video, backend=self.backend)
+            o = wk.asym_attention(q, k, v, num_video, backend=self.backend, precision=self.precision)
         else:
-            o = wk.cached_asym_attention(q, k, v, ref_kv[0], ref_kv[1], backend=self.backend)
+            o = wk.cached_asym_attention(q, k, v, ref_kv[0], ref_kv[1], backend=self.backend,
+                                         precision=self.precision)
         return self.to_out[0](o.flatten(2), num_video)
 
 
@@ -608,8 +612,9 @@ class WildActor(nn.Module):
         expanded to ``batch_size``, model dtype and device (see
         :func:`~wildactor_kernels.model.references.bind_ref_cache`; memoised on the cache, so a
         grid-free cache costs one rotation per generation)."""
+        fp8 = any(getattr(b.attn1, "precision", None) == "fp8" for b in self.blocks)
         return bind_ref_cache(cache, self.cfg, video_grid, batch_size, device=self.device,
-                              dtype=self.dtype, backend=self.backend)
+                              dtype=self.dtype, backend=self.backend, quantize=fp8)
 
     def forward(self, latents: Tensor | None = None, timestep: Tensor | float | None = None,
                 context: Tensor | None = None, refs: Sequence[Reference] | None = None,

@@ -54,6 +54,18 @@ def nan_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", lambda *a, **k: _fill(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _fill(real_empty_like(*a, **k)))
     yield
+    # torch's device context (``with torch.device("meta")``) caches its set of factory functions on
+    # first use; filled while torch.empty was patched (e.g. by a torch.compile trace in a test using
+    # this fixture), it would hold the patch and later contexts would stop applying to torch.empty.
+    _clear_device_constructors()
+
+
+def _clear_device_constructors() -> None:
+    from torch.utils import _device
+
+    cached = getattr(_device, "_device_constructors", None)
+    if hasattr(cached, "cache_clear"):
+        cached.cache_clear()
 
 
 @pytest.fixture(autouse=True)

@@ -166,8 +166,6 @@ def _without_package_inits(edges: dict[str, set[str]]) -> dict[str, set[str]]:
     return {m: {w for w in ws if not (w in pkgs and m.startswith(w + "."))} for m, ws in edges.items()}
 
 
-@pytest.mark.xfail(strict=True, reason="two known cycles (weights <-> wildactor, export <-> tensorrt), "
-                   "being broken up; remove this marker with them")
 def test_no_import_cycles():
     cycles = _cycles(_without_package_inits(_graph()[0]))
     assert not cycles, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)

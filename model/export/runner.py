@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-import wildactor_kernels as wk
 from wildactor_kernels import TokenLayout
 
 from ..config import WildActorConfig
+from ..references import RefCache, Reference, bind_ref_cache
 from .contract import MANIFEST, patchify_references, rope_tables, video_grid
 
 __all__ = ["load_manifest", "TwoGraphRunner"]
@@ -40,24 +40,6 @@ def load_manifest(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 # =========================================================================== runners
-def _rebind_keys(ks: Sequence[torch.Tensor], cfg: WildActorConfig, num_ref: int,
-                 from_grid: Sequence[int], to_grid: Sequence[int]) -> list[torch.Tensor]:
-    """Re-rotate cached reference keys from one video grid to another.
-
-    Every reference token moves by the same position offset when the grid changes, and
-    rotations compose additively (``R(p + o) = R(o) R(p)``), so one extra rotation suffices.
-    """
-    if tuple(from_grid) == tuple(to_grid):
-        return list(ks)
-    s = 1 if cfg.spatial_shift else 0
-    (t0, h0, w0), (t1, h1, w1) = from_grid, to_grid
-    off = torch.tensor([[t1 - t0, (h1 - h0) * s, (w1 - w0) * s]], dtype=torch.int64)
-    cos, sin = wk.rope_cos_sin(off.expand(num_ref, 3), cfg.head_dim, cfg.theta)
-    return [wk.apply_rope(k, cos.to(k.device), sin.to(k.device), backend="reference") for k in ks]
-
-
-
-
 def _as_tensor(x: Any) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
 
@@ -117,8 +99,6 @@ class TwoGraphRunner(ABC):
             video_shape: video latent shape to rotate the keys for; default a grid-free cache
                 (bound to the video grid, with one extra key rotation, when used).
         """
-        from ..wildactor import RefCache, Reference
-
         refs = list(refs or [])
         for i, r in enumerate(refs):
             if not isinstance(r, Reference):
@@ -138,35 +118,10 @@ class TwoGraphRunner(ABC):
 
     def _bind(self, cache, grid: tuple[int, int, int], b: int, memo: bool = True
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stacked ``ref_k, ref_v [L, b, Nr, H, D]`` of a cache, rotated for ``grid``.
-
-        One cache serves every denoising step, so the bound copy is kept for the next call with
-        the same cache object (held by reference; treat a cache as immutable once made).
-        """
-        from ..wildactor import RefCache
-
-        if not isinstance(cache, RefCache):
-            raise TypeError(f"ref_cache must be a RefCache, got {type(cache).__name__}")
-        if cache.num_layers == 0:
-            return self._empty_kv(b)
-        if cache.num_layers != self.cfg.num_layers:
-            raise ValueError(f"ref_cache has {cache.num_layers} layers; the graphs have "
-                             f"{self.cfg.num_layers}")
-        if memo and getattr(self, "_bound_src", None) is cache and self._bound_key == (grid, b):
-            return self._bound
-        full = cache.expand(b)
-        ks = [k.to(self.device) for k in full.k]
-        ks = _rebind_keys(ks, self.cfg, full.num_ref, full.video_grid, grid)
-        k = torch.stack(ks).contiguous()
-        v = torch.stack([t.to(self.device) for t in full.v]).contiguous()
-        if memo:
-            self._bound_src, self._bound_key, self._bound = cache, (grid, b), (k, v)
-        return k, v
-
-    def _empty_kv(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.cfg
-        z = torch.zeros(c.num_layers, b, 0, c.num_heads, c.head_dim, device=self.device)
-        return z, z
+        """Stacked ``ref_k, ref_v [L, b, Nr, H, D]`` of a cache, rotated for ``grid``: the model's
+        own binding (:func:`wildactor_kernels.model.references.bind_ref_cache`), memo included."""
+        return bind_ref_cache(cache, self.cfg, grid, b, device=self.device, backend="reference",
+                              stacked=True, memo=memo)
 
     def __call__(self, latents, timestep, context, refs=None, ref_cache=None) -> torch.Tensor:
         return self.forward(latents, timestep, context, refs=refs, ref_cache=ref_cache)
@@ -205,7 +160,7 @@ class TwoGraphRunner(ABC):
         elif ref_cache is not None:
             k, v = self._bind(ref_cache, grid, b)
         else:
-            k, v = self._empty_kv(b)
+            k, v = self._bind(RefCache([], [], [], grid), grid, b, memo=False)
         cos, sin = self.rope_tables(TokenLayout(grid))
         dev = self.device
         return self._denoise(latents.to(dev), t.to(dev).contiguous(), context.to(dev), k, v, cos, sin)

@@ -12,6 +12,7 @@ from .._utils import (
     check_tensor,
     resolve_backend,
 )
+from . import fp8_op
 from .reference import asym_attention_ref, cached_asym_attention_ref
 
 #: Accepted values of ``rope_mode`` (None: the Triton module's default, ``kernels.ROPE_MODE``).
@@ -39,7 +40,7 @@ def _check_rope_mode(rope_mode: object) -> None:
 def asym_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_video: int,
                    cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
                    scale: float | None = None, backend: str = "auto",
-                   rope_mode: str | None = None) -> torch.Tensor:
+                   rope_mode: str | None = None, precision: str | None = None) -> torch.Tensor:
     """Asymmetric identity-preserving attention (AIPA).
 
     Video queries (the first ``num_video`` tokens) attend to all N keys; reference queries
@@ -57,8 +58,10 @@ def asym_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_video:
             (``wildactor_kernels.attention.kernels.ROPE_MODE``). Both give the same result up to
             rounding; it only changes the speed. Validated on every backend, ignored by the
             reference backend (and when cos/sin are None).
+        precision: None (the input dtype) or ``"fp8"``: 8-bit attention (``fp8_reference.py``),
+            forward only: a gradient through it raises.
     Returns:
-        ``[B, N, H, D]`` in the dtype of q. Differentiable in q, k, v.
+        ``[B, N, H, D]`` in the dtype of q. Differentiable in q, k, v (``precision=None``).
     """
     _check_qkv(("q", "k", "v"), q, k, v)
     b, n, h, d = q.shape
@@ -66,6 +69,8 @@ def asym_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_video:
     check_rope_tables(cos, sin, n, d)
     check_same_device(q=q, k=k, v=v, cos=cos, sin=sin)
     _check_rope_mode(rope_mode)
+    if fp8_op.check_precision(precision):
+        return fp8_op.asym_attention_fp8(q, k, v, num_video, cos, sin, scale, backend)
     if resolve_backend(backend, q) == "reference":
         return asym_attention_ref(q, k, v, num_video, cos, sin, scale)
     if backend == "auto":  # on CUDA: the measured choice of dispatch.py (docs/design.md §9)
@@ -81,7 +86,7 @@ def cached_asym_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tenso
                           ref_k: torch.Tensor, ref_v: torch.Tensor,
                           cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
                           scale: float | None = None, backend: str = "auto",
-                          rope_mode: str | None = None) -> torch.Tensor:
+                          rope_mode: str | None = None, precision: str | None = None) -> torch.Tensor:
     """Video queries over ``[video K/V; cached reference K/V]``, without concatenating them.
 
     Args:
@@ -89,9 +94,14 @@ def cached_asym_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tenso
         ref_k, ref_v: ``[B, Nr, H, D]`` cached reference keys (already rotated) and values.
         scale, backend, rope_mode: as in :func:`asym_attention` (``rope_mode`` concerns the
             rotation of q_v and k_v only; the cached keys are never rotated again).
+        precision: as in :func:`asym_attention`. With ``"fp8"``, ``ref_k`` may be a
+            ``QuantizedKV`` from ``quantize_ref_kv(ref_k, ref_v)`` (then ``ref_v=None``).
     Returns:
         ``[B, Nv, H, D]`` in the dtype of q_v.
     """
+    if fp8_op.check_precision(precision, ref_k):
+        _check_rope_mode(rope_mode)
+        return fp8_op.cached_asym_attention_fp8(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale, backend)
     _check_qkv(("q_v", "k_v", "v_v"), q_v, k_v, v_v)
     check_tensor("ref_k", ref_k, ndim=4, floating=True)
     check_tensor("ref_v", ref_v, ndim=4, floating=True)
