@@ -424,6 +424,14 @@ class WildActor(nn.Module):
         Wan pipelines take a WildActor as their ``transformer``. ``cfg`` is the real config."""
         return DiffusersConfig(self.cfg.to_diffusers_config())
 
+    @config.setter
+    def config(self, value: Mapping) -> None:
+        # the view is derived from cfg; assigning the same view is allowed (code written for a
+        # diffusers module may do it), a different one would disagree with the weights
+        if not isinstance(value, Mapping) or dict(value) != dict(self.config):
+            raise AttributeError("WildActor.config is derived from WildActor.cfg; change cfg (cfg.replace(...)) "
+                                 "instead of assigning another config")
+
     @contextlib.contextmanager
     def cache_context(self, name: str, **kwargs):
         """diffusers' per-call cache context (``"cond"`` / ``"uncond"``): WildActor has no step
