@@ -110,7 +110,8 @@ class AdapterReport:
                  if self.scale is not None else
                  f"{self.format} adapter {self.source} ({self.apply}): {len(self.mapped)} LoRA pairs mapped"]
         if self.mapped:
-            lines.append("  mapped:" + weights.summarize_keys(sorted(set(self.mapped.values()))).replace("\n", "\n  "))
+            mapped = sorted(set(self.mapped.values()))
+            lines.append("  mapped:" + weights.summarize_keys(mapped).replace("\n", "\n  "))
         if self.zeroed:
             lines.append("  left at zero (not in the file):"
                          + weights.summarize_keys(self.zeroed).replace("\n", "\n  "))
@@ -181,8 +182,8 @@ def _apply_pairs(model: nn.Module, pairs: dict[str, tuple[torch.Tensor, torch.Te
         _check_tensor(m + ".lora_A", a, source)
         _check_tensor(m + ".lora_B", b, source)
         if a.shape[0] != b.shape[1]:
-            raise ValueError(f"{source}: {m}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} disagree on "
-                             f"the rank (nothing was loaded)")
+            raise ValueError(f"{source}: {m}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                             f"disagree on the rank (nothing was loaded)")
     ranks = sorted({a.shape[0] for a, _ in pairs.values()})
     report.rank = ranks[0] if len(ranks) == 1 else None
     if apply == "fuse":
@@ -196,13 +197,14 @@ def _apply_pairs(model: nn.Module, pairs: dict[str, tuple[torch.Tensor, torch.Te
     unknown = sorted(m for m in pairs if m not in slots)
     if unknown:
         raise ValueError(f"{source}: {len(unknown)} LoRA modules have no reference-adapter slot in WildActor "
-                         f"(slots: self-attention q/k/v/o and the two FFN linears); nothing was loaded. A LoRA "
-                         f"trained on every token loads with apply='fuse':" + weights.summarize_keys(unknown))
+                         "(slots: self-attention q/k/v/o and the two FFN linears); nothing was loaded. "
+                         "A LoRA trained on every token loads with apply='fuse':"
+                         + weights.summarize_keys(unknown))
     rank = model.cfg.lora_rank
     if ranks and ranks != [rank]:
-        raise ValueError(f"{source} holds rank-{ranks} adapters; this model has lora_rank={rank}. Build it with "
-                         f"lora_rank={ranks[0]} (e.g. WildActor.from_diffusers(t, lora_rank={ranks[0]})); nothing "
-                         f"was loaded")
+        raise ValueError(f"{source} holds rank-{ranks} adapters; this model has lora_rank={rank}. "
+                         f"Build it with lora_rank={ranks[0]} (e.g. WildActor.from_diffusers(t, "
+                         f"lora_rank={ranks[0]})); nothing was loaded")
     # one scale for the model (its alpha); a module whose own scale differs gets the ratio folded into B
     base = max(set(scales.values()), key=list(scales.values()).count) if scales else 1.0
     new: dict[str, torch.Tensor] = {}
@@ -218,7 +220,8 @@ def _apply_pairs(model: nn.Module, pairs: dict[str, tuple[torch.Tensor, torch.Te
             report.zeroed.append(m)
     folded = sorted(m for m in pairs if scales[m] != base)
     if folded:
-        report.notes.append(f"{len(folded)} modules have their own alpha; their scale ratio was folded into lora_B")
+        report.notes.append(f"{len(folded)} modules have their own alpha; their scale ratio was folded into "
+                            "lora_B")
     weights.validate_state_dict(new, own, strict=True, source=source, target="WildActor adapters")
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -253,7 +256,8 @@ def _fuse(model: nn.Module, pairs, scales, report: AdapterReport) -> AdapterRepo
     if problems:
         raise ValueError(f"{source}: cannot fuse {len(problems)} LoRA modules (nothing was loaded):"
                          + weights._listing(problems))
-    deltas = {m: (scales[m] * (pairs[m][1].float() @ pairs[m][0].float())).to(w.device) for m, w in targets.items()}
+    deltas = {m: (scales[m] * (pairs[m][1].float() @ pairs[m][0].float())).to(w.device)
+              for m, w in targets.items()}
     with torch.no_grad():
         for m, w in targets.items():
             w.copy_((w.float() + deltas[m]).to(w.dtype))
@@ -303,7 +307,8 @@ def _normalize(sd: Mapping[str, torch.Tensor], prefixes: tuple[str, ...], source
     if rest:
         if strict:
             raise ValueError(f"{source}: {len(rest)} keys are not LoRA weights (DoRA magnitudes, biases, "
-                             f"...); nothing was loaded. strict=False skips them:" + weights.summarize_keys(rest))
+                             "...); nothing was loaded. strict=False skips "
+                             "them:" + weights.summarize_keys(rest))
         report.ignored += sorted(rest)
     mapped = {}
     out = {}
@@ -354,7 +359,8 @@ def load_peft_adapter(model: nn.Module, path: str, *, apply: str = "references",
         rm = int(_pattern_value(pc.get("rank_pattern"), m, r))
         am = float(_pattern_value(pc.get("alpha_pattern"), m, alpha))
         if a.shape[0] != rm:
-            raise ValueError(f"{file}: {m} has rank {a.shape[0]}; {PEFT_CONFIG} says {rm} (nothing was loaded)")
+            raise ValueError(f"{file}: {m} has rank {a.shape[0]}; {PEFT_CONFIG} says {rm} (nothing was "
+                             "loaded)")
         scales[m] = am / math.sqrt(rm) if rs else am / rm
     report.scale_source = f"{PEFT_CONFIG}: lora_alpha={alpha:g}, r={r}" + (", rsLoRA" if rs else "")
     targets = pc.get("target_modules")
@@ -423,7 +429,8 @@ def standin_to_peft_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
         i, proj, half = m.groups()
         out[f"blocks.{i}.attn1.to_{proj}.lora_{'A' if half == 'down' else 'B'}.weight"] = v
     if bad:
-        raise ValueError(f"{len(bad)} keys are not Stand-In adapter keys (blocks.i.self_attn.q_loras.down.weight, "
+        raise ValueError(f"{len(bad)} keys are not Stand-In adapter keys "
+                         "(blocks.i.self_attn.q_loras.down.weight, "
                          f"...); nothing was loaded:" + weights.summarize_keys(bad))
     return out
 
@@ -445,7 +452,8 @@ def load_standin_adapter(model: nn.Module, path_or_state_dict: str | Mapping[str
     else:
         source = os.fspath(path_or_state_dict)
         if not source.endswith(".safetensors"):
-            raise ValueError(f"{source}: Stand-In's .ckpt is a pickle and is never unpickled here; convert it "
+            raise ValueError(f"{source}: Stand-In's .ckpt is a pickle and is never unpickled here; convert "
+                             "it "
                              f"once with torch.load(path, weights_only=True) and safetensors.torch.save_file")
         sd, _ = weights.read_safetensors(source)
     ours = standin_to_peft_keys(sd)
@@ -457,7 +465,8 @@ def load_standin_adapter(model: nn.Module, path_or_state_dict: str | Mapping[str
     if model.cfg.ref_time != "before":
         if set_ref_time:
             model.cfg = model.cfg.replace(ref_time="before")
-            report.notes.append("model switched to ref_time='before' (references at t = -1, Stand-In's layout)")
+            report.notes.append("model switched to ref_time='before' (references at t = -1, Stand-In's "
+                                "layout)")
         else:
             report.notes.append("model keeps ref_time='after': references are NOT where Stand-In was trained "
                                 "to find them (t = -1)")
@@ -503,7 +512,8 @@ def load_adapter_file(model: nn.Module, path: str, format: str = "auto", *, alph
     if fmt == "standin":
         return load_standin_adapter(model, path)
     if apply != "references":
-        raise ValueError("a WildActor adapter file loads into the reference adapters only (apply='references')")
+        raise ValueError("a WildActor adapter file loads into the reference adapters only "
+                         "(apply='references')")
     weights.load_adapters(model, path, strict=strict, alpha="file")
     report = AdapterReport(source=path, format="wildactor", rank=model.cfg.lora_rank,
                            alpha=float(model.cfg.lora_alpha or model.cfg.lora_rank),

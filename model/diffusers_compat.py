@@ -102,7 +102,8 @@ class FusedWanSelfAttnProcessor:
         if encoder_hidden_states is not None or getattr(attn, "add_k_proj", None) is not None:
             raise ValueError("FusedWanSelfAttnProcessor serves self-attention only (attn1)")
         if attention_mask is not None:
-            raise ValueError("FusedWanSelfAttnProcessor takes no attention_mask (Wan's self-attention has none)")
+            raise ValueError("FusedWanSelfAttnProcessor takes no attention_mask (Wan's self-attention has "
+                             "none)")
         if rotary_emb is None:
             raise ValueError("FusedWanSelfAttnProcessor needs diffusers' rotary_emb (freqs_cos, freqs_sin)")
         if getattr(attn, "fused_projections", False):
@@ -117,7 +118,8 @@ class FusedWanSelfAttnProcessor:
         sin = freqs_sin.reshape(n, -1)[:, 1::2].float()
         eps_q, eps_k = attn.norm_q.eps, attn.norm_k.eps
         if eps_q != eps_k:
-            raise ValueError(f"norm_q.eps={eps_q} and norm_k.eps={eps_k} differ; the fused prologue takes one eps")
+            raise ValueError(f"norm_q.eps={eps_q} and norm_k.eps={eps_k} differ; the fused prologue takes "
+                             "one eps")
         q, k = wk.qk_norm_rope(q, k, attn.norm_q.weight, attn.norm_k.weight, cos, sin,
                                1e-6 if eps_q is None else eps_q, backend=self.backend)
         o = wk.asym_attention(q, k, v, n, backend=self.backend)

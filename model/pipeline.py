@@ -70,7 +70,8 @@ def _image_to_tensor(img: Any, name: str) -> Tensor:
 
 
 def resize_center_crop(img: Tensor, height: int, width: int) -> Tensor:
-    """Scale ``img [1, 3, H, W]`` to cover ``height x width`` (bilinear, antialiased), then crop the centre."""
+    """Scale ``img [1, 3, H, W]`` to cover ``height x width`` (bilinear, antialiased), then crop
+    the centre."""
     _, _, h, w = img.shape
     s = max(height / h, width / w)
     nh, nw = max(height, round(h * s)), max(width, round(w * s))
@@ -105,13 +106,15 @@ class WildActorPipeline:
     def __init__(self, transformer: WildActor, vae: Any, text_encoder: Any, tokenizer: Any,
                  scheduler: Any = None):
         if not isinstance(transformer, WildActor):
-            raise TypeError(f"transformer must be a WildActor (WildActor.from_diffusers(t) converts a diffusers "
+            raise TypeError("transformer must be a WildActor (WildActor.from_diffusers(t) converts a "
+                            "diffusers "
                             f"Wan), got {type(transformer).__name__}")
         z = int(vae.config.z_dim)
         if z != transformer.cfg.in_channels:
             raise ValueError(f"the VAE's z_dim={z} differs from the transformer's in_channels="
                              f"{transformer.cfg.in_channels}")
-        self.transformer, self.vae, self.text_encoder, self.tokenizer = transformer, vae, text_encoder, tokenizer
+        self.transformer, self.vae = transformer, vae
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.scheduler = scheduler
         self.vae_scale_temporal = int(vae.config.get("scale_factor_temporal", 4))
         self.vae_scale_spatial = int(vae.config.get("scale_factor_spatial", 8))
@@ -133,7 +136,8 @@ class WildActorPipeline:
             raise FileNotFoundError(f"{local_dir} is not a folder (a diffusers Wan repository on disk)")
         for sub in ("transformer", "vae", "text_encoder", "tokenizer"):
             if not os.path.isdir(os.path.join(local_dir, sub)):
-                raise FileNotFoundError(f"{local_dir} has no {sub}/ folder (diffusers Wan layout: transformer/, "
+                raise FileNotFoundError(f"{local_dir} has no {sub}/ folder (diffusers Wan layout: "
+                                        "transformer/, "
                                         f"vae/, text_encoder/, tokenizer/, scheduler/)")
         transformer = load_wan_transformer(os.path.join(local_dir, "transformer"), dtype=dtype, device=device,
                                            **overrides)
@@ -181,9 +185,9 @@ class WildActorPipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompt must be a str or a non-empty list of str")
-        enc = self.tokenizer([p.strip() for p in prompts], padding="max_length", max_length=max_sequence_length,
-                             truncation=True, add_special_tokens=True, return_attention_mask=True,
-                             return_tensors="pt")
+        enc = self.tokenizer([p.strip() for p in prompts], padding="max_length",
+                             max_length=max_sequence_length, truncation=True, add_special_tokens=True,
+                             return_attention_mask=True, return_tensors="pt")
         dev = next(self.text_encoder.parameters()).device
         ids, mask = enc.input_ids.to(dev), enc.attention_mask.to(dev)
         states = self.text_encoder(ids, mask).last_hidden_state
@@ -223,7 +227,8 @@ class WildActorPipeline:
             if isinstance(r, dict):
                 r = (r.get("kind"), r.get("image"))
             if not isinstance(r, (tuple, list)) or len(r) != 2 or not isinstance(r[0], str):
-                raise TypeError(f"references[{i}] must be (kind, image) with kind 'face' or 'body', got {r!r:.80}")
+                raise TypeError(f"references[{i}] must be (kind, image) with kind 'face' or 'body', got "
+                                f"{r!r:.80}")
             kind, img = r
             if kind not in ("face", "body"):
                 raise ValueError(f"references[{i}] kind must be 'face' or 'body', got {kind!r}")
@@ -284,7 +289,8 @@ class WildActorPipeline:
         context = self.encode_prompt(prompts, max_sequence_length)
         negative = self.encode_prompt(negs, max_sequence_length) if guidance_scale > 1.0 else None
         refs = self.encode_references(references, rh, rw)
-        shape = (len(prompts), self.transformer.cfg.in_channels, (num_frames - 1) // self.vae_scale_temporal + 1,
+        shape = (len(prompts), self.transformer.cfg.in_channels,
+                 (num_frames - 1) // self.vae_scale_temporal + 1,
                  height // self.vae_scale_spatial, width // self.vae_scale_spatial)
         if latents is None:
             gdev = generator.device if generator is not None else torch.device("cpu")
@@ -379,17 +385,18 @@ def tiny_wan_components(seed: int = 0, text_dim: int = 32, z_dim: int = 4) -> di
         tk.pre_tokenizer = pre_tokenizers.Whitespace()
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
                                             unk_token="<unk>")
-        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=text_dim, d_kv=8, d_ff=2 * text_dim,
-                                                   num_layers=1, num_heads=4,
-                                                   relative_attention_num_buckets=8)).eval()
+        t5 = UMT5Config(vocab_size=len(vocab), d_model=text_dim, d_kv=8, d_ff=2 * text_dim, num_layers=1,
+                        num_heads=4, relative_attention_num_buckets=8)
+        text_encoder = UMT5EncoderModel(t5).eval()
         vae = AutoencoderKLWan(base_dim=4, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                temperal_downsample=[False, True, True],
                                latents_mean=[0.1 * (i % 3) for i in range(z_dim)],
                                latents_std=[1.0 + 0.25 * (i % 2) for i in range(z_dim)]).eval()
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-        transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
-                                            in_channels=z_dim, out_channels=z_dim, text_dim=text_dim, freq_dim=32,
-                                            ffn_dim=64, num_layers=2, rope_max_seq_len=64).eval()
+        transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2,
+                                            attention_head_dim=16, in_channels=z_dim, out_channels=z_dim,
+                                            text_dim=text_dim, freq_dim=32, ffn_dim=64, num_layers=2,
+                                            rope_max_seq_len=64).eval()
         with torch.no_grad():  # diffusers zero-inits a few tensors; random everywhere exercises them all
             for p in transformer.parameters():
                 p.add_(0.05 * torch.randn_like(p))

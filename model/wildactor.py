@@ -429,8 +429,8 @@ class WildActor(nn.Module):
         # the view is derived from cfg; assigning the same view is allowed (code written for a
         # diffusers module may do it), a different one would disagree with the weights
         if not isinstance(value, Mapping) or dict(value) != dict(self.config):
-            raise AttributeError("WildActor.config is derived from WildActor.cfg; change cfg (cfg.replace(...)) "
-                                 "instead of assigning another config")
+            raise AttributeError("WildActor.config is derived from WildActor.cfg; change cfg "
+                                 "(cfg.replace(...)) instead of assigning another config")
 
     @contextlib.contextmanager
     def cache_context(self, name: str, **kwargs):
@@ -675,7 +675,8 @@ class WildActor(nn.Module):
                 raise ValueError("give context or encoder_hidden_states (the same input), not both")
             context = encoder_hidden_states
         if encoder_hidden_states_image is not None:
-            raise ValueError("encoder_hidden_states_image: image-conditioned Wan is not supported by WildActor")
+            raise ValueError("encoder_hidden_states_image: image-conditioned Wan is not supported by "
+                             "WildActor")
         if latents is None or context is None:
             raise TypeError("WildActor.forward() needs latents (hidden_states) and context "
                             "(encoder_hidden_states)")

@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-
 from wildactor_kernels.model import Reference, WildActor, WildActorConfig
 from wildactor_kernels.model.adapter_formats import (
     detect_format,
@@ -26,8 +25,8 @@ from wildactor_kernels.model.adapter_formats import (
     load_standin_adapter,
 )
 
-CFG = WildActorConfig(dim=64, num_layers=2, num_heads=2, ffn_dim=96, in_channels=4, out_channels=4, text_dim=16,
-                      lora_rank=4, backend="reference")
+CFG = WildActorConfig(dim=64, num_layers=2, num_heads=2, ffn_dim=96, in_channels=4, out_channels=4,
+                      text_dim=16, lora_rank=4, backend="reference")
 QKV = ("to_q", "to_k", "to_v")
 
 
@@ -188,7 +187,8 @@ def test_diffusers_lora_alpha_sources(tmp_path):
 def test_diffusers_lora_foreign_keys(tmp_path):
     pytest.importorskip("diffusers")
     pairs = _pairs(_qkv_modules())
-    f = _save_diffusers(tmp_path / "c", pairs, extra={"text_encoder.layer.0.q.lora_A.weight": torch.zeros(4, 8)})
+    extra = {"text_encoder.layer.0.q.lora_A.weight": torch.zeros(4, 8)}
+    f = _save_diffusers(tmp_path / "c", pairs, extra=extra)
     m = _model()
     before = {k: v.clone() for k, v in m.adapter_state_dict().items()}
     with pytest.raises(ValueError, match="text encoder"):
@@ -212,7 +212,8 @@ def test_wan_original_names_and_kohya_alpha(tmp_path):
     save_file(sd, str(f))
     m = _model()
     rep = load_diffusers_lora(m, str(f))
-    assert rep.mapped == {"blocks.0.self_attn.q": "blocks.0.attn1.to_q", "blocks.1.ffn.0": "blocks.1.ffn.net.0.proj"}
+    assert rep.mapped == {"blocks.0.self_attn.q": "blocks.0.attn1.to_q",
+                          "blocks.1.ffn.0": "blocks.1.ffn.net.0.proj"}
     assert rep.scale == 2.0 and rep.scale_source == ".alpha tensors"
     for mod, (a, b) in pairs.items():
         _check_ref_rows(m, mod, a, b, 2.0)

@@ -57,7 +57,7 @@ def _randomize_adapters(model, seed=3):
             p.copy_(0.2 * torch.randn(p.shape, generator=g))
 
 
-# ============================================================================ item 1: WildActor as WanPipeline's transformer
+# ================================================================== WildActor as WanPipeline's transformer
 def test_config_dtype_device_cache_context(wa, comps):
     c, d = wa.config, comps["transformer"].config
     for key in ("patch_size", "in_channels", "out_channels", "num_attention_heads", "attention_head_dim",
@@ -84,7 +84,8 @@ def test_forward_accepts_diffusers_keywords(wa):
         ref = wa(x, t, ctx, refs=refs)
         out = wa(hidden_states=x, timestep=t, encoder_hidden_states=ctx, attention_kwargs={"refs": refs},
                  return_dict=True)
-        assert isinstance(out, TransformerOutput) and torch.equal(out.sample, ref) and torch.equal(out[0], ref)
+        assert isinstance(out, TransformerOutput)
+        assert torch.equal(out.sample, ref) and torch.equal(out[0], ref)
         tup = wa(hidden_states=x, timestep=t, encoder_hidden_states=ctx, attention_kwargs={"refs": refs},
                  return_dict=False)
         assert isinstance(tup, tuple) and len(tup) == 1 and torch.equal(tup[0], ref)
@@ -152,7 +153,7 @@ def test_wanpipeline_references_through_attention_kwargs(comps, wa):
     torch.testing.assert_close(cached, joint, atol=1e-4, rtol=0)
 
 
-# ============================================================================ item 2: WildActorPipeline
+# ============================================================================ WildActorPipeline
 @pytest.fixture(scope="module")
 def pipe(comps):
     model = WildActor.from_diffusers(comps["transformer"], lora_rank=4, backend="reference").eval()
@@ -256,7 +257,7 @@ def test_pipeline_from_pretrained_diffusers_layout(comps, pipe, tmp_path):
         WildActorPipeline.from_pretrained(str(root))
 
 
-# ============================================================================ item 4: patch_diffusers_wan
+# ============================================================================ patch_diffusers_wan
 def test_patch_diffusers_wan_same_output(comps):
     t = comps["transformer"]
     g = torch.Generator().manual_seed(0)
