@@ -462,6 +462,8 @@ def load_standin_adapter(model: nn.Module, path_or_state_dict: str | Mapping[str
     report.mapped = {f"blocks.{m.split('.')[1]}.self_attn.{m[-1]}_loras": m for m in pairs}
     report.scale_source = "Stand-In adds up(down(x)): scale 1"
     _apply_pairs(model, pairs, {m: 1.0 for m in pairs}, report, "references")
+    report.notes.append("Stand-In attends each reference to itself only: give one reference (its released "
+                        "use); with several, WildActor lets references read one another")
     if model.cfg.ref_time != "before":
         if set_ref_time:
             model.cfg = model.cfg.replace(ref_time="before")
