@@ -174,6 +174,12 @@ class WildActorPipeline:
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress = not disable
 
+    def to(self, device: torch.device | str) -> WildActorPipeline:
+        """Move every component to ``device`` (dtypes unchanged); returns the pipeline."""
+        for mod in (self.transformer, self.vae, self.text_encoder):
+            mod.to(device)
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.transformer.device
@@ -246,12 +252,13 @@ class WildActorPipeline:
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def __call__(self, prompt: str | Sequence[str], references: Sequence = (), *,
+    def __call__(self, prompt: str | Sequence[str] | None = None, references: Sequence = (), *,
                  negative_prompt: str | Sequence[str] = "", height: int = 480, width: int = 832,
                  num_frames: int = 81, num_inference_steps: int = 30, guidance_scale: float = 5.0,
                  shift: float | None = None, generator: torch.Generator | None = None,
                  latents: Tensor | None = None, reference_size: tuple[int, int] | None = None,
                  use_ref_cache: bool = True, max_sequence_length: int = 512,
+                 prompt_embeds: Tensor | None = None, negative_prompt_embeds: Tensor | None = None,
                  output_type: str = "pt") -> WildActorPipelineOutput:
         """Generate a video of the person in ``references`` doing what ``prompt`` says.
 
@@ -268,6 +275,8 @@ class WildActorPipeline:
             reference_size: ``(height, width)`` the references are cropped to (default: the video's).
             use_ref_cache: encode the references' K/V once (the default); False runs the joint path
                 every step (same result, slower).
+            prompt_embeds, negative_prompt_embeds: text states ``[B, L, text_dim]`` instead of
+                ``prompt`` / ``negative_prompt`` (then no tokenizer or text encoder runs for them).
             output_type: ``"pt" | "np" | "pil" | "latent"``.
         """
         if output_type not in ("pt", "np", "pil", "latent"):
@@ -282,14 +291,25 @@ class WildActorPipeline:
         rh, rw = reference_size or (height, width)
         if rh % mh or rw % mw:
             raise ValueError(f"reference_size {(rh, rw)} must be multiples of {(mh, mw)}")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negs) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(negs)} negative prompts")
-        context = self.encode_prompt(prompts, max_sequence_length)
-        negative = self.encode_prompt(negs, max_sequence_length) if guidance_scale > 1.0 else None
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("give prompt or prompt_embeds (one of them)")
+        if prompt_embeds is not None:
+            context = prompt_embeds.to(self.device, self.transformer.dtype)
+        else:
+            context = self.encode_prompt(prompt, max_sequence_length)
+        b = context.shape[0]
+        negative = None
+        if guidance_scale > 1.0 and negative_prompt_embeds is not None:
+            negative = negative_prompt_embeds.to(self.device, self.transformer.dtype)
+        elif guidance_scale > 1.0:
+            negs = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negs) != b:
+                raise ValueError(f"{b} prompts but {len(negs)} negative prompts")
+            negative = self.encode_prompt(negs, max_sequence_length)
+        if negative is not None and negative.shape[0] != b:
+            raise ValueError(f"negative_prompt_embeds has batch {negative.shape[0]}; the prompt batch is {b}")
         refs = self.encode_references(references, rh, rw)
-        shape = (len(prompts), self.transformer.cfg.in_channels,
+        shape = (b, self.transformer.cfg.in_channels,
                  (num_frames - 1) // self.vae_scale_temporal + 1,
                  height // self.vae_scale_spatial, width // self.vae_scale_spatial)
         if latents is None:

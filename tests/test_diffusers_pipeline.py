@@ -222,6 +222,18 @@ def test_pipeline_reference_images_pil_and_tensor(pipe):
         pipe("x", [], height=32, width=48, num_frames=6)
 
 
+def test_pipeline_prompt_embeds(pipe):
+    """Text states given directly (no tokenizer run) give the frames the prompt gives."""
+    base = _run(pipe, output_type="latent")
+    emb = pipe.encode_prompt(PROMPT, SMALL["max_sequence_length"])
+    neg = pipe.encode_prompt("", SMALL["max_sequence_length"])
+    got = pipe(prompt_embeds=emb, negative_prompt_embeds=neg, references=_refs(), guidance_scale=4.0,
+               generator=torch.Generator().manual_seed(0), output_type="latent", **SMALL).frames
+    assert torch.equal(got, base)
+    with pytest.raises(ValueError, match="prompt or prompt_embeds"):
+        pipe(PROMPT, prompt_embeds=emb, **SMALL)
+
+
 def test_pipeline_progress_bar(pipe, capsys):
     pipe.set_progress_bar_config(disable=False)
     try:
