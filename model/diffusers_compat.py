@@ -90,6 +90,10 @@ class FusedWanSelfAttnProcessor:
     repeated for the two channels of its pair; the processor reads one value per pair.
     """
 
+    # read by diffusers' attention-backend and context-parallel plumbing; neither applies here
+    _attention_backend = None
+    _parallel_config = None
+
     def __init__(self, backend: str = "auto"):
         if backend not in wk.BACKENDS:
             raise ValueError(f"backend must be one of {wk.BACKENDS}, got {backend!r}")

@@ -140,6 +140,24 @@ def test_wanpipeline_same_frames_as_diffusers_transformer(comps, wa):
     assert (lat_got - lat_want).abs().max().item() <= 1e-4 and lat_want.std() > 0.1
 
 
+def test_wanpipeline_two_stage_wan22(comps):
+    """Wan2.2's two experts (transformer + transformer_2 split at boundary_ratio) work the same way."""
+    from diffusers import WanPipeline
+
+    second = tiny_wan_components(seed=7)["transformer"]
+
+    def frames(t1, t2):
+        p = WanPipeline(tokenizer=comps["tokenizer"], text_encoder=comps["text_encoder"], vae=comps["vae"],
+                        scheduler=comps["scheduler"], transformer=t1, transformer_2=t2, boundary_ratio=0.5)
+        p.set_progress_bar_config(disable=True)
+        return _wan_frames(p, output_type="latent", num_inference_steps=4)
+
+    want = frames(comps["transformer"], second)
+    got = frames(WildActor.from_diffusers(comps["transformer"]), WildActor.from_diffusers(second))
+    assert (got - want).abs().max().item() <= 1e-4
+    assert (frames(comps["transformer"], comps["transformer"]) - want).abs().max() > 1e-3  # expert 2 ran
+
+
 def test_wanpipeline_references_through_attention_kwargs(comps, wa):
     model = WildActor.from_diffusers(comps["transformer"], lora_rank=4).eval()
     _randomize_adapters(model)
