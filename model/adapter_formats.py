@@ -452,9 +452,9 @@ def load_standin_adapter(model: nn.Module, path_or_state_dict: str | Mapping[str
     else:
         source = os.fspath(path_or_state_dict)
         if not source.endswith(".safetensors"):
-            raise ValueError(f"{source}: Stand-In's .ckpt is a pickle and is never unpickled here; convert "
-                             "it "
-                             f"once with torch.load(path, weights_only=True) and safetensors.torch.save_file")
+            raise ValueError(f"{source}: Stand-In's .ckpt is a pickle and is never unpickled here; "
+                             f"convert it once with torch.load(path, weights_only=True) and "
+                             f"safetensors.torch.save_file")
         sd, _ = weights.read_safetensors(source)
     ours = standin_to_peft_keys(sd)
     report = AdapterReport(source=source, format="standin", apply="references")
@@ -467,11 +467,11 @@ def load_standin_adapter(model: nn.Module, path_or_state_dict: str | Mapping[str
     if model.cfg.ref_time != "before":
         if set_ref_time:
             model.cfg = model.cfg.replace(ref_time="before")
-            report.notes.append("model switched to ref_time='before' (references at t = -1, Stand-In's "
-                                "layout)")
+            report.notes.append("model switched to ref_time='before' (references at t = -1, "
+                                "Stand-In's layout)")
         else:
-            report.notes.append("model keeps ref_time='after': references are NOT where Stand-In was trained "
-                                "to find them (t = -1)")
+            report.notes.append("model keeps ref_time='after': references are NOT where Stand-In was "
+                                "trained to find them (t = -1)")
     return _finish(report)
 
 

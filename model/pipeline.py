@@ -106,9 +106,8 @@ class WildActorPipeline:
     def __init__(self, transformer: WildActor, vae: Any, text_encoder: Any, tokenizer: Any,
                  scheduler: Any = None):
         if not isinstance(transformer, WildActor):
-            raise TypeError("transformer must be a WildActor (WildActor.from_diffusers(t) converts a "
-                            "diffusers "
-                            f"Wan), got {type(transformer).__name__}")
+            raise TypeError(f"transformer must be a WildActor (WildActor.from_diffusers(t) converts a "
+                            f"diffusers Wan), got {type(transformer).__name__}")
         z = int(vae.config.z_dim)
         if z != transformer.cfg.in_channels:
             raise ValueError(f"the VAE's z_dim={z} differs from the transformer's in_channels="
@@ -137,8 +136,7 @@ class WildActorPipeline:
         for sub in ("transformer", "vae", "text_encoder", "tokenizer"):
             if not os.path.isdir(os.path.join(local_dir, sub)):
                 raise FileNotFoundError(f"{local_dir} has no {sub}/ folder (diffusers Wan layout: "
-                                        "transformer/, "
-                                        f"vae/, text_encoder/, tokenizer/, scheduler/)")
+                                        f"transformer/, vae/, text_encoder/, tokenizer/, scheduler/)")
         transformer = load_wan_transformer(os.path.join(local_dir, "transformer"), dtype=dtype, device=device,
                                            **overrides)
         vae = AutoencoderKLWan.from_pretrained(os.path.join(local_dir, "vae"), local_files_only=True,
@@ -306,8 +304,10 @@ class WildActorPipeline:
             if len(negs) != b:
                 raise ValueError(f"{b} prompts but {len(negs)} negative prompts")
             negative = self.encode_prompt(negs, max_sequence_length)
-        if negative is not None and negative.shape[0] != b:
-            raise ValueError(f"negative_prompt_embeds has batch {negative.shape[0]}; the prompt batch is {b}")
+        if negative is not None and negative.shape[:2] != context.shape[:2]:
+            raise ValueError(f"negative text states {tuple(negative.shape)} and prompt text states "
+                             f"{tuple(context.shape)} differ in batch or length (Wan pads both to "
+                             f"max_sequence_length)")
         refs = self.encode_references(references, rh, rw)
         shape = (b, self.transformer.cfg.in_channels,
                  (num_frames - 1) // self.vae_scale_temporal + 1,
