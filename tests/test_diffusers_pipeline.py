@@ -113,11 +113,11 @@ def test_forward_accepts_diffusers_keywords(wa):
                 p.zero_()
 
 
-def _wan_pipe(comps, transformer):
+def _wan_pipe(comps, transformer, scheduler=None):
     from diffusers import WanPipeline
 
     pipe = WanPipeline(tokenizer=comps["tokenizer"], text_encoder=comps["text_encoder"], vae=comps["vae"],
-                       scheduler=comps["scheduler"], transformer=transformer)
+                       scheduler=scheduler or comps["scheduler"], transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -128,15 +128,25 @@ def _wan_frames(pipe, **kw):
     return pipe(generator=torch.Generator().manual_seed(1), **args).frames
 
 
-def test_wanpipeline_same_frames_as_diffusers_transformer(comps, wa):
-    """WanPipeline(transformer=WildActor.from_diffusers(t)) == WanPipeline(transformer=t), fp32 <= 1e-4."""
-    ours = WildActor.from_diffusers(comps["transformer"]).eval()  # default: no kwargs beyond the model
-    want = _wan_frames(_wan_pipe(comps, comps["transformer"]))
-    got = _wan_frames(_wan_pipe(comps, ours))
+@pytest.mark.parametrize("scheduler", ["flow_euler", "unipc"])
+def test_wanpipeline_same_frames_as_diffusers_transformer(comps, scheduler):
+    """WanPipeline(transformer=WildActor.from_diffusers(t)) == WanPipeline(transformer=t), fp32 <= 1e-4,
+    with the flow-matching Euler scheduler and with UniPC (Wan's default)."""
+    from diffusers import UniPCMultistepScheduler
+
+    def sched():  # a fresh one per pipeline: UniPC keeps the previous model outputs
+        if scheduler == "unipc":
+            return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                           flow_shift=3.0)
+        return comps["scheduler"]
+
+    ours = WildActor.from_diffusers(comps["transformer"]).eval()
+    want = _wan_frames(_wan_pipe(comps, comps["transformer"], sched()))
+    got = _wan_frames(_wan_pipe(comps, ours, sched()))
     assert got.shape == want.shape == (1, 5, 3, 32, 48)
     assert (got - want).abs().max().item() <= 1e-4
-    lat_want = _wan_frames(_wan_pipe(comps, comps["transformer"]), output_type="latent")
-    lat_got = _wan_frames(_wan_pipe(comps, ours), output_type="latent")
+    lat_want = _wan_frames(_wan_pipe(comps, comps["transformer"], sched()), output_type="latent")
+    lat_got = _wan_frames(_wan_pipe(comps, ours, sched()), output_type="latent")
     assert (lat_got - lat_want).abs().max().item() <= 1e-4 and lat_want.std() > 0.1
 
 
