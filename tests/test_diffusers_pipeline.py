@@ -292,6 +292,14 @@ def test_pipeline_from_pretrained_diffusers_layout(comps, pipe, tmp_path):
     again = WildActorPipeline.from_pretrained(str(mine))
     again.set_progress_bar_config(disable=True)
     assert torch.equal(_run(again, output_type="latent"), _run(pipe, output_type="latent"))
+    # sharded diffusers weights (an index and several files), as the large Wan checkpoints ship
+    from wildactor_kernels.model.pipeline import load_wan_transformer
+
+    comps["transformer"].save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="40KB")
+    assert os.path.exists(tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json")
+    sharded = load_wan_transformer(str(tmp_path / "sharded"), lora_rank=4)
+    want = comps["transformer"].state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in sharded.state_dict().items() if k in want)
     os.remove(root / "transformer" / "diffusion_pytorch_model.safetensors")
     with pytest.raises(FileNotFoundError, match="safetensors only"):
         WildActorPipeline.from_pretrained(str(root))
