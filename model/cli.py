@@ -19,6 +19,8 @@ import sys
 import textwrap
 import time
 
+from .parallel.launch import add_parallel_arguments, parallel_from_args
+
 DEBUG_ENV = "WILDACTOR_DEBUG"
 EPILOG_HINT = "Add --debug (or set WILDACTOR_DEBUG=1) to see the full traceback of an error."
 
@@ -220,9 +222,47 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- demo
+#: Largest model (parameters, adapters included) ``wildactor demo`` builds on a CPU: its random
+#: fp32 weights take 4 bytes each (8 GB here) and every step runs the whole stack. tiny and
+#: wan2.1-1.3b (1.5B) fit; wan2.2-5b and wan2.1-14b need ``--layers N`` or a CUDA device.
+CPU_DEMO_MAX_PARAMS = 2_000_000_000
+
+
+def _count(n: float) -> str:
+    """``1234567`` -> ``'1.23M'`` (parameters in plain words)."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def demo_parameters(preset: str, layers: int | None = None) -> int:
+    """Parameters (adapters included) of the demo's model, counted on the ``meta`` device (no memory)."""
+    import torch
+
+    from . import WildActor, WildActorConfig
+
+    with torch.device("meta"):
+        m = WildActor(WildActorConfig.preset(preset, **({"num_layers": layers} if layers else {})))
+    return m.num_parameters(include_adapters=True)
+
+
 def check_demo(args: argparse.Namespace) -> None:
     args.device = check_device(args.device)
     _check_sizes(args)
+    if args.device == "cpu":
+        n = demo_parameters(args.preset, args.layers)
+        if n > CPU_DEMO_MAX_PARAMS:
+            from .config import WildActorConfig
+
+            cfg = WildActorConfig.preset(args.preset, **({"num_layers": args.layers} if args.layers else {}))
+            per_layer = (n - demo_parameters(args.preset, 1)) / max(cfg.num_layers - 1, 1)
+            fit = max(1, int((CPU_DEMO_MAX_PARAMS - (n - cfg.num_layers * per_layer)) // per_layer))
+            raise UsageError(
+                f"--preset {args.preset}: {_count(n)} parameters ({cfg.num_layers} layers, "
+                f"{n * 4 / 1e9:.0f} GB of random fp32 weights) is more than the CPU demo builds "
+                f"({_count(CPU_DEMO_MAX_PARAMS)}); add --layers N (N <= {min(fit, cfg.num_layers - 1)}, "
+                f"e.g. --layers 2) for a shorter model of the same width, or run it on a CUDA device")
 
 
 def _sync(device) -> None:
@@ -239,8 +279,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    cfg = WildActorConfig.preset(args.preset)
+    cfg = WildActorConfig.preset(args.preset, **({"num_layers": args.layers} if args.layers else {}))
     m = WildActor(cfg).to(device).eval()
+    m = parallel_from_args(m, args)  # under torchrun: sequence parallel, only rank 0 prints
     dtype = next(m.parameters()).dtype
     c, (t, h, w) = cfg.in_channels, (args.frames, args.height, args.width)
     gen = torch.Generator().manual_seed(args.seed)
@@ -249,7 +290,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     context = torch.randn(1, 16, cfg.text_dim, generator=gen).to(device)
     ops = ("Triton kernels" if device.type == "cuda" else "PyTorch reference ops") if cfg.backend == "auto" \
         else f"backend={cfg.backend}"
-    print(f"WildActor demo: preset {args.preset} ({m.num_parameters() / 1e3:.1f}k backbone parameters, "
+    depth = f", {cfg.num_layers} layers (--layers)" if args.layers else ""
+    print(f"WildActor demo: preset {args.preset}{depth} ({_count(m.num_parameters())} backbone parameters, "
           f"random weights), {ops} on {device}, {str(dtype).replace('torch.', '')}; latents "
           f"[1, {c}, {t}, {h}, {w}], references 2 face + 1 body, {args.steps} steps, "
           f"guidance {args.guidance:g}")
@@ -309,7 +351,7 @@ def cmd_quantize_report(args: argparse.Namespace) -> int:
     from .quant import run_quantize_report
 
     run_quantize_report(args.preset, args.mode, device=args.device, layers=args.layers,
-                        attention=args.attention)
+                        attention=args.attention, progress=not args.no_progress)
     return 0
 
 
@@ -481,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
              presets=True)
     s.add_argument("--preset", default="tiny", choices=presets, metavar="NAME",
                    help="model configuration (default: tiny)")
+    s.add_argument("--layers", type=_positive_int, default=None,
+                   help="build only this many transformer blocks (e.g. 2 to try a big preset on a CPU, "
+                        f"where the demo builds at most {_count(CPU_DEMO_MAX_PARAMS)} parameters)")
     s.add_argument("--steps", type=_positive_int, default=8, help="denoising steps (default: 8)")
     s.add_argument("--frames", type=_positive_int, default=3, help="latent frames (default: 3)")
     s.add_argument("--height", type=_positive_int, default=16,
@@ -498,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tol", type=_finite_float, default=1e-4,
                    help="largest allowed |uncached - cached| difference of the results (default: 1e-4)")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_parallel_arguments(s)  # --ulysses, --ring, --cfg-parallel (docs/parallel.md)
     s.set_defaults(func=cmd_demo, check=check_demo)
 
     s = _sub(sub, "quantize-report", "signal-to-noise ratio of a quantized model against the original",
@@ -517,6 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu, cuda or cuda:N (default: cuda if a CUDA device is present, else cpu)")
     s.add_argument("--attention", default=None, choices=["fp8"],
                    help="also run self-attention in 8 bits (inference only; default: the model's dtype)")
+    s.add_argument("--no-progress", action="store_true",
+                   help="hide the progress bar (building, quantizing, each layer; it goes to stderr)")
     s.set_defaults(func=cmd_quantize_report, check=check_quantize_report)
 
     _add_export(sub)

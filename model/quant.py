@@ -50,11 +50,13 @@ import functools
 import logging
 import math
 import re
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from wildactor_kernels.lora.module import RefLoRALinear
 from wildactor_kernels.quant import (
@@ -390,13 +392,26 @@ def _call(m: nn.Module, inputs: Any):
     return m(inputs)
 
 
+def _progress_bar(total: int, show: bool) -> tqdm:
+    """The bar of the quantization report on stderr, left in place when done."""
+    return tqdm(total=total, desc="quantize-report: ", leave=True, file=sys.stderr, disable=not show,
+                bar_format="{desc}{n_fmt}/{total_fmt} |{bar:20}| [{elapsed}<{remaining}]")
+
+
+def _check_progress(progress: object) -> None:
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
+
+
 @torch.no_grad()
-def quantization_report(m_ref: nn.Module, m_quant: nn.Module, inputs: Any) -> dict:
+def quantization_report(m_ref: nn.Module, m_quant: nn.Module, inputs: Any, *, progress: bool = False) -> dict:
     """SQNR of a quantized model against its unquantized twin on the same inputs.
 
     Args:
         m_ref: the unquantized model; m_quant: the same weights after :func:`quantize_model`.
         inputs: forward arguments, a dict of keyword arguments or a tuple of positional ones.
+        progress: a tqdm bar on stderr (left in place) over the two forwards and the converted
+            layers; off by default (library calls stay quiet).
     Returns:
         a dict with ``output_sqnr_db`` (model output, quantized vs reference) and ``layers``, one
         entry per converted layer: ``sqnr_db`` (the quantized layer applied to exactly the input
@@ -406,9 +421,16 @@ def quantization_report(m_ref: nn.Module, m_quant: nn.Module, inputs: Any) -> di
         (FP8 layers not on the fast GEMM, with the reason), ``gemm_paths`` and ``bytes`` of the
         converted base layers before and after.
     """
+    _check_progress(progress)
     qmods = quantized_modules(m_quant)
     if not qmods:
         raise ValueError("m_quant has no quantized layers: call quantize_model first")
+    with _progress_bar(2 + len(qmods), progress) as bar:
+        return _report(m_ref, m_quant, inputs, qmods, bar)
+
+
+def _report(m_ref: nn.Module, m_quant: nn.Module, inputs: Any, qmods: dict[str, nn.Module],
+            bar: tqdm) -> dict:
     rec_ref: dict[str, list] = {n: [] for n in qmods}
     rec_q: dict[str, list] = {n: [] for n in qmods}
     handles = []
@@ -427,14 +449,20 @@ def quantization_report(m_ref: nn.Module, m_quant: nn.Module, inputs: Any) -> di
         for name, qm in qmods.items():
             handles.append(m_ref.get_submodule(name).register_forward_hook(ref_hook(name), with_kwargs=True))
             handles.append(qm.register_forward_hook(q_hook(name)))
+        bar.set_description("quantize-report: forward of the unquantized model")
         y_ref = _first_tensor(_call(m_ref, inputs))
+        bar.update(1)
+        bar.set_description("quantize-report: forward of the quantized model")
         y_q = _first_tensor(_call(m_quant, inputs))
+        bar.update(1)
     finally:
         for h in handles:
             h.remove()
 
     layers = []
     for name, qm in qmods.items():
+        bar.set_description(f"quantize-report: layer {name}")
+        bar.update(1)
         refs, outs = rec_ref[name], rec_q[name]
         if not refs:
             continue
@@ -460,6 +488,7 @@ def quantization_report(m_ref: nn.Module, m_quant: nn.Module, inputs: Any) -> di
     info = getattr(m_quant, "quantization", {}) or {}
     mode = info.get("mode") or next(iter({_mode_of(q) for q in qmods.values()}))
     iso_vals = [ly["sqnr_db"] for ly in layers]
+    bar.set_description("quantize-report: done")
     return {
         "mode": mode,
         "output_sqnr_db": sqnr_db(y_ref, y_q),
@@ -524,7 +553,8 @@ def _randomize_adapters(m: nn.Module, seed: int) -> None:
 
 def run_quantize_report(preset: str, mode: str, *, device: str | torch.device | None = None,
                         layers: int | None = None, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                        print_table: bool = True, attention: str | None = None) -> dict:
+                        print_table: bool = True, attention: str | None = None,
+                        progress: bool = False) -> dict:
     """Build a random WildActor (``preset``, ``layers`` blocks), quantize a copy with ``mode`` and
     return :func:`quantization_report` on random latents, text and two references (face, body),
     with ``report["table"]`` the markdown table (printed unless ``print_table=False``).
@@ -532,21 +562,36 @@ def run_quantize_report(preset: str, mode: str, *, device: str | torch.device | 
     ``device=None`` picks CUDA when available. ``layers``: override the depth (for a
     wan2.2-5b-shaped stack on CPU use ``layers=2``). ``dtype``: model and input dtype (bf16: the
     SQNR is measured against the bf16 model, as docs/design.md §7 states). ``attention="fp8"``:
-    8-bit self-attention too (:func:`quantize_model`'s flag).
+    8-bit self-attention too (:func:`quantize_model`'s flag). ``progress``: a tqdm bar on stderr
+    (left in place) over building, quantizing, the two forwards and each converted layer (what
+    ``wildactor quantize-report`` shows); off by default.
     """
     from .config import WildActorConfig
     from .wildactor import WildActor
 
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; valid modes: {', '.join(MODES)}")
+    _check_progress(progress)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(seed)
     cfg = WildActorConfig.preset(preset, **({"num_layers": layers} if layers else {}))
-    m_ref = WildActor(cfg)
-    _randomize_adapters(m_ref, seed)
-    m_ref = m_ref.to(device=device, dtype=dtype).eval()
-    m_q = quantize_model(copy.deepcopy(m_ref), mode, attention=attention)
-    rep = quantization_report(m_ref, m_q, _random_inputs(cfg, device, dtype, seed))
+    with torch.device("meta"):  # count the layers to convert without building the model
+        n_conv = sum(default_module_filter(mod, fqn) for fqn, mod in WildActor(cfg).named_modules())
+    torch.manual_seed(seed)
+    with _progress_bar(4 + n_conv, progress) as bar:
+        bar.set_description(f"quantize-report: build {preset} ({cfg.num_layers} layers, random weights)")
+        m_ref = WildActor(cfg)
+        _randomize_adapters(m_ref, seed)
+        m_ref = m_ref.to(device=device, dtype=dtype).eval()
+        bar.update(1)
+        what = mode + (", 8-bit attention" if attention else "")
+        bar.set_description(f"quantize-report: quantize a copy ({what})")
+        m_q = quantize_model(copy.deepcopy(m_ref), mode, attention=attention)
+        bar.update(1)
+        qmods = quantized_modules(m_q)
+        if len(qmods) != n_conv:  # (a model whose layers the filter counts differently)
+            bar.total = 4 + len(qmods)
+        with torch.no_grad():
+            rep = _report(m_ref, m_q, _random_inputs(cfg, device, dtype, seed), qmods, bar)
     rep.update(preset=preset, num_layers=cfg.num_layers, device=str(device), attention=attention,
                dtype=str(dtype).replace("torch.", ""))
     rep["table"] = (f"preset {preset} ({cfg.num_layers} layers, dim {cfg.dim}), {rep['dtype']} on {device}\n"

@@ -19,10 +19,16 @@ import pytest
 import torch
 from helpers import (
     DEVICE,
+    DT,
+    GPU_DTYPES,
+    GPU_LAYOUTS,
+    LAYOUTS,
     assert_close_verbose,
     assert_within_baseline,
+    case,
     dense_asym_attention_fp64,
     rope_fp64,
+    rope_tables,
     run_sm90_build,
 )
 
@@ -32,23 +38,6 @@ from wildactor_kernels.attention import kernels as K
 pytestmark = pytest.mark.usefixtures("nan_empty")
 
 HAS_CUDA = torch.cuda.is_available()
-
-# Token layouts: odd counts, never a multiple of a block size; one with no references, one with
-# no video (Nv = 0 is plain reference self-attention).
-LAYOUTS = {
-    "Nv37-Nr11": wk.TokenLayout((1, 1, 37), [("face", 2, 3), ("body", 1, 5)]),
-    "Nv211-Nr0": wk.TokenLayout((1, 1, 211)),
-    "Nv0-Nr29": wk.TokenLayout((0, 4, 4), [("face", 3, 3), ("body", 4, 5)]),
-}
-
-DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _tables(layout: wk.TokenLayout, d: int, device=DEVICE):
-    pos = wk.irope_positions(layout, face_offset=1, body_offset=2, spatial_shift=True)
-    cos, sin = wk.rope_cos_sin(pos.to(device), d)
-    return pos, cos, sin
-
 
 def _atol(truth: torch.Tensor, dtype: torch.dtype) -> float:
     """flash-attn's absolute slack: twice the rounding of the truth's magnitude in ``dtype``
@@ -90,7 +79,7 @@ def _run_joint(layout_name, b, h, d, dtype, rope, monkeypatch, fused_qkv=False, 
     nv, n = layout.num_video, layout.num_tokens
     if rope != "none":
         monkeypatch.setattr(K, "ROPE_MODE", rope)
-        pos, cos, sin = _tables(layout, d)
+        pos, cos, sin = rope_tables(layout, d)
     else:
         pos = cos = sin = None
     q, k, v = _make_qkv(b, n, h, d, dtype, fused_qkv)
@@ -124,17 +113,17 @@ def _run_joint(layout_name, b, h, d, dtype, rope, monkeypatch, fused_qkv=False, 
 # =========================================================================== joint attention
 JOINT_CASES = [
     # layout, B, H, D, dtype, rope
-    pytest.param("Nv37-Nr11", 2, 2, 64, "fp32", "none", id="Nv37-Nr11-B2-H2-D64-fp32"),
-    pytest.param("Nv37-Nr11", 2, 2, 64, "fp16", "fused", id="Nv37-Nr11-B2-H2-D64-fp16-fused"),
-    pytest.param("Nv37-Nr11", 2, 2, 64, "fp16", "prologue", id="Nv37-Nr11-B2-H2-D64-fp16-prologue"),
-    pytest.param("Nv37-Nr11", 1, 3, 24, "fp32", "fused", id="Nv37-Nr11-B1-H3-D24-fp32-fused"),
-    pytest.param("Nv37-Nr11", 2, 1, 16, "fp16", "none", id="Nv37-Nr11-B2-H1-D16-fp16"),
-    pytest.param("Nv37-Nr11", 1, 1, 128, "fp16", "fused", id="Nv37-Nr11-B1-H1-D128-fp16-fused"),
-    pytest.param("Nv37-Nr11", 1, 2, 128, "fp32", "prologue", id="Nv37-Nr11-B1-H2-D128-fp32-prologue"),
-    pytest.param("Nv211-Nr0", 1, 1, 64, "fp16", "none", id="Nv211-Nr0-B1-H1-D64-fp16"),
-    pytest.param("Nv211-Nr0", 1, 1, 24, "fp32", "fused", id="Nv211-Nr0-B1-H1-D24-fp32-fused"),
-    pytest.param("Nv0-Nr29", 2, 2, 64, "fp32", "fused", id="Nv0-Nr29-B2-H2-D64-fp32-fused"),
-    pytest.param("Nv0-Nr29", 1, 2, 16, "fp16", "prologue", id="Nv0-Nr29-B1-H2-D16-fp16-prologue"),
+    case(layout="Nv37-Nr11", B=2, H=2, D=64, dtype="fp32", rope="none"),
+    case(layout="Nv37-Nr11", B=2, H=2, D=64, dtype="fp16", rope="fused"),
+    case(layout="Nv37-Nr11", B=2, H=2, D=64, dtype="fp16", rope="prologue"),
+    case(layout="Nv37-Nr11", B=1, H=3, D=24, dtype="fp32", rope="fused"),
+    case(layout="Nv37-Nr11", B=2, H=1, D=16, dtype="fp16", rope="none"),
+    case(layout="Nv37-Nr11", B=1, H=1, D=128, dtype="fp16", rope="fused"),
+    case(layout="Nv37-Nr11", B=1, H=2, D=128, dtype="fp32", rope="prologue"),
+    case(layout="Nv211-Nr0", B=1, H=1, D=64, dtype="fp16", rope="none"),
+    case(layout="Nv211-Nr0", B=1, H=1, D=24, dtype="fp32", rope="fused"),
+    case(layout="Nv0-Nr29", B=2, H=2, D=64, dtype="fp32", rope="fused"),
+    case(layout="Nv0-Nr29", B=1, H=2, D=16, dtype="fp16", rope="prologue"),
 ]
 
 
@@ -168,7 +157,7 @@ def test_asym_attention_negative_scale(monkeypatch):
 def test_rope_modes_agree():
     """Fused rotation and the prologue round the rotated q/k to the input dtype the same way."""
     layout = LAYOUTS["Nv37-Nr11"]
-    _, cos, sin = _tables(layout, 32)
+    _, cos, sin = rope_tables(layout, 32)
     q, k, v = _make_qkv(1, layout.num_tokens, 2, 32, torch.float16)
     o_f = K.asym_attention_triton(q, k, v, layout.num_video, cos, sin, rope_mode="fused")
     o_p = K.asym_attention_triton(q, k, v, layout.num_video, cos, sin, rope_mode="prologue")
@@ -182,7 +171,7 @@ def _run_cached(nv, nr, b, h, d, dtype, rope, monkeypatch):
     if rope != "none":
         monkeypatch.setattr(K, "ROPE_MODE", rope)
         layout = wk.TokenLayout((1, 1, nv))
-        pos, cos, sin = _tables(layout, d)
+        pos, cos, sin = rope_tables(layout, d)
     else:
         pos = cos = sin = None
     q, k, v = _make_qkv(b, nv, h, d, dtype)
@@ -211,11 +200,11 @@ def _run_cached(nv, nr, b, h, d, dtype, rope, monkeypatch):
 
 CACHED_CASES = [
     # Nv, Nr, B, H, D, dtype, rope
-    pytest.param(37, 11, 2, 2, 64, "fp32", "fused", id="Nv37-Nr11-B2-H2-D64-fp32-fused"),
-    pytest.param(37, 11, 1, 2, 64, "fp16", "prologue", id="Nv37-Nr11-B1-H2-D64-fp16-prologue"),
-    pytest.param(37, 29, 2, 1, 24, "fp16", "none", id="Nv37-Nr29-B2-H1-D24-fp16"),
-    pytest.param(45, 0, 1, 2, 16, "fp32", "fused", id="Nv45-Nr0-B1-H2-D16-fp32-fused-empty-cache"),
-    pytest.param(20, 40, 1, 1, 128, "fp16", "fused", id="Nv20-Nr40-B1-H1-D128-fp16-fused"),
+    case(Nv=37, Nr=11, B=2, H=2, D=64, dtype="fp32", rope="fused"),
+    case(Nv=37, Nr=11, B=1, H=2, D=64, dtype="fp16", rope="prologue"),
+    case(Nv=37, Nr=29, B=2, H=1, D=24, dtype="fp16", rope="none"),
+    case(Nv=45, Nr=0, B=1, H=2, D=16, dtype="fp32", rope="fused"),
+    case(Nv=20, Nr=40, B=1, H=1, D=128, dtype="fp16", rope="fused"),
 ]
 
 
@@ -241,7 +230,7 @@ def test_cached_equals_joint_video_rows(rope, monkeypatch):
     monkeypatch.setattr(K, "ROPE_MODE", rope)
     layout = LAYOUTS["Nv37-Nr11"]
     nv, d = layout.num_video, 32
-    _, cos, sin = _tables(layout, d)
+    _, cos, sin = rope_tables(layout, d)
     q, k, v = _leaves(*_make_qkv(2, layout.num_tokens, 2, d, torch.float32))
     o = wk.asym_attention(q, k, v, nv, cos, sin, backend="triton")
     do = torch.randn_like(o)
@@ -309,7 +298,7 @@ def test_torch_compile_fullgraph(rope, monkeypatch):
     monkeypatch.undo()  # nan_empty's Python-level torch.empty patch is not traceable by dynamo
     monkeypatch.setattr(K, "ROPE_MODE", "fused")
     layout = LAYOUTS["Nv37-Nr11"]
-    _, cos, sin = _tables(layout, 16)
+    _, cos, sin = rope_tables(layout, 16)
     if rope == "none":
         cos = sin = None
     q, k, v = _leaves(*_make_qkv(1, layout.num_tokens, 2, 16, torch.float32))
@@ -330,6 +319,8 @@ def test_torch_compile_fullgraph(rope, monkeypatch):
 _SM90_COMPILE = r'''
 import os, re, sys
 os.environ["TRITON_INTERPRET"] = "0"  # real JITFunctions: configs and kernels as on the GPU
+sys.path.insert(0, "tests")
+from helpers import ptxas_usage
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -337,7 +328,7 @@ from wildactor_kernels.attention import kernels as K
 
 INTS = ("H", "NQ", "NV", "NK2")
 
-def build(kernel, consts, cfg):
+def build(kernel, consts, cfg, first=True):
     fn = kernel.fn
     consts = dict(consts, **cfg.kwargs)
     sig, attrs = {}, {}
@@ -353,39 +344,61 @@ def build(kernel, consts, cfg):
             if a.startswith("stride"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            sig[a] = "*fp32" if a in ("LSE", "DELTA", "COS", "SIN") else "*bf16"
+            sig[a] = "*fp32" if a in ("p_lse", "p_delta", "p_cos", "p_sin") else "*bf16"
             attrs[(i,)] = [["tt.divisibility", 16]]
     k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     ptx = k.asm["ptx"]
-    assert "wgmma.mma_async" in ptx, f"{fn.__name__}: no wgmma (Hopper tensor-core path)"
+    if first:  # the preferred candidate takes the Hopper tensor-core path
+        assert "wgmma.mma_async" in ptx, f"{fn.__name__}: no wgmma (Hopper tensor-core path)"
     assert k.metadata.shared <= K._SMEM_LIMIT, f"{fn.__name__}: {k.metadata.shared} B shared"
-    print(fn.__name__, consts.get("ROTATE"), consts.get("CACHED"), "ok", k.metadata.shared)
+    regs, spill_st, spill_ld = ptxas_usage(k)
+    assert spill_st == spill_ld == 0, f"{fn.__name__} {cfg}: spills {spill_st}/{spill_ld} B"
+    print(fn.__name__, consts.get("ROTATE"), consts.get("CACHED"), "ok", k.metadata.shared, regs)
 
+# every config the first call may pick at the DESIGN head dim (bf16, D = 128)
 for rotate, cached in ((False, False), (True, True)):
     c = dict(HEAD_DIM=128, BLOCK_D=128, ROTATE=rotate, CACHED=cached, DOT_F32=False, DOT_PREC="ieee")
     for kern, kind in ((K._attn_fwd_kernel, "fwd"), (K._attn_bwd_dkdv_kernel, "dkdv"),
                        (K._attn_bwd_dq_kernel, "dq")):
         extra = dict(SCALE_NEG=False) if kind == "fwd" else {}
-        cfg = K._make_prune(kind)(kern.configs, {}, BLOCK_D=128, ROTATE=rotate)[0]
-        build(kern, dict(c, **extra), cfg)
+        shortlist = K._make_prune(kind)(kern.configs, {}, BLOCK_D=128, ROTATE=rotate)
+        assert 1 <= len(shortlist) <= 3, (kind, shortlist)
+        for i, cfg in enumerate(shortlist):
+            build(kern, dict(c, **extra), cfg, first=i == 0)
 '''
+
+
+def test_first_call_compiles_few_configs():
+    """The prune keyed by head dim, dtype and ROTATE leaves at most three candidates per kernel
+    for the first call (not every config), all from the ROTATE list and within shared memory."""
+    import triton
+
+    for kind, gpu in (("fwd", K._FWD_GPU), ("dkdv", K._DKDV_GPU), ("dq", K._DQ_GPU)):
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                   for m, n, w, s in dict.fromkeys(gpu[False] + gpu[True])]
+        for rotate in (False, True):
+            for d, dtype in ((128, torch.bfloat16), (64, torch.float16), (256, torch.bfloat16),
+                             (128, torch.float32)):
+                q = torch.empty(0, dtype=dtype)
+                kept = K._make_prune(kind)(configs, {"p_q": q}, BLOCK_D=d, ROTATE=rotate)
+                assert 1 <= len(kept) <= K._FIRST_CALL == 3, (kind, rotate, d, dtype, kept)
+                for c in kept:
+                    shape = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                    assert shape in gpu[rotate], (kind, rotate, shape)
+                    assert K._smem_estimate(kind, c, d, q.element_size(), rotate) <= K._SMEM_LIMIT
 
 
 def test_kernels_compile_for_sm90():
     """The interpreter never runs Triton's compiler: build PTX + cubin for sm_90 (H100/H200)
-    ahead of time for the first autotune candidate of every kernel, plain and with fused
-    rotation + cache, and check the wgmma path and the shared-memory budget."""
+    ahead of time for every autotune candidate the first call compiles at D = 128 bf16 (at most
+    three per kernel), plain and with fused rotation + cache, and check the wgmma path, the
+    shared-memory budget and that no config spills registers."""
     run_sm90_build(_SM90_COMPILE)
 
 
 # =========================================================================== GPU only
-GPU_LAYOUTS = {
-    # a short wan-720p-like clip (4 frames of 22x40) with two references of the same grid
-    "wan720p-T4": wk.TokenLayout((4, 22, 40), [("face", 22, 40), ("body", 22, 40)]),
-    "odd": wk.TokenLayout((3, 17, 23), [("face", 9, 11), ("body", 13, 7)]),
-}
 
 
 def _gpu_joint(layout, b, h, d, dtype, rope, fused_qkv=False):
@@ -393,7 +406,7 @@ def _gpu_joint(layout, b, h, d, dtype, rope, fused_qkv=False):
     nv, n = layout.num_video, layout.num_tokens
     cos = sin = None
     if rope != "none":
-        _, cos, sin = _tables(layout, d, device="cuda")
+        _, cos, sin = rope_tables(layout, d, device="cuda")
     q, k, v = (t.cuda() for t in _make_qkv(b, n, h, d, torch.float32, fused_qkv))
     do = torch.randn(b, n, h, d, device="cuda")
     t_in = _leaves(q, k, v)
@@ -410,18 +423,15 @@ def _gpu_joint(layout, b, h, d, dtype, rope, fused_qkv=False):
         _check(name, g, rg, tg, dtype)
 
 
-GPU_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("layout, h, d, rope", [
-    pytest.param("wan720p-T4", 4, 128, "fused", id="wan720p-T4-H4-D128-fused"),
-    pytest.param("wan720p-T4", 4, 128, "prologue", id="wan720p-T4-H4-D128-prologue"),
-    pytest.param("wan720p-T4", 2, 128, "none", id="wan720p-T4-H2-D128"),
-    pytest.param("odd", 3, 64, "fused", id="odd-H3-D64-fused"),
-    pytest.param("odd", 2, 96, "none", id="odd-H2-D96"),
-    pytest.param("odd", 1, 256, "fused", id="odd-H1-D256-fused"),
+    case(layout="wan720p-T4", H=4, D=128, rope="fused"),
+    case(layout="wan720p-T4", H=4, D=128, rope="prologue"),
+    case(layout="wan720p-T4", H=2, D=128, rope="none"),
+    case(layout="odd", H=3, D=64, rope="fused"),
+    case(layout="odd", H=2, D=96, rope="none"),
+    case(layout="odd", H=1, D=256, rope="fused"),
 ])
 def test_asym_attention_gpu(layout, h, d, rope, dtype):
     _gpu_joint(GPU_LAYOUTS[layout], 1, h, d, dtype, rope)
@@ -439,7 +449,7 @@ def test_asym_attention_gpu_fused_qkv(dtype):
 def test_cached_gpu(rope, dtype):
     layout = GPU_LAYOUTS["wan720p-T4"]
     nv, nr, h, d = layout.num_video, layout.num_ref, 4, 128
-    _, cos, sin = _tables(wk.TokenLayout(layout.video), d, device="cuda")
+    _, cos, sin = rope_tables(wk.TokenLayout(layout.video), d, device="cuda")
     q, k, v = (t.cuda() for t in _make_qkv(1, nv, h, d, torch.float32))
     rk, rv = (t.cuda() for t in _make_qkv(1, nr, h, d, torch.float32)[:2])
     do = torch.randn(1, nv, h, d, device="cuda")
@@ -461,7 +471,7 @@ def test_cached_gpu(rope, dtype):
 def test_torch_compile_inductor_gpu():
     """fullgraph Inductor compile around the op on CUDA: no graph break, same result."""
     layout = GPU_LAYOUTS["odd"]
-    _, cos, sin = _tables(layout, 64, device="cuda")
+    _, cos, sin = rope_tables(layout, 64, device="cuda")
     q, k, v = (t.cuda().to(torch.bfloat16).requires_grad_()
                for t in _make_qkv(1, layout.num_tokens, 2, 64, torch.float32))
 

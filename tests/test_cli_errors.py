@@ -98,6 +98,13 @@ def _cases(tmp: str) -> dict[str, dict]:
         "demo-device-gpu": dict(argv=["demo", "--device", "gpu"], needles=["--device", "gpu", "cuda"]),
         "demo-width-text": dict(argv=["demo", "--width", "wide"], needles=["--width", "wide"]),
         "demo-no-command": dict(argv=[], needles=["COMMAND"]),
+        # a full-size preset with random weights on a CPU: refused before anything is built
+        "demo-big-preset-on-cpu": dict(argv=["demo", "--preset", "wan2.2-5b", "--device", "cpu"],
+                                       needles=["--preset wan2.2-5b", "--layers", "CUDA"]),
+        "demo-14b-on-cpu-layers-too-many": dict(argv=["demo", "--preset", "wan2.1-14b", "--layers", "30",
+                                                      "--device", "cpu"],
+                                                needles=["--preset wan2.1-14b", "30 layers", "--layers"]),
+        "demo-zero-layers": dict(argv=["demo", "--layers", "0"], needles=["--layers", "0"]),
         "quantize-unknown-preset": dict(argv=["quantize-report", "--preset", "huge"],
                                         needles=["--preset", "tiny"]),
         "quantize-zero-layers": dict(argv=["quantize-report", "--layers", "0"], needles=["--layers", "0"]),
@@ -132,6 +139,13 @@ def _cases(tmp: str) -> dict[str, dict]:
                                    needles=["--json", "/proc/nope/x.jsonl"]),
         "bench-json-is-a-dir": dict(entry="suite", argv=["--json", tmp], needles=["--json", "directory"]),
         "bench-device-gpu": dict(entry="suite", argv=["--device", "gpu"], needles=["--device", "gpu"]),
+        # runs that work: progress bars on stderr, no traceback, every argument used
+        "demo-layers-is-used": dict(argv=["demo", "--layers", "1", "--steps", "1", "--repeats", "1",
+                                          "--frames", "1", "--height", "4", "--width", "4", "--no-progress",
+                                          "--device", "cpu"], status=0, needles=[]),
+        "quantize-report-progress": dict(argv=["quantize-report", "--device", "cpu"], status=0, needles=[]),
+        "export-progress": dict(argv=["export", "--out", os.path.join(tmp, "progress_out"), "--fp8",
+                                      "--precision", "fp32", "--layers", "1"], status=0, needles=[]),
         "debug-flag": dict(argv=["--debug", "demo", "--preset", "huge"], traceback=True,
                            needles=["--preset"]),
         "debug-flag-after-subcommand": dict(argv=["demo", "--height", "15", "--debug"], traceback=True,
@@ -217,6 +231,73 @@ def test_each_check_runs_before_any_work(results):
     # --engine without tensorrt: nothing traced, nothing written
     assert not os.path.exists(os.path.join(results["_tmp"], "engine_out"))
     assert "[export]" not in results["export-engine-without-tensorrt"]["out"]
+
+
+def test_big_preset_with_layers_passes_the_check():
+    """The refusal's advice works: the same preset with --layers 2 passes the checks on a CPU."""
+    from wildactor_kernels.model.cli import CPU_DEMO_MAX_PARAMS, build_parser, check_demo, demo_parameters
+
+    for preset in ("wan2.2-5b", "wan2.1-14b"):
+        assert demo_parameters(preset) > CPU_DEMO_MAX_PARAMS > demo_parameters(preset, 2)
+        args = build_parser().parse_args(["demo", "--preset", preset, "--layers", "2", "--device", "cpu"])
+        check_demo(args)  # no UsageError
+    assert demo_parameters("tiny") < demo_parameters("wan2.1-1.3b") < CPU_DEMO_MAX_PARAMS
+
+
+def _bar_text(err: str) -> str:
+    return err.replace("\r", "\n")
+
+
+def test_demo_uses_layers(results):
+    r = results["demo-layers-is-used"]
+    text = r["out"] + r["err"]
+    assert r["rc"] == 0 and "Traceback" not in text, text
+    assert "1 layers (--layers)" in r["out"] and "OK:" in r["out"], r["out"]
+
+
+def test_quantize_report_shows_progress(results):
+    r = results["quantize-report-progress"]
+    text = r["out"] + r["err"]
+    assert r["rc"] == 0 and "Traceback" not in text, text
+    bars = _bar_text(r["err"])
+    for stage in ("quantize-report: build tiny", "quantize-report: quantize a copy (fp8)",
+                  "quantize-report: forward of the unquantized model",
+                  "quantize-report: forward of the quantized model",
+                  "quantize-report: layer blocks.0.attn1.to_q", "quantize-report: layer blocks.1.ffn.net.2"):
+        assert stage in bars, stage
+    last = [ln for ln in bars.splitlines() if ln.strip()][-1]
+    assert "quantize-report: done" in last and "24/24" in last, last  # left in place, complete
+    assert "model output" in r["out"] and "quantize-report:" not in r["out"]  # table on stdout, bar not
+
+
+def test_export_shows_progress(results):
+    r = results["export-progress"]
+    text = r["out"] + r["err"]
+    assert r["rc"] == 0 and "Traceback" not in text, text
+    bars = _bar_text(r["err"])
+    for stage in ("export: trace reference_encoder", "export: trace denoiser", "export: fp8 calibration",
+                  "export: passes reference_encoder", "export: passes denoiser",
+                  "export: save + check reference_encoder", "export: save + check denoiser",
+                  "export: done: 7/7 stages", "onnxruntime check: load sessions",
+                  "onnxruntime check: refs, example size", "onnxruntime check: done: 4/4 stages"):
+        assert stage in bars, stage
+    assert "check: OK" in r["out"] and "[export] wrote" in r["out"] and "stages |" not in r["out"]
+
+
+def test_library_calls_are_quiet(capfd):
+    """Without progress=True the library shows no bar; progress takes a bool (a callable for export)."""
+    from wildactor_kernels.model import WildActor, WildActorConfig
+    from wildactor_kernels.model.export import export_onnx
+    from wildactor_kernels.model.quant import run_quantize_report
+
+    rep = run_quantize_report("tiny", "fp8", device="cpu", print_table=False)
+    assert rep["num_converted"] == 20
+    err = capfd.readouterr().err
+    assert "quantize-report:" not in err and "|" not in err, err
+    with pytest.raises(TypeError, match="progress"):
+        run_quantize_report("tiny", "fp8", device="cpu", print_table=False, progress="yes")
+    with pytest.raises(TypeError, match="progress"):
+        export_onnx(WildActor(WildActorConfig.preset("tiny")), "unused", progress="yes")
 
 
 @pytest.mark.parametrize("name", ["debug-flag", "debug-flag-after-subcommand", "debug-env"])

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, assert_within_baseline, run_sm90_build
+from helpers import CPU_DTYPES, DEVICE, assert_within_baseline, case, run_sm90_build
 
 import wildactor_kernels as wk
 from wildactor_kernels.lora.kernels import ref_folded_linear_triton, ref_lora_linear_triton
@@ -23,16 +23,15 @@ from wildactor_kernels.lora.reference import ref_lora_linear_ref
 
 pytestmark = pytest.mark.usefixtures("nan_empty")
 
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
 
 # (B, Nv, Nr, Din, Dout, rank, base weight/bias require grad)
 CASES = [
-    pytest.param(2, 37, 11, 72, 200, 8, True, id="B2-v37-r11-72to200-rank8-gradW"),
-    pytest.param(2, 37, 11, 200, 72, 1, False, id="B2-v37-r11-200to72-rank1"),
-    pytest.param(1, 37, 11, 72, 200, 128, False, id="B1-v37-r11-72to200-rank128"),
-    pytest.param(1, 64, 0, 72, 200, 8, True, id="B1-v64-r0-gradW"),
-    pytest.param(2, 0, 29, 200, 72, 128, True, id="B2-v0-r29-rank128-gradW"),
-    pytest.param(3, 5, 40, 40, 24, 8, False, id="B3-v5-r40-40to24"),
+    case(B=2, Nv=37, Nr=11, Din=72, Dout=200, r=8, gradW=True),
+    case(B=2, Nv=37, Nr=11, Din=200, Dout=72, r=1, gradW=False),
+    case(B=1, Nv=37, Nr=11, Din=72, Dout=200, r=128, gradW=False),
+    case(B=1, Nv=64, Nr=0, Din=72, Dout=200, r=8, gradW=True),
+    case(B=2, Nv=0, Nr=29, Din=200, Dout=72, r=128, gradW=True),
+    case(B=3, Nv=5, Nr=40, Din=40, Dout=24, r=8, gradW=False),
 ]
 
 
@@ -81,7 +80,7 @@ def _check_all(x, w, b, a, lb, scale, nv, names=("x", "weight", "bias", "lora_A"
         assert_within_baseline(gk, gr, g6, name=f"d{name}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("bsz,nv,nr,din,dout,rank,grad_base", CASES)
 def test_forward_backward(bsz, nv, nr, din, dout, rank, grad_base, dtype):
     leaves = _inputs(bsz, nv, nr, din, dout, rank, dtype, grad_base)
@@ -146,10 +145,9 @@ def test_rejects_float64():
         wk.ref_lora_linear(x, w, b, a, lb, 1.0, 4, backend="triton")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bsz,nv,nr", [pytest.param(2, 37, 11, id="B2-v37-r11"),
-                                       pytest.param(1, 0, 29, id="B1-v0-r29"),
-                                       pytest.param(1, 64, 0, id="B1-v64-r0")])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("bsz,nv,nr", [case(B=2, Nv=37, Nr=11), case(B=1, Nv=0, Nr=29),
+                                       case(B=1, Nv=64, Nr=0)])
 def test_folded_kernel(bsz, nv, nr, dtype):
     """One GEMM picking W or W_ref per tile == two reference GEMMs; dx, dW, dW_ref and db too."""
     din, dout = 72, 200
@@ -176,8 +174,8 @@ def test_folded_kernel(bsz, nv, nr, dtype):
 
 # ----------------------------------------------------------------------------- GPU only
 GPU_CASES = CASES + [
-    pytest.param(1, 1000, 300, 1024, 1536, 64, True, id="B1-v1000-r300-1024to1536-rank64"),
-    pytest.param(2, 333, 129, 3072, 200, 128, False, id="B2-v333-r129-3072to200-rank128"),
+    case(B=1, Nv=1000, Nr=300, Din=1024, Dout=1536, r=64, gradW=True),
+    case(B=2, Nv=333, Nr=129, Din=3072, Dout=200, r=128, gradW=False),
 ]
 
 
@@ -237,7 +235,7 @@ def jit(f):
 
 def build(f, consts, num_warps, num_stages, unit=()):
     fn = jit(f)
-    ptrs = [a for a in fn.arg_names if a.endswith("_ptr")]
+    ptrs = [a for a in fn.arg_names if a.startswith("p_")]
     sig = {a: "constexpr" if a in consts or a in unit else "*bf16" if a in ptrs else
            "fp32" if a == "scale" else "i32" for a in fn.arg_names}
     # what Triton's launcher infers: 16-aligned pointers, ints divisible by 16, unit strides
@@ -251,16 +249,17 @@ def build(f, consts, num_warps, num_stages, unit=()):
     assert "cp.async" in ptx, f"{fn.__name__} {consts}: loads are not pipelined"
     print(fn.__name__, consts.get("REF_MODE"), "ok")
 
-g = dict(GROUP_M=8, UPCAST=False, IEEE=False, HAS_BIAS=True, BLOCK_R=64, EVEN_K=True)
+g = dict(GROUP_M=8, DOT_F32=False, DOT_IEEE=True, HAS_BIAS=True, BLOCK_R=64, EVEN_K=True)
 fwd = ("stride_xk", "stride_wk", "stride_tr", "stride_lr", "stride_oo")  # Wt = W^T, Lt = B^T
 bwd = ("stride_xk", "stride_wn", "stride_tr", "stride_ln", "stride_oo")  # Wt = W,   Lt = A
-build(K._gemm_kernel, dict(g, REF_MODE=1, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64), 8, 3, fwd)
-build(K._gemm_kernel, dict(g, REF_MODE=1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, HAS_BIAS=False), 4, 3, bwd)
-build(K._gemm_kernel, dict(g, REF_MODE=1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16, EVEN_K=False),
+build(K._lora_gemm_kernel, dict(g, REF_MODE=1, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64), 8, 3, fwd)
+build(K._lora_gemm_kernel, dict(g, REF_MODE=1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, HAS_BIAS=False), 4, 3, bwd)
+build(K._lora_gemm_kernel, dict(g, REF_MODE=1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16, EVEN_K=False),
       4, 3, fwd + ("RANK",))  # rank 1 padded to 16, Din not a multiple of BLOCK_K
-build(K._gemm_kernel, dict(g, REF_MODE=2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 3, fwd)
-build(K._shrink_kernel, dict(BLOCK_M=64, BLOCK_K=64, BLOCK_R=128, EVEN_K=True, UPCAST=False, IEEE=False),
-      4, 4, ("stride_xk", "stride_pk", "stride_tr"))
+build(K._lora_gemm_kernel, dict(g, REF_MODE=2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 3, fwd)
+build(K._lora_shrink_kernel,
+      dict(BLOCK_M=64, BLOCK_K=64, BLOCK_R=128, EVEN_K=True, DOT_F32=False, DOT_IEEE=True), 4, 4,
+      ("stride_xk", "stride_pk", "stride_tr"))
 '''
 
 

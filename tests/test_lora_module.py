@@ -65,6 +65,52 @@ def test_plain_linear_paths():
     torch.testing.assert_close(m0(x, 10), F.linear(x, m0.weight, m0.bias))
 
 
+# ----------------------------------------------------------------------------- row rules (issue 11)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_2d_input_is_one_sample(backend):
+    """``[N, Din]`` with num_video is one sample: the adapter acts exactly as on ``[1, N, Din]``
+    (it used to be dropped silently: a plain linear)."""
+    m = _layer(din=8, dout=6, rank=2, backend=backend)
+    x = torch.randn(6, 8, device=DEVICE)
+    y2 = m(x, 2)
+    y3 = m(x[None], 2)[0]
+    torch.testing.assert_close(y2, y3, rtol=0, atol=0)
+    assert (y2[2:] - F.linear(x[2:], m.weight, m.bias)).abs().max() > 1e-2  # the adapter acts
+    torch.testing.assert_close(y2[:2], F.linear(x[:2], m.weight, m.bias))
+    xg = x.clone().requires_grad_(True)
+    m(xg, 2).sum().backward()
+    assert xg.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("shape,nv,exc,match", [
+    pytest.param((1, 1, 6, 8), 2, ValueError, r"x must be \[B, N, Din\] or \[N, Din\]", id="4d"),
+    pytest.param((8,), 0, ValueError, r"x must be \[B, N, Din\] or \[N, Din\]", id="1d"),
+    pytest.param((2, 6, 8), 7, ValueError, r"num_video must lie in \[0, N\] = \[0, 6\]", id="nv>N"),
+    pytest.param((6, 8), 7, ValueError, r"num_video must lie in \[0, N\] = \[0, 6\]", id="2d-nv>N"),
+    pytest.param((2, 6, 8), -1, ValueError, r"num_video must lie in \[0, N\]", id="nv<0"),
+    pytest.param((2, 6, 8), "3", TypeError, "num_video must be an int, got str", id="nv-str"),
+    pytest.param((2, 6, 8), 3.0, TypeError, "num_video must be an int", id="nv-float"),
+    pytest.param((2, 6, 8), True, TypeError, "num_video must be an int", id="nv-bool"),
+])
+@pytest.mark.parametrize("rank", [0, 2])
+def test_forward_rejects_what_it_cannot_place(shape, nv, exc, match, rank):
+    """Rows are never guessed: other ranks of x and a num_video outside [0, N] raise (even for a
+    rank-0 layer, so a model behaves the same with and without adapters)."""
+    m = RefLoRALinear(8, 6, rank=rank, device=DEVICE)
+    with pytest.raises(exc, match=match):
+        m(torch.randn(*shape, device=DEVICE), nv)
+
+
+def test_forward_x_type_and_plain_paths():
+    m = RefLoRALinear(8, 6, rank=2, device=DEVICE)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        m([[0.0] * 8], 0)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        m(torch.zeros(2, 3, 8, dtype=torch.int64, device=DEVICE), 1)
+    x4 = torch.randn(2, 3, 5, 8, device=DEVICE)  # num_video=None: nn.Linear's contract, any rank
+    torch.testing.assert_close(m(x4), F.linear(x4, m.weight, m.bias))
+
+
 # ----------------------------------------------------------------------------- autograd
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
                                    pytest.param(torch.float16, id="fp16")])
@@ -158,6 +204,51 @@ def test_fold_cache_follows_parameter_updates(backend):
         torch.testing.assert_close(m(x, 37), expect(), rtol=1e-4, atol=1e-4)
         m.alpha = 3.0  # the scale is part of the key
         torch.testing.assert_close(m(x, 37), expect(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("what", ["weight", "lora_A", "lora_B", "data"])
+def test_fold_cache_survives_parameter_swap_on_reused_address(what):
+    """A Parameter replaced by a new one that the allocator puts on the freed address, with the
+    same version count, must not hit the cache (it used to return the stale W_ref)."""
+    m = _layer(din=40, dout=24, backend="reference").fold()
+    x = torch.randn(1, 48, 40, device=DEVICE)
+    owner, name = {"weight": (m, "weight"), "lora_A": (m.lora_A, "weight"),
+                   "lora_B": (m.lora_B, "weight"), "data": (m.lora_B, "weight")}[what]
+    with torch.no_grad():
+        m(x, 37)
+        stale = m.folded_weight().clone()
+        reused = False
+        for _ in range(20):  # the caching allocator usually hands the freed block back at once
+            old = getattr(owner, name)
+            ptr, ver, shape = old.data_ptr(), old._version, old.shape
+            new = torch.randn(shape, device=DEVICE) * 3.0 + 1.0
+            del old
+            if what == "data":  # free the old storage first, then give the Parameter new data
+                owner.weight.data = torch.empty(0, device=DEVICE)
+                owner.weight.data = torch.empty(shape, device=DEVICE)
+                owner.weight.data.copy_(new)
+            else:  # free the old Parameter first, then register a new one
+                setattr(owner, name, None)
+                setattr(owner, name, torch.nn.Parameter(torch.empty(shape, device=DEVICE)))
+                getattr(owner, name).data.copy_(new)  # .data: no version bump, like a fresh tensor
+            new_ptr_probe = getattr(owner, name).data_ptr()
+            reused |= new_ptr_probe == ptr and getattr(owner, name)._version == ver
+            expect = ref_lora_linear_ref(x, m.weight, m.bias, m.lora_A.weight, m.lora_B.weight,
+                                         m.scale, 37)
+            torch.testing.assert_close(m(x, 37), expect, rtol=1e-4, atol=1e-4)
+            assert not torch.equal(m.folded_weight(), stale)
+            stale = m.folded_weight().clone()
+    if not reused:  # the assertions above held, but the dangerous case was never produced
+        pytest.skip("the allocator never reused the freed address here")
+
+
+def test_fold_cache_kept_while_nothing_changes():
+    m = _layer(din=40, dout=24, backend="reference").fold()
+    w_ref = m.folded_weight()
+    m.lora_A.weight.requires_grad_(False)  # flags are not data
+    assert m.folded_weight() is w_ref
+    m.weight = m.weight  # assigning the same Parameter drops the cache (explicit invalidation)
+    assert m._fold_cache is None
 
 
 def test_fold_cache_after_optimizer_step():

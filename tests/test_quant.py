@@ -30,7 +30,7 @@ from wildactor_kernels.quant import (
     quantize_weight_fp8,
     resolve_fp8_gemm,
 )
-from wildactor_kernels.quant.kernels import fp8_store_mode, per_token_quant_fp8_triton
+from wildactor_kernels.quant.kernels import fp8_store_mode, per_token_quant_fp8_fwd
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -116,7 +116,7 @@ def test_interpreter_store_mode_is_launcher_cast():
                                         "exponent carries (125.06 -> 64) and flushes subnormals")
 def test_interpreter_native_fp8_store():
     x = torch.tensor([[125.06, -127.2, 31.7, 1.0, 448.0, 0.002, 2.0**-9 * 3 / 2, -300.0]])
-    got = per_token_quant_fp8_triton(x, store_mode="kernel")
+    got = per_token_quant_fp8_fwd(x, store_mode="kernel")
     _assert_same_quant(got, per_token_quant_fp8_ref(x))
 
 

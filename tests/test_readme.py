@@ -126,3 +126,79 @@ def test_tested_versions_are_stated_and_admitted():
         assert f"`{spec}`" in section, f"README's tested versions do not state setup.py's `{spec}`"
     # the GPU machine's versions are inside the bounds too
     assert Version("2.11") in reqs["torch"].specifier and Version("3.6") in reqs["triton"].specifier
+
+
+def test_package_docstring_claims_hold():
+    """wildactor_kernels' docstring (and the README's prose after the API tour) say which ops take
+    ``backend=`` and which are differentiable: check each claim against the code."""
+    import inspect
+
+    import wildactor_kernels as wk
+
+    doc = wk.__doc__
+    with_backend = ("apply_rope", "qk_norm_rope", "asym_attention", "cached_asym_attention",
+                    "ref_lora_linear", "per_token_quant_fp8")
+    for name in with_backend:
+        assert "backend" in inspect.signature(getattr(wk, name)).parameters, name
+    assert "backend" in inspect.signature(wk.RefLoRALinear).parameters
+    sig = inspect.signature(wk.fp8_linear).parameters
+    assert "backend" not in sig and "gemm" in sig and "act_backend" in sig
+    assert "``fp8_linear`` has no ``backend=``" in doc and "not differentiable" in doc
+    for name in ("asym_attention", "cached_asym_attention"):  # 8-bit attention: forward only, said so
+        assert "precision" in inspect.signature(getattr(wk, name)).parameters, name
+    assert 'precision="fp8"``, 8-bit attention, is forward only' in " ".join(doc.split())
+    assert "each takes" not in doc.lower() and "every op" not in doc.lower()
+    no_backend = doc.split("(plain PyTorch, no backend)")[1].split(";")[0]
+    for name in ("TokenLayout", "irope_positions", "rope_cos_sin", "axis_dims"):
+        assert name in no_backend, name
+        assert "backend" not in inspect.signature(getattr(wk, name)).parameters, name
+
+    # autograd: the differentiable ones give gradients on the reference backend, the quantizer none
+    g = torch.Generator().manual_seed(0)
+    layout = wk.TokenLayout(video=(1, 2, 2), refs=[("face", 2, 2)])
+    cos, sin = wk.rope_cos_sin(wk.irope_positions(layout), head_dim=16)
+    n, nv = layout.num_tokens, layout.num_video
+    q, k, v = (torch.randn(1, n, 2, 16, generator=g, requires_grad=True) for _ in range(3))
+    wk.apply_rope(q, cos, sin, backend="reference").sum().backward()
+    wk.asym_attention(q, k, v, nv, cos, sin, backend="reference").sum().backward()
+    assert q.grad is not None and k.grad is not None and v.grad is not None
+    x = torch.randn(3, 32, generator=g, requires_grad=True)
+    x_q, x_scale = wk.per_token_quant_fp8(x, backend="reference")
+    assert not x_q.requires_grad and not x_scale.requires_grad
+    w = torch.randn(8, 32, generator=g)
+    w_scale = w.abs().amax(1, keepdim=True) / 448.0
+    y = wk.fp8_linear(x, (w / w_scale).to(torch.float8_e4m3fn), w_scale, gemm="emulate")
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+def _architecture_map() -> str:
+    with open(README, encoding="utf-8") as fh:
+        text = fh.read()
+    return text.split("## Architecture map", 1)[1].split("\n## ", 1)[0]
+
+
+def test_architecture_map_names_files_that_exist():
+    """Every file or folder the README's architecture map names exists, and today's modules are in it."""
+    section = _architecture_map()
+    named: set[str] = set()
+    for row in section.splitlines():
+        if not row.startswith("| `"):
+            continue
+        where, what = row.split("|")[1:3]
+        paths = re.findall(r"`([^`]+)`", where)
+        assert paths, row
+        base = paths[0] if paths[0].endswith("/") else os.path.dirname(paths[0]) + "/"
+        for path in paths:
+            assert os.path.exists(os.path.join(ROOT, path)), f"README architecture map: no {path}"
+            named.add(path.rstrip("/"))
+        for name in re.findall(r"`([\w.]+\.(?:py|json|md|sh))`", what):  # files of the row's folder
+            assert os.path.exists(os.path.join(ROOT, base, name)), f"README architecture map: no {base}{name}"
+            named.add(base + name)
+    for path in ("model/references.py", "model/checks.py", "model/rope_tables.py", "model/adapters.py",
+                 "model/export/contract.py", "model/export/passes.py", "model/export/runner.py",
+                 "model/export/onnx_export.py", "wildactor_kernels/quant/module.py",
+                 "wildactor_kernels/quant/linear.py", "wildactor_kernels/attention/hopper.py",
+                 "wildactor_kernels/attention/dispatch.py", "wildactor_kernels/attention/backend_table.json",
+                 "benchmarks/sm90_report.py", "docs/design.md", "docs/deployment.md"):
+        assert path in named, f"README architecture map does not name {path}"

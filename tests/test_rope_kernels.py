@@ -12,7 +12,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, assert_close_verbose, assert_within_baseline, rope_fp64, run_sm90_build
+from helpers import (
+    CPU_DTYPES,
+    DEVICE,
+    GPU_DTYPES,
+    GPU_LAYOUTS,
+    LAYOUTS,
+    assert_close_verbose,
+    assert_within_baseline,
+    case,
+    rope_fp64,
+    rope_tables,
+    run_sm90_build,
+)
 
 import wildactor_kernels as wk
 from wildactor_kernels.rope import apply_rope_ref, qk_norm_rope_ref
@@ -21,29 +33,11 @@ pytestmark = pytest.mark.usefixtures("nan_empty")
 
 EPS = 1e-6
 
-# Token layouts (Nv + Nr = N): odd counts that are not multiples of any block size.
-LAYOUTS = {
-    "N37": wk.TokenLayout((1, 3, 5), [("face", 2, 5), ("body", 3, 4)]),  # 15 + 22
-    "N211": wk.TokenLayout((3, 7, 9), [("face", 2, 5), ("body", 3, 4)]),  # 189 + 22
-    "N40-video-only": wk.TokenLayout((2, 4, 5)),
-    "N18-refs-only": wk.TokenLayout((0, 4, 4), [("face", 3, 4), ("body", 2, 3)]),
-}
-
 # Sanity bound against the reference itself (the baseline rule is the real criterion): about
 # two ulps of the dtype, relative to each element and to the tensor's largest element. The
 # second part matters for weight gradients, sums over tokens with cancellation, where the
 # reference rounds each term to the input dtype and the kernel does not.
 REF_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
-
-
-def _tables(layout_name: str, d: int, device=DEVICE):
-    layout = LAYOUTS[layout_name] if isinstance(layout_name, str) else layout_name
-    pos = wk.irope_positions(layout, face_offset=1, body_offset=2, spatial_shift=True)
-    cos, sin = wk.rope_cos_sin(pos.to(device), d)
-    return pos, cos, sin  # pos stays on the CPU for the fp64 truth
-
 
 def _leaf(t: torch.Tensor, dtype) -> torch.Tensor:
     return t.detach().to(dtype).requires_grad_()
@@ -72,7 +66,7 @@ def qk_norm_rope_fp64(x, w, pos, eps=EPS):
 def _run_apply_rope(make_x, layout, d, dtype, device=DEVICE):
     """``make_x(leaf)`` builds the kernel input (possibly a view) from one leaf tensor, so
     gradients are compared on the leaf, through the view."""
-    pos, cos, sin = _tables(layout, d, device)
+    pos, cos, sin = rope_tables(layout, d, device)
     base = torch.randn(make_x.leaf_shape, device=device)
     dy = torch.randn(make_x(base).shape, device=device)
     outs, grads = {}, {}
@@ -133,31 +127,31 @@ class _StridedLastDim:
 
 
 ROPE_SHAPES = [
-    pytest.param(2, "N37", 3, 24, id="B2-N37-H3-D24"),
-    pytest.param(2, "N211", 1, 64, id="B2-N211-H1-D64"),
-    pytest.param(3, "N37", 3, 8, id="B3-N37-H3-D8"),
-    pytest.param(2, "N37", 1, 16, id="B2-N37-H1-D16"),
-    pytest.param(1, "N211", 3, 128, id="B1-N211-H3-D128"),
-    pytest.param(2, "N40-video-only", 3, 128, id="B2-N40-H3-D128-video-only"),
-    pytest.param(2, "N18-refs-only", 1, 64, id="B2-N18-H1-D64-refs-only"),
+    case(B=2, layout="Nv15-Nr22", H=3, D=24),
+    case(B=2, layout="Nv189-Nr22", H=1, D=64),
+    case(B=3, layout="Nv15-Nr22", H=3, D=8),
+    case(B=2, layout="Nv15-Nr22", H=1, D=16),
+    case(B=1, layout="Nv189-Nr22", H=3, D=128),
+    case(B=2, layout="Nv40-Nr0", H=3, D=128),
+    case(B=2, layout="Nv0-Nr18", H=1, D=64),
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("b, layout, h, d", ROPE_SHAPES)
 def test_apply_rope(b, layout, h, d, dtype):
     n = LAYOUTS[layout].num_tokens
     _run_apply_rope(_Plain(b, n, h, d), layout, d, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("view", [
     pytest.param(_FusedQKVSlice, id="fused-qkv-slice"),
     pytest.param(_TransposedBack, id="transposed-back"),
     pytest.param(_StridedLastDim, id="strided-last-dim"),
 ])
 def test_apply_rope_non_contiguous(view, dtype):
-    b, layout, h, d = 2, "N37", 3, 24
+    b, layout, h, d = 2, "Nv15-Nr22", 3, 24
     make_x = view(b, LAYOUTS[layout].num_tokens, h, d)
     assert not make_x(torch.empty(make_x.leaf_shape, device=DEVICE)).is_contiguous()
     _run_apply_rope(make_x, layout, d, dtype)
@@ -171,7 +165,7 @@ def _run_qk_norm_rope(b, layout, h, d, dtype, weights="both", fused=False, weigh
     ``weights``: "both", "none" or "q-only"; ``fused``: q and k are slices of one [B, N, 3, H, D]
     leaf (gradients are then compared on that leaf).
     """
-    pos, cos, sin = _tables(layout, d, device)
+    pos, cos, sin = rope_tables(layout, d, device)
     n = pos.shape[0]
     weight_dtype = weight_dtype or dtype
     if fused:
@@ -210,38 +204,38 @@ def _run_qk_norm_rope(b, layout, h, d, dtype, weights="both", fused=False, weigh
 
 
 QK_SHAPES = [
-    pytest.param(2, "N37", 3, 24, "both", id="B2-N37-H3-D24"),
-    pytest.param(2, "N211", 1, 64, "both", id="B2-N211-H1-D64"),
-    pytest.param(3, "N37", 3, 128, "none", id="B3-N37-H3-D128-no-weight"),
-    pytest.param(2, "N37", 1, 8, "both", id="B2-N37-H1-D8"),
-    pytest.param(2, "N18-refs-only", 3, 16, "both", id="B2-N18-H3-D16-refs-only"),
+    case(B=2, layout="Nv15-Nr22", H=3, D=24, weights="both"),
+    case(B=2, layout="Nv189-Nr22", H=1, D=64, weights="both"),
+    case(B=3, layout="Nv15-Nr22", H=3, D=128, weights="none"),
+    case(B=2, layout="Nv15-Nr22", H=1, D=8, weights="both"),
+    case(B=2, layout="Nv0-Nr18", H=3, D=16, weights="both"),
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("b, layout, h, d, weights", QK_SHAPES)
 def test_qk_norm_rope(b, layout, h, d, weights, dtype):
     _run_qk_norm_rope(b, layout, h, d, dtype, weights=weights)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
 def test_qk_norm_rope_fused_qkv_views(dtype):
-    _run_qk_norm_rope(2, "N37", 3, 24, dtype, weights="both", fused=True)
+    _run_qk_norm_rope(2, "Nv15-Nr22", 3, 24, dtype, weights="both", fused=True)
 
 
 def test_qk_norm_rope_wan14b_width():
     """H*D = 5120 (Wan-14B: 40 heads x 128): the norm spans several head chunks, the last one
     partly masked. Few tokens keep the interpreter quick."""
-    _run_qk_norm_rope(1, "N18-refs-only", 40, 128, torch.float32, weights="both")
+    _run_qk_norm_rope(1, "Nv0-Nr18", 40, 128, torch.float32, weights="both")
 
 
 def test_qk_norm_rope_one_weight_fp32_weights_fp16_inputs():
     """Only q has a norm weight, kept in fp32 (master weights) while activations are fp16."""
-    _run_qk_norm_rope(2, "N37", 3, 16, torch.float16, weights="q-only", weight_dtype=torch.float32)
+    _run_qk_norm_rope(2, "Nv15-Nr22", 3, 16, torch.float16, weights="q-only", weight_dtype=torch.float32)
 
 
 def test_qk_norm_rope_rejects_mixed_dtypes():
-    _, cos, sin = _tables("N37", 16)
+    _, cos, sin = rope_tables("Nv15-Nr22", 16)
     q = torch.randn(1, 37, 2, 16, device=DEVICE)
     with pytest.raises(TypeError, match="dtype"):
         wk.qk_norm_rope(q, q.half(), None, None, cos, sin, backend="triton")
@@ -249,7 +243,7 @@ def test_qk_norm_rope_rejects_mixed_dtypes():
 
 def test_broadcast_grads_and_empty_sequences():
     """``loss = y.sum()`` hands the backward a stride-0 (expanded) gradient; N = 0 launches nothing."""
-    _, cos, sin = _tables("N37", 16)
+    _, cos, sin = rope_tables("Nv15-Nr22", 16)
     x = torch.randn(2, 37, 3, 16, device=DEVICE, requires_grad=True)
     wk.apply_rope(x, cos, sin, backend="triton").sum().backward()
     gx = x.grad.clone()
@@ -279,15 +273,10 @@ def test_broadcast_grads_and_empty_sequences():
 
 
 # =========================================================================== GPU only
-GPU_LAYOUTS = {
-    # A short wan-720p-like clip: 22x40 latent grid, 4 frames, two references of the same grid.
-    "wan720p-T4": wk.TokenLayout((4, 22, 40), [("face", 22, 40), ("body", 22, 40)]),
-}
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"),
-                                   pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("b, h, d", [pytest.param(1, 24, 128, id="B1-H24-D128"),
                                      pytest.param(2, 12, 80, id="B2-H12-D80")])
 def test_apply_rope_gpu(b, h, d, dtype):

@@ -161,3 +161,129 @@ def test_tf32_setting_reads_new_api_without_error():
         assert tf32_allowed() is False
     finally:
         m.fp32_precision = old
+
+
+# ----------------------------------------------------------------------------- numbers (issue 11)
+_POS = torch.zeros(4, 3, dtype=torch.int64)
+_X = torch.randn(1, 4, 2, 16)
+_TAB = torch.zeros(4, 8)
+_NAN, _INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    # sizes are ints: never truncated, bool is not an int
+    (lambda: wk.TokenLayout((2.7, 3, 4)), TypeError, r"video\[0\] must be an int, got float 2.7"),
+    (lambda: wk.TokenLayout((2, 3.0, 4)), TypeError, r"video\[1\] must be an int"),
+    (lambda: wk.TokenLayout((True, 3, 4)), TypeError, r"video\[0\] must be an int, got bool"),
+    (lambda: wk.TokenLayout(video=None), TypeError, "video must be a sequence"),
+    (lambda: wk.TokenLayout("abc"), TypeError, "video must be a sequence"),
+    (lambda: wk.TokenLayout((1, 2, -1)), ValueError, "video must be .* non-negative"),
+    (lambda: wk.TokenLayout((1, 2, 2), refs=3), TypeError, "refs must be an iterable"),
+    (lambda: wk.TokenLayout((1, 2, 2), [5]), TypeError, r"refs\[0\] must be a \(kind, h, w\)"),
+    (lambda: wk.TokenLayout((1, 2, 2), [("face", 1.5, 2)]), TypeError, r"refs\[0\] height must be an int"),
+    (lambda: wk.TokenLayout((1, 2, 2), [("face", "a", 2)]), TypeError, r"refs\[0\] height must be an int"),
+    (lambda: wk.TokenLayout((1, 2, 2), [("body", 2, False)]), TypeError, r"refs\[0\] width must be an int"),
+    (lambda: wk.TokenLayout((1, 2, 2), [(1, 2, 2)]), TypeError, r"refs\[0\] kind must be a str"),
+    (lambda: wk.irope_positions(wk.TokenLayout((1, 2, 2)), face_offset=1.5), TypeError,
+     "face_offset must be an int"),
+    (lambda: wk.irope_positions(wk.TokenLayout((1, 2, 2)), body_offset=True), TypeError,
+     "body_offset must be an int"),
+    (lambda: wk.irope_positions(wk.TokenLayout((1, 2, 2)), spatial_shift=1), TypeError,
+     "spatial_shift must be a bool"),
+    # theta: finite and positive
+    (lambda: wk.rope_cos_sin(_POS, 16, theta=0), ValueError, "theta must be positive"),
+    (lambda: wk.rope_cos_sin(_POS, 16, theta=-10), ValueError, "theta must be positive"),
+    (lambda: wk.rope_cos_sin(_POS, 16, theta=_NAN), ValueError, "theta must be finite"),
+    (lambda: wk.rope_cos_sin(_POS, 16, theta=_INF), ValueError, "theta must be finite"),
+    (lambda: wk.rope_cos_sin(_POS, 16, theta="1e4"), TypeError, "theta must be a Python float"),
+    (lambda: wk.rope_cos_sin(_POS, 16, theta=torch.tensor(1e4)), TypeError, "theta must be a Python float"),
+    (lambda: wk.rope_cos_sin(_POS, 16.0), TypeError, "head_dim must be an int"),
+    (lambda: wk.axis_dims(True), TypeError, "head_dim must be an int"),
+    # scale / eps
+    (lambda: wk.asym_attention(_X, _X, _X, 2, scale=_NAN), ValueError, "scale must be finite"),
+    (lambda: wk.asym_attention(_X, _X, _X, 2, scale=-_INF), ValueError, "scale must be finite"),
+    (lambda: wk.asym_attention(_X, _X, _X, 2, scale=[0.5]), TypeError, "scale must be a Python float"),
+    (lambda: wk.asym_attention(_X, _X, _X, 2, scale=True), TypeError, "scale must be a Python float"),
+    (lambda: wk.cached_asym_attention(_X, _X, _X, _X, _X, scale=_INF), ValueError, "scale must be finite"),
+    (lambda: wk.cached_asym_attention(_X, _X, _X, _X, _X, scale="1"), TypeError,
+     "scale must be a Python float"),
+    (lambda: wk.qk_norm_rope(_X, _X, None, None, _TAB, _TAB, eps=None), TypeError,
+     "eps must be a Python float"),
+    (lambda: wk.qk_norm_rope(_X, _X, None, None, _TAB, _TAB, eps=_NAN), ValueError, "eps must be finite"),
+    (lambda: wk.qk_norm_rope(_X, _X, None, None, _TAB, _TAB, eps=-1e-6), ValueError, "eps must be >= 0"),
+    (lambda: wk.per_token_quant_fp8(torch.randn(3, 8), pad_to=True), TypeError, "pad_to must be an int"),
+    (lambda: wk.per_token_quant_fp8(torch.randn(3, 8), pad_to=0), ValueError, "pad_to must be an int >= 1"),
+    (lambda: wk.per_token_quant_fp8(torch.randn(3, 8), pad_to=16.0), TypeError, "pad_to must be an int"),
+])
+def test_numbers_are_checked_not_truncated(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@pytest.mark.parametrize("scale,exc,match", [
+    (float("nan"), ValueError, "scale must be finite"),
+    (float("inf"), ValueError, "scale must be finite"),
+    ([0.5], TypeError, "scale must be a Python float"),
+    (True, TypeError, "scale must be a Python float"),
+    (None, TypeError, "scale must be a Python float"),
+])
+def test_lora_scale_checked(scale, exc, match):
+    x, w, a, b = torch.randn(2, 9, 12), torch.randn(10, 12), torch.randn(4, 12), torch.randn(10, 4)
+    for backend in ("reference", "triton"):
+        with pytest.raises(exc, match=match):
+            wk.ref_lora_linear(x, w, None, a, b, scale, 5, backend=backend)
+
+
+def test_valid_numbers_still_accepted():
+    """NumPy integers/floats and ints where floats are expected keep working."""
+    np = pytest.importorskip("numpy")
+    lay = wk.TokenLayout(np.array([1, 2, 3]), [("face", np.int64(2), 2)])
+    assert lay.video == (1, 2, 3) and lay.refs == (("face", 2, 2),)
+    assert all(type(v) is int for v in lay.video)
+    pos = wk.irope_positions(lay, face_offset=np.int32(1), body_offset=2)
+    cos, _ = wk.rope_cos_sin(pos, np.int64(16), theta=10000)
+    c64, _ = wk.rope_cos_sin(pos, 16, theta=np.float64(10000.0))
+    torch.testing.assert_close(cos, c64, rtol=0, atol=0)
+    q = torch.randn(1, 4, 2, 16)
+    torch.testing.assert_close(wk.asym_attention(q, q, q, 2, scale=1, backend="reference"),
+                               wk.asym_attention(q, q, q, 2, scale=1.0, backend="reference"))
+    wk.qk_norm_rope(q, q, None, None, _TAB, _TAB, eps=0, backend="reference")
+
+
+def test_fp8_linear_argument_errors():
+    from wildactor_kernels.quant.reference import quantize_weight_fp8
+
+    x = torch.randn(3, 16)
+    w_q, w_s = quantize_weight_fp8(torch.randn(8, 16))
+    for kwargs, exc, match in [
+        ({"x": x.numpy()}, TypeError, "x must be a torch.Tensor"),
+        ({"x": x.long()}, TypeError, "x must be a floating-point tensor"),
+        ({"weight_scale": w_s.numpy()}, TypeError, "weight_scale must be a torch.Tensor"),
+        ({"bias": torch.randn(7)}, ValueError, r"bias must have shape \[N\] = \[8\]"),
+        ({"bias": torch.zeros(8, dtype=torch.int32)}, TypeError, "bias must be a floating-point"),
+        ({"bias": [0.0] * 8}, TypeError, "bias must be a torch.Tensor"),
+        ({"use_fast_accum": 1}, TypeError, "use_fast_accum must be a bool"),
+        ({"bias": torch.zeros(8, device="meta")}, ValueError, "one device"),
+    ]:
+        args = {"x": x, "weight_fp8": w_q, "weight_scale": w_s, "bias": None, "use_fast_accum": True}
+        args.update(kwargs)
+        with pytest.raises(exc, match=match):
+            wk.fp8_linear(args["x"], args["weight_fp8"], args["weight_scale"], args["bias"],
+                          gemm="emulate", use_fast_accum=args["use_fast_accum"])
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"rank": 1.5}, TypeError, "rank must be an int, got float 1.5"),
+    ({"rank": True}, TypeError, "rank must be an int, got bool"),
+    ({"rank": -1}, ValueError, "rank must be an int >= 0"),
+    ({"in_features": 8.0}, TypeError, "in_features must be an int"),
+    ({"out_features": "6"}, TypeError, "out_features must be an int"),
+    ({"alpha": float("nan")}, ValueError, "alpha must be finite"),
+    ({"alpha": 0.0}, ValueError, "alpha must be positive"),
+    ({"alpha": "16"}, TypeError, "alpha must be a Python float"),
+    ({"bias": "yes"}, TypeError, "bias must be a bool"),
+])
+def test_ref_lora_module_constructor_numbers(kwargs, exc, match):
+    args = {"in_features": 8, "out_features": 6, "rank": 2} | kwargs
+    with pytest.raises(exc, match=match):
+        wk.RefLoRALinear(**args)

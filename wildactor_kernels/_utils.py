@@ -11,15 +11,23 @@ A request for Triton that cannot be honoured raises; it never silently falls bac
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 logger = logging.getLogger("wildactor_kernels")
 
 BACKENDS = ("auto", "triton", "reference")
+
+#: Where the Triton attention applies cos/sin when given: ``"fused"`` inside the attention
+#: kernels, ``"prologue"`` in a separate rotation pass first (see ``attention/kernels.py``).
+ROPE_MODES = ("fused", "prologue")
+
+#: Input dtypes of every Triton kernel that computes in floating point (maths in fp32).
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _import_triton() -> bool:
@@ -154,3 +162,61 @@ def check_rope_tables(cos: torch.Tensor | None, sin: torch.Tensor | None, n: int
             f"{what} must have shape [N, D//2] = [{n}, {d // 2}], got cos {tuple(cos.shape)} and "
             f"sin {tuple(sin.shape)}"
         )
+
+
+# --------------------------------------------------------------------------- kernel plumbing
+def dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
+    """``(DOT_F32, DOT_PREC)`` for kernels whose inputs have ``dtype``.
+
+    ``DOT_F32``: the interpreter multiplies bf16 ``tl.dot`` operands as raw bits
+    (triton-lang/triton#11584), so under it bf16 tiles are upcast to fp32 before every dot.
+    ``DOT_PREC``: fp32 inputs use IEEE dots unless torch allows TF32 matmuls (``"tf32"``); for
+    16-bit inputs the precision has no effect.
+    """
+    dot_f32 = interpreter_active() and dtype == torch.bfloat16
+    prec = "tf32" if (dtype == torch.float32 and tf32_allowed()) else "ieee"
+    return dot_f32, prec
+
+
+def autotune_configs(gpu: Sequence, interpreted) -> list:
+    """The one way of autotuning under the interpreter: the GPU candidates when compiled, the
+    single ``interpreted`` config under ``TRITON_INTERPRET=1`` (autotuning there would only run
+    every candidate in Python). With one config Triton's autotuner neither prunes nor benchmarks."""
+    return [interpreted] if interpreter_active() else list(gpu)
+
+
+def register_fake(op, fake: Callable) -> None:
+    """Register ``fake`` as the fake (FakeTensor/torch.compile) and the meta kernel of the
+    custom op ``op``: shapes only, meta tensors never reach a launcher."""
+    op.register_fake(fake)
+    op.register_kernel("meta", fake)
+
+
+def unit_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with a unit-stride last dim (a copy only when it has another stride): the kernels
+    address the reduced/head dim as one contiguous vector (vectorised loads), and a strided last
+    dim is rare, so it costs a copy rather than a code path. The other strides go to the kernel."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def device_guard(what: str, **tensors: torch.Tensor | None):
+    """Checks that every given tensor lives on one device (a ValueError naming the two that
+    differ) and returns the context a launcher runs its kernels in: ``torch.cuda.device`` of
+    that device for CUDA tensors (the current device may be another GPU), nothing on CPU."""
+    named = [(k, v) for k, v in tensors.items() if v is not None]
+    if not named:
+        return contextlib.nullcontext()
+    dev = named[0][1].device
+    for k, v in named[1:]:
+        if v.device != dev:
+            raise ValueError(f"{what}: all tensors must be on one device: {named[0][0]} is on {dev} "
+                             f"but {k} is on {v.device}")
+    return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+
+
+def check_dtypes(what: str, dtype: torch.dtype, **tensors: torch.Tensor | None) -> None:
+    """The mixed-dtype rule shared by both backends: every floating tensor argument has the
+    dtype of the primary input (``dtype``); anything else is a TypeError naming the argument."""
+    for k, v in tensors.items():
+        if v is not None and v.dtype != dtype:
+            raise TypeError(f"{what}: {k} must have the dtype of the input ({dtype}), got {v.dtype}")

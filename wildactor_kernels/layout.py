@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._validate import check_bool, check_int, check_theta
+
 REF_KINDS = ("face", "body")
 
 
@@ -34,17 +36,30 @@ class TokenLayout:
     refs: tuple[tuple[str, int, int], ...] = field(default_factory=tuple)
 
     def __init__(self, video: Sequence[int], refs: Iterable[Sequence] = ()):
-        video = tuple(int(v) for v in video)
-        if len(video) != 3 or any(v < 0 for v in video):
+        # Sizes are checked, never truncated: 2.7 or True is not a token count.
+        if isinstance(video, (str, bytes, torch.Tensor)) or not isinstance(video, Iterable):
+            raise TypeError(f"video must be a sequence (T, Hg, Wg) of 3 ints, got {type(video).__name__}")
+        video = tuple(video)
+        if len(video) != 3:
+            raise ValueError(f"video must be (T, Hg, Wg) with non-negative sizes, got {tuple(video)!r}")
+        video = tuple(check_int(f"video[{i}]", v) for i, v in enumerate(video))
+        if any(v < 0 for v in video):
             raise ValueError(f"video must be (T, Hg, Wg) with non-negative sizes, got {video}")
+        if isinstance(refs, (str, bytes, torch.Tensor)) or not isinstance(refs, Iterable):
+            raise TypeError(f"refs must be an iterable of (kind, h, w) tuples, got {type(refs).__name__}")
         parsed = []
         for i, r in enumerate(refs):
+            if isinstance(r, (str, bytes, torch.Tensor)) or not isinstance(r, Iterable):
+                raise TypeError(f"refs[{i}] must be a (kind, h, w) tuple, got {type(r).__name__}")
+            r = tuple(r)
             if len(r) != 3:
                 raise ValueError(f"refs[{i}] must be (kind, h, w), got {r!r}")
             kind, h, w = r
+            if not isinstance(kind, str):
+                raise TypeError(f"refs[{i}] kind must be a str in {REF_KINDS}, got {type(kind).__name__}")
             if kind not in REF_KINDS:
                 raise ValueError(f"refs[{i}] kind must be one of {REF_KINDS}, got {kind!r}")
-            h, w = int(h), int(w)
+            h, w = check_int(f"refs[{i}] height", h), check_int(f"refs[{i}] width", w)
             if h <= 0 or w <= 0:
                 raise ValueError(f"refs[{i}] grid must be positive, got ({h}, {w})")
             parsed.append((kind, h, w))
@@ -85,14 +100,20 @@ def irope_positions(
     body_offset: int = 2,
     spatial_shift: bool = True,
 ) -> torch.Tensor:
-    """Integer 3D positions ``(t, y, x)`` of every token. Returns int64 ``[N, 3]``."""
+    """Integer 3D positions ``(t, y, x)`` of every token. Returns int64 ``[N, 3]``.
+
+    ``face_offset``/``body_offset`` are ints (``Δface``, ``Δbody``); ``spatial_shift`` a bool.
+    """
     if not isinstance(layout, TokenLayout):
         raise TypeError(f"layout must be a TokenLayout, got {type(layout).__name__}")
+    face_offset = check_int("face_offset", face_offset)
+    body_offset = check_int("body_offset", body_offset)
+    spatial_shift = check_bool("spatial_shift", spatial_shift)
     T, Hg, Wg = layout.video
     ts = torch.arange(T, dtype=torch.int64).repeat_interleave(Hg * Wg)
     ys, xs = _grid(Hg, Wg)
     parts = [torch.stack([ts, ys.repeat(T), xs.repeat(T)], dim=1)]
-    offset = {"face": int(face_offset), "body": int(body_offset)}
+    offset = {"face": face_offset, "body": body_offset}
     used_h = {"face": 0, "body": 0}
     used_w = {"face": 0, "body": 0}
     for kind, h, w in layout.refs:
@@ -109,6 +130,7 @@ def irope_positions(
 
 def axis_dims(head_dim: int) -> tuple[int, int, int]:
     """Per-axis rotary widths ``(d_t, d_h, d_w)`` of a head, as Wan splits them."""
+    head_dim = check_int("head_dim", head_dim)
     if head_dim < 8 or head_dim % 2:
         raise ValueError(f"head_dim must be even and >= 8, got {head_dim}")
     d_h = d_w = 2 * (head_dim // 6)
@@ -123,6 +145,7 @@ def rope_cos_sin(
     Args:
         pos: int ``[N, 3]`` positions ``(t, y, x)`` (from :func:`irope_positions`).
         head_dim: ``D``, even and >= 8.
+        theta: RoPE base, a finite float > 0.
     Returns:
         ``cos, sin``: float32 ``[N, D//2]`` on ``pos.device``; pair ``p`` of axis ``a`` with local
         index ``i`` has angle ``pos_a * theta**(-2i/d_a)``, computed in float64 then cast.
@@ -133,6 +156,7 @@ def rope_cos_sin(
     if pos.is_floating_point() or pos.is_complex():
         raise TypeError(f"pos must be an integer tensor, got dtype {pos.dtype}")
     dims = axis_dims(head_dim)
+    theta = check_theta(theta)
     # MPS has no float64; compute on the CPU there and move the result back.
     work_dev = pos.device if pos.device.type != "mps" else torch.device("cpu")
     p64 = pos.to(work_dev, torch.float64)

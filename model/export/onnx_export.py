@@ -16,6 +16,7 @@ import copy
 import json
 import logging
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 import wildactor_kernels as wk
 
@@ -96,7 +98,7 @@ def export_onnx(m: nn.Module, out_dir: str | os.PathLike, *, opset: int = 23, at
                 precision: str = "fp32", dynamic: bool = True, example: Mapping[str, Any] | None = None,
                 fp8_base: str = "bf16", calibration: Sequence[Mapping[str, Any]] | None = None,
                 external_data: bool | None = None,
-                progress: Callable[[str], None] | None = None) -> OnnxExport:
+                progress: bool | Callable[[str], None] | None = None) -> OnnxExport:
     """Export ``reference_encoder.onnx`` and ``denoiser.onnx`` (plus ``manifest.json``).
 
     Args:
@@ -121,12 +123,54 @@ def export_onnx(m: nn.Module, out_dir: str | os.PathLike, *, opset: int = 23, at
             default the example at 5 timesteps in [0, 1000]. Random inputs give placeholder
             scales: calibrate on real latents/text for deployment.
         external_data: write weights to ``<graph>.onnx.data``; default when they pass 1 GiB.
-        progress: callable receiving progress lines (e.g. ``print``).
+        progress: ``None`` / ``False`` (default): quiet, the stage lines go to the
+            ``wildactor_kernels`` logger (INFO). ``True`` (what ``wildactor export`` passes): a
+            tqdm bar over the stages (trace each graph, FP8 calibration, graph passes, save and
+            check each graph) on stderr, left in place, and the stage lines on stdout. A callable
+            (e.g. ``print``): receives the stage lines, no bar.
     Returns:
         :class:`OnnxExport` (paths, manifest, seconds).
     """
+    if progress is not None and not isinstance(progress, bool) and not callable(progress):
+        raise TypeError(f"progress must be a bool, None or a callable taking a line, got "
+                        f"{type(progress).__name__}")
+    if callable(progress):
+        say = progress
+    elif progress:
+        def say(line: str) -> None:  # above the bar, which stays at the bottom of the terminal
+            tqdm.write(line, file=sys.stdout)
+    else:
+        def say(line: str) -> None:
+            logger.info(line)
+    # stages: trace both graphs, [FP8 calibration], passes on both graphs, save + check both
+    total = 2 + (precision == "fp8") + 2 + 2
+    with tqdm(total=total, desc="export: ", unit="stage", leave=True, file=sys.stderr,
+              disable=progress is not True,
+              bar_format="{desc}{n_fmt}/{total_fmt} stages |{bar:20}| [{elapsed}]") as bar:
+        return _export_onnx(m, out_dir, opset=opset, attention=attention, precision=precision,
+                            dynamic=dynamic, example=example, fp8_base=fp8_base, calibration=calibration,
+                            external_data=external_data, say=say, bar=bar)
+
+
+class _Stage:
+    """One stage of the export: names it on the bar while it runs, counts it when it ends."""
+
+    def __init__(self, bar: tqdm, name: str):
+        self.bar, self.name = bar, name
+
+    def __enter__(self):
+        self.bar.set_description(f"export: {self.name}")
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.bar.update(1)
+        return False
+
+
+def _export_onnx(m: nn.Module, out_dir, *, opset, attention, precision, dynamic, example, fp8_base,
+                 calibration, external_data, say: Callable[[str], None], bar: tqdm) -> OnnxExport:
     start = time.perf_counter()
-    say = progress or (lambda s: logger.info(s))
     onnx = require_onnx()
     cfg: WildActorConfig = m.cfg
     if precision not in PRECISIONS:
@@ -181,7 +225,8 @@ def export_onnx(m: nn.Module, out_dir: str | os.PathLike, *, opset: int = 23, at
             wrapper = ReferenceEncoderGraph if gname == ENCODER else DenoiserGraph
             names = [n for n, *_ in GRAPH_IO[gname]["inputs"]]
             outs = [n for n, *_ in GRAPH_IO[gname]["outputs"]]
-            protos[gname] = _torch_export(wrapper(mx), ins[gname], names, outs, opset, shapes[gname])
+            with _Stage(bar, f"trace {gname}"):
+                protos[gname] = _torch_export(wrapper(mx), ins[gname], names, outs, opset, shapes[gname])
             seconds[gname] = time.perf_counter() - t0
             say(f"[export] {gname}: traced in {seconds[gname]:.1f} s")
     finally:
@@ -202,9 +247,10 @@ def export_onnx(m: nn.Module, out_dir: str | os.PathLike, *, opset: int = 23, at
             calib = list(calibration) if calibration is not None else [
                 dict(example, timestep=torch.full((example["latents"].shape[0],), float(t)))
                 for t in (0.0, 250.0, 500.0, 750.0, 1000.0)]
-            cins = [graph_inputs(mc, ex, torch.float32) for ex in calib]
-            amax = {ENCODER: calibrate(mc, [c[ENCODER] for c in cins], ReferenceEncoderGraph, targets),
-                    DENOISER: calibrate(mc, [c[DENOISER] for c in cins], DenoiserGraph, targets)}
+            with _Stage(bar, "fp8 calibration"):
+                cins = [graph_inputs(mc, ex, torch.float32) for ex in calib]
+                amax = {ENCODER: calibrate(mc, [c[ENCODER] for c in cins], ReferenceEncoderGraph, targets),
+                        DENOISER: calibrate(mc, [c[DENOISER] for c in cins], DenoiserGraph, targets)}
         finally:
             mc.set_backend(backend)
             m.set_backend(backend)
@@ -216,16 +262,18 @@ def export_onnx(m: nn.Module, out_dir: str | os.PathLike, *, opset: int = 23, at
         notes.append(msg)
         attention = "decomposed"
     for gname, proto in protos.items():
-        n_rms = decompose_rmsnorm(proto)
-        n_att = sum(n.op_type == "Attention" for n in proto.graph.node)
-        if attention == "decomposed":
-            decompose_attention(proto, cfg.head_dim, compute)
-        passes[gname].update(rmsnorm_decomposed=n_rms, attention_nodes=n_att)
+        with _Stage(bar, f"passes {gname}"):
+            n_rms = decompose_rmsnorm(proto)
+            n_att = sum(n.op_type == "Attention" for n in proto.graph.node)
+            if attention == "decomposed":
+                decompose_attention(proto, cfg.head_dim, compute)
+            passes[gname].update(rmsnorm_decomposed=n_rms, attention_nodes=n_att)
+            if precision == "fp8":
+                rep = insert_fp8_qdq(proto, targets, amax[gname], compute)
+                fp8_reports[gname] = rep
+            rename_dims(proto, gname)
         if precision == "fp8":
-            rep = insert_fp8_qdq(proto, targets, amax[gname], compute)
-            fp8_reports[gname] = rep
             say(f"[export] {gname}: FP8 Q/DQ on {len(rep['quantized'])} linears")
-        rename_dims(proto, gname)
 
     # ---- metadata, manifest, save, check
     versions = {"torch": torch.__version__, "onnx": onnx.__version__, "wildactor_kernels": wk.__version__}
@@ -261,8 +309,9 @@ def export_onnx(m: nn.Module, out_dir: str | os.PathLike, *, opset: int = 23, at
         proto.producer_name = "wildactor-kernels"
         proto.producer_version = wk.__version__
         nbytes = initializer_bytes(proto)
-        save_model(proto, path, external)  # (moves the weights out of the proto when external)
-        onnx.checker.check_model(str(path), full_check=True)
+        with _Stage(bar, f"save + check {gname}"):
+            save_model(proto, path, external)  # (moves the weights out of the proto when external)
+            onnx.checker.check_model(str(path), full_check=True)
         ops: dict[str, int] = {}
         for n in proto.graph.node:
             ops[n.op_type] = ops.get(n.op_type, 0) + 1
@@ -277,6 +326,7 @@ def export_onnx(m: nn.Module, out_dir: str | os.PathLike, *, opset: int = 23, at
     elapsed = time.perf_counter() - start
     manifest["export_seconds"] = round(elapsed, 2)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    bar.set_description("export: done")
     say(f"[export] done in {elapsed:.1f} s -> {out}")
     return OnnxExport(out, out / f"{ENCODER}.onnx", out / f"{DENOISER}.onnx", manifest, elapsed)
 
@@ -373,12 +423,25 @@ def register_cli(subparsers) -> None:
     s.add_argument("--engine", action="store_true", help="also build TensorRT engines (needs tensorrt + GPU)")
     s.add_argument("--workspace-gb", type=float, default=8.0)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (the export, check and engine stages; they go to stderr)")
     s.set_defaults(func=_cmd_export)
+
+
+def _bar(desc: str, total: int, show: bool) -> tqdm:
+    """A stage bar of ``wildactor export`` on stderr, left in place when done."""
+    return tqdm(total=total, desc=f"{desc}: ", unit="stage", leave=True, file=sys.stderr, disable=not show,
+                bar_format="{desc}{n_fmt}/{total_fmt} stages |{bar:20}| [{elapsed}]")
 
 
 def _cmd_export(args) -> int:
     from ..quant import sqnr_db
     from ..wildactor import WildActor
+
+    show = not getattr(args, "no_progress", False)
+
+    def say(line: str) -> None:  # a line above the bars (which stay at the bottom of the terminal)
+        tqdm.write(line, file=sys.stdout)
 
     torch.manual_seed(args.seed)
     if args.weights:
@@ -393,7 +456,7 @@ def _cmd_export(args) -> int:
           f"{m.num_parameters() / 1e6:.2f}M backbone params, precision={precision}"
           f"{' on ' + fp8_base if args.fp8 else ''}, attention={args.attention}, opset {args.opset}")
     res = export_onnx(m, args.out, opset=args.opset, attention=args.attention, precision=precision,
-                      dynamic=not args.static, fp8_base=fp8_base, progress=print)
+                      dynamic=not args.static, fp8_base=fp8_base, progress=True if show else print)
     print(f"export: {res.seconds:.1f} s, attention form used: {res.attention}")
     ok = True
     if not args.no_check:
@@ -401,32 +464,48 @@ def _cmd_export(args) -> int:
             print("check: skipped (bf16 graphs cannot be fed through onnxruntime's Python API; build an "
                   "engine and compare with TensorRTWildActor on a GPU)")
         else:
-            runner = OnnxWildActor(args.out)
             ex = default_example(m.cfg, seed=args.seed + 1)
             ex2 = default_example(m.cfg, batch=1, frames=3, grid=(3, 5), text_len=3, seed=args.seed + 2)
-            print(f"{'check (onnxruntime vs PyTorch)':<44} {'max |err|':>10} {'SQNR dB':>8}")
-            for name, e, refs in (("refs, example size", ex, ex["refs"]), ("no refs, example size", ex, None),
-                                  ("refs, other size (B1 T3 6x10)", ex2, ex2["refs"])):
-                with torch.no_grad():
-                    want = m(e["latents"], e["timestep"], e["context"], refs=refs)
-                got = runner(e["latents"], e["timestep"], e["context"], refs=refs).float()
-                err = (got - want).abs().max().item()
-                print(f"  {name:<42} {err:>10.2e} {sqnr_db(want, got):>8.1f}")
-                if precision == "fp8":
-                    ok &= sqnr_db(want, got) > 25.0
-                else:
-                    ok &= err <= (1e-3 if precision == "fp32" else 5e-2)
+            cases = (("refs, example size", ex, ex["refs"]), ("no refs, example size", ex, None),
+                     ("refs, other size (B1 T3 6x10)", ex2, ex2["refs"]))
+            with _bar("onnxruntime check", 1 + len(cases), show) as bar:
+                bar.set_description("onnxruntime check: load sessions")
+                runner = OnnxWildActor(args.out)
+                bar.update(1)
+                say(f"{'check (onnxruntime vs PyTorch)':<44} {'max |err|':>10} {'SQNR dB':>8}")
+                for name, e, refs in cases:
+                    bar.set_description(f"onnxruntime check: {name}")
+                    with torch.no_grad():
+                        want = m(e["latents"], e["timestep"], e["context"], refs=refs)
+                    got = runner(e["latents"], e["timestep"], e["context"], refs=refs).float()
+                    err = (got - want).abs().max().item()
+                    say(f"  {name:<42} {err:>10.2e} {sqnr_db(want, got):>8.1f}")
+                    if precision == "fp8":
+                        ok &= sqnr_db(want, got) > 25.0
+                    else:
+                        ok &= err <= (1e-3 if precision == "fp32" else 5e-2)
+                    bar.update(1)
+                bar.set_description("onnxruntime check: done")
             print(f"check: {'OK' if ok else 'MISMATCH'}")
     if args.engine:
         from ..tensorrt import build_engines
 
         small = dict(frames=(1, 4, 8), height=(2, 16, 32), width=(2, 16, 32), text_len=(1, 16, 64),
                      num_ref=(1, 32, 64))
-        try:
-            build_engines(args.out, args.out, workspace_gb=args.workspace_gb, log=print,
-                          **(small if args.preset == "tiny" else {}))
-        except ImportError as e:
-            print(f"engine: not built: {e}")
-            return 2
+        with _bar("TensorRT engines", 2, show) as bar:
+            def log(line: str) -> None:  # build_engines' lines: "[trt] building X ..." / "[trt] wrote X"
+                if line.startswith("[trt] building "):
+                    bar.set_description(f"TensorRT engines: build {line.split()[2].split('.')[0]}")
+                say(line)
+                if line.startswith("[trt] wrote "):
+                    bar.update(1)
+
+            try:
+                build_engines(args.out, args.out, workspace_gb=args.workspace_gb, log=log,
+                              **(small if args.preset == "tiny" else {}))
+            except ImportError as e:
+                print(f"engine: not built: {e}")
+                return 2
+            bar.set_description("TensorRT engines: done")
         print(f"engines written to {args.out}; run them with model.TensorRTWildActor({args.out!r})")
     return 0 if ok else 1

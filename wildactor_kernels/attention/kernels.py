@@ -25,6 +25,12 @@ Kernels (flash-attention 2 structure, fp32 online softmax in base 2):
 ``_attn_bwd_dq_kernel``
     one program per query block with the key ranges of the forward pass.
 
+The segment arithmetic lives in ``_query_segment`` (query blocks: forward, dq) and its twin
+``_key_segment`` (key blocks: dk/dv), and the "full blocks without masks, then one masked tail
+block" loop in ``_stream``, which all three kernels call with their block step (``_fwd_block``,
+``_dq_block``, ``_dkdv_block``). Launchers: ``asym_attention_fwd`` / ``asym_attention_bwd`` (joint
+and cached); entry points ``asym_attention_triton`` / ``cached_asym_attention_triton``.
+
 I-RoPE fusion (``ROTATE``): a ``[rows, D]`` tile is reshaped to ``[rows, D/2, 2]`` and split into
 its even/odd channels, rotated in fp32 with the per-token ``cos, sin [N, D/2]`` tables and joined
 back, so every ``tl.dot`` keeps one full-width operand. q is rotated once per program, k once
@@ -47,78 +53,97 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import interpreter_active, tf32_allowed
+from .._utils import (
+    ROPE_MODES,
+    SUPPORTED_DTYPES,
+    autotune_configs,
+    device_guard,
+    dot_flags,
+    interpreter_active,
+    register_fake,
+)
 from .reference import asym_attention_ref, cached_asym_attention_ref  # noqa: F401  (the spec)
 
-__all__ = ["asym_attention_triton", "cached_asym_attention_triton", "ROPE_MODE", "ROPE_MODES"]
+__all__ = ["asym_attention_triton", "cached_asym_attention_triton", "asym_attention_fwd",
+           "asym_attention_bwd", "ROPE_MODE", "ROPE_MODES"]
 
-#: How ``asym_attention_triton``/``cached_asym_attention_triton`` apply cos/sin when given:
-#: ``"fused"`` rotates q and k inside the attention kernels; ``"prologue"`` rotates them first
-#: with the rope kernels (``apply_rope(..., backend="triton")``) and runs the kernels with
-#: ``ROTATE=False``. The GPU benchmark decides the default; until it has, "prologue" is used.
-ROPE_MODES = ("fused", "prologue")
+#: How ``asym_attention_triton``/``cached_asym_attention_triton`` apply cos/sin when given (one
+#: of ``ROPE_MODES``): ``"fused"`` rotates q and k inside the attention kernels; ``"prologue"``
+#: rotates them first with the rope kernels (``apply_rope(..., backend="triton")``) and runs the
+#: kernels with ``ROTATE=False``. The GPU benchmark decides the default; until it has,
+#: "prologue" is used.
 ROPE_MODE = "prologue"
 
 _LOG2E = 1.4426950408889634
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # =========================================================================== tile helpers
 @triton.jit
-def _load_tile(ptrs, row_ok, col_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+def _dot(b_a, b_b, b_acc, IEEE: tl.constexpr):
+    """``b_a @ b_b (+ b_acc)``; ``IEEE`` picks IEEE fp32 dots over TF32 (16-bit inputs ignore it).
+    A bool rather than the precision string, so that it can travel in the ``args`` tuples."""
+    if IEEE:
+        b_out = tl.dot(b_a, b_b, b_acc, input_precision="ieee")
+    else:
+        b_out = tl.dot(b_a, b_b, b_acc, input_precision="tf32")
+    return b_out
+
+
+@triton.jit
+def _load_tile(p, m_row, m_col, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
     """Load a 2-D tile; masks are only built when the constexpr flags ask for them so the
     unmasked hot loop keeps plain (vectorisable, pipelinable) loads."""
     if MASK_ROWS:
         if MASK_COLS:
-            x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            b_x = tl.load(p, mask=m_row[:, None] & m_col[None, :], other=0.0)
         else:
-            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+            b_x = tl.load(p, mask=m_row[:, None], other=0.0)
     else:
         if MASK_COLS:
-            x = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+            b_x = tl.load(p, mask=m_col[None, :], other=0.0)
         else:
-            x = tl.load(ptrs)
-    return x
+            b_x = tl.load(p)
+    return b_x
 
 
 @triton.jit
-def _load_vec(ptrs, ok, other, MASK: tl.constexpr):
+def _load_vec(p, m, other, MASK: tl.constexpr):
     if MASK:
-        x = tl.load(ptrs, mask=ok, other=other)
+        b_x = tl.load(p, mask=m, other=other)
     else:
-        x = tl.load(ptrs)
-    return x
+        b_x = tl.load(p)
+    return b_x
 
 
 @triton.jit
-def _rope(x, c, s):
-    """Rotate interleaved pairs of ``x [R, BD]`` (fp32) by ``c, s [R, BD/2]``:
-    ``(x0, x1) -> (x0 c - x1 s, x0 s + x1 c)``. Pass ``-s`` for the inverse (backward) map."""
-    x0, x1 = tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
-    y = tl.join(x0 * c - x1 * s, x0 * s + x1 * c)
-    return tl.reshape(y, (x.shape[0], x.shape[1]))
+def _rope(b_x, b_c, b_s):
+    """Rotate interleaved pairs of ``b_x [R, BD]`` (fp32) by ``b_c, b_s [R, BD/2]``:
+    ``(x0, x1) -> (x0 c - x1 s, x0 s + x1 c)``. Pass ``-b_s`` for the inverse (backward) map."""
+    b_x0, b_x1 = tl.split(tl.reshape(b_x, (b_x.shape[0], b_x.shape[1] // 2, 2)))
+    b_y = tl.join(b_x0 * b_c - b_x1 * b_s, b_x0 * b_s + b_x1 * b_c)
+    return tl.reshape(b_y, (b_x.shape[0], b_x.shape[1]))
 
 
 @triton.jit
-def _load_cos_sin(p_cos, p_sin, row_ok, pair_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+def _load_cos_sin(p_cos, p_sin, m_row, m_pair, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
     """cos/sin tile; masked entries read as the identity rotation (cos 1, sin 0)."""
     if MASK_ROWS or MASK_COLS:
         # a flag left off means that mask is all-true, so one broadcast mask serves every case
-        m = row_ok[:, None] & pair_ok[None, :]
-        c = tl.load(p_cos, mask=m, other=1.0)
-        s = tl.load(p_sin, mask=m, other=0.0)
+        m_cs = m_row[:, None] & m_pair[None, :]
+        b_c = tl.load(p_cos, mask=m_cs, other=1.0)
+        b_s = tl.load(p_sin, mask=m_cs, other=0.0)
     else:
-        c = tl.load(p_cos)
-        s = tl.load(p_sin)
-    return c.to(tl.float32), s.to(tl.float32)
+        b_c = tl.load(p_cos)
+        b_s = tl.load(p_sin)
+    return b_c.to(tl.float32), b_s.to(tl.float32)
 
 
 @triton.jit
 def _query_segment(i_m, NV, NQ, BLOCK_M: tl.constexpr):
-    """The asymmetric structure, in one place: query blocks ``[0, cdiv(Nv, BM))`` are video blocks,
-    the rest reference blocks, so a block never mixes the two. Returns the block's first query row,
-    the end of its segment, and its first key: video rows read keys ``[0, N)``, reference rows
-    ``[Nv, N)`` (references never read video keys)."""
+    """The asymmetric structure seen from a query block: blocks ``[0, cdiv(Nv, BM))`` are video
+    blocks, the rest reference blocks, so a block never mixes the two. Returns the block's first
+    query row, the end of its segment, and its first key: video rows read keys ``[0, N)``,
+    reference rows ``[Nv, N)`` (references never read video keys)."""
     n_vblk = tl.cdiv(NV, BLOCK_M)
     is_ref = (i_m >= n_vblk).to(tl.int32)
     q_start = i_m * BLOCK_M + is_ref * (NV - n_vblk * BLOCK_M)
@@ -127,72 +152,108 @@ def _query_segment(i_m, NV, NQ, BLOCK_M: tl.constexpr):
     return q_start, q_end, k_start
 
 
+@triton.jit
+def _key_segment(i_n, NV, NQ, NK2, BLOCK_N: tl.constexpr, CACHED: tl.constexpr):
+    """The twin of :func:`_query_segment` seen from a key block: blocks ``[0, cdiv(Nv, BN))``
+    are video keys, the rest reference keys (``K[Nv, NQ)`` joint, ``K2[0, NK2)`` cached).
+    Returns ``(k_start, k_end, q_end, is_ref)``: the block's first row and the end of its
+    segment, both counted in the tensor that holds the rows, and the end of the query rows
+    that read it (video keys: the video queries ``[0, Nv)``, reference keys: every query
+    ``[0, NQ)``; cached: every query reads every key)."""
+    n_vblk = tl.cdiv(NV, BLOCK_N)
+    is_ref = (i_n >= n_vblk).to(tl.int32)
+    if CACHED:
+        k_start = i_n * BLOCK_N - is_ref * n_vblk * BLOCK_N
+        k_end = NV + is_ref * (NK2 - NV)
+        q_end = NQ
+    else:
+        k_start = i_n * BLOCK_N + is_ref * (NV - n_vblk * BLOCK_N)
+        k_end = NV + is_ref * (NQ - NV)
+        q_end = k_end
+    return k_start, k_end, q_end, is_ref
+
+
+@triton.jit
+def _stream(BLOCK_FN: tl.constexpr, state, args, n, BLOCK: tl.constexpr, ROTATE: tl.constexpr,
+            MASK_D: tl.constexpr, SCALE_NEG: tl.constexpr, DOT_F32: tl.constexpr,
+            DOT_IEEE: tl.constexpr):
+    """The one "full blocks, then masked tail" loop of the forward, dq and dk/dv kernels:
+    ``state = BLOCK_FN(state, args, start, n - start, MASK, flags...)`` over the rows ``[0, n)``
+    of the streamed operand, full blocks without row masks, then at most one masked tail block.
+    ``state`` and ``args`` are tuples of tensors; the flags stay separate constexpr arguments
+    (inside a tuple they would turn ``if FLAG:`` into a runtime branch)."""
+    n_full = (n // BLOCK) * BLOCK
+    for start in range(0, n_full, BLOCK):
+        state = BLOCK_FN(state, args, start, n - start, False, ROTATE, MASK_D, SCALE_NEG, DOT_F32,
+                         DOT_IEEE)
+    for start in range(n_full, n, BLOCK):  # runs at most once: the ragged tail
+        state = BLOCK_FN(state, args, start, n - start, True, ROTATE, MASK_D, SCALE_NEG, DOT_F32,
+                         DOT_IEEE)
+    return state
+
+
 # =========================================================================== forward
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q, p_k, p_v, p_cos, p_sin, n_left, offs_n, d_ok, pair_ok, qk_scale,
-               ROTATE_K: tl.constexpr, MASK_N: tl.constexpr, MASK_D: tl.constexpr,
-               SCALE_NEG: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
-    n_ok = offs_n < n_left
-    k = _load_tile(p_k, n_ok, d_ok, MASK_N, MASK_D)
+def _fwd_block(state, args, start, n_left, MASK_N: tl.constexpr, ROTATE_K: tl.constexpr,
+               MASK_D: tl.constexpr, SCALE_NEG: tl.constexpr, DOT_F32: tl.constexpr,
+               DOT_IEEE: tl.constexpr):
+    """One key block of the online softmax. ``state = (b_acc, b_sum, b_max)``; ``args`` as
+    packed by the forward kernel; the streamed pointers point at the range's first key."""
+    b_acc, b_sum, b_max = state
+    (b_q, p_k, p_v, p_cos, p_sin, stride_kn, stride_vn, stride_cn, o_k, o_v, o_cs, o_n, m_d, m_p,
+     qk_scale) = args
+    st = tl.cast(start, tl.int64)
+    m_n = o_n < n_left
+    b_k = _load_tile(p_k + st * stride_kn + o_k, m_n, m_d, MASK_N, MASK_D)
     if ROTATE_K:
-        c, s = _load_cos_sin(p_cos, p_sin, n_ok, pair_ok, MASK_N, MASK_D)
-        k = _rope(k.to(tl.float32), c, s).to(p_k.dtype.element_ty)
+        b_c, b_s = _load_cos_sin(p_cos + start * stride_cn + o_cs, p_sin + start * stride_cn + o_cs,
+                                 m_n, m_p, MASK_N, MASK_D)
+        b_k = _rope(b_k.to(tl.float32), b_c, b_s).to(p_k.dtype.element_ty)
     if DOT_F32:
-        k = k.to(tl.float32)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        b_k = b_k.to(tl.float32)
+    b_qk = _dot(b_q, tl.trans(b_k), None, DOT_IEEE)
     if MASK_N:
-        qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
+        b_qk = tl.where(m_n[None, :], b_qk * qk_scale, float("-inf"))
+        b_max_new = tl.maximum(b_max, tl.max(b_qk, 1))
+        b_p = tl.exp2(b_qk - b_max_new[:, None])
     else:
         # full block: fold the scale into one FMA per score (max of the unscaled scores times
         # the scale; the min when the scale is negative)
         if SCALE_NEG:
-            m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)
+            b_max_new = tl.maximum(b_max, tl.min(b_qk, 1) * qk_scale)
         else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_tile(p_v, n_ok, d_ok, MASK_N, MASK_D)
+            b_max_new = tl.maximum(b_max, tl.max(b_qk, 1) * qk_scale)
+        b_p = tl.exp2(b_qk * qk_scale - b_max_new[:, None])
+    b_alpha = tl.exp2(b_max - b_max_new)
+    b_sum = b_sum * b_alpha + tl.sum(b_p, 1)
+    b_v = _load_tile(p_v + st * stride_vn + o_v, m_n, m_d, MASK_N, MASK_D)
     if DOT_F32:
-        v = v.to(tl.float32)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-    return acc, l_i, m_new
+        b_v = b_v.to(tl.float32)
+    b_acc = b_acc * b_alpha[:, None]
+    b_acc = _dot(b_p.to(b_v.dtype), b_v, b_acc, DOT_IEEE)
+    return b_acc, b_sum, b_max_new
 
 
-@triton.jit
-def _fwd_range(acc, l_i, m_i, q, K, V, COS, SIN, n_keys, stride_kn, stride_vn, stride_cn,
-               o_k, o_v, o_cs, offs_n, d_ok, pair_ok, qk_scale, BLOCK_N: tl.constexpr,
-               ROTATE_K: tl.constexpr, MASK_D: tl.constexpr, SCALE_NEG: tl.constexpr,
-               DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Online softmax over keys ``[0, n_keys)`` of one range: full blocks without key masks,
-    then at most one masked tail block. ``K, V, COS, SIN`` point at the first key of the range."""
-    n_full = (n_keys // BLOCK_N) * BLOCK_N
-    for start in range(0, n_full, BLOCK_N):
-        st = tl.cast(start, tl.int64)
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K + st * stride_kn + o_k, V + st * stride_vn + o_v,
-                                   COS + start * stride_cn + o_cs, SIN + start * stride_cn + o_cs,
-                                   n_keys - start, offs_n, d_ok, pair_ok, qk_scale,
-                                   ROTATE_K, False, MASK_D, SCALE_NEG, DOT_F32, DOT_PREC)
-    for start in range(n_full, n_keys, BLOCK_N):  # runs at most once: the ragged tail
-        st = tl.cast(start, tl.int64)
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K + st * stride_kn + o_k, V + st * stride_vn + o_v,
-                                   COS + start * stride_cn + o_cs, SIN + start * stride_cn + o_cs,
-                                   n_keys - start, offs_n, d_ok, pair_ok, qk_scale,
-                                   ROTATE_K, True, MASK_D, SCALE_NEG, DOT_F32, DOT_PREC)
-    return acc, l_i, m_i
+# Autotune candidates (BLOCK_M, BLOCK_N, warps, stages), most preferred first, per ROTATE. Each
+# one builds for sm_90 at D = 128 bf16 with 0 spill bytes (ptxas -v, triton 3.9; measured for
+# every kernel, joint and cached): the configs that spilled were dropped (see _DKDV_GPU). The
+# autotuner sees the union; _make_prune keeps the ROTATE list, drops what does not fit in shared
+# memory for this head dim and dtype, and compiles at most _FIRST_CALL of the rest.
+_FWD_GPU = {
+    False: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3),
+            (64, 32, 4, 2)],
+    # with rotation the 128x128x3 and 128x64x4 tiles exceed shared memory at D = 128
+    True: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
+}
+_FWD_INTERPRETED = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)
+_FIRST_CALL = 3  # candidates compiled and timed on the first call of a (D, dtype, flags) key
 
 
-def _fwd_configs():
-    if interpreter_active():  # one small fixed tile: quick tests that still cover ragged tails
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    # sm90 candidates (BLOCK_M, BLOCK_N, warps, stages): none of them spills for D=128 when
-    # compiled by triton 3.6 for sm_90; the last one is a small fallback for other GPUs.
-    cfgs = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3),
-            (64, 32, 4, 2)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfgs]
+def _configs(gpu: dict, interpreted):
+    union = list(dict.fromkeys(gpu[False] + gpu[True]))
+    return autotune_configs(
+        [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in union],
+        interpreted)
 
 
 _SMEM_LIMIT = 227 * 1024  # per-block opt-in shared memory on H100/H200
@@ -211,23 +272,29 @@ def _smem_estimate(kind: str, cfg, block_d: int, elem: int, rotate: bool) -> int
 
 def _make_prune(kind: str):
     def prune(configs, named_args, **kwargs):
-        """Drop candidates that cannot fit in shared memory, so no time is spent compiling them;
-        always keep at least the smallest one."""
+        """The first call's shortlist, keyed by head dim, dtype and ROTATE: the candidates of this
+        ROTATE in order of preference, without those that cannot fit in shared memory at this
+        ``BLOCK_D`` and element size, at most ``_FIRST_CALL`` of them (at least the smallest)."""
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
         rotate = bool(kwargs.get("ROTATE", named_args.get("ROTATE", False)))
-        q = named_args.get("Q")
+        q = named_args.get("p_q")
         elem = q.element_size() if hasattr(q, "element_size") else 2
-        est = [(_smem_estimate(kind, c, block_d, elem, rotate), i) for i, c in enumerate(configs)]
-        kept = [configs[i] for e, i in est if e <= _SMEM_LIMIT]
-        return kept or [configs[min(est)[1]]]
+        gpu = {"fwd": _FWD_GPU, "dkdv": _DKDV_GPU, "dq": _DQ_GPU}[kind]
+        by_shape = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c
+                    for c in configs}
+        cands = [by_shape[t] for t in gpu[rotate] if t in by_shape] or list(configs)
+        est = [(_smem_estimate(kind, c, block_d, elem, rotate), i) for i, c in enumerate(cands)]
+        kept = [cands[i] for e, i in est if e <= _SMEM_LIMIT]
+        return kept[:_FIRST_CALL] or [cands[min(est)[1]]]
     return prune
 
 
-@triton.autotune(configs=_fwd_configs(), key=["HEAD_DIM", "ROTATE", "CACHED", "DOT_PREC"],
+@triton.autotune(configs=_configs(_FWD_GPU, _FWD_INTERPRETED),
+                 key=["HEAD_DIM", "ROTATE", "CACHED", "DOT_PREC"],
                  prune_configs_by={"early_config_prune": _make_prune("fwd")})
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, K2, V2, Out, LSE, COS, SIN,
+    p_q, p_k, p_v, p_k2, p_v2, p_o, p_lse, p_cos, p_sin,
     stride_qb, stride_qn, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -243,72 +310,73 @@ def _attn_fwd_kernel(
     """One program = one query block of one (batch, head).
 
     Joint (``CACHED=False``): ``NQ = N`` rows; video blocks read keys ``[0, N)``, reference blocks
-    keys ``[Nv, N)`` of ``K``. Cached: ``NQ = NV`` video rows read ``K[0, NV)`` then ``K2[0, NK2)``.
+    keys ``[Nv, N)`` of ``k``. Cached: ``NQ = NV`` video rows read ``k[0, NV)`` then ``k2[0, NK2)``.
     """
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
+    DOT_IEEE: tl.constexpr = DOT_PREC == "ieee"
 
     # ---- segment of this query block: video blocks first, then reference blocks
     q_start, q_end, k_start = _query_segment(i_m, NV, NQ, BLOCK_M)
 
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_p = tl.arange(0, BLOCK_D // 2)
-    d_ok = offs_d < HEAD_DIM
-    pair_ok = offs_p < HEAD_DIM // 2
-    m_ok = offs_m < q_end - q_start
+    o_m = tl.arange(0, BLOCK_M)
+    o_n = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    o_p = tl.arange(0, BLOCK_D // 2)
+    m_d = o_d < HEAD_DIM
+    m_p = o_p < HEAD_DIM // 2
+    m_m = o_m < q_end - q_start
 
     # ---- q tile, rotated once per program
-    q_base = Q + i_b * stride_qb + i_h * stride_qh + q_start.to(tl.int64) * stride_qn
-    q = _load_tile(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, m_ok, d_ok,
-                   True, MASK_D)
-    o_cs = offs_n[:, None] * stride_cn + offs_p[None, :]
+    p_q0 = p_q + i_b * stride_qb + i_h * stride_qh + q_start.to(tl.int64) * stride_qn
+    b_q = _load_tile(p_q0 + o_m[:, None] * stride_qn + o_d[None, :] * stride_qd, m_m, m_d, True, MASK_D)
+    o_cs = o_n[:, None] * stride_cn + o_p[None, :]
     if ROTATE:
-        p_cq = q_start * stride_cn + offs_m[:, None] * stride_cn + offs_p[None, :]
-        c, s = _load_cos_sin(COS + p_cq, SIN + p_cq, m_ok, pair_ok, True, MASK_D)
-        q = _rope(q.to(tl.float32), c, s).to(Q.dtype.element_ty)
+        o_cq = q_start * stride_cn + o_m[:, None] * stride_cn + o_p[None, :]
+        b_c, b_s = _load_cos_sin(p_cos + o_cq, p_sin + o_cq, m_m, m_p, True, MASK_D)
+        b_q = _rope(b_q.to(tl.float32), b_c, b_s).to(p_q.dtype.element_ty)
     if DOT_F32:
-        q = q.to(tl.float32)
+        b_q = b_q.to(tl.float32)
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    state = (tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.float32),
+             tl.full([BLOCK_M], float("-inf"), dtype=tl.float32))
 
-    # ---- key range 1: K[k_start, NQ)
-    o_k = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    o_v = offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    K_1 = K + i_b * stride_kb + i_h * stride_kh + k_start.to(tl.int64) * stride_kn
-    V_1 = V + i_b * stride_vb + i_h * stride_vh + k_start.to(tl.int64) * stride_vn
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, K_1, V_1, COS + k_start * stride_cn,
-                               SIN + k_start * stride_cn, NQ - k_start, stride_kn, stride_vn,
-                               stride_cn, o_k, o_v, o_cs, offs_n, d_ok, pair_ok, qk_scale, BLOCK_N,
-                               ROTATE, MASK_D, SCALE_NEG, DOT_F32, DOT_PREC)
+    # ---- key range 1: k[k_start, NQ)
+    o_k = o_n[:, None] * stride_kn + o_d[None, :] * stride_kd
+    o_v = o_n[:, None] * stride_vn + o_d[None, :] * stride_vd
+    p_k1 = p_k + i_b * stride_kb + i_h * stride_kh + k_start.to(tl.int64) * stride_kn
+    p_v1 = p_v + i_b * stride_vb + i_h * stride_vh + k_start.to(tl.int64) * stride_vn
+    args = (b_q, p_k1, p_v1, p_cos + k_start * stride_cn, p_sin + k_start * stride_cn, stride_kn,
+            stride_vn, stride_cn, o_k, o_v, o_cs, o_n, m_d, m_p, qk_scale)
+    state = _stream(_fwd_block, state, args, NQ - k_start, BLOCK_N, ROTATE, MASK_D, SCALE_NEG,
+                    DOT_F32, DOT_IEEE)
     # ---- key range 2 (cached mode): the reference cache, already rotated
     if CACHED:
-        o_k2 = offs_n[:, None] * stride_k2n + offs_d[None, :] * stride_k2d
-        o_v2 = offs_n[:, None] * stride_v2n + offs_d[None, :] * stride_v2d
-        K_2 = K2 + i_b * stride_k2b + i_h * stride_k2h
-        V_2 = V2 + i_b * stride_v2b + i_h * stride_v2h
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, K_2, V_2, COS, SIN, NK2, stride_k2n,
-                                   stride_v2n, stride_cn, o_k2, o_v2, o_cs, offs_n, d_ok, pair_ok,
-                                   qk_scale, BLOCK_N, False, MASK_D, SCALE_NEG, DOT_F32, DOT_PREC)
+        o_k2 = o_n[:, None] * stride_k2n + o_d[None, :] * stride_k2d
+        o_v2 = o_n[:, None] * stride_v2n + o_d[None, :] * stride_v2d
+        p_k2b = p_k2 + i_b * stride_k2b + i_h * stride_k2h
+        p_v2b = p_v2 + i_b * stride_v2b + i_h * stride_v2h
+        args = (b_q, p_k2b, p_v2b, p_cos, p_sin, stride_k2n, stride_v2n, stride_cn, o_k2, o_v2, o_cs,
+                o_n, m_d, m_p, qk_scale)
+        state = _stream(_fwd_block, state, args, NK2, BLOCK_N, False, MASK_D, SCALE_NEG, DOT_F32,
+                        DOT_IEEE)
+    b_acc, b_sum, b_max = state
 
     # ---- epilogue
-    o = acc / l_i[:, None]
-    o_base = Out + i_b * stride_ob + i_h * stride_oh + q_start.to(tl.int64) * stride_on
-    p_o = o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
-    tl.store(p_o, o.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    lse = m_i + tl.log2(l_i)
-    tl.store(LSE + i_bh.to(tl.int64) * NQ + q_start + offs_m, lse, mask=m_ok)
+    b_o = b_acc / b_sum[:, None]
+    p_o0 = p_o + i_b * stride_ob + i_h * stride_oh + q_start.to(tl.int64) * stride_on
+    tl.store(p_o0 + o_m[:, None] * stride_on + o_d[None, :] * stride_od, b_o.to(p_o.dtype.element_ty),
+             mask=m_m[:, None] & m_d[None, :])
+    b_lse = b_max + tl.log2(b_sum)
+    tl.store(p_lse + i_bh.to(tl.int64) * NQ + q_start + o_m, b_lse, mask=m_m)
 
 
 # =========================================================================== backward
 @triton.jit
-def _attn_bwd_preprocess_kernel(Out, DO, DELTA, stride_ob, stride_on, stride_oh, stride_od,
+def _attn_bwd_preprocess_kernel(p_o, p_do, p_delta, stride_ob, stride_on, stride_oh, stride_od,
                                 stride_dob, stride_don, stride_doh, stride_dod, H, NQ,
                                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                 BLOCK_M: tl.constexpr):
@@ -317,59 +385,75 @@ def _attn_bwd_preprocess_kernel(Out, DO, DELTA, stride_ob, stride_on, stride_oh,
     i_bh = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
-    rows = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m = (rows < NQ)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(Out + i_b * stride_ob + i_h * stride_oh + rows[:, None].to(tl.int64) * stride_on
-                + offs_d[None, :] * stride_od, mask=m, other=0.0).to(tl.float32)
-    do = tl.load(DO + i_b * stride_dob + i_h * stride_doh + rows[:, None].to(tl.int64) * stride_don
-                 + offs_d[None, :] * stride_dod, mask=m, other=0.0).to(tl.float32)
-    tl.store(DELTA + i_bh.to(tl.int64) * NQ + rows, tl.sum(o * do, 1), mask=rows < NQ)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_od = (o_m < NQ)[:, None] & (o_d < HEAD_DIM)[None, :]
+    b_o = tl.load(p_o + i_b * stride_ob + i_h * stride_oh + o_m[:, None].to(tl.int64) * stride_on
+                  + o_d[None, :] * stride_od, mask=m_od, other=0.0).to(tl.float32)
+    b_do = tl.load(p_do + i_b * stride_dob + i_h * stride_doh + o_m[:, None].to(tl.int64) * stride_don
+                   + o_d[None, :] * stride_dod, mask=m_od, other=0.0).to(tl.float32)
+    tl.store(p_delta + i_bh.to(tl.int64) * NQ + o_m, tl.sum(b_o * b_do, 1), mask=o_m < NQ)
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, p_q, p_do, p_lse, p_delta, p_cos, p_sin, n_left, offs_m, d_ok,
-                pair_ok, qk_scale, ROTATE_Q: tl.constexpr, MASK_M: tl.constexpr,
-                MASK_D: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
-    m_ok = offs_m < n_left
-    q = _load_tile(p_q, m_ok, d_ok, MASK_M, MASK_D)
+def _dkdv_block(state, args, start, n_left, MASK_M: tl.constexpr, ROTATE_Q: tl.constexpr,
+                MASK_D: tl.constexpr, SCALE_NEG: tl.constexpr, DOT_F32: tl.constexpr,
+                DOT_IEEE: tl.constexpr):
+    """One query block streamed through the resident key block. ``state = (b_dk, b_dv)``."""
+    b_dk, b_dv = state
+    (b_k, b_v, p_q, p_do, p_lse, p_delta, p_cos, p_sin, stride_qn, stride_don, stride_cn, o_q, o_do,
+     o_cs, o_m, m_d, m_p, qk_scale) = args
+    st = tl.cast(start, tl.int64)
+    m_m = o_m < n_left
+    b_q = _load_tile(p_q + st * stride_qn + o_q, m_m, m_d, MASK_M, MASK_D)
     if ROTATE_Q:
-        c, s = _load_cos_sin(p_cos, p_sin, m_ok, pair_ok, MASK_M, MASK_D)
-        q = _rope(q.to(tl.float32), c, s).to(p_q.dtype.element_ty)
-    do = _load_tile(p_do, m_ok, d_ok, MASK_M, MASK_D)
+        b_c, b_s = _load_cos_sin(p_cos + start * stride_cn + o_cs, p_sin + start * stride_cn + o_cs,
+                                 m_m, m_p, MASK_M, MASK_D)
+        b_q = _rope(b_q.to(tl.float32), b_c, b_s).to(p_q.dtype.element_ty)
+    b_do = _load_tile(p_do + st * stride_don + o_do, m_m, m_d, MASK_M, MASK_D)
     if DOT_F32:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+        b_q = b_q.to(tl.float32)
+        b_do = b_do.to(tl.float32)
     # rows past the range read lse = +inf, so their probabilities are exactly 0
-    lse = _load_vec(p_lse, m_ok, float("inf"), MASK_M)
-    delta = _load_vec(p_delta, m_ok, 0.0, MASK_M)
-    qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
-    pT = tl.exp2(qkT * qk_scale - lse[None, :])
-    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
-    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-    dsT = pT * (dpT - delta[None, :])
-    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
-    return dk, dv
+    b_lse = _load_vec(p_lse + start, m_m, float("inf"), MASK_M)
+    b_delta = _load_vec(p_delta + start, m_m, 0.0, MASK_M)
+    b_qkT = _dot(b_k, tl.trans(b_q), None, DOT_IEEE)  # [BLOCK_N, BLOCK_M]
+    b_pT = tl.exp2(b_qkT * qk_scale - b_lse[None, :])
+    b_dv = _dot(b_pT.to(b_do.dtype), b_do, b_dv, DOT_IEEE)
+    b_dpT = _dot(b_v, tl.trans(b_do), None, DOT_IEEE)
+    b_dsT = b_pT * (b_dpT - b_delta[None, :])
+    b_dk = _dot(b_dsT.to(b_q.dtype), b_q, b_dk, DOT_IEEE)
+    return b_dk, b_dv
 
 
-def _bwd_configs(kind: str):
-    if interpreter_active():
-        blk = {"BLOCK_M": 16, "BLOCK_N": 32} if kind == "dkdv" else {"BLOCK_M": 32, "BLOCK_N": 16}
-        return [triton.Config(blk, num_warps=4, num_stages=1)]
-    if kind == "dkdv":  # one key block resident, query blocks streamed through it
-        cfgs = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2)]
-    else:  # dq: one query block resident, key blocks streamed
-        cfgs = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (128, 128, 8, 2)]
-    out = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfgs]
-    out.append(triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2))  # fallback
-    return out
+_BWD_INTERPRETED = {
+    "dkdv": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+    "dq": triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+}
+# dk/dv: one key block resident, query blocks streamed through it. Dropped for spilling at
+# D = 128 bf16: 64x128x8 (2 and 3 stages, 28-92 B) and 128x64x8x2 (148-312 B). With rotation
+# every 64-key tile with 64+ queries, and every 128-key tile, spills (120-1184 B: the resident
+# rotated k, its cos/sin and the streamed rotated q do not fit in 255 registers), and so do the
+# 4-warp and 16-row tiles tried (136-3236 B). 32 queries x 64 keys x 8 warps fits (about 230
+# registers, wgmma, 0 spills), as does the small 32x32x4 fallback.
+_DKDV_GPU = {
+    False: [(32, 128, 8, 3), (64, 64, 8, 3), (32, 32, 4, 2)],
+    True: [(32, 64, 8, 3), (32, 64, 8, 2), (32, 32, 4, 2)],
+}
+# dq: one query block resident, key blocks streamed; 128x128x8x2 spills with rotation (472 B)
+_DQ_GPU = {
+    False: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (128, 128, 8, 2),
+            (32, 32, 4, 2)],
+    True: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (32, 32, 4, 2)],
+}
 
 
-@triton.autotune(configs=_bwd_configs("dkdv"), key=["HEAD_DIM", "ROTATE", "CACHED", "DOT_PREC"],
+@triton.autotune(configs=_configs(_DKDV_GPU, _BWD_INTERPRETED["dkdv"]),
+                 key=["HEAD_DIM", "ROTATE", "CACHED", "DOT_PREC"],
                  prune_configs_by={"early_config_prune": _make_prune("dkdv")})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, K2, V2, DO, LSE, DELTA, DK, DV, DK2, DV2, COS, SIN,
+    p_q, p_k, p_v, p_k2, p_v2, p_do, p_lse, p_delta, p_dk, p_dv, p_dk2, p_dv2, p_cos, p_sin,
     stride_qb, stride_qn, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -381,157 +465,124 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROTATE: tl.constexpr, CACHED: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """One program = one key block. Key blocks ``[0, cdiv(NV, BLOCK_N))`` are the video keys,
-    the rest the reference keys: ``K[NV, NQ)`` (joint) or ``K2[0, NK2)`` (cached).
-    Gradients are written to contiguous ``DK/DV`` (and ``DK2/DV2`` in cached mode)."""
+    """One program = one key block (see :func:`_key_segment`). Gradients are written to
+    contiguous ``dk/dv`` (and ``dk2/dv2`` in cached mode)."""
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
+    DOT_IEEE: tl.constexpr = DOT_PREC == "ieee"
 
-    n_vblk = tl.cdiv(NV, BLOCK_N)
-    is_ref = i_n >= n_vblk
-    is_ref_i = is_ref.to(tl.int32)
+    k_start, k_end, q_end, is_ref = _key_segment(i_n, NV, NQ, NK2, BLOCK_N, CACHED)
     if CACHED:
-        # rows relative to the start of the tensor that holds them
-        k_start = i_n * BLOCK_N - is_ref_i * n_vblk * BLOCK_N
-        k_end = NV + is_ref_i * (NK2 - NV)
-        q_end = NQ  # every video query reads every key
-        K_t = tl.where(is_ref, K2 + i_b * stride_k2b + i_h * stride_k2h,
-                       K + i_b * stride_kb + i_h * stride_kh)
-        V_t = tl.where(is_ref, V2 + i_b * stride_v2b + i_h * stride_v2h,
-                       V + i_b * stride_vb + i_h * stride_vh)
-        skn = tl.where(is_ref, stride_k2n, stride_kn)
-        skd = tl.where(is_ref, stride_k2d, stride_kd)
-        svn = tl.where(is_ref, stride_v2n, stride_vn)
-        svd = tl.where(is_ref, stride_v2d, stride_vd)
-        DK_t = tl.where(is_ref, DK2, DK)
-        DV_t = tl.where(is_ref, DV2, DV)
-        nk_out = NV + is_ref_i * (NK2 - NV)  # rows of the gradient tensor written
+        # reference key blocks live in k2/v2 and write dk2/dv2
+        is_r = is_ref != 0
+        p_kt = tl.where(is_r, p_k2 + i_b * stride_k2b + i_h * stride_k2h,
+                        p_k + i_b * stride_kb + i_h * stride_kh)
+        p_vt = tl.where(is_r, p_v2 + i_b * stride_v2b + i_h * stride_v2h,
+                        p_v + i_b * stride_vb + i_h * stride_vh)
+        skn = tl.where(is_r, stride_k2n, stride_kn)
+        skd = tl.where(is_r, stride_k2d, stride_kd)
+        svn = tl.where(is_r, stride_v2n, stride_vn)
+        svd = tl.where(is_r, stride_v2d, stride_vd)
+        p_dkt = tl.where(is_r, p_dk2, p_dk)
+        p_dvt = tl.where(is_r, p_dv2, p_dv)
+        nk_out = k_end  # rows of the gradient tensor written
     else:
-        k_start = i_n * BLOCK_N + is_ref_i * (NV - n_vblk * BLOCK_N)
-        k_end = NV + is_ref_i * (NQ - NV)
-        q_end = NV + is_ref_i * (NQ - NV)  # video keys: video queries; reference keys: all
-        K_t = K + i_b * stride_kb + i_h * stride_kh
-        V_t = V + i_b * stride_vb + i_h * stride_vh
+        p_kt = p_k + i_b * stride_kb + i_h * stride_kh
+        p_vt = p_v + i_b * stride_vb + i_h * stride_vh
         skn = stride_kn
         skd = stride_kd
         svn = stride_vn
         svd = stride_vd
-        DK_t = DK
-        DV_t = DV
+        p_dkt = p_dk
+        p_dvt = p_dv
         nk_out = NQ
 
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_p = tl.arange(0, BLOCK_D // 2)
-    d_ok = offs_d < HEAD_DIM
-    pair_ok = offs_p < HEAD_DIM // 2
-    n_ok = offs_n < k_end - k_start
+    o_m = tl.arange(0, BLOCK_M)
+    o_n = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    o_p = tl.arange(0, BLOCK_D // 2)
+    m_d = o_d < HEAD_DIM
+    m_p = o_p < HEAD_DIM // 2
+    m_n = o_n < k_end - k_start
     if CACHED:
-        ck_ok = offs_n < (k_end - k_start) * (1 - is_ref_i)  # the cache is already rotated
+        m_ck = o_n < (k_end - k_start) * (1 - is_ref)  # the cache is already rotated
     else:
-        ck_ok = n_ok
+        m_ck = m_n
 
     # ---- key/value block, rotated once
-    k_rows = K_t + k_start.to(tl.int64) * skn
-    k = _load_tile(k_rows + offs_n[:, None] * skn + offs_d[None, :] * skd, n_ok, d_ok, True, MASK_D)
-    v = _load_tile(V_t + k_start.to(tl.int64) * svn + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                   n_ok, d_ok, True, MASK_D)
+    b_k = _load_tile(p_kt + k_start.to(tl.int64) * skn + o_n[:, None] * skn + o_d[None, :] * skd,
+                     m_n, m_d, True, MASK_D)
+    b_v = _load_tile(p_vt + k_start.to(tl.int64) * svn + o_n[:, None] * svn + o_d[None, :] * svd,
+                     m_n, m_d, True, MASK_D)
     if ROTATE:
-        p_ck = (k_start + offs_n)[:, None] * stride_cn + offs_p[None, :]
-        ck, sk = _load_cos_sin(COS + p_ck, SIN + p_ck, ck_ok, pair_ok, True, MASK_D)
-        k = _rope(k.to(tl.float32), ck, sk).to(K.dtype.element_ty)
+        o_ck = (k_start + o_n)[:, None] * stride_cn + o_p[None, :]
+        b_ck, b_sk = _load_cos_sin(p_cos + o_ck, p_sin + o_ck, m_ck, m_p, True, MASK_D)
+        b_k = _rope(b_k.to(tl.float32), b_ck, b_sk).to(p_k.dtype.element_ty)
     if DOT_F32:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        b_k = b_k.to(tl.float32)
+        b_v = b_v.to(tl.float32)
 
     # ---- stream the query blocks that see this key block: rows [0, q_end)
-    Q_b = Q + i_b * stride_qb + i_h * stride_qh
-    DO_b = DO + i_b * stride_dob + i_h * stride_doh
-    o_q = offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    o_do = offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
-    o_cs = offs_m[:, None] * stride_cn + offs_p[None, :]
-    LSE_b = LSE + i_bh.to(tl.int64) * NQ + offs_m
-    DELTA_b = DELTA + i_bh.to(tl.int64) * NQ + offs_m
-    m_full = (q_end // BLOCK_M) * BLOCK_M
-    for start in range(0, m_full, BLOCK_M):
-        st = tl.cast(start, tl.int64)
-        dk, dv = _dkdv_block(dk, dv, k, v, Q_b + st * stride_qn + o_q, DO_b + st * stride_don + o_do,
-                             LSE_b + start, DELTA_b + start, COS + start * stride_cn + o_cs,
-                             SIN + start * stride_cn + o_cs, q_end - start, offs_m, d_ok, pair_ok,
-                             qk_scale, ROTATE, False, MASK_D, DOT_F32, DOT_PREC)
-    for start in range(m_full, q_end, BLOCK_M):  # ragged tail, at most once
-        st = tl.cast(start, tl.int64)
-        dk, dv = _dkdv_block(dk, dv, k, v, Q_b + st * stride_qn + o_q, DO_b + st * stride_don + o_do,
-                             LSE_b + start, DELTA_b + start, COS + start * stride_cn + o_cs,
-                             SIN + start * stride_cn + o_cs, q_end - start, offs_m, d_ok, pair_ok,
-                             qk_scale, ROTATE, True, MASK_D, DOT_F32, DOT_PREC)
+    o_q = o_m[:, None] * stride_qn + o_d[None, :] * stride_qd
+    o_do = o_m[:, None] * stride_don + o_d[None, :] * stride_dod
+    o_cs = o_m[:, None] * stride_cn + o_p[None, :]
+    args = (b_k, b_v, p_q + i_b * stride_qb + i_h * stride_qh, p_do + i_b * stride_dob + i_h * stride_doh,
+            p_lse + i_bh.to(tl.int64) * NQ + o_m, p_delta + i_bh.to(tl.int64) * NQ + o_m, p_cos, p_sin,
+            stride_qn, stride_don, stride_cn, o_q, o_do, o_cs, o_m, m_d, m_p, qk_scale)
+    state = (tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32))
+    b_dk, b_dv = _stream(_dkdv_block, state, args, q_end, BLOCK_M, ROTATE, MASK_D, False, DOT_F32,
+                         DOT_IEEE)
 
     # ---- epilogue: d(k_rot) -> dk by the inverse rotation
-    dk = dk * sm_scale
+    b_dk = b_dk * sm_scale
     if ROTATE:
-        dk = _rope(dk, ck, -sk)
+        b_dk = _rope(b_dk, b_ck, -b_sk)
     # gradient tensors are contiguous [B, rows, H, D]
-    g_base = (i_b * nk_out + k_start) * H * HEAD_DIM + i_h * HEAD_DIM
-    o_g = offs_n[:, None] * (H * HEAD_DIM) + offs_d[None, :]
-    g_mask = n_ok[:, None] & d_ok[None, :]
-    tl.store(DK_t + g_base + o_g, dk.to(DK.dtype.element_ty), mask=g_mask)
-    tl.store(DV_t + g_base + o_g, dv.to(DV.dtype.element_ty), mask=g_mask)
+    o_g0 = (i_b * nk_out + k_start) * H * HEAD_DIM + i_h * HEAD_DIM
+    o_g = o_n[:, None] * (H * HEAD_DIM) + o_d[None, :]
+    m_g = m_n[:, None] & m_d[None, :]
+    tl.store(p_dkt + o_g0 + o_g, b_dk.to(p_dk.dtype.element_ty), mask=m_g)
+    tl.store(p_dvt + o_g0 + o_g, b_dv.to(p_dv.dtype.element_ty), mask=m_g)
 
 
 @triton.jit
-def _dq_block(dq, q, do, lse, delta, p_k, p_v, p_cos, p_sin, n_left, offs_n, d_ok, pair_ok,
-              qk_scale, ROTATE_K: tl.constexpr, MASK_N: tl.constexpr, MASK_D: tl.constexpr,
-              DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
-    n_ok = offs_n < n_left
-    k = _load_tile(p_k, n_ok, d_ok, MASK_N, MASK_D)
+def _dq_block(state, args, start, n_left, MASK_N: tl.constexpr, ROTATE_K: tl.constexpr,
+              MASK_D: tl.constexpr, SCALE_NEG: tl.constexpr, DOT_F32: tl.constexpr,
+              DOT_IEEE: tl.constexpr):
+    """One key block streamed past the resident query block. ``state = (b_dq,)``."""
+    (b_dq,) = state
+    (b_q, b_do, b_lse, b_delta, p_k, p_v, p_cos, p_sin, stride_kn, stride_vn, stride_cn, o_k, o_v,
+     o_cs, o_n, m_d, m_p, qk_scale) = args
+    st = tl.cast(start, tl.int64)
+    m_n = o_n < n_left
+    b_k = _load_tile(p_k + st * stride_kn + o_k, m_n, m_d, MASK_N, MASK_D)
     if ROTATE_K:
-        c, s = _load_cos_sin(p_cos, p_sin, n_ok, pair_ok, MASK_N, MASK_D)
-        k = _rope(k.to(tl.float32), c, s).to(p_k.dtype.element_ty)
-    v = _load_tile(p_v, n_ok, d_ok, MASK_N, MASK_D)
+        b_c, b_s = _load_cos_sin(p_cos + start * stride_cn + o_cs, p_sin + start * stride_cn + o_cs,
+                                 m_n, m_p, MASK_N, MASK_D)
+        b_k = _rope(b_k.to(tl.float32), b_c, b_s).to(p_k.dtype.element_ty)
+    b_v = _load_tile(p_v + st * stride_vn + o_v, m_n, m_d, MASK_N, MASK_D)
     if DOT_F32:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-    p = tl.exp2(qk * qk_scale - lse[:, None])
+        b_k = b_k.to(tl.float32)
+        b_v = b_v.to(tl.float32)
+    b_qk = _dot(b_q, tl.trans(b_k), None, DOT_IEEE)
+    b_p = tl.exp2(b_qk * qk_scale - b_lse[:, None])
     if MASK_N:
-        p = tl.where(n_ok[None, :], p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-    ds = p * (dp - delta[:, None])
-    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
-    return dq
+        b_p = tl.where(m_n[None, :], b_p, 0.0)
+    b_dp = _dot(b_do, tl.trans(b_v), None, DOT_IEEE)
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    b_dq = _dot(b_ds.to(b_k.dtype), b_k, b_dq, DOT_IEEE)
+    return (b_dq,)
 
 
-@triton.jit
-def _dq_range(dq, q, do, lse, delta, K, V, COS, SIN, n_keys, stride_kn, stride_vn, stride_cn,
-              o_k, o_v, o_cs, offs_n, d_ok, pair_ok, qk_scale, BLOCK_N: tl.constexpr,
-              ROTATE_K: tl.constexpr, MASK_D: tl.constexpr, DOT_F32: tl.constexpr,
-              DOT_PREC: tl.constexpr):
-    n_full = (n_keys // BLOCK_N) * BLOCK_N
-    for start in range(0, n_full, BLOCK_N):
-        st = tl.cast(start, tl.int64)
-        dq = _dq_block(dq, q, do, lse, delta, K + st * stride_kn + o_k, V + st * stride_vn + o_v,
-                       COS + start * stride_cn + o_cs, SIN + start * stride_cn + o_cs, n_keys - start,
-                       offs_n, d_ok, pair_ok, qk_scale, ROTATE_K, False, MASK_D, DOT_F32, DOT_PREC)
-    for start in range(n_full, n_keys, BLOCK_N):
-        st = tl.cast(start, tl.int64)
-        dq = _dq_block(dq, q, do, lse, delta, K + st * stride_kn + o_k, V + st * stride_vn + o_v,
-                       COS + start * stride_cn + o_cs, SIN + start * stride_cn + o_cs, n_keys - start,
-                       offs_n, d_ok, pair_ok, qk_scale, ROTATE_K, True, MASK_D, DOT_F32, DOT_PREC)
-    return dq
-
-
-@triton.autotune(configs=_bwd_configs("dq"), key=["HEAD_DIM", "ROTATE", "CACHED", "DOT_PREC"],
+@triton.autotune(configs=_configs(_DQ_GPU, _BWD_INTERPRETED["dq"]),
+                 key=["HEAD_DIM", "ROTATE", "CACHED", "DOT_PREC"],
                  prune_configs_by={"early_config_prune": _make_prune("dq")})
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, K2, V2, DO, LSE, DELTA, DQ, COS, SIN,
+    p_q, p_k, p_v, p_k2, p_v2, p_do, p_lse, p_delta, p_dq, p_cos, p_sin,
     stride_qb, stride_qn, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -549,72 +600,66 @@ def _attn_bwd_dq_kernel(
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
+    DOT_IEEE: tl.constexpr = DOT_PREC == "ieee"
 
     q_start, q_end, k_start = _query_segment(i_m, NV, NQ, BLOCK_M)
 
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_p = tl.arange(0, BLOCK_D // 2)
-    d_ok = offs_d < HEAD_DIM
-    pair_ok = offs_p < HEAD_DIM // 2
-    m_ok = offs_m < q_end - q_start
+    o_m = tl.arange(0, BLOCK_M)
+    o_n = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    o_p = tl.arange(0, BLOCK_D // 2)
+    m_d = o_d < HEAD_DIM
+    m_p = o_p < HEAD_DIM // 2
+    m_m = o_m < q_end - q_start
 
-    q_base = Q + i_b * stride_qb + i_h * stride_qh + q_start.to(tl.int64) * stride_qn
-    q = _load_tile(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, m_ok, d_ok,
-                   True, MASK_D)
+    p_q0 = p_q + i_b * stride_qb + i_h * stride_qh + q_start.to(tl.int64) * stride_qn
+    b_q = _load_tile(p_q0 + o_m[:, None] * stride_qn + o_d[None, :] * stride_qd, m_m, m_d, True, MASK_D)
     if ROTATE:
-        p_cq = q_start * stride_cn + offs_m[:, None] * stride_cn + offs_p[None, :]
-        cq, sq = _load_cos_sin(COS + p_cq, SIN + p_cq, m_ok, pair_ok, True, MASK_D)
-        q = _rope(q.to(tl.float32), cq, sq).to(Q.dtype.element_ty)
-    do_base = DO + i_b * stride_dob + i_h * stride_doh + q_start.to(tl.int64) * stride_don
-    do = _load_tile(do_base + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod, m_ok,
-                    d_ok, True, MASK_D)
+        o_cq = q_start * stride_cn + o_m[:, None] * stride_cn + o_p[None, :]
+        b_cq, b_sq = _load_cos_sin(p_cos + o_cq, p_sin + o_cq, m_m, m_p, True, MASK_D)
+        b_q = _rope(b_q.to(tl.float32), b_cq, b_sq).to(p_q.dtype.element_ty)
+    p_do0 = p_do + i_b * stride_dob + i_h * stride_doh + q_start.to(tl.int64) * stride_don
+    b_do = _load_tile(p_do0 + o_m[:, None] * stride_don + o_d[None, :] * stride_dod, m_m, m_d, True,
+                      MASK_D)
     if DOT_F32:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    lse = tl.load(LSE + i_bh.to(tl.int64) * NQ + q_start + offs_m, mask=m_ok, other=float("inf"))
-    delta = tl.load(DELTA + i_bh.to(tl.int64) * NQ + q_start + offs_m, mask=m_ok, other=0.0)
+        b_q = b_q.to(tl.float32)
+        b_do = b_do.to(tl.float32)
+    b_lse = tl.load(p_lse + i_bh.to(tl.int64) * NQ + q_start + o_m, mask=m_m, other=float("inf"))
+    b_delta = tl.load(p_delta + i_bh.to(tl.int64) * NQ + q_start + o_m, mask=m_m, other=0.0)
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    o_cs = offs_n[:, None] * stride_cn + offs_p[None, :]
-    o_k = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    o_v = offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    K_1 = K + i_b * stride_kb + i_h * stride_kh + k_start.to(tl.int64) * stride_kn
-    V_1 = V + i_b * stride_vb + i_h * stride_vh + k_start.to(tl.int64) * stride_vn
-    dq = _dq_range(dq, q, do, lse, delta, K_1, V_1, COS + k_start * stride_cn,
-                   SIN + k_start * stride_cn, NQ - k_start, stride_kn, stride_vn, stride_cn, o_k, o_v,
-                   o_cs, offs_n, d_ok, pair_ok, qk_scale, BLOCK_N, ROTATE, MASK_D, DOT_F32, DOT_PREC)
+    state = (tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32),)
+    o_cs = o_n[:, None] * stride_cn + o_p[None, :]
+    o_k = o_n[:, None] * stride_kn + o_d[None, :] * stride_kd
+    o_v = o_n[:, None] * stride_vn + o_d[None, :] * stride_vd
+    p_k1 = p_k + i_b * stride_kb + i_h * stride_kh + k_start.to(tl.int64) * stride_kn
+    p_v1 = p_v + i_b * stride_vb + i_h * stride_vh + k_start.to(tl.int64) * stride_vn
+    args = (b_q, b_do, b_lse, b_delta, p_k1, p_v1, p_cos + k_start * stride_cn,
+            p_sin + k_start * stride_cn, stride_kn, stride_vn, stride_cn, o_k, o_v, o_cs, o_n, m_d, m_p,
+            qk_scale)
+    state = _stream(_dq_block, state, args, NQ - k_start, BLOCK_N, ROTATE, MASK_D, False, DOT_F32,
+                    DOT_IEEE)
     if CACHED:
-        o_k2 = offs_n[:, None] * stride_k2n + offs_d[None, :] * stride_k2d
-        o_v2 = offs_n[:, None] * stride_v2n + offs_d[None, :] * stride_v2d
-        K_2 = K2 + i_b * stride_k2b + i_h * stride_k2h
-        V_2 = V2 + i_b * stride_v2b + i_h * stride_v2h
-        dq = _dq_range(dq, q, do, lse, delta, K_2, V_2, COS, SIN, NK2, stride_k2n, stride_v2n,
-                       stride_cn, o_k2, o_v2, o_cs, offs_n, d_ok, pair_ok, qk_scale, BLOCK_N, False,
-                       MASK_D, DOT_F32, DOT_PREC)
+        o_k2 = o_n[:, None] * stride_k2n + o_d[None, :] * stride_k2d
+        o_v2 = o_n[:, None] * stride_v2n + o_d[None, :] * stride_v2d
+        p_k2b = p_k2 + i_b * stride_k2b + i_h * stride_k2h
+        p_v2b = p_v2 + i_b * stride_v2b + i_h * stride_v2h
+        args = (b_q, b_do, b_lse, b_delta, p_k2b, p_v2b, p_cos, p_sin, stride_k2n, stride_v2n,
+                stride_cn, o_k2, o_v2, o_cs, o_n, m_d, m_p, qk_scale)
+        state = _stream(_dq_block, state, args, NK2, BLOCK_N, False, MASK_D, False, DOT_F32, DOT_IEEE)
+    (b_dq,) = state
 
-    dq = dq * sm_scale
+    b_dq = b_dq * sm_scale
     if ROTATE:
-        dq = _rope(dq, cq, -sq)
-    # DQ is contiguous [B, NQ, H, D]
-    g_base = (i_b * NQ + q_start) * H * HEAD_DIM + i_h * HEAD_DIM
-    p_dq = DQ + g_base + offs_m[:, None] * (H * HEAD_DIM) + offs_d[None, :]
-    tl.store(p_dq, dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        b_dq = _rope(b_dq, b_cq, -b_sq)
+    # dq is contiguous [B, NQ, H, D]
+    o_g0 = (i_b * NQ + q_start) * H * HEAD_DIM + i_h * HEAD_DIM
+    p_dq0 = p_dq + o_g0 + o_m[:, None] * (H * HEAD_DIM) + o_d[None, :]
+    tl.store(p_dq0, b_dq.to(p_dq.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
 
 
 # =========================================================================== launchers
 def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
-
-
-def _dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
-    """(DOT_F32, DOT_PREC). The interpreter multiplies bf16 operands as raw bits
-    (triton-lang/triton#11584), so there bf16 tiles are upcast before every dot. fp32 inputs use
-    IEEE dots unless torch allows TF32 matmuls."""
-    dot_f32 = interpreter_active() and dtype == torch.bfloat16
-    prec = "tf32" if (dtype == torch.float32 and tf32_allowed()) else "ieee"
-    return dot_f32, prec
 
 
 def _rope_tables(cos: torch.Tensor | None, sin: torch.Tensor | None, dummy: torch.Tensor):
@@ -627,8 +672,8 @@ def _rope_tables(cos: torch.Tensor | None, sin: torch.Tensor | None, dummy: torc
 
 def _check_inputs(what: str, *tensors: torch.Tensor) -> None:
     q = tensors[0]
-    if q.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{what}: the Triton kernels support {_SUPPORTED_DTYPES}, got {q.dtype}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{what}: the Triton kernels support {SUPPORTED_DTYPES}, got {q.dtype}")
     if q.shape[-1] > 256 or q.shape[-1] % 2:
         raise ValueError(f"{what}: the Triton kernels support even head_dim <= 256, got {q.shape[-1]}")
     for t in tensors[1:]:
@@ -638,9 +683,16 @@ def _check_inputs(what: str, *tensors: torch.Tensor) -> None:
         raise RuntimeError(f"{what}: CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
 
 
-def _attn_fwd(q, k, v, k2, v2, num_video: int, cos, sin, scale: float, cached: bool):
-    """Launch the forward kernel. Returns ``o [B, NQ, H, D]`` (dtype of q) and the base-2
+def asym_attention_fwd(q, k, v, k2, v2, num_video: int, cos, sin, scale: float, cached: bool):
+    """Launcher of the forward kernel (joint, or cached with ``k2, v2`` the reference cache).
+    Every tensor may have any strides (they are passed to the kernel; the small cos/sin tables
+    are made contiguous fp32). Returns ``o [B, NQ, H, D]`` (dtype of q) and the base-2
     log-sum-exp ``lse [B, H, NQ]`` float32 (in units of ``scale * log2(e) * q.k``)."""
+    with device_guard("asym_attention_fwd", q=q, k=k, v=v, k2=k2, v2=v2, cos=cos, sin=sin):
+        return _fwd(q, k, v, k2, v2, num_video, cos, sin, scale, cached)
+
+
+def _fwd(q, k, v, k2, v2, num_video, cos, sin, scale, cached):
     b, nq, h, d = q.shape
     o = torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
@@ -650,7 +702,7 @@ def _attn_fwd(q, k, v, k2, v2, num_video: int, cos, sin, scale: float, cached: b
     if nk2 == 0:  # keep a valid pointer for the unused second range
         k2, v2 = k, v
     cos_t, sin_t, stride_cn = _rope_tables(cos, sin, lse)
-    dot_f32, prec = _dot_flags(q.dtype)
+    dot_f32, prec = dot_flags(q.dtype)
 
     def grid(meta):
         bm = meta["BLOCK_M"]
@@ -666,9 +718,16 @@ def _attn_fwd(q, k, v, k2, v2, num_video: int, cos, sin, scale: float, cached: b
     return o, lse
 
 
-def _attn_bwd(do, q, k, v, k2, v2, o, lse, num_video: int, cos, sin, scale: float, cached: bool):
-    """Launch the backward kernels. Returns ``(dq, dk, dv)`` and, in cached mode, also
-    ``(dk2, dv2)``; all contiguous in the dtype of q."""
+def asym_attention_bwd(do, q, k, v, k2, v2, o, lse, num_video: int, cos, sin, scale: float,
+                       cached: bool):
+    """Launcher of the backward kernels (strides as in :func:`asym_attention_fwd`). Returns
+    ``(dq, dk, dv)`` and, in cached mode, also ``(dk2, dv2)``; all contiguous in the dtype of q."""
+    with device_guard("asym_attention_bwd", do=do, q=q, k=k, v=v, k2=k2, v2=v2, o=o, lse=lse,
+                      cos=cos, sin=sin):
+        return _bwd(do, q, k, v, k2, v2, o, lse, num_video, cos, sin, scale, cached)
+
+
+def _bwd(do, q, k, v, k2, v2, o, lse, num_video, cos, sin, scale, cached):
     b, nq, h, d = q.shape
     nk2 = k2.shape[1] if cached else 0
     dq = torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device)
@@ -697,7 +756,7 @@ def _attn_bwd(do, q, k, v, k2, v2, o, lse, num_video: int, cos, sin, scale: floa
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=pre_m, num_warps=4,
     )
     cos_t, sin_t, stride_cn = _rope_tables(cos, sin, lse)
-    dot_f32, prec = _dot_flags(q.dtype)
+    dot_f32, prec = dot_flags(q.dtype)
     n_ref = nk2 if cached else nq - num_video
     common = dict(HEAD_DIM=d, BLOCK_D=block_d, ROTATE=cos is not None, CACHED=cached,
                   DOT_F32=dot_f32, DOT_PREC=prec)
@@ -734,16 +793,15 @@ def _attn_bwd(do, q, k, v, k2, v2, o, lse, num_video: int, cos, sin, scale: floa
     schema="(Tensor q, Tensor k, Tensor v, SymInt num_video, Tensor? cos, Tensor? sin, float scale)"
            " -> (Tensor, Tensor)")
 def _asym_attention_fwd_op(q, k, v, num_video, cos, sin, scale):
-    return _attn_fwd(q, k, v, None, None, num_video, cos, sin, scale, cached=False)
+    return asym_attention_fwd(q, k, v, None, None, num_video, cos, sin, scale, cached=False)
 
 
-@_asym_attention_fwd_op.register_fake
 def _asym_fwd_fake(q, k, v, num_video, cos, sin, scale):
     b, n, h, d = q.shape
     return q.new_empty((b, n, h, d)), q.new_empty((b, h, n), dtype=torch.float32)
 
 
-_asym_attention_fwd_op.register_kernel("meta", _asym_fwd_fake)  # meta tensors never reach the kernels
+register_fake(_asym_attention_fwd_op, _asym_fwd_fake)
 
 
 @torch.library.custom_op(
@@ -751,15 +809,14 @@ _asym_attention_fwd_op.register_kernel("meta", _asym_fwd_fake)  # meta tensors n
     schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, SymInt num_video, "
            "Tensor? cos, Tensor? sin, float scale) -> (Tensor, Tensor, Tensor)")
 def _asym_attention_bwd_op(do, q, k, v, o, lse, num_video, cos, sin, scale):
-    return _attn_bwd(do, q, k, v, None, None, o, lse, num_video, cos, sin, scale, cached=False)
+    return asym_attention_bwd(do, q, k, v, None, None, o, lse, num_video, cos, sin, scale, cached=False)
 
 
-@_asym_attention_bwd_op.register_fake
 def _asym_bwd_fake(do, q, k, v, o, lse, num_video, cos, sin, scale):
     return (q.new_empty(tuple(q.shape)), q.new_empty(tuple(k.shape)), q.new_empty(tuple(v.shape)))
 
 
-_asym_attention_bwd_op.register_kernel("meta", _asym_bwd_fake)  # meta tensors never reach the kernels
+register_fake(_asym_attention_bwd_op, _asym_bwd_fake)
 
 
 def _asym_setup_context(ctx, inputs, output):
@@ -786,16 +843,15 @@ _asym_attention_fwd_op.register_autograd(_asym_backward, setup_context=_asym_set
     schema="(Tensor q_v, Tensor k_v, Tensor v_v, Tensor ref_k, Tensor ref_v, Tensor? cos, "
            "Tensor? sin, float scale) -> (Tensor, Tensor)")
 def _cached_fwd_op(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale):
-    return _attn_fwd(q_v, k_v, v_v, ref_k, ref_v, q_v.shape[1], cos, sin, scale, cached=True)
+    return asym_attention_fwd(q_v, k_v, v_v, ref_k, ref_v, q_v.shape[1], cos, sin, scale, cached=True)
 
 
-@_cached_fwd_op.register_fake
 def _cached_fwd_fake(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale):
     b, n, h, d = q_v.shape
     return q_v.new_empty((b, n, h, d)), q_v.new_empty((b, h, n), dtype=torch.float32)
 
 
-_cached_fwd_op.register_kernel("meta", _cached_fwd_fake)  # meta tensors never reach the kernels
+register_fake(_cached_fwd_op, _cached_fwd_fake)
 
 
 @torch.library.custom_op(
@@ -803,18 +859,17 @@ _cached_fwd_op.register_kernel("meta", _cached_fwd_fake)  # meta tensors never r
     schema="(Tensor do, Tensor q_v, Tensor k_v, Tensor v_v, Tensor ref_k, Tensor ref_v, Tensor o, "
            "Tensor lse, Tensor? cos, Tensor? sin, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 def _cached_bwd_op(do, q_v, k_v, v_v, ref_k, ref_v, o, lse, cos, sin, scale):
-    return _attn_bwd(do, q_v, k_v, v_v, ref_k, ref_v, o, lse, q_v.shape[1], cos, sin, scale,
+    return asym_attention_bwd(do, q_v, k_v, v_v, ref_k, ref_v, o, lse, q_v.shape[1], cos, sin, scale,
                      cached=True)
 
 
-@_cached_bwd_op.register_fake
 def _cached_bwd_fake(do, q_v, k_v, v_v, ref_k, ref_v, o, lse, cos, sin, scale):
     return (q_v.new_empty(tuple(q_v.shape)), q_v.new_empty(tuple(k_v.shape)),
             q_v.new_empty(tuple(v_v.shape)), q_v.new_empty(tuple(ref_k.shape)),
             q_v.new_empty(tuple(ref_v.shape)))
 
 
-_cached_bwd_op.register_kernel("meta", _cached_bwd_fake)  # meta tensors never reach the kernels
+register_fake(_cached_bwd_op, _cached_bwd_fake)
 
 
 def _cached_setup_context(ctx, inputs, output):

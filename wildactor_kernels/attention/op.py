@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._utils import (
+    ROPE_MODES,
     check_head_dim,
     check_num_video,
     check_rope_tables,
@@ -12,12 +13,11 @@ from .._utils import (
     check_tensor,
     resolve_backend,
 )
+from .._validate import check_attention_scale
 from . import fp8_op
 from .reference import asym_attention_ref, cached_asym_attention_ref
 
-#: Accepted values of ``rope_mode`` (None: the Triton module's default, ``kernels.ROPE_MODE``).
-#: Kept here so that validating the argument never imports Triton.
-ROPE_MODES = ("fused", "prologue")
+__all__ = ["asym_attention", "cached_asym_attention", "ROPE_MODES"]
 
 
 def _check_qkv(names: tuple[str, str, str], q, k, v) -> None:
@@ -63,6 +63,7 @@ def asym_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_video:
     Returns:
         ``[B, N, H, D]`` in the dtype of q. Differentiable in q, k, v (``precision=None``).
     """
+    scale = check_attention_scale(scale)
     _check_qkv(("q", "k", "v"), q, k, v)
     b, n, h, d = q.shape
     num_video = check_num_video(num_video, n)
@@ -99,6 +100,7 @@ def cached_asym_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tenso
     Returns:
         ``[B, Nv, H, D]`` in the dtype of q_v.
     """
+    scale = check_attention_scale(scale)
     if fp8_op.check_precision(precision, ref_k):
         _check_rope_mode(rope_mode)
         return fp8_op.cached_asym_attention_fp8(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale, backend)

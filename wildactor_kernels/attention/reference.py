@@ -25,6 +25,13 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> to
     return o.transpose(1, 2)
 
 
+def _empty_like_graph(q: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    """An empty output shaped like ``q`` that is still connected to every input, so that
+    ``backward()`` gives zero-filled gradients of the inputs' shapes (as the Triton ops do)."""
+    link = sum(t.sum() * 0 for t in (q, *inputs))
+    return q.new_zeros(q.shape) + link.to(q.dtype)
+
+
 def asym_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_video: int,
                        cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
                        scale: float | None = None) -> torch.Tensor:
@@ -39,7 +46,7 @@ def asym_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_vi
     if n - nv > 0:
         outs.append(_sdpa(q[:, nv:], k[:, nv:], v[:, nv:], scale))
     if not outs:
-        return q.new_empty(q.shape)
+        return _empty_like_graph(q, k, v)
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
@@ -52,7 +59,7 @@ def cached_asym_attention_ref(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.T
         q_v, k_v = apply_rope_ref(q_v, cos, sin), apply_rope_ref(k_v, cos, sin)
     scale = 1.0 / math.sqrt(q_v.shape[-1]) if scale is None else float(scale)
     if q_v.shape[1] == 0:
-        return q_v.new_empty(q_v.shape)
+        return _empty_like_graph(q_v, k_v, v_v, ref_k, ref_v)
     k = torch.cat([k_v, ref_k.to(k_v.dtype)], dim=1)
     v = torch.cat([v_v, ref_v.to(v_v.dtype)], dim=1)
     return _sdpa(q_v, k, v, scale)

@@ -7,12 +7,12 @@ Maths (reference: :func:`wildactor_kernels.lora.reference.ref_lora_linear_ref`):
 
 Two kernels serve the forward, the backward and the folded inference path:
 
-- ``_lora_shrink_kernel``: ``T = s * X_r P`` for the reference rows only (``X_r [B, Nr, K]``,
-  ``P [K, r]``): the thin "shrink" GEMM of LoRA. Forward: ``X = x, P = A^T``; backward:
-  ``X = dy, P = B`` (``U = s dy_r B``).
-- ``_lora_gemm_kernel``: ``out = X Wt (+ bias)`` over all rows, fp32 accumulation, where the
-  M tiles are laid out per sample and per region so that a tile never holds both video and
-  reference rows (nor rows of two samples). On reference tiles the epilogue either adds
+- ``_lora_shrink_kernel`` (launched by ``_shrink``): ``T = s * X_r P`` for the reference rows
+  only (``X_r [B, Nr, K]``, ``P [K, r]``): the thin "shrink" GEMM of LoRA. Forward:
+  ``X = x, P = A^T``; backward: ``X = dy, P = B`` (``U = s dy_r B``).
+- ``_lora_gemm_kernel`` (launched by ``_gemm``): ``out = X Wt (+ bias)`` over all rows, fp32
+  accumulation, where the M tiles are laid out per sample and per region so that a tile never
+  holds both video and reference rows (nor rows of two samples). On reference tiles the epilogue either adds
   ``T Lt`` (``REF_MODE=1``: the LoRA "expand", one more ``tl.dot`` of depth ``r``) or the
   main loop streams a second weight ``Wt_ref`` (``REF_MODE=2``: folded ``W + s B A``).
   Forward: ``X = x, Wt = W^T, Lt = B^T``; backward ``dx``: ``X = dy, Wt = W, Lt = A``.
@@ -20,6 +20,10 @@ Two kernels serve the forward, the backward and the folded inference path:
 Video-only tiles skip the LoRA work with a scalar branch on program-id arithmetic
 (``i_m >= cdiv(Nv, BLOCK_M)``), which Triton lowers to a uniform ``scf.if``: no extra loads,
 no extra MMA, no tensor-valued control flow.
+
+The launchers of the two ops are ``ref_lora_linear_fwd`` / ``ref_lora_linear_bwd`` and
+``ref_folded_linear_fwd`` / ``ref_folded_linear_bwd``; the entry points ``ref_lora_linear_triton``
+and ``ref_folded_linear_triton`` run them as torch.library custom ops.
 
 The remaining backward pieces are plain torch (cuBLAS), on purpose:
 ``dA = U^T x_r`` ([r, Din]) and ``dB = dy_r^T T`` ([Dout, r]) have a tiny output and a long
@@ -36,30 +40,34 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import interpreter_active, tf32_allowed
+from .._utils import (
+    SUPPORTED_DTYPES,
+    autotune_configs,
+    device_guard,
+    dot_flags,
+    interpreter_active,
+    register_fake,
+    unit_last,
+)
 
-__all__ = ["ref_lora_linear_triton", "ref_folded_linear_triton", "lora_gemm", "lora_shrink"]
-
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-# fixed tiles under the CPU interpreter (autotuning there would run every config)
-_INTERP_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
-_INTERP_SHRINK = dict(BLOCK_M=32, BLOCK_K=32)
+__all__ = ["ref_lora_linear_triton", "ref_folded_linear_triton", "ref_lora_linear_fwd",
+           "ref_lora_linear_bwd", "ref_folded_linear_fwd", "ref_folded_linear_bwd"]
 
 
 # ----------------------------------------------------------------------------- helpers
 @triton.jit
-def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """``acc += a @ b``. UPCAST: the interpreter's bf16 dot is wrong (triton#11584), so bf16
-    tiles go through fp32 there. IEEE: fp32 inputs honour torch's default (no TF32)."""
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if IEEE:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+def _mma(b_a, b_b, b_acc, DOT_F32: tl.constexpr, DOT_IEEE: tl.constexpr):
+    """``b_acc += b_a @ b_b``. DOT_F32: the interpreter's bf16 dot is wrong (triton#11584), so
+    bf16 tiles go through fp32 there. DOT_IEEE: fp32 inputs honour torch's default (no TF32);
+    see :func:`wildactor_kernels._utils.dot_flags`."""
+    if DOT_F32:
+        b_a = b_a.to(tl.float32)
+        b_b = b_b.to(tl.float32)
+    if DOT_IEEE:
+        b_acc = tl.dot(b_a, b_b, b_acc, input_precision="ieee")
     else:
-        acc = tl.dot(a, b, acc)
-    return acc
+        b_acc = tl.dot(b_a, b_b, b_acc)
+    return b_acc
 
 
 def _rank_block(r: int, cap: int) -> int:
@@ -67,10 +75,9 @@ def _rank_block(r: int, cap: int) -> int:
     return min(max(16, triton.next_power_of_2(r)), cap)
 
 
-def _dot_flags(dtype: torch.dtype) -> tuple[bool, bool]:
-    upcast = interpreter_active() and dtype == torch.bfloat16
-    ieee = dtype == torch.float32 and not tf32_allowed()
-    return upcast, ieee
+def _dot_flags(dtype: torch.dtype) -> dict:
+    dot_f32, prec = dot_flags(dtype)
+    return dict(DOT_F32=dot_f32, DOT_IEEE=prec == "ieee")
 
 
 def _out_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -86,22 +93,24 @@ def _m_bucket(m: int) -> int:
 
 
 # ----------------------------------------------------------------------------- shrink
-_SHRINK_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bm, bk, w, s in [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (32, 128, 4, 4),
-                         (128, 128, 8, 3)]
-]
+_SHRINK_CONFIGS = autotune_configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+     for bm, bk, w, s in [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (32, 128, 4, 4),
+                          (128, 128, 8, 3)]],
+    triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}))
 
 
+@triton.autotune(configs=_SHRINK_CONFIGS, key=["M_BUCKET", "K", "RANK"])
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _lora_shrink_kernel(
-    x_ptr, p_ptr, t_ptr,
+    p_x, p_p, p_t,
     NR, ROW0, K, RANK, M_BUCKET, scale,
     stride_xb, stride_xn, stride_xk,
     stride_pk, stride_pr,
     stride_tb, stride_tn, stride_tr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, EVEN_K: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    DOT_F32: tl.constexpr, DOT_IEEE: tl.constexpr,
 ):
     """``T[b, m, :] = scale * X[b, ROW0 + m, :] @ P`` for ``m < NR``; grid (M tiles, r tiles, B)."""
     i_m, i_r, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -113,31 +122,27 @@ def _lora_shrink_kernel(
     m_r = o_r < RANK
     o_k = tl.arange(0, BLOCK_K)
 
-    p_x = (x_ptr + i_b.to(tl.int64) * stride_xb + (ROW0 + o_m_ld).to(tl.int64)[:, None] * stride_xn
-           + o_k[None, :] * stride_xk)
-    p_p = p_ptr + o_k[:, None] * stride_pk + o_r[None, :] * stride_pr
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    p_xk = (p_x + i_b.to(tl.int64) * stride_xb + (ROW0 + o_m_ld).to(tl.int64)[:, None] * stride_xn
+            + o_k[None, :] * stride_xk)
+    p_pk = p_p + o_k[:, None] * stride_pk + o_r[None, :] * stride_pr
+    b_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
-            b_x = tl.load(p_x)
-            b_p = tl.load(p_p, mask=m_r[None, :], other=0.0)
+            b_x = tl.load(p_xk)
+            b_p = tl.load(p_pk, mask=m_r[None, :], other=0.0)
         else:
-            m_k = o_k < K - k * BLOCK_K
-            b_x = tl.load(p_x, mask=m_k[None, :], other=0.0)
-            b_p = tl.load(p_p, mask=m_k[:, None] & m_r[None, :], other=0.0)
-        acc = _mma(b_x, b_p, acc, UPCAST, IEEE)
-        p_x += BLOCK_K * stride_xk
-        p_p += BLOCK_K * stride_pk
-    acc = acc * scale
-    p_t = t_ptr + i_b.to(tl.int64) * stride_tb + o_m[:, None] * stride_tn + o_r[None, :] * stride_tr
-    tl.store(p_t, acc.to(t_ptr.dtype.element_ty), mask=m_m[:, None] & m_r[None, :])
+            m_k = o_k < K - i_k * BLOCK_K
+            b_x = tl.load(p_xk, mask=m_k[None, :], other=0.0)
+            b_p = tl.load(p_pk, mask=m_k[:, None] & m_r[None, :], other=0.0)
+        b_acc = _mma(b_x, b_p, b_acc, DOT_F32, DOT_IEEE)
+        p_xk += BLOCK_K * stride_xk
+        p_pk += BLOCK_K * stride_pk
+    b_acc = b_acc * scale
+    p_tm = p_t + i_b.to(tl.int64) * stride_tb + o_m[:, None] * stride_tn + o_r[None, :] * stride_tr
+    tl.store(p_tm, b_acc.to(p_t.dtype.element_ty), mask=m_m[:, None] & m_r[None, :])
 
 
-_shrink_kernel = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_lora_shrink_kernel)
-_shrink_kernel_tuned = triton.autotune(configs=_SHRINK_CONFIGS, key=["M_BUCKET", "K", "RANK"])(_shrink_kernel)
-
-
-def lora_shrink(x: torch.Tensor, p: torch.Tensor, scale: float, row0: int) -> torch.Tensor:
+def _shrink(x: torch.Tensor, p: torch.Tensor, scale: float, row0: int) -> torch.Tensor:
     """``scale * x[:, row0:] @ p`` -> ``[B, N - row0, r]`` in ``x.dtype`` (fp32 accumulation).
 
     ``x [B, N, K]`` with unit stride on the last dim (any batch/row strides); ``p [K, r]``
@@ -150,52 +155,54 @@ def lora_shrink(x: torch.Tensor, p: torch.Tensor, scale: float, row0: int) -> to
     if nr == 0 or bsz == 0:
         return t.to(x.dtype)
     block_r = _rank_block(rank, 128)
-    upcast, ieee = _dot_flags(x.dtype)
-    args = (x, p, t, nr, row0, k, rank, _m_bucket(bsz * nr), float(scale),
-            x.stride(0), x.stride(1), x.stride(2), p.stride(0), p.stride(1),
-            t.stride(0), t.stride(1), t.stride(2))
-    meta = dict(BLOCK_R=block_r, UPCAST=upcast, IEEE=ieee)
 
     def grid(m):
         return (triton.cdiv(nr, m["BLOCK_M"]), triton.cdiv(rank, block_r), bsz)
 
-    if interpreter_active():
-        _shrink_kernel[grid](*args, **meta, **_INTERP_SHRINK)
-    else:
-        _shrink_kernel_tuned[grid](*args, **meta)
+    _lora_shrink_kernel[grid](
+        x, p, t, nr, row0, k, rank, _m_bucket(bsz * nr), float(scale),
+        x.stride(0), x.stride(1), x.stride(2), p.stride(0), p.stride(1),
+        t.stride(0), t.stride(1), t.stride(2),
+        BLOCK_R=block_r, **_dot_flags(x.dtype))
     return t.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- main GEMM
 # Hopper-friendly tiles (bf16); configs that do not fit (fp32 inputs) fail to compile and the
-# autotuner drops them, the 64x64 ones fit every dtype.
-_GEMM_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-    for bm, bn, bk, w, s in [
-        (128, 256, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 128, 64, 4, 4),
-        (128, 256, 32, 8, 4),
-        (64, 256, 32, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 3),
-    ]
-]
+# autotuner drops them, the 64x64 ones fit every dtype. Every one builds for sm_90 (bf16,
+# REF_MODE 1 and 2, triton 3.9) with 0 spill bytes (64-255 registers), as do the shrink configs
+# above (rank tile 128).
+_GEMM_CONFIGS = autotune_configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w,
+                   num_stages=s)
+     for bm, bn, bk, w, s in [
+         (128, 256, 64, 8, 3),
+         (128, 128, 64, 8, 4),
+         (128, 128, 64, 4, 4),
+         (128, 256, 32, 8, 4),
+         (64, 256, 32, 4, 4),
+         (128, 64, 64, 4, 4),
+         (64, 128, 64, 4, 4),
+         (64, 64, 64, 4, 3),
+     ]],
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}))
 
 
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "K", "NOUT", "RANK", "REF_MODE", "HAS_BIAS"])
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _lora_gemm_kernel(
-    x_ptr, w_ptr, wref_ptr, bias_ptr, t_ptr, l_ptr, out_ptr,
+    p_x, p_w, p_wref, p_bias, p_t, p_l, p_o,
     N, NUM_VIDEO, K, NOUT, RANK, M_BUCKET,
     stride_xb, stride_xn, stride_xk,
     stride_wk, stride_wn,
     stride_tb, stride_tn, stride_tr,
     stride_lr, stride_ln,
     stride_ob, stride_on, stride_oo,
+    stride_bias,
     HAS_BIAS: tl.constexpr, REF_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, DOT_IEEE: tl.constexpr,
 ):
     """``out[b, n] = X[b, n] @ Wt (+ bias)``, plus on reference rows (``n >= NUM_VIDEO``):
     REF_MODE 1: ``+ T[b, n - NUM_VIDEO] @ Lt``; REF_MODE 2: ``Wt_ref`` replaces ``Wt``.
@@ -226,68 +233,62 @@ def _lora_gemm_kernel(
     m_n = o_n < NOUT
     o_k = tl.arange(0, BLOCK_K)
 
-    p_x = (x_ptr + i_b.to(tl.int64) * stride_xb + o_m_ld.to(tl.int64)[:, None] * stride_xn
-           + o_k[None, :] * stride_xk)
+    p_xk = (p_x + i_b.to(tl.int64) * stride_xb + o_m_ld.to(tl.int64)[:, None] * stride_xn
+            + o_k[None, :] * stride_xk)
     o_w = o_k[:, None] * stride_wk + o_n.to(tl.int64)[None, :] * stride_wn
     if REF_MODE == 2:
         # folded inference: reference tiles stream W_ref = W + s B A (same strides as W)
         if is_ref:
-            p_w = wref_ptr + o_w
+            p_wk = p_wref + o_w
         else:
-            p_w = w_ptr + o_w
+            p_wk = p_w + o_w
     else:
-        p_w = w_ptr + o_w
+        p_wk = p_w + o_w
 
     # ---- main loop: X tile [BLOCK_M, BLOCK_K] @ Wt tile [BLOCK_K, BLOCK_N], fp32 accumulator
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
-            b_x = tl.load(p_x)
-            b_w = tl.load(p_w, mask=m_n[None, :], other=0.0)
+            b_x = tl.load(p_xk)
+            b_w = tl.load(p_wk, mask=m_n[None, :], other=0.0)
         else:
-            m_k = o_k < K - k * BLOCK_K
-            b_x = tl.load(p_x, mask=m_k[None, :], other=0.0)
-            b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)
-        acc = _mma(b_x, b_w, acc, UPCAST, IEEE)
-        p_x += BLOCK_K * stride_xk
-        p_w += BLOCK_K * stride_wk
+            m_k = o_k < K - i_k * BLOCK_K
+            b_x = tl.load(p_xk, mask=m_k[None, :], other=0.0)
+            b_w = tl.load(p_wk, mask=m_k[:, None] & m_n[None, :], other=0.0)
+        b_acc = _mma(b_x, b_w, b_acc, DOT_F32, DOT_IEEE)
+        p_xk += BLOCK_K * stride_xk
+        p_wk += BLOCK_K * stride_wk
 
-    # ---- LoRA expand on reference tiles only: acc += T [BLOCK_M, r] @ Lt [r, BLOCK_N]
+    # ---- LoRA expand on reference tiles only: b_acc += T [BLOCK_M, r] @ Lt [r, BLOCK_N]
     if REF_MODE == 1:
         if is_ref:
-            p_t = (t_ptr + i_b.to(tl.int64) * stride_tb
-                   + (o_m_ld - NUM_VIDEO).to(tl.int64)[:, None] * stride_tn)
-            for r0 in range(0, RANK, BLOCK_R):
-                o_r = r0 + tl.arange(0, BLOCK_R)
+            p_tm = (p_t + i_b.to(tl.int64) * stride_tb
+                    + (o_m_ld - NUM_VIDEO).to(tl.int64)[:, None] * stride_tn)
+            for i_r in range(0, RANK, BLOCK_R):
+                o_r = i_r + tl.arange(0, BLOCK_R)
                 m_r = o_r < RANK  # rank padded to BLOCK_R (>= 16) with zeros
-                b_t = tl.load(p_t + o_r[None, :] * stride_tr, mask=m_r[None, :], other=0.0)
-                b_l = tl.load(l_ptr + o_r[:, None] * stride_lr + o_n[None, :] * stride_ln,
+                b_t = tl.load(p_tm + o_r[None, :] * stride_tr, mask=m_r[None, :], other=0.0)
+                b_l = tl.load(p_l + o_r[:, None] * stride_lr + o_n[None, :] * stride_ln,
                               mask=m_r[:, None] & m_n[None, :], other=0.0)
-                acc = _mma(b_t, b_l, acc, UPCAST, IEEE)
+                b_acc = _mma(b_t, b_l, b_acc, DOT_F32, DOT_IEEE)
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-    p_o = (out_ptr + i_b.to(tl.int64) * stride_ob + o_m.to(tl.int64)[:, None] * stride_on
-           + o_n[None, :] * stride_oo)
-    tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+        b_acc += tl.load(p_bias + o_n * stride_bias, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    p_om = (p_o + i_b.to(tl.int64) * stride_ob + o_m.to(tl.int64)[:, None] * stride_on
+            + o_n[None, :] * stride_oo)
+    tl.store(p_om, b_acc.to(p_o.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
-_gemm_kernel = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_lora_gemm_kernel)
-_gemm_kernel_tuned = triton.autotune(
-    configs=_GEMM_CONFIGS, key=["M_BUCKET", "K", "NOUT", "RANK", "REF_MODE", "HAS_BIAS"],
-)(_gemm_kernel)
-
-
-def lora_gemm(x: torch.Tensor, wt: torch.Tensor, num_video: int, bias: torch.Tensor | None = None,
+def _gemm(x: torch.Tensor, wt: torch.Tensor, num_video: int, bias: torch.Tensor | None = None,
               t: torch.Tensor | None = None, lt: torch.Tensor | None = None,
               wt_ref: torch.Tensor | None = None) -> torch.Tensor:
-    """Launcher of ``_lora_gemm_kernel``.
+    """Launch ``_lora_gemm_kernel`` (every tensor's strides are passed to it).
 
     Args:
         x: ``[B, N, K]``, unit stride on the last dim (any batch/row strides).
         wt: ``[K, NOUT]`` (any strides: pass ``W.t()`` for a forward, ``W`` for ``dx``).
         num_video: rows ``n < num_video`` of each sample are video rows.
-        bias: ``[NOUT]`` or None.
+        bias: ``[NOUT]`` (any stride, 0 included) or None.
         t, lt: LoRA expand ``t [B, N - num_video, r]`` and ``lt [r, NOUT]``, added on reference rows.
         wt_ref: ``[K, NOUT]`` weight for reference rows (folded mode), with the strides of ``wt``;
             exclusive with ``t``.
@@ -311,24 +312,21 @@ def lora_gemm(x: torch.Tensor, wt: torch.Tensor, num_video: int, bias: torch.Ten
     t_ = t if ref_mode == 1 else x
     lt_ = lt if ref_mode == 1 else wt
     v_ = wt_ref if ref_mode == 2 else wt
-    upcast, ieee = _dot_flags(x.dtype)
-    args = (x, wt, v_, bias if bias is not None else x, t_, lt_, out,
-            n, num_video, k, nout, rank, _m_bucket(bsz * n),
-            x.stride(0), x.stride(1), x.stride(2),
-            wt.stride(0), wt.stride(1),
-            *(t_.stride() if ref_mode == 1 else (0, 0, 0)), *(lt_.stride() if ref_mode == 1 else (0, 0)),
-            out.stride(0), out.stride(1), out.stride(2))
-    meta = dict(HAS_BIAS=bias is not None, REF_MODE=ref_mode, BLOCK_R=_rank_block(rank, 64),
-                UPCAST=upcast, IEEE=ieee)
 
     def grid(m):
         tiles_m = triton.cdiv(num_video, m["BLOCK_M"]) + triton.cdiv(nr, m["BLOCK_M"])
         return (tiles_m * triton.cdiv(nout, m["BLOCK_N"]), bsz)
 
-    if interpreter_active():
-        _gemm_kernel[grid](*args, **meta, **_INTERP_GEMM)
-    else:
-        _gemm_kernel_tuned[grid](*args, **meta)
+    _lora_gemm_kernel[grid](
+        x, wt, v_, bias if bias is not None else x, t_, lt_, out,
+        n, num_video, k, nout, rank, _m_bucket(bsz * n),
+        x.stride(0), x.stride(1), x.stride(2),
+        wt.stride(0), wt.stride(1),
+        *(t_.stride() if ref_mode == 1 else (0, 0, 0)), *(lt_.stride() if ref_mode == 1 else (0, 0)),
+        out.stride(0), out.stride(1), out.stride(2),
+        bias.stride(0) if bias is not None else 0,
+        HAS_BIAS=bias is not None, REF_MODE=ref_mode, BLOCK_R=_rank_block(rank, 64),
+        **_dot_flags(x.dtype))
     return out.to(x.dtype)
 
 
@@ -338,13 +336,50 @@ def lora_gemm(x: torch.Tensor, wt: torch.Tensor, num_video: int, bias: torch.Ten
 # the launchers or Triton's runtime. Only the Triton pieces are ops; the backward's cuBLAS
 # pieces (dA, dB, dW, db) stay plain torch in the registered backward, where the compiler sees
 # them. Schemas are mutation-free: every output is allocated inside the op.
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """The kernels take any batch/row strides but want unit stride on the reduced dim."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _flat_rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
+    """``[B, N, C] -> [B*N, C]`` (also when C = 0, where ``reshape(-1, 0)`` is ambiguous)."""
+    return t.flatten(0, -2)
+
+
+def ref_lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale: float, num_video: int):
+    """Launcher of the forward: ``(y [B, N, Dout], t [B, N - Nv, r])``; ``t = s x_r A^T`` is
+    kept for the backward. Any strides (x gets a unit-stride last dim, the rest go to the
+    kernels), all tensors on one device."""
+    with device_guard("ref_lora_linear_fwd", x=x, weight=weight, bias=bias, lora_a=lora_a,
+                      lora_b=lora_b):
+        x = unit_last(x)
+        t = _shrink(x, lora_a.t(), scale, num_video)  # [B, Nr, r] (empty when Nr = 0)
+        y = _gemm(x, weight.t(), num_video, bias=bias, t=t, lt=lora_b.t())
+        return y, t
+
+
+def ref_lora_linear_bwd(dy, weight, lora_a, lora_b, scale: float, num_video: int, need_dx: bool):
+    """Launcher of the backward's Triton part: ``(dx, u)`` with ``u = s dy_r B [B, N - Nv, r]``
+    (shared by dx's epilogue and dA) and ``dx = dy W + u A [B, N, Din]`` on reference rows,
+    ``dy W`` on video rows; with ``need_dx=False`` dx is an empty ``[0]`` tensor."""
+    with device_guard("ref_lora_linear_bwd", dy=dy, weight=weight, lora_a=lora_a, lora_b=lora_b):
+        dy = unit_last(dy)
+        u = _shrink(dy, lora_b, scale, num_video)
+        if not need_dx:
+            return dy.new_empty((0,)), u
+        return _gemm(dy, weight, num_video, t=u, lt=lora_a), u
+
+
+def ref_folded_linear_fwd(x, weight, weight_ref, bias, num_video: int):
+    """Launcher of the folded forward: ``x W^T + b`` on video rows, ``x W_ref^T + b`` on
+    reference rows. The two weights are made contiguous (one stride pair serves both in the
+    kernel; no copy for nn.Linear weights)."""
+    with device_guard("ref_folded_linear_fwd", x=x, weight=weight, weight_ref=weight_ref, bias=bias):
+        weight, weight_ref = weight.contiguous(), weight_ref.contiguous()
+        return _gemm(unit_last(x), weight.t(), num_video, bias=bias, wt_ref=weight_ref.t())
+
+
+def ref_folded_linear_bwd(dy, weight, weight_ref, num_video: int):
+    """Launcher of the folded backward's ``dx``: ``dy W`` on video rows, ``dy W_ref`` on
+    reference rows."""
+    with device_guard("ref_folded_linear_bwd", dy=dy, weight=weight, weight_ref=weight_ref):
+        weight, weight_ref = weight.contiguous(), weight_ref.contiguous()
+        return _gemm(unit_last(dy), weight, num_video, wt_ref=weight_ref)
 
 
 @torch.library.custom_op(
@@ -352,11 +387,7 @@ def _flat_rows(t: torch.Tensor) -> torch.Tensor:
     schema="(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale, "
            "SymInt num_video) -> (Tensor, Tensor)")
 def _ref_lora_linear_fwd_op(x, weight, bias, lora_a, lora_b, scale, num_video):
-    """``(y [B, N, Dout], t [B, N - Nv, r])``; ``t = s x_r A^T`` is kept for the backward."""
-    x = _unit_last(x)
-    t = lora_shrink(x, lora_a.t(), scale, num_video)  # [B, Nr, r] (empty when Nr = 0)
-    y = lora_gemm(x, weight.t(), num_video, bias=bias, t=t, lt=lora_b.t())
-    return y, t
+    return ref_lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, num_video)
 
 
 def _ref_lora_fwd_fake(x, weight, bias, lora_a, lora_b, scale, num_video):
@@ -364,8 +395,7 @@ def _ref_lora_fwd_fake(x, weight, bias, lora_a, lora_b, scale, num_video):
     return x.new_empty((b, n, weight.shape[0])), x.new_empty((b, n - num_video, lora_a.shape[0]))
 
 
-_ref_lora_linear_fwd_op.register_fake(_ref_lora_fwd_fake)
-_ref_lora_linear_fwd_op.register_kernel("meta", _ref_lora_fwd_fake)  # meta never reaches a kernel
+register_fake(_ref_lora_linear_fwd_op, _ref_lora_fwd_fake)
 
 
 @torch.library.custom_op(
@@ -373,14 +403,9 @@ _ref_lora_linear_fwd_op.register_kernel("meta", _ref_lora_fwd_fake)  # meta neve
     schema="(Tensor dy, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, SymInt num_video, "
            "bool need_dx) -> (Tensor, Tensor)")
 def _ref_lora_linear_bwd_op(dy, weight, lora_a, lora_b, scale, num_video, need_dx):
-    """``(dx, u)``: ``u = s dy_r B [B, N - Nv, r]`` (shared by dx's epilogue and dA) and
-    ``dx = dy W + u A [B, N, Din]`` on reference rows, ``dy W`` on video rows; with
-    ``need_dx=False`` dx is an empty ``[0]`` tensor (custom ops cannot return None)."""
-    dy = _unit_last(dy)
-    u = lora_shrink(dy, lora_b, scale, num_video)
-    if not need_dx:
-        return dy.new_empty((0,)), u
-    return lora_gemm(dy, weight, num_video, t=u, lt=lora_a), u
+    """``(dx, u)`` of :func:`ref_lora_linear_bwd` (custom ops cannot return None: an unneeded
+    dx is an empty ``[0]`` tensor)."""
+    return ref_lora_linear_bwd(dy, weight, lora_a, lora_b, scale, num_video, need_dx)
 
 
 def _ref_lora_bwd_fake(dy, weight, lora_a, lora_b, scale, num_video, need_dx):
@@ -389,8 +414,7 @@ def _ref_lora_bwd_fake(dy, weight, lora_a, lora_b, scale, num_video, need_dx):
     return (dy.new_empty((b, n, weight.shape[1])) if need_dx else dy.new_empty((0,))), u
 
 
-_ref_lora_linear_bwd_op.register_fake(_ref_lora_bwd_fake)
-_ref_lora_linear_bwd_op.register_kernel("meta", _ref_lora_bwd_fake)  # meta never reaches a kernel
+register_fake(_ref_lora_linear_bwd_op, _ref_lora_bwd_fake)
 
 
 def _ref_lora_setup_context(ctx, inputs, output):
@@ -430,10 +454,7 @@ _ref_lora_linear_fwd_op.register_autograd(_ref_lora_backward, setup_context=_ref
     "wildactor::ref_folded_linear_fwd", mutates_args=(),
     schema="(Tensor x, Tensor weight, Tensor weight_ref, Tensor? bias, SymInt num_video) -> Tensor")
 def _ref_folded_linear_fwd_op(x, weight, weight_ref, bias, num_video):
-    x = _unit_last(x)
-    # one stride pair serves both weights in the kernel (no copy for nn.Linear weights)
-    weight, weight_ref = weight.contiguous(), weight_ref.contiguous()
-    return lora_gemm(x, weight.t(), num_video, bias=bias, wt_ref=weight_ref.t())
+    return ref_folded_linear_fwd(x, weight, weight_ref, bias, num_video)
 
 
 def _ref_folded_fwd_fake(x, weight, weight_ref, bias, num_video):
@@ -441,8 +462,7 @@ def _ref_folded_fwd_fake(x, weight, weight_ref, bias, num_video):
     return x.new_empty((b, n, weight.shape[0]))
 
 
-_ref_folded_linear_fwd_op.register_fake(_ref_folded_fwd_fake)
-_ref_folded_linear_fwd_op.register_kernel("meta", _ref_folded_fwd_fake)  # meta never reaches a kernel
+register_fake(_ref_folded_linear_fwd_op, _ref_folded_fwd_fake)
 
 
 @torch.library.custom_op(
@@ -450,8 +470,7 @@ _ref_folded_linear_fwd_op.register_kernel("meta", _ref_folded_fwd_fake)  # meta 
     schema="(Tensor dy, Tensor weight, Tensor weight_ref, SymInt num_video) -> Tensor")
 def _ref_folded_linear_bwd_op(dy, weight, weight_ref, num_video):
     """``dx``: ``dy W`` on video rows, ``dy W_ref`` on reference rows."""
-    weight, weight_ref = weight.contiguous(), weight_ref.contiguous()
-    return lora_gemm(_unit_last(dy), weight, num_video, wt_ref=weight_ref)
+    return ref_folded_linear_bwd(dy, weight, weight_ref, num_video)
 
 
 def _ref_folded_bwd_fake(dy, weight, weight_ref, num_video):
@@ -459,8 +478,7 @@ def _ref_folded_bwd_fake(dy, weight, weight_ref, num_video):
     return dy.new_empty((b, n, weight.shape[1]))
 
 
-_ref_folded_linear_bwd_op.register_fake(_ref_folded_bwd_fake)
-_ref_folded_linear_bwd_op.register_kernel("meta", _ref_folded_bwd_fake)  # meta never reaches a kernel
+register_fake(_ref_folded_linear_bwd_op, _ref_folded_bwd_fake)
 
 
 def _ref_folded_setup_context(ctx, inputs, output):
@@ -518,8 +536,8 @@ def ref_lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     GEMMs), so it compiles with ``torch.compile(fullgraph=True)``.
     """
     dtype = _compute_dtype(x)
-    if dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"ref_lora_linear (triton): dtype must be one of {_SUPPORTED_DTYPES}, got {dtype}")
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"ref_lora_linear (triton): dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
     x, weight, bias, lora_a, lora_b = _cast(dtype, x, weight, bias, lora_a, lora_b)
     with _no_autocast(x):
         y, _ = _ref_lora_linear_fwd_op(x, weight, bias, lora_a, lora_b, float(scale), num_video)
@@ -536,8 +554,8 @@ def ref_folded_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_ref: 
     ``torch.ops.wildactor.ref_folded_linear_fwd`` op (backward ``ref_folded_linear_bwd``).
     """
     dtype = _compute_dtype(x)
-    if dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"folded linear (triton): dtype must be one of {_SUPPORTED_DTYPES}, got {dtype}")
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"folded linear (triton): dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
     if weight_ref.shape != weight.shape:
         raise ValueError(f"weight_ref must have the shape of weight {tuple(weight.shape)}, "
                          f"got {tuple(weight_ref.shape)}")

@@ -8,8 +8,10 @@ Folded inference (``fold_mode``): reference rows may use a cached ``W_ref = W + 
 instead of the low-rank path, i.e. two plain GEMMs (or, on the Triton backend, one GEMM that
 picks ``W`` or ``W_ref`` per M tile). The cache is not part of the state dict, costs one
 extra ``[Dout, Din]`` weight per layer, and is rebuilt whenever ``weight``, ``lora_A`` or
-``lora_B`` change (their autograd ``_version`` counters, storage, dtype or device, or the
-scale); :meth:`RefLoRALinear.unfold` drops it explicitly.
+``lora_B`` change: in place (their autograd ``_version`` counters), by replacement of the
+Parameter or of its ``.data`` (the key holds weak references to the Parameter objects and their
+storages, never addresses, which the allocator reuses), in dtype, device, shape or strides, or
+when the scale changes; :meth:`RefLoRALinear.unfold` drops it explicitly.
 
 - ``"unfold"``: always the low-rank path (:func:`wildactor_kernels.ref_lora_linear`).
 - ``"fold"``: always ``W_ref``; raises if autograd needs grads of ``weight``/``lora_*``
@@ -23,12 +25,14 @@ scale); :meth:`RefLoRALinear.unfold` drops it explicitly.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._utils import check_num_video, resolve_backend
+from .._utils import check_num_video, check_tensor, resolve_backend
+from .._validate import check_bool, check_int, check_real
 from .op import ref_lora_linear
 
 FOLD_MODES = ("auto", "fold", "unfold")
@@ -82,6 +86,12 @@ class RefLoRALinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int = 0,
                  alpha: float | None = None, backend: str = "auto", device=None, dtype=None):
         super().__init__()
+        in_features = check_int("in_features", in_features, minimum=0)
+        out_features = check_int("out_features", out_features, minimum=0)
+        rank = check_int("rank", rank, minimum=0)
+        bias = check_bool("bias", bias)
+        if alpha is not None:
+            alpha = check_real("alpha", alpha, positive=True)
         fk = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **fk))
@@ -143,17 +153,43 @@ class RefLoRALinear(nn.Module):
 
     def invalidate_fold_cache(self) -> None:
         """Drop ``W_ref``; the next folded forward rebuilds it (needed only after changes the
-        version counters do not see, e.g. writes through ``.data``)."""
+        key does not see: in-place writes through ``.data`` or under ``torch.inference_mode``)."""
         self._fold_cache = None
 
     def _fold_key(self) -> tuple | None:
+        """What ``W_ref`` was built from, in a form that cannot match a different tensor.
+
+        Addresses are reused by the allocator (a Parameter swapped for a new one, or its
+        ``.data`` replaced, may land on the freed address with the same version count), so the
+        key holds weak references to each Parameter *object* and to its storage: a replaced
+        Parameter or storage is dead or different, never equal. Versions catch in-place writes.
+        """
         ps = (self.weight, self.lora_A.weight, self.lora_B.weight)
         try:
             versions = tuple(p._version for p in ps)
         except RuntimeError:  # inference tensors have no version counter: never cache
             return None
-        return (versions, tuple(p.data_ptr() for p in ps), tuple(p.dtype for p in ps),
+        try:
+            owners = tuple((weakref.ref(p), weakref.ref(p.untyped_storage())) for p in ps)
+        except TypeError:  # no weak reference to these objects (e.g. a tensor subclass): no cache
+            return None
+        return (versions, owners, tuple((p.dtype, p.shape, p.stride(), p.storage_offset()) for p in ps),
                 self.weight.device, self.scale)
+
+    def _cache_hit(self, key: tuple | None) -> bool:
+        if key is None or self._fold_cache is None:
+            return False
+        old = self._fold_cache[0]
+        # weakref equality compares the referents while both live; a dead one never matches
+        same_owners = all(a() is not None and a() is b() and sa() is not None and sa() is sb()
+                          for (a, sa), (b, sb) in zip(old[1], key[1]))
+        return same_owners and old[0] == key[0] and old[2:] == key[2:]
+
+    def __setattr__(self, name: str, value) -> None:
+        # a swapped parameter or adapter invalidates W_ref at once (the key would catch it too)
+        if name in ("weight", "lora_A", "lora_B", "alpha", "rank") and "_fold_cache" in self.__dict__:
+            self.__dict__["_fold_cache"] = None
+        super().__setattr__(name, value)
 
     @torch.no_grad()
     def folded_weight(self) -> torch.Tensor:
@@ -161,7 +197,7 @@ class RefLoRALinear(nn.Module):
         if self.rank == 0:
             raise RuntimeError("a rank-0 RefLoRALinear has no adapter to fold")
         key = self._fold_key()
-        if key is not None and self._fold_cache is not None and self._fold_cache[0] == key:
+        if self._cache_hit(key):
             return self._fold_cache[1]
         w, a, b = self.weight, self.lora_A.weight, self.lora_B.weight
         if a.dtype == w.dtype and b.dtype == w.dtype:
@@ -193,11 +229,29 @@ class RefLoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, num_video: int | None = None) -> torch.Tensor:
-        """``x [B, N, Din]``; ``num_video=None`` (or N) means no reference rows: a plain linear."""
-        if self.rank == 0 or num_video is None or num_video >= x.shape[-2] or x.ndim != 3:
+        """Linear layer with the adapter on the reference rows.
+
+        Args:
+            x: ``[B, N, Din]`` (``B`` samples of ``N`` rows), or ``[N, Din]``: one sample.
+            num_video: ``Nv`` in ``[0, N]``: rows ``n >= Nv`` of each sample get the adapter.
+                None means no reference rows: a plain linear on ``x`` of any shape ``[..., Din]``
+                (``nn.Linear``'s contract). With an int, ``x`` must be 2-D or 3-D: any other
+                rank raises, since which rows are reference rows would be a guess.
+        Returns:
+            ``[..., Dout]`` with the leading dims of ``x``.
+        """
+        check_tensor("x", x, floating=True)
+        if num_video is None:
+            return F.linear(x, self.weight, self.bias)
+        if x.ndim not in (2, 3):
+            raise ValueError(f"x must be [B, N, Din] or [N, Din] (one sample) when num_video is given, "
+                             f"got shape {tuple(x.shape)}")
+        if x.ndim == 2:  # one sample: the rules of the 3-D op, on a batch of one
+            return self.forward(x.unsqueeze(0), num_video).squeeze(0)
+        num_video = check_num_video(num_video, x.shape[1])
+        if self.rank == 0 or num_video == x.shape[1]:
             return F.linear(x, self.weight, self.bias)
         if self._use_fold():
-            num_video = check_num_video(num_video, x.shape[1])
             w_ref = self.folded_weight()
             if resolve_backend(self.backend, x) == "triton":
                 from .kernels import ref_folded_linear_triton

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .._utils import check_num_video, check_same_device, check_tensor, resolve_backend
+from .._utils import check_dtypes, check_num_video, check_same_device, check_tensor, resolve_backend
+from .._validate import check_lora_scale
 from .reference import ref_lora_linear_ref
 
 
@@ -19,9 +20,13 @@ def ref_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         lora_a: ``[r, Din]`` (PEFT ``lora_A``); lora_b: ``[Dout, r]`` (PEFT ``lora_B``).
         scale: ``alpha / r``.
         num_video: ``Nv`` in ``[0, N]``.
+    Dtypes (one rule on both backends): weight, bias, lora_a and lora_b have x's dtype, else a
+    TypeError naming the argument. Under autocast on x's device they are computed in the
+    autocast dtype instead, as ``F.linear`` does.
     Returns:
         ``[B, N, Dout]`` in x's dtype. Differentiable in x, A, B, and W, b when they need grad.
     """
+    scale = check_lora_scale(scale)
     check_tensor("x", x, ndim=3, floating=True)
     check_tensor("weight", weight, ndim=2, floating=True)
     check_tensor("lora_a", lora_a, ndim=2, floating=True)
@@ -43,6 +48,8 @@ def ref_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
     num_video = check_num_video(num_video, x.shape[1])
     check_same_device(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
+    if not torch.is_autocast_enabled(x.device.type):
+        check_dtypes("ref_lora_linear", x.dtype, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
     if resolve_backend(backend, x) == "reference":
         return ref_lora_linear_ref(x, weight, bias, lora_a, lora_b, float(scale), num_video)
     from .kernels import ref_lora_linear_triton

@@ -31,8 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import interpreter_active
+from .._utils import device_guard, interpreter_active, register_fake
 from .reference import AMAX_EPS, FP8_DTYPE, FP8_MAX, _round_up
+
+__all__ = ["per_token_quant_fp8_triton", "per_token_quant_fp8_fwd", "fp8_store_mode"]
 
 logger = logging.getLogger("wildactor_kernels")
 
@@ -118,13 +120,19 @@ def _launch_config(k_out: int) -> tuple[int, int, bool, int]:
     return block_m, block_k, single, num_warps
 
 
-def per_token_quant_fp8_triton(x: torch.Tensor, pad_to: int = 1,
-                               store_mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def per_token_quant_fp8_fwd(x: torch.Tensor, pad_to: int = 1,
+                            store_mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher: ``x [..., K]`` (any float dtype and strides) -> ``(q [..., K_pad] fp8, scale [..., 1])``.
 
     ``store_mode`` overrides :func:`fp8_store_mode` (tests use ``"kernel"`` to exercise the
-    interpreter's own float8 conversion).
+    interpreter's own float8 conversion). Row and column strides of ``x`` go to the kernel
+    (the leading dims are merged by a view where possible, else a copy).
     """
+    with device_guard("per_token_quant_fp8_fwd", x=x):
+        return _quant(x, pad_to, store_mode)
+
+
+def _quant(x, pad_to, store_mode):
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)  # a view whenever the leading dims can be merged
     m = x2.shape[0]
@@ -157,7 +165,7 @@ def per_token_quant_fp8_triton(x: torch.Tensor, pad_to: int = 1,
 def _per_token_quant_fp8_op(x: torch.Tensor, pad_to: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q [..., K_pad] float8_e4m3fn contiguous, scale [..., 1] fp32)``, K_pad = K rounded up
     to a multiple of ``pad_to``."""
-    return per_token_quant_fp8_triton(x, pad_to)
+    return per_token_quant_fp8_fwd(x, pad_to)
 
 
 def _per_token_quant_fp8_fake(x: torch.Tensor, pad_to: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,5 +175,10 @@ def _per_token_quant_fp8_fake(x: torch.Tensor, pad_to: int) -> tuple[torch.Tenso
             x.new_empty((*lead, 1), dtype=torch.float32))
 
 
-_per_token_quant_fp8_op.register_fake(_per_token_quant_fp8_fake)
-_per_token_quant_fp8_op.register_kernel("meta", _per_token_quant_fp8_fake)  # meta never reaches a kernel
+register_fake(_per_token_quant_fp8_op, _per_token_quant_fp8_fake)
+
+
+def per_token_quant_fp8_triton(x: torch.Tensor, pad_to: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton per-token FP8 quantization (inputs checked by ``op.per_token_quant_fp8``): runs the
+    ``torch.ops.wildactor.per_token_quant_fp8`` op, one opaque node for torch.compile."""
+    return _per_token_quant_fp8_op(x, pad_to)

@@ -33,6 +33,7 @@ import logging
 
 import torch
 
+from .._validate import check_fp8_linear_args
 from .op import per_token_quant_fp8
 from .reference import FP8_DTYPE, _round_up, dequantize_fp8, fp8_linear_emulated
 
@@ -145,6 +146,7 @@ def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Te
     Returns:
         ``[..., N]`` in ``x.dtype``; differentiable in ``x`` (and ``bias``).
     """
+    check_fp8_linear_args(x, weight_fp8, weight_scale, bias, use_fast_accum)
     if weight_fp8.dtype != FP8_DTYPE:
         raise TypeError(f"weight_fp8 must be float8_e4m3fn, got {weight_fp8.dtype}")
     if weight_fp8.ndim != 2 or x.shape[-1] != weight_fp8.shape[1]:

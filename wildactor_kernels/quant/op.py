@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._utils import check_tensor, resolve_backend
+from .._validate import check_pad_to
 from .reference import per_token_quant_fp8_ref
 
 
@@ -23,6 +24,7 @@ def per_token_quant_fp8(x: torch.Tensor, pad_to: int = 1,
         ``x ~ q[..., :K].float() * scale``. Not differentiable (rounding); the FP8 linear defines
         its own gradient.
     """
+    pad_to = check_pad_to(pad_to)
     check_tensor("x", x, floating=True)
     if x.ndim < 1:
         raise ValueError("x must have at least one dimension")
@@ -33,8 +35,7 @@ def per_token_quant_fp8(x: torch.Tensor, pad_to: int = 1,
     x = x.detach()
     if resolve_backend(backend, x) == "reference":
         return per_token_quant_fp8_ref(x, pad_to)
-    from . import kernels  # noqa: F401  (registers torch.ops.wildactor.per_token_quant_fp8)
+    from .kernels import per_token_quant_fp8_triton
 
     # the custom op runs the Triton launcher; torch.compile sees one opaque node with a fake kernel
-    q, scale = torch.ops.wildactor.per_token_quant_fp8(x, pad_to)
-    return q, scale
+    return per_token_quant_fp8_triton(x, pad_to)

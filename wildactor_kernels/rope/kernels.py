@@ -2,8 +2,9 @@
 
 The maths is :mod:`wildactor_kernels.rope.reference` (``apply_rope_ref``, ``qk_norm_rope_ref``);
 this file holds, top to bottom: the ``@triton.jit`` kernels (autotune configs directly above
-them), the launchers ``rope_fwd`` / ``qk_norm_rope_fwd`` / ``qk_norm_rope_bwd`` (checks, allocation,
-grid), the autograd Functions and the two entry points called by :mod:`.op`.
+them), the launchers ``apply_rope_fwd`` / ``apply_rope_bwd`` / ``qk_norm_rope_fwd`` /
+``qk_norm_rope_bwd`` (device guard, allocation, grid), the autograd Functions and the two entry
+points called by :mod:`.op`.
 
 Layout: ``x, q, k: [B, N, H, D]`` with a unit-stride last dim and any other strides (q and k are
 often views into a fused QKV projection ``[B, N, 3, H, D]``); ``cos, sin: [N, D//2]`` float32.
@@ -26,13 +27,14 @@ Design (the ops are memory bound, so the aim is one read and one write of every 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from .._utils import interpreter_active
+from .._utils import autotune_configs, device_guard, interpreter_active, register_fake, unit_last
+
+__all__ = ["apply_rope_triton", "qk_norm_rope_triton", "apply_rope_fwd", "apply_rope_bwd",
+           "qk_norm_rope_fwd", "qk_norm_rope_bwd"]
 
 # Under the CPU interpreter every program is simulated in Python: autotuning there would only
 # multiply the test time, so a single fixed config is used. Its BLOCK_H (2 for H <= 4, else 16)
@@ -47,9 +49,8 @@ _TILE_ELEMS = 4096
 
 def _configs(gpu: list[tuple[int, int]]) -> list[triton.Config]:
     """Autotune space on GPU, a single config under the interpreter. ``gpu``: (BLOCK_N, warps)."""
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_N": 16}, num_warps=1)]
-    return [triton.Config({"BLOCK_N": bn}, num_warps=nw) for bn, nw in gpu]
+    return autotune_configs([triton.Config({"BLOCK_N": bn}, num_warps=nw) for bn, nw in gpu],
+                            triton.Config({"BLOCK_N": 16}, num_warps=1))
 
 
 def _block_h(args: dict) -> int:
@@ -301,37 +302,39 @@ def _qk_norm_rope_bwd_kernel(
 
 
 # =========================================================================== launchers
-def _device_ctx(t: torch.Tensor):
-    """Launch on the tensor's GPU (multi-GPU processes), nothing to do on CPU."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    # The kernels address the head dim as a contiguous vector (vectorised loads); a strided last
-    # dim is rare (no fused projection produces one), so it costs a copy rather than a code path.
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # [N, D//2] is small next to x; fp32 contiguous lets the kernel index it with one stride.
     return cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous()
 
 
-def rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, conj: bool = False) -> torch.Tensor:
-    """Rotate ``x [B, N, H, D]`` (unit-stride last dim, other strides free) by ``cos, sin
-    [N, D//2]``; ``conj=True`` rotates by the opposite angle. Returns contiguous ``x.dtype``."""
+def apply_rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   conj: bool = False) -> torch.Tensor:
+    """Rotate ``x [B, N, H, D]`` (any strides: a strided head dim is copied to unit stride, the
+    other strides go to the kernel) by ``cos, sin [N, D//2]`` (made contiguous fp32);
+    ``conj=True`` rotates by the opposite angle. Returns contiguous ``x.dtype``."""
+    with device_guard("apply_rope_fwd", x=x, cos=cos, sin=sin):
+        return _rope(x, cos, sin, conj)
+
+
+def apply_rope_bwd(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Gradient of :func:`apply_rope_fwd`: a rotation's adjoint is the rotation by the opposite
+    angle."""
+    with device_guard("apply_rope_bwd", dy=dy, cos=cos, sin=sin):
+        return _rope(dy, cos, sin, True)
+
+
+def _rope(x, cos, sin, conj):
     b, n, h, d = x.shape
-    x = _unit_last(x)
+    x = unit_last(x)
     cos, sin = _tables(cos, sin)
     y = torch.empty((b, n, h, d), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b)
-    with _device_ctx(x):
-        _rope_kernel[grid](
-            x, cos, sin, y, n, h, d, x.stride(0), x.stride(1), x.stride(2), cos.stride(0),
-            CONJ=conj, D_PAD=triton.next_power_of_2(d),
-        )
+    _rope_kernel[grid](
+        x, cos, sin, y, n, h, d, x.stride(0), x.stride(1), x.stride(2), cos.stride(0),
+        CONJ=conj, D_PAD=triton.next_power_of_2(d),
+    )
     return y
 
 
@@ -349,12 +352,17 @@ def qk_norm_rope_fwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor | None, c
     """Launcher of the fused forward. ``w``: ``[2, H*D]`` fp32 or None; ``cos, sin`` ``[N, D//2]``.
 
     Returns ``(q', k', rstd)``: two contiguous ``[B, N, H, D]`` tensors and ``rstd [2, B, N]`` fp32
-    for the backward.
+    for the backward. Strides as in :func:`apply_rope_fwd` (``w`` is built contiguous).
     """
+    with device_guard("qk_norm_rope_fwd", q=q, k=k, w=w, cos=cos, sin=sin):
+        return _qk_fwd(q, k, w, cos, sin, eps)
+
+
+def _qk_fwd(q, k, w, cos, sin, eps):
     if q.dtype != k.dtype:
         raise TypeError(f"q and k must share one dtype, got {q.dtype} and {k.dtype}")
     b, n, h, d = q.shape
-    q, k = _unit_last(q), _unit_last(k)
+    q, k = unit_last(q), unit_last(k)
     cos, sin = _tables(cos, sin)
     yq = torch.empty((b, n, h, d), dtype=q.dtype, device=q.device)
     yk = torch.empty((b, n, h, d), dtype=q.dtype, device=q.device)
@@ -362,14 +370,13 @@ def qk_norm_rope_fwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor | None, c
     if yq.numel() == 0:
         return yq, yk, rstd
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b, 2)
-    with _device_ctx(q):
-        _qk_norm_rope_fwd_kernel[grid](
-            q, k, w if w is not None else rstd, cos, sin, yq, yk, rstd,
-            b, n, h, d,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            cos.stride(0), float(eps),
-            HAS_WEIGHT=w is not None, D_PAD=triton.next_power_of_2(d),
-        )
+    _qk_norm_rope_fwd_kernel[grid](
+        q, k, w if w is not None else rstd, cos, sin, yq, yk, rstd,
+        b, n, h, d,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        cos.stride(0), float(eps),
+        HAS_WEIGHT=w is not None, D_PAD=triton.next_power_of_2(d),
+    )
     return yq, yk, rstd
 
 
@@ -383,11 +390,18 @@ def _bwd_block() -> tuple[int, int]:
 
 def qk_norm_rope_bwd(q, k, dyq, dyk, w, cos, sin, rstd):
     """Launcher of the fused backward. Returns ``(dq, dk, dw)``: contiguous ``[B, N, H, D]`` grads
-    in q's dtype and ``dw [2, H*D]`` fp32, or None when ``w`` is None."""
+    in q's dtype and ``dw [2, H*D]`` fp32, or None when ``w`` is None. Strides as in the forward;
+    ``rstd`` is the forward's contiguous output."""
+    with device_guard("qk_norm_rope_bwd", q=q, k=k, dyq=dyq, dyk=dyk, w=w, cos=cos, sin=sin,
+                      rstd=rstd):
+        return _qk_bwd(q, k, dyq, dyk, w, cos, sin, rstd.contiguous())
+
+
+def _qk_bwd(q, k, dyq, dyk, w, cos, sin, rstd):
     b, n, h, d = q.shape
-    q, k = _unit_last(q), _unit_last(k)
+    q, k = unit_last(q), unit_last(k)
     cos, sin = _tables(cos, sin)
-    dyq, dyk = _unit_last(dyq.to(q.dtype)), _unit_last(dyk.to(q.dtype))
+    dyq, dyk = unit_last(dyq.to(q.dtype)), unit_last(dyk.to(q.dtype))
     d_pad = triton.next_power_of_2(d)
     block_n, num_warps = _bwd_block()
     n_blocks = triton.cdiv(b * n, block_n)
@@ -402,16 +416,15 @@ def qk_norm_rope_bwd(q, k, dyq, dyk, w, cos, sin, rstd):
     dw = torch.zeros((2, g, h * d), dtype=torch.float32, device=q.device) if w is not None else None
     if dq.numel() == 0:
         return dq, dk, (dw.sum(1) if dw is not None else None)
-    with _device_ctx(q):
-        _qk_norm_rope_bwd_kernel[(g, 2)](
-            q, k, dyq, dyk, w if w is not None else rstd, cos, sin, rstd, dq, dk,
-            dw if dw is not None else rstd,
-            b, n, h, d, g,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            dyq.stride(0), dyq.stride(1), dyq.stride(2), dyk.stride(0), dyk.stride(1), dyk.stride(2),
-            cos.stride(0),
-            HAS_WEIGHT=w is not None, D_PAD=d_pad, BLOCK_N=block_n, num_warps=num_warps,
-        )
+    _qk_norm_rope_bwd_kernel[(g, 2)](
+        q, k, dyq, dyk, w if w is not None else rstd, cos, sin, rstd, dq, dk,
+        dw if dw is not None else rstd,
+        b, n, h, d, g,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        dyq.stride(0), dyq.stride(1), dyq.stride(2), dyk.stride(0), dyk.stride(1), dyk.stride(2),
+        cos.stride(0),
+        HAS_WEIGHT=w is not None, D_PAD=d_pad, BLOCK_N=block_n, num_warps=num_warps,
+    )
     return dq, dk, (dw.sum(1) if dw is not None else None)
 
 
@@ -423,23 +436,21 @@ def qk_norm_rope_bwd(q, k, dyq, dyk, w, cos, sin, rstd):
 @torch.library.custom_op("wildactor::apply_rope_fwd", mutates_args=(),
                          schema="(Tensor x, Tensor cos, Tensor sin) -> Tensor")
 def _apply_rope_fwd_op(x, cos, sin):
-    return rope_fwd(x, cos, sin)
+    return apply_rope_fwd(x, cos, sin)
 
 
 @torch.library.custom_op("wildactor::apply_rope_bwd", mutates_args=(),
                          schema="(Tensor dy, Tensor cos, Tensor sin) -> Tensor")
 def _apply_rope_bwd_op(dy, cos, sin):
-    # A rotation's adjoint is the rotation by the opposite angle.
-    return rope_fwd(dy, cos, sin, conj=True)
+    return apply_rope_bwd(dy, cos, sin)
 
 
 def _rope_fake(x, cos, sin):
     return x.new_empty(tuple(x.shape))  # contiguous, like the launcher's output
 
 
-for _op in (_apply_rope_fwd_op, _apply_rope_bwd_op):
-    _op.register_fake(_rope_fake)
-    _op.register_kernel("meta", _rope_fake)  # meta tensors never reach the kernels
+register_fake(_apply_rope_fwd_op, _rope_fake)
+register_fake(_apply_rope_bwd_op, _rope_fake)
 
 
 def _rope_setup_context(ctx, inputs, output):
@@ -478,8 +489,7 @@ def _qk_fwd_fake(q, k, q_weight, k_weight, cos, sin, eps):
             q.new_empty((2, b, n), dtype=torch.float32))
 
 
-_qk_norm_rope_fwd_op.register_fake(_qk_fwd_fake)
-_qk_norm_rope_fwd_op.register_kernel("meta", _qk_fwd_fake)  # meta tensors never reach the kernels
+register_fake(_qk_norm_rope_fwd_op, _qk_fwd_fake)
 
 
 @torch.library.custom_op(
@@ -504,8 +514,7 @@ def _qk_bwd_fake(dyq, dyk, q, k, q_weight, k_weight, cos, sin, rstd):
             q.new_empty((2, hd), dtype=torch.float32))
 
 
-_qk_norm_rope_bwd_op.register_fake(_qk_bwd_fake)
-_qk_norm_rope_bwd_op.register_kernel("meta", _qk_bwd_fake)  # meta tensors never reach the kernels
+register_fake(_qk_norm_rope_bwd_op, _qk_bwd_fake)
 
 
 def _qk_setup_context(ctx, inputs, output):

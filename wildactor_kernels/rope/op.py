@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._utils import check_head_dim, check_rope_tables, check_same_device, check_tensor, resolve_backend
+from .._validate import check_eps
 from .reference import apply_rope_ref, qk_norm_rope_ref
 
 
@@ -48,6 +49,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None
     Returns:
         ``(q', k')`` with the shapes and dtypes of ``q, k``. Differentiable in q, k and weights.
     """
+    eps = check_eps(eps)
     _check_x("q", q)
     _check_x("k", k)
     if k.shape != q.shape:

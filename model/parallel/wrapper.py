@@ -1,0 +1,188 @@
+"""``parallelize(model, ParallelConfig(...))``: a WildActor whose forward runs on a device mesh.
+
+Every rank passes the same full inputs and gets the same full output. Inside:
+
+- ``cfg > 1``: the batch is cut in ``cfg`` slices (the sampler's ``[cond; uncond]`` batch gives one
+  guidance branch per slice) and each slice of the mesh runs its own; a batch that does not
+  divide runs whole on every slice (with a warning, once);
+- the video tokens are padded to a multiple of ``ulysses * ring`` and each rank keeps one shard;
+  everything but self-attention (modulation, projections, LoRA, cross-attention to the text, FFN,
+  output head) is per token and runs on the shard as it is;
+- self-attention goes through :mod:`.attention` (Ulysses all-to-all and/or ring);
+- the output pieces of every rank come back in one all-gather over the whole mesh.
+
+The pieces that do not depend on the video (time and text embeddings, the reference stream of
+the joint path, the reference K/V cache) are computed whole on every rank, with no communication.
+
+Gradients (training on the joint path): each rank's parameters receive the gradient of the work
+it did. Summed over the ranks (:meth:`ParallelWildActor.reduce_gradients`) they equal the
+single-process gradient, provided every rank computes the same loss from the full output.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from wildactor_kernels import TokenLayout
+
+from .. import checks
+from ..wildactor import RefCache, Reference, WildActor
+from .attention import ShardPlan, attend_override
+from .comm import gather_output
+from .mesh import ParallelConfig, ParallelMesh
+
+logger = logging.getLogger("wildactor_kernels")
+Tensor = torch.Tensor
+
+
+class ParallelWildActor(nn.Module):
+    """A :class:`WildActor` run with sequence parallelism; built by :func:`parallelize`.
+
+    Call it like the model (``forward(latents, timestep, context, refs=None, ref_cache=None)``);
+    :meth:`encode_references` and any other attribute are the wrapped model's.
+    """
+
+    def __init__(self, model: WildActor, config: ParallelConfig, mesh: ParallelMesh):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.mesh = mesh
+        self._warned = False
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
+
+    def encode_references(self, refs: Sequence[Reference],
+                          video_shape: Sequence[int] | None = None) -> RefCache:
+        """The wrapped model's reference cache: computed whole on every rank, once per generation."""
+        return self.model.encode_references(refs, video_shape=video_shape)
+
+    def reduce_gradients(self) -> None:
+        """Sum the gradients of every parameter over the mesh (the single-process gradient)."""
+        for p in self.model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=self.mesh.group)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, latents: Tensor, timestep: Tensor | float, context: Tensor,
+                refs: Sequence[Reference] | None = None, ref_cache: RefCache | None = None) -> Tensor:
+        """Velocity ``[B, out_channels, T, H, W]``, equal on every rank (see :meth:`WildActor.forward`)."""
+        m, cfg, pm = self.model, self.config, self.mesh
+        if refs is not None and ref_cache is not None:
+            raise ValueError("give refs (joint path) or ref_cache (cached path), not both")
+        b, grid = checks.check_video(m.cfg, latents)
+        nv = grid[0] * grid[1] * grid[2]
+        t = checks.check_timestep(timestep, b, nv, latents.device)
+        checks.check_context(m.cfg, context, b)
+        split = cfg.cfg > 1 and b % cfg.cfg == 0
+        if cfg.cfg > 1 and not split and not self._warned and pm.rank == 0:
+            logger.warning("ParallelConfig.cfg=%d splits the batch, but this call's batch is %d: every cfg "
+                           "group runs the whole batch (no CFG-parallel speed-up for such calls)", cfg.cfg, b)
+            self._warned = True
+        if split:  # this slice of the mesh runs one slice of the batch (one guidance branch)
+            bc = b // cfg.cfg
+            sl = slice(pm.cfg_rank * bc, (pm.cfg_rank + 1) * bc)
+            latents, t, context = latents[sl], t[sl], context[sl]
+            if refs:
+                refs = [Reference(r.kind, r.latent[sl]) if r.latent.shape[0] == b and b > 1 else r
+                        for r in refs]
+        else:
+            bc = b
+        plan = ShardPlan.make(nv, pm)
+
+        x = plan.scatter(m.patchify(latents))
+        temb, e_video = m.time_embedding(t, nv)
+        if t.ndim == 2:  # per-token timesteps: shard them with the tokens
+            temb, e_video = plan.scatter(temb), plan.scatter(e_video)
+        text = m.condition_embedder.text(context.to(m.dtype))
+
+        if ref_cache is not None:
+            ks, vs = m.bind_ref_cache(ref_cache, grid, bc)
+            cos, sin = m.rope_tables(TokenLayout(grid), latents.device)
+            cos, sin = plan.scatter(cos, 0, 1.0), plan.scatter(sin, 0, 0.0)
+            for i, block in enumerate(m.blocks):
+                ref_kv = (ks[i], vs[i]) if ks else None
+                with attend_override(block.attn1, plan):
+                    x, _, _ = block(x, plan.shard, e_video, None, text, cos, sin, ref_kv=ref_kv)
+        else:
+            ref_tokens, ref_grids = m.embed_references(refs or [], batch_size=bc)
+            cos, sin = m.rope_tables(TokenLayout(grid, ref_grids), latents.device)
+            cos = torch.cat([plan.scatter(cos[:nv], 0, 1.0), cos[nv:]])
+            sin = torch.cat([plan.scatter(sin[:nv], 0, 0.0), sin[nv:]])
+            x = torch.cat([x, ref_tokens], dim=1)   # the reference rows, whole on every rank
+            e_ref = m.reference_modulation() if ref_grids else None
+            for block in m.blocks:
+                args = (block, plan, x, e_video, e_ref, text, cos, sin)
+                if m.gradient_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(_run_block, *args, use_reentrant=False)
+                else:
+                    x = _run_block(*args)
+        y = _head_tokens(m, x[:, :plan.shard], temb)                  # [bc, ns, out * prod(patch)]
+        pieces = gather_output(y, pm.group, pm.rank)                  # [world, bc, ns, F]
+        order = torch.tensor([c * cfg.seq + s for c, s in pm.coords], device=y.device)
+        out = pieces[torch.argsort(order)].view(cfg.cfg, cfg.seq, bc, plan.shard, -1)
+        # an unsplit batch was computed by every cfg group alike: the first group's copy is used
+        # (so the others get no gradient, and the sum over ranks stays the single-process one)
+        out = out if split else out[:1]
+        out = out.transpose(1, 2).reshape(-1, plan.padded, out.shape[-1])[:, :nv]
+        return _unpatchify(out, grid, m.cfg.patch_size)
+
+
+def _run_block(block, plan: ShardPlan, x, e_video, e_ref, text, cos, sin) -> Tensor:
+    # the override is installed inside the (possibly checkpointed) call, so a recomputation in
+    # the backward pass runs the same sharded attention
+    with attend_override(block.attn1, plan):
+        return block(x, plan.shard, e_video, e_ref, text, cos, sin)[0]
+
+
+def _head_tokens(m: WildActor, x: Tensor, temb: Tensor) -> Tensor:
+    """The modulated output layer per token (``WildActor``'s head without the unpatchify)."""
+    shift, scale = (m.scale_shift_table.float().unsqueeze(0) + temb.float().unsqueeze(2)).unbind(2)
+    x = (m.norm_out(x) * (1 + scale) + shift).to(x.dtype)
+    return m.proj_out(x)
+
+
+def _unpatchify(x: Tensor, grid: tuple[int, int, int], patch: Sequence[int]) -> Tensor:
+    """``[B, T*Hg*Wg, out * pt * ph * pw]`` -> ``[B, out, T*pt, Hg*ph, Wg*pw]``."""
+    b, (t, h, w), (pt, ph, pw) = x.shape[0], grid, patch
+    x = x.reshape(b, t, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return x.reshape(b, -1, t * pt, h * ph, w * pw)
+
+
+def parallelize(model: WildActor, config: ParallelConfig, group_or_mesh=None) -> ParallelWildActor:
+    """Run ``model`` with sequence parallelism over a process group or a ``DeviceMesh``.
+
+    Args:
+        model: a :class:`WildActor` with the same weights on every rank.
+        config: :class:`ParallelConfig` ``(ulysses, ring, cfg)``.
+        group_or_mesh: an initialised ``ProcessGroup`` (None: the default group) of
+            ``cfg * ring * ulysses`` ranks, or a ``DeviceMesh`` of that shape with dims
+            ``("cfg", "ring", "ulysses")``. Every rank of the default group must call this.
+    Returns:
+        a :class:`ParallelWildActor`; every rank passes the same inputs and gets the same output.
+    Raises:
+        ValueError: the heads do not divide by ``ulysses`` (use ``ring`` for the rest: e.g. 24
+            heads on 16 ranks as ``ulysses=8, ring=2``), or the group has the wrong size.
+    """
+    if isinstance(model, ParallelWildActor):
+        raise TypeError("the model is already parallelized")
+    if not isinstance(model, WildActor):
+        raise TypeError(f"model must be a WildActor, got {type(model).__name__}")
+    if not isinstance(config, ParallelConfig):
+        raise TypeError(f"config must be a ParallelConfig, got {type(config).__name__}")
+    heads = model.cfg.num_heads
+    if heads % config.ulysses:
+        raise ValueError(f"ParallelConfig.ulysses={config.ulysses} must divide the number of heads "
+                         f"({heads}); split the rest of the sequence with ring= instead")
+    mesh = ParallelMesh(config, group_or_mesh, device_type=model.device.type)
+    logger.info("parallelize: %s on rank %d", mesh, dist.get_rank())
+    return ParallelWildActor(model, config, mesh)
