@@ -29,6 +29,14 @@ ROPE_MODES = ("fused", "prologue")
 #: Input dtypes of every Triton kernel that computes in floating point (maths in fp32).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+#: Head dims with a tuned Hopper attention kernel (``attention/hopper.py``). Here rather than
+#: there so that the backend dispatcher decides without importing Triton.
+HOPPER_HEAD_DIMS = (64, 128)
+
+#: ``log2(e)``: the attention kernels run their softmax in base 2 (``exp2``), with this factor
+#: folded into the softmax scale.
+LOG2E = 1.4426950408889634
+
 
 def _import_triton() -> bool:
     try:
@@ -181,8 +189,12 @@ def dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
 def autotune_configs(gpu: Sequence, interpreted) -> list:
     """The one way of autotuning under the interpreter: the GPU candidates when compiled, the
     single ``interpreted`` config under ``TRITON_INTERPRET=1`` (autotuning there would only run
-    every candidate in Python). With one config Triton's autotuner neither prunes nor benchmarks."""
-    return [interpreted] if interpreter_active() else list(gpu)
+    every candidate in Python). With one config Triton's autotuner neither prunes nor benchmarks.
+    ``interpreted`` may also be a list when a constexpr in the config selects a code path that
+    the CPU tests must reach; the kernel's prune then keeps one of them per call."""
+    if not interpreter_active():
+        return list(gpu)
+    return list(interpreted) if isinstance(interpreted, (list, tuple)) else [interpreted]
 
 
 def register_fake(op, fake: Callable) -> None:

@@ -26,7 +26,6 @@ from .fp8_reference import (
     asym_attention_fp8_ref,
     cached_asym_attention_fp8_ref,
     key_mean,
-    prepare_cached_sets,
 )
 from .fp8_reference import quantize_ref_kv as _quantize_ref_kv_ref
 
@@ -191,16 +190,12 @@ def cached_asym_attention_fp8(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.T
             o = cached_asym_attention_fp8_ref(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale,
                                               block_m=DEFAULT_BLOCK_M, block_n=DEFAULT_BLOCK_N)
         else:
-            import math
-
-            from .fp8_kernels import fp8_attention_fwd, quantize_kv_triton
+            from .fp8_kernels import cached_asym_attention_fp8_triton
 
             qr, kr = q_v, k_v
             if cos is not None:
                 qr, kr = _rotate(q_v, cos, sin, "triton"), _rotate(k_v, cos, sin, "triton")
-            vid, ref = prepare_cached_sets(kr, v_v, ref_k, ref_v, DEFAULT_BLOCK_N,
-                                           quantize=quantize_kv_triton)
-            sc = 1.0 / math.sqrt(d) if scale is None else float(scale)
-            o = fp8_attention_fwd(qr, vid, ref, nv, sc)
+            o = cached_asym_attention_fp8_triton(qr, kr, v_v, ref_k, ref_v, scale,
+                                                 block_n=DEFAULT_BLOCK_N)
     rk = ref_k if isinstance(ref_k, torch.Tensor) else None
     return _guard(o, q_v, k_v, v_v, rk, ref_v)
