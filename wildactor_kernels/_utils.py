@@ -147,6 +147,20 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int]) -> None:
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
+def check_qkv(names: tuple[str, str, str], q, k, v) -> None:
+    """q, k, v of an attention op: 4-D float tensors of one shape ``[B, N, H, D]`` and one dtype,
+    with an even head dim >= 8; errors name the arguments (``names``)."""
+    for name, t in zip(names, (q, k, v)):
+        check_tensor(name, t, ndim=4, floating=True)
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"{names[0]}, {names[1]}, {names[2]} must share one shape [B, N, H, D]; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{names[0]}, {names[1]}, {names[2]} must share one dtype; got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+    check_head_dim(names[0], q.shape[-1])
+
+
 def check_num_video(num_video: object, n: int) -> int:
     if isinstance(num_video, torch.Tensor):
         raise TypeError("num_video must be a Python int, not a tensor")
