@@ -18,8 +18,8 @@ softmax in fp32 base 2 with the P scale folded into the exponent (``p = exp2(s*c
 448))``, one FMA + one exp2 per score on full blocks, where the row max is taken on the int32
 scores and scaled once per row), ``P`` to e4m3, ``acc += P @ V`` with the e4m3 ``V`` tile (fp32
 accumulate). Between the two sets the accumulator is rescaled per channel by
-``RATIO = v_scale_1 / v_scale_2``; the epilogue multiplies by ``OSCALE = v_scale_2`` and divides
-by the row sum (which carries the same factor 448 as P).
+``v_scale_1 / v_scale_2`` (``p_ratio``); the epilogue multiplies by ``v_scale_2`` (``p_oscale``)
+and divides by the row sum (which carries the same factor 448 as P).
 
 Operand layouts for Hopper wgmma: int8 and fp8 wgmma need both shared-memory operands K-major
 (the reduction dimension contiguous). QK^T reduces over D: q ``[BM, D]`` and k ``[BN, D]`` are
