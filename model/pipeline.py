@@ -26,6 +26,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from wildactor_kernels import REF_KINDS
+
 from . import weights
 from .adapter_formats import AdapterReport, load_adapter_file
 from .references import Reference
@@ -234,8 +236,8 @@ class WildActorPipeline:
                 raise TypeError(f"references[{i}] must be (kind, image) with kind 'face' or 'body', got "
                                 f"{r!r:.80}")
             kind, img = r
-            if kind not in ("face", "body"):
-                raise ValueError(f"references[{i}] kind must be 'face' or 'body', got {kind!r}")
+            if kind not in REF_KINDS:
+                raise ValueError(f"references[{i}] kind must be one of {REF_KINDS}, got {kind!r}")
             out.append(self.encode_reference(img, kind, height, width))
         return out
 
