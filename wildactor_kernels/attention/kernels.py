@@ -53,6 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._utils import LOG2E as _LOG2E
 from .._utils import (
     ROPE_MODES,
     SUPPORTED_DTYPES,
@@ -73,8 +74,6 @@ __all__ = ["asym_attention_triton", "cached_asym_attention_triton", "asym_attent
 #: kernels with ``ROTATE=False``. The GPU benchmark decides the default; until it has,
 #: "prologue" is used.
 ROPE_MODE = "prologue"
-
-_LOG2E = 1.4426950408889634
 
 
 # =========================================================================== tile helpers
