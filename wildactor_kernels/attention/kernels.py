@@ -64,8 +64,9 @@ from .._utils import (
 )
 from .reference import asym_attention_ref, cached_asym_attention_ref  # noqa: F401  (the spec)
 
-__all__ = ["asym_attention_triton", "cached_asym_attention_triton", "asym_attention_fwd",
-           "asym_attention_bwd", "ROPE_MODE", "ROPE_MODES"]
+__all__ = ["asym_attention_triton", "cached_asym_attention_triton", "asym_attention_lse_triton",
+           "cached_asym_attention_lse_triton", "asym_attention_fwd", "asym_attention_bwd", "ROPE_MODE",
+           "ROPE_MODES"]
 
 #: How ``asym_attention_triton``/``cached_asym_attention_triton`` apply cos/sin when given (one
 #: of ``ROPE_MODES``): ``"fused"`` rotates q and k inside the attention kernels; ``"prologue"``
@@ -155,7 +156,8 @@ def _query_segment(i_m, NV, NQ, BLOCK_M: tl.constexpr):
 @triton.jit
 def _key_segment(i_n, NV, NQ, NK2, BLOCK_N: tl.constexpr, CACHED: tl.constexpr):
     """The twin of :func:`_query_segment` seen from a key block: blocks ``[0, cdiv(Nv, BN))``
-    are video keys, the rest reference keys (``K[Nv, NQ)`` joint, ``K2[0, NK2)`` cached).
+    are video keys, the rest reference keys (``K[Nv, NQ)`` joint, ``K2[0, NK2)`` cached, where
+    ``K`` holds ``NV`` rows, read by all ``NQ`` queries).
     Returns ``(k_start, k_end, q_end, is_ref)``: the block's first row and the end of its
     segment, both counted in the tensor that holds the rows, and the end of the query rows
     that read it (video keys: the video queries ``[0, Nv)``, reference keys: every query
@@ -310,7 +312,9 @@ def _attn_fwd_kernel(
     """One program = one query block of one (batch, head).
 
     Joint (``CACHED=False``): ``NQ = N`` rows; video blocks read keys ``[0, N)``, reference blocks
-    keys ``[Nv, N)`` of ``k``. Cached: ``NQ = NV`` video rows read ``k[0, NV)`` then ``k2[0, NK2)``.
+    keys ``[Nv, N)`` of ``k``. Cached: all ``NQ`` rows are video rows and read ``k[0, NV)`` then
+    ``k2[0, NK2)`` (``NV``, the rows of ``k``, is ``NQ`` for the video op and may differ from it
+    for the plain attention of the log-sum-exp entry).
     """
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -320,7 +324,12 @@ def _attn_fwd_kernel(
     DOT_IEEE: tl.constexpr = DOT_PREC == "ieee"
 
     # ---- segment of this query block: video blocks first, then reference blocks
-    q_start, q_end, k_start = _query_segment(i_m, NV, NQ, BLOCK_M)
+    if CACHED:  # every query block is a video block
+        q_start, q_end, k_start = _query_segment(i_m, NQ, NQ, BLOCK_M)
+        n_k1 = NV
+    else:
+        q_start, q_end, k_start = _query_segment(i_m, NV, NQ, BLOCK_M)
+        n_k1 = NQ - k_start
 
     o_m = tl.arange(0, BLOCK_M)
     o_n = tl.arange(0, BLOCK_N)
@@ -344,14 +353,14 @@ def _attn_fwd_kernel(
     state = (tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.float32),
              tl.full([BLOCK_M], float("-inf"), dtype=tl.float32))
 
-    # ---- key range 1: k[k_start, NQ)
+    # ---- key range 1: k[k_start, NQ) (cached: k[0, NV))
     o_k = o_n[:, None] * stride_kn + o_d[None, :] * stride_kd
     o_v = o_n[:, None] * stride_vn + o_d[None, :] * stride_vd
     p_k1 = p_k + i_b * stride_kb + i_h * stride_kh + k_start.to(tl.int64) * stride_kn
     p_v1 = p_v + i_b * stride_vb + i_h * stride_vh + k_start.to(tl.int64) * stride_vn
     args = (b_q, p_k1, p_v1, p_cos + k_start * stride_cn, p_sin + k_start * stride_cn, stride_kn,
             stride_vn, stride_cn, o_k, o_v, o_cs, o_n, m_d, m_p, qk_scale)
-    state = _stream(_fwd_block, state, args, NQ - k_start, BLOCK_N, ROTATE, MASK_D, SCALE_NEG,
+    state = _stream(_fwd_block, state, args, n_k1, BLOCK_N, ROTATE, MASK_D, SCALE_NEG,
                     DOT_F32, DOT_IEEE)
     # ---- key range 2 (cached mode): the reference cache, already rotated
     if CACHED:
@@ -545,6 +554,8 @@ def _attn_bwd_kernel(
     # ---- epilogue: d(k_rot) -> dk by the inverse rotation
     b_dk = b_dk * sm_scale
     if ROTATE:
+        # cos/sin read again rather than kept live through the loop (registers)
+        b_ck, b_sk = _load_cos_sin(p_cos + o_ck, p_sin + o_ck, m_ck, m_p, True, MASK_D)
         b_dk = _rope(b_dk, b_ck, -b_sk)
     # gradient tensors are contiguous [B, rows, H, D]
     o_g0 = (i_b * nk_out + k_start) * H * HEAD_DIM + i_h * HEAD_DIM
@@ -607,7 +618,9 @@ def _check_inputs(what: str, *tensors: torch.Tensor) -> None:
 
 def asym_attention_fwd(q, k, v, k2, v2, num_video: int, cos, sin, scale: float, cached: bool):
     """Launcher of the forward kernel (joint, or cached with ``k2, v2`` the reference cache).
-    Every tensor may have any strides (they are passed to the kernel; the small cos/sin tables
+    In cached mode ``num_video`` is ignored: every query is a video query and ``k, v`` may hold
+    another number of rows than ``q`` (without rotation). A query with no key at all gets
+    ``o = 0`` and ``lse = -inf``. Every tensor may have any strides (they are passed to the kernel; the small cos/sin tables
     are made contiguous fp32). Returns ``o [B, NQ, H, D]`` (dtype of q) and the base-2
     log-sum-exp ``lse [B, H, NQ]`` float32 (in units of ``scale * log2(e) * q.k``)."""
     with device_guard("asym_attention_fwd", q=q, k=k, v=v, k2=k2, v2=v2, cos=cos, sin=sin):
@@ -621,6 +634,10 @@ def _fwd(q, k, v, k2, v2, num_video, cos, sin, scale, cached):
     if b * h * nq == 0:
         return o, lse
     nk2 = k2.shape[1] if cached else 0
+    if cached:
+        num_video = k.shape[1]  # the rows of the first key range
+        if num_video + nk2 == 0:
+            return o.zero_(), lse.fill_(float("-inf"))
     if nk2 == 0:  # keep a valid pointer for the unused second range
         k2, v2 = k, v
     cos_t, sin_t, stride_cn = _rope_tables(cos, sin, lse)
@@ -628,6 +645,8 @@ def _fwd(q, k, v, k2, v2, num_video, cos, sin, scale, cached):
 
     def grid(meta):
         bm = meta["BLOCK_M"]
+        if cached:
+            return (triton.cdiv(nq, bm), b * h)
         return (triton.cdiv(num_video, bm) + triton.cdiv(nq - num_video, bm), b * h)
 
     _attn_fwd_kernel[grid](
@@ -663,10 +682,14 @@ def _bwd(do, q, k, v, k2, v2, o, lse, num_video, cos, sin, scale, cached, dlse=N
     if cached:
         dk2 = torch.empty((b, nk2, h, d), dtype=q.dtype, device=q.device)
         dv2 = torch.empty((b, nk2, h, d), dtype=q.dtype, device=q.device)
-    if b * h * nq == 0:
-        if cached:  # no query reads the cache
-            return dq, dk, dv, dk2.zero_(), dv2.zero_()
-        return dq, dk, dv
+    n_keys = nq
+    if cached:
+        num_video = k.shape[1]  # the rows of the first key range
+        n_keys = num_video + nk2
+    if b * h * nq == 0 or n_keys == 0:  # no query or no key: zero gradients
+        if cached:
+            return dq.zero_(), dk.zero_(), dv.zero_(), dk2.zero_(), dv2.zero_()
+        return dq.zero_(), dk.zero_(), dv.zero_()
     if nk2 == 0:
         k2, v2 = k, v
         dk2_t, dv2_t = dk, dv
@@ -879,3 +902,76 @@ def cached_asym_attention_triton(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torc
         cos = sin = None
     o, _ = _cached_fwd_op(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale)
     return o
+
+
+# =========================================================================== log-sum-exp entries
+_LN2 = 0.6931471805599453
+
+
+def _natural_lse(lse2: torch.Tensor) -> torch.Tensor:
+    """The kernels' base-2 ``lse [B, H, N]`` (units of ``scale * log2(e) * q.k``) as the natural
+    log-sum-exp of ``scale * q.k`` in ``[B, N, H]`` fp32 (differentiable: its gradient reaches
+    the backward kernel as ``dlse``)."""
+    return (lse2 * _LN2).transpose(1, 2).contiguous()
+
+
+def asym_attention_lse_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_video: int,
+                              cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                              scale: float | None = None, *,
+                              rope_mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`asym_attention_triton` that also returns the log-sum-exp of each query's scores.
+
+    Returns:
+        ``(o, lse)``: ``o [B, N, H, D]`` as :func:`asym_attention_triton`; ``lse [B, N, H]``
+        float32, natural log, ``lse[b, i, h] = log sum_j exp(scale * q_i . k_j)`` over the keys
+        row ``i`` reads (video rows: all ``N``, reference rows: the ``Nr`` reference keys), with
+        q and k rotated when cos/sin are given. Differentiable in q, k, v through both outputs
+        (the merge of partial results by log-sum-exp in ring attention).
+    """
+    _check_inputs("asym_attention_lse_triton", q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if cos is not None and _resolve_rope_mode(rope_mode) == "prologue":
+        q, k = _prologue_rope(q, cos, sin), _prologue_rope(k, cos, sin)
+        cos = sin = None
+    o, lse2 = _asym_attention_fwd_op(q, k, v, num_video, cos, sin, scale)
+    return o, _natural_lse(lse2)
+
+
+def cached_asym_attention_lse_triton(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tensor,
+                                     ref_k: torch.Tensor | None = None,
+                                     ref_v: torch.Tensor | None = None,
+                                     cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                                     scale: float | None = None, *,
+                                     rope_mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query over the keys ``[k_v; ref_k]`` (values ``[v_v; ref_v]``), read from the two
+    tensors without concatenation, and the log-sum-exp of its scores.
+
+    With ``ref_k = ref_v = None`` this is plain (unmasked) attention of ``q_v`` over ``k_v``,
+    which may hold a different number of rows than ``q_v`` (none included: then ``o = 0`` and
+    ``lse = -inf``) when cos/sin are not given.
+
+    Args:
+        q_v: ``[B, Nq, H, D]``; k_v, v_v: ``[B, Nk, H, D]`` (``Nk = Nq`` with cos/sin ``[Nq,
+            D//2]``, which rotate q_v and k_v).
+        ref_k, ref_v: optional ``[B, Nr, H, D]`` second key range (already rotated), cast to the
+            dtype of q_v.
+        scale, rope_mode: as in :func:`asym_attention_triton`.
+    Returns:
+        ``(o [B, Nq, H, D], lse [B, Nq, H])``: lse float32, natural log, scale included.
+        Differentiable in every tensor through both outputs.
+    """
+    if (ref_k is None) != (ref_v is None):
+        raise ValueError("cached_asym_attention_lse_triton: give both ref_k and ref_v, or neither")
+    if ref_k is None:
+        ref_k = ref_v = k_v.new_empty((k_v.shape[0], 0, *k_v.shape[2:]))
+    ref_k, ref_v = ref_k.to(q_v.dtype), ref_v.to(q_v.dtype)
+    _check_inputs("cached_asym_attention_lse_triton", q_v, k_v, v_v, ref_k, ref_v)
+    if cos is not None and k_v.shape[1] != q_v.shape[1]:
+        raise ValueError(f"cached_asym_attention_lse_triton: rotation (cos/sin) needs as many keys k_v as "
+                         f"queries q_v, got {k_v.shape[1]} and {q_v.shape[1]}")
+    scale = 1.0 / math.sqrt(q_v.shape[-1]) if scale is None else float(scale)
+    if cos is not None and _resolve_rope_mode(rope_mode) == "prologue":
+        q_v, k_v = _prologue_rope(q_v, cos, sin), _prologue_rope(k_v, cos, sin)
+        cos = sin = None
+    o, lse2 = _cached_fwd_op(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale)
+    return o, _natural_lse(lse2)
