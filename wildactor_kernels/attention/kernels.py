@@ -16,26 +16,29 @@ Kernels (flash-attention 2 structure, fp32 online softmax in base 2):
     ``ref_k[0, Nr)``, switching the base pointer between the loops instead of concatenating.
     Saves the log-sum-exp (base 2, scaled units) for the backward pass.
 ``_attn_bwd_preprocess_kernel``
-    ``delta = rowsum(o * do)`` in fp32.
-``_attn_bwd_dkdv_kernel``
-    one program per key block; video key blocks are read by the video queries only (query
-    range ``[0, Nv)``), reference key blocks by every query (``[0, N)``): again one scalar range.
-    In cached mode the key blocks come from ``k_v`` then ``ref_k`` and all are read by the video
-    queries; ``ref_k`` is never rotated.
+    ``delta = rowsum(o * do)`` in fp32 (minus the log-sum-exp's gradient, when it has one).
+``_attn_bwd_kernel``
+    FlashAttention-3's backward: one program per key block computes its dk/dv and adds its
+    share of dq to an fp32 accumulator with atomics, five matmuls per tile. Video key blocks
+    are read by the video queries only (query range ``[0, Nv)``), reference key blocks by every
+    query (``[0, N)``): again one scalar range. In cached mode the key blocks come from ``k_v``
+    then ``ref_k`` and all are read by the video queries; ``ref_k`` is never rotated.
 ``_attn_bwd_dq_kernel``
-    one program per query block with the key ranges of the forward pass.
+    the fp32 dq accumulator, scaled and rotated back, cast to the dtype of q.
 
-The segment arithmetic lives in ``_query_segment`` (query blocks: forward, dq) and its twin
-``_key_segment`` (key blocks: dk/dv), and the "full blocks without masks, then one masked tail
-block" loop in ``_stream``, which all three kernels call with their block step (``_fwd_block``,
-``_dq_block``, ``_dkdv_block``). Launchers: ``asym_attention_fwd`` / ``asym_attention_bwd`` (joint
-and cached); entry points ``asym_attention_triton`` / ``cached_asym_attention_triton``.
+The segment arithmetic lives in ``_query_segment`` (query blocks: forward) and its twin
+``_key_segment`` (key blocks: backward), and the "full blocks without masks, then one masked
+tail block" loop in ``_stream``, which both kernels call with their block step (``_fwd_block``,
+``_bwd_block``). Launchers: ``asym_attention_fwd`` / ``asym_attention_bwd`` (joint and cached);
+entry points ``asym_attention_triton`` / ``cached_asym_attention_triton``, and with the
+log-sum-exp (natural log, ``[B, N, H]``; ring attention) ``asym_attention_lse_triton`` /
+``cached_asym_attention_lse_triton``.
 
 I-RoPE fusion (``ROTATE``): a ``[rows, D]`` tile is reshaped to ``[rows, D/2, 2]`` and split into
 its even/odd channels, rotated in fp32 with the per-token ``cos, sin [N, D/2]`` tables and joined
-back, so every ``tl.dot`` keeps one full-width operand. q is rotated once per program, k once
-per inner iteration (forward, dq) or once per program (dk/dv). The gradients of the rotated
-operands are mapped back by the conjugate rotation (``sin -> -sin``). Rotated tiles are rounded
+back, so every ``tl.dot`` keeps one full-width operand. The forward rotates q once per program
+and k once per step; the backward k once per program and q once per step. The gradients of the
+rotated operands are mapped back by the conjugate rotation (``sin -> -sin``). Rotated tiles are rounded
 to the input dtype before the dot, exactly as a separate rotation pass would store them.
 
 Whether fusing the rotation beats rotating q/k beforehand (``apply_rope``/``qk_norm_rope``) is
@@ -179,7 +182,7 @@ def _key_segment(i_n, NV, NQ, NK2, BLOCK_N: tl.constexpr, CACHED: tl.constexpr):
 def _stream(BLOCK_FN: tl.constexpr, state, args, n, BLOCK: tl.constexpr, ROTATE: tl.constexpr,
             MASK_D: tl.constexpr, SCALE_NEG: tl.constexpr, DOT_F32: tl.constexpr,
             DOT_IEEE: tl.constexpr):
-    """The one "full blocks, then masked tail" loop of the forward, dq and dk/dv kernels:
+    """The one "full blocks, then masked tail" loop of the forward and backward kernels:
     ``state = BLOCK_FN(state, args, start, n - start, MASK, flags...)`` over the rows ``[0, n)``
     of the streamed operand, full blocks without row masks, then at most one masked tail block.
     ``state`` and ``args`` are tuples of tensors; the flags stay separate constexpr arguments
@@ -264,12 +267,15 @@ _SMEM_LIMIT = 227 * 1024  # per-block opt-in shared memory on H100/H200
 def _smem_estimate(kind: str, cfg, block_d: int, elem: int, rotate: bool) -> int:
     """Shared memory of one program as triton 3.6 lays it out for sm_90: the streamed operand
     pair sits in ``num_stages`` buffers, the fp32 cos/sin tiles of the streamed operand in
-    ``num_stages - 1``, the resident tiles once (checked against compiled kernels, D = 128)."""
+    ``num_stages - 1``, the resident tiles once (checked against compiled kernels, D = 128).
+    The backward also stages k for ``dS K`` and the ``P^T`` / ``dS^T`` tiles (an upper bound:
+    within 8 KiB of triton 3.9's layouts at D = 128)."""
     bm, bn, st = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_stages
     stream, resident = (bm, bn) if kind == "dkdv" else (bn, bm)
     nres = 1 if kind == "fwd" else 2
     cs = (st - 1) * stream * block_d * 4 if rotate else 0
-    return st * 2 * stream * block_d * elem + cs + nres * resident * block_d * elem
+    extra = bn * block_d * elem + 2 * bm * bn * elem + 2048 if kind == "dkdv" else 0
+    return st * 2 * stream * block_d * elem + cs + nres * resident * block_d * elem + extra
 
 
 def _make_prune(kind: str):
@@ -449,11 +455,25 @@ def _bwd_block(state, args, start, n_left, MASK_M: tl.constexpr, ROTATE_Q: tl.co
 
 
 _BWD_INTERPRETED = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)
-# (BLOCK_M streamed queries, BLOCK_N resident keys, warps, stages); see the note above
-# _attn_bwd_kernel for what spilled.
+# (BLOCK_M streamed queries, BLOCK_N resident keys, warps, stages), most preferred first.
+# Registers / spill bytes at D = 128 bf16 for sm_90 (ptxas -v on the PTX of triton 3.9 | 3.6,
+# joint and cached builds; the kept ones spill nothing on either):
+#   no rotation  32x128x8x3  252-255 | 234-238     16x128x8x3  234 | 210
+#                32x128x8x2  254-255 | 242         32x32x4x2   252 | 250 (mma.sync fallback)
+#   rotation     16x64x8x3   224-232 | 253-255     16x64x8x2   223-226 | 246-252
+#                32x32x8x2   176-177 | 178-180 (mma.sync fallback)
+# Dropped for spilling (bytes stored, 3.9 | 3.6): no rotation 64x64x8x3 (0 | 4-12),
+# 64x128x8 x2/x3 (260-272 | -), 64x64x4x3 (524), 32x64x4x3 (40), 128x64x8x2 (692),
+# 128x128x8x2 (1040); rotation 32x64x8x3 (0 | 32-44), 32x64x8x2 (0 | 4-20), 32x128x8x2 (204),
+# 16x128x8 x2/x3 (60-88), 64x64x8x2 (76), 16x64x4x2 (100), 32x32x4x2 (8). The resident dk/dv
+# accumulators (2 x BLOCK_N x 128 fp32) and k, v take most of the 255 registers at
+# BLOCK_N = 128; with rotation the per-step fp32 q tile and its cos/sin push every 128-key tile
+# over. So the fused-rotation backward fits only with 64-key tiles, which doubles the dq
+# atomics per flop (see _attn_bwd_kernel): one more reason ROPE_MODE stays "prologue" until the
+# GPU benchmark says otherwise.
 _DKDV_GPU = {
-    False: [(32, 128, 8, 3), (64, 64, 8, 3), (32, 32, 4, 2)],
-    True: [(32, 64, 8, 3), (32, 64, 8, 2), (32, 32, 4, 2)],
+    False: [(32, 128, 8, 3), (16, 128, 8, 3), (32, 128, 8, 2), (32, 32, 4, 2)],
+    True: [(16, 64, 8, 3), (16, 64, 8, 2), (32, 32, 8, 2)],
 }
 
 
@@ -478,7 +498,19 @@ def _attn_bwd_kernel(
     """One program = one key block (see :func:`_key_segment`): ``dk, dv`` of the block, written
     to contiguous ``dk/dv`` (and ``dk2/dv2`` in cached mode), and its share of ``dq`` added to
     the fp32 accumulator ``dqa [B*H, NQ, BLOCK_D]`` (scaled and rotated back by
-    :func:`_attn_bwd_dq_kernel`)."""
+    :func:`_attn_bwd_dq_kernel`).
+
+    FlashAttention-3's shape: five matmuls per (key block, query block) tile, ``S^T = K Q^T``,
+    ``dV += P^T dO``, ``dP^T = V dO^T``, ``dK += dS^T Q``, ``dQ += dS K``, against seven when dq
+    has its own pass (which recomputes ``S`` and ``dP``: 40% more tensor-core work). The price
+    is the accumulation of dq across key blocks: fp32 ``red.global.add.v4.f32`` (relaxed) of a
+    ``BLOCK_M x D`` tile per step, ``4 BLOCK_M D`` bytes per ``10 BLOCK_M BLOCK_N D`` flops, i.e.
+    one byte per ``2.5 BLOCK_N`` flops (320 at ``BLOCK_N = 128``: about 2 TB/s of L2 reductions
+    at 600 TFLOP/s, within an H100's L2, as FA3 does at this tile). The separate pass would only
+    win where the atomics saturate L2 (64-key tiles, i.e. the fused-rotation configs); the GPU
+    benchmark is the judge. Atomics make dq order-dependent on the GPU (fp32 sums in the order
+    the programs run, a few ulps before the cast); dk and dv are deterministic. Under the
+    interpreter programs run in order, so everything is reproducible there."""
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
@@ -620,9 +652,10 @@ def asym_attention_fwd(q, k, v, k2, v2, num_video: int, cos, sin, scale: float, 
     """Launcher of the forward kernel (joint, or cached with ``k2, v2`` the reference cache).
     In cached mode ``num_video`` is ignored: every query is a video query and ``k, v`` may hold
     another number of rows than ``q`` (without rotation). A query with no key at all gets
-    ``o = 0`` and ``lse = -inf``. Every tensor may have any strides (they are passed to the kernel; the small cos/sin tables
-    are made contiguous fp32). Returns ``o [B, NQ, H, D]`` (dtype of q) and the base-2
-    log-sum-exp ``lse [B, H, NQ]`` float32 (in units of ``scale * log2(e) * q.k``)."""
+    ``o = 0`` and ``lse = -inf``. Every tensor may have any strides (they are passed to the
+    kernel; the small cos/sin tables are made contiguous fp32). Returns ``o [B, NQ, H, D]``
+    (dtype of q) and the base-2 log-sum-exp ``lse [B, H, NQ]`` float32 (in units of
+    ``scale * log2(e) * q.k``)."""
     with device_guard("asym_attention_fwd", q=q, k=k, v=v, k2=k2, v2=v2, cos=cos, sin=sin):
         return _fwd(q, k, v, k2, v2, num_video, cos, sin, scale, cached)
 
