@@ -471,6 +471,7 @@ def build(kernel, consts, cfg, first=True):
     regs, spill_st, spill_ld = ptxas_usage(k)
     assert spill_st == spill_ld == 0, f"{fn.__name__} {cfg}: spills {spill_st}/{spill_ld} B"
     print(fn.__name__, consts.get("ROTATE"), consts.get("CACHED"), "ok", k.metadata.shared, regs)
+    return k
 
 # every config the first call may pick at the DESIGN head dim (bf16, D = 128)
 for rotate, cached in ((False, False), (True, True)):
@@ -480,7 +481,9 @@ for rotate, cached in ((False, False), (True, True)):
         shortlist = K._make_prune(kind)(kern.configs, {}, BLOCK_D=128, ROTATE=rotate)
         assert 1 <= len(shortlist) <= 3, (kind, shortlist)
         for i, cfg in enumerate(shortlist):
-            build(kern, dict(c, **extra), cfg, first=i == 0)
+            built = build(kern, dict(c, **extra), cfg, first=i == 0)
+            if kind == "dkdv":  # five matmuls per tile, in the full-block and the tail step
+                assert built.asm["ttir"].count("tt.dot ") == 10, "backward: not 5 matmuls per tile"
     # the fp32 dq accumulator -> dq pass (no dot)
     build(K._attn_bwd_dq_kernel, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=128, ROTATE=rotate),
           triton.Config({}, num_warps=4, num_stages=1), first=False)

@@ -445,7 +445,12 @@ def _bwd_block(state, args, start, n_left, MASK_M: tl.constexpr, ROTATE_Q: tl.co
     b_dpT = _dot(b_v, tl.trans(b_do), None, DOT_IEEE)  # 3: dP^T = V dO^T
     b_dsT = (b_pT * (b_dpT - b_delta[None, :])).to(b_q.dtype)
     b_dk = _dot(b_dsT, b_q, b_dk, DOT_IEEE)  # 4: dK += dS^T Q
-    b_dq = _dot(tl.trans(b_dsT), b_k, None, DOT_IEEE)  # 5: dQ += dS K  [BLOCK_M, BLOCK_D]
+    # 5: dQ += dS K [BLOCK_M, BLOCK_D]. With BLOCK_M < 64 this one runs on mma.sync, not wgmma.
+    # The transposed form dQ^T = K^T dS^T (M = head dim) into a [BLOCK_D, NQ] accumulator puts it
+    # on wgmma too, but at D = 128 bf16 it spills at 32x128x8x3 (40/36 B on triton 3.9, 44/44 B
+    # on 3.6) and 64x64x8x3 (104 | 244 B), with rotation at every 64-key tile on 3.6 (16-140 B),
+    # and 3.6 emits scalar reductions for it: only 16x128x8x3 (241 | 243-250 registers) fits.
+    b_dq = _dot(tl.trans(b_dsT), b_k, None, DOT_IEEE)
     # the accumulator is [B*H, NQ, BLOCK_D] fp32 (padded head dim: no column mask needed)
     if MASK_M:
         tl.atomic_add(p_dqa + st * b_dq.shape[1] + o_dqa, b_dq, mask=m_m[:, None], sem="relaxed")
