@@ -388,6 +388,38 @@ def test_custom_ops_opcheck():
                           (q, k, v, rk, rv, None, None, 0.25))
 
 
+def test_backward_ops_opcheck_with_lse_gradient():
+    """The backward ops with the optional gradient of the log-sum-exp (``dlse``)."""
+    b, n, h, d, nv = 1, 20, 2, 16, 13
+    q, k, v, do = (torch.randn(b, n, h, d, device=DEVICE) for _ in range(4))
+    o, lse = torch.ops.wildactor.asym_attention_fwd(q, k, v, nv, None, None, 0.25)
+    dlse = torch.randn_like(lse)
+    torch.library.opcheck(torch.ops.wildactor.asym_attention_bwd.default,
+                          (do, q, k, v, o, lse, nv, None, None, 0.25, dlse))
+    rk, rv = (torch.randn(b, 7, h, d, device=DEVICE) for _ in range(2))
+    o, lse = torch.ops.wildactor.cached_asym_attention_fwd(q, k, v, rk, rv, None, None, 0.25)
+    torch.library.opcheck(torch.ops.wildactor.cached_asym_attention_bwd.default,
+                          (do, q, k, v, rk, rv, o, lse, None, None, 0.25, dlse))
+
+
+def test_torch_compile_fullgraph_lse(monkeypatch):
+    """The log-sum-exp entry traces without graph breaks, gradients through o and lse."""
+    monkeypatch.undo()  # nan_empty's Python-level torch.empty patch is not traceable by dynamo
+    layout = LAYOUTS["Nv37-Nr11"]
+    q, k, v = _leaves(*_make_qkv(1, layout.num_tokens, 2, 16, torch.float32))
+
+    def loss(q, k, v):
+        o, lse = K.asym_attention_lse_triton(q, k, v, layout.num_video)
+        return (o ** 2).sum() + (lse * lse.detach().sign()).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    gc = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    ge = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    for a, b_ in zip(gc, ge):
+        assert_close_verbose(a, b_, atol=1e-6, name="compiled grad")
+
+
 def test_fake_kernels_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
