@@ -763,9 +763,11 @@ def _bwd(do, q, k, v, k2, v2, o, lse, num_video, cos, sin, scale, cached, dlse=N
         h, nq, num_video, nk2, scale * _LOG2E, scale,
         HEAD_DIM=d, BLOCK_D=block_d, ROTATE=rotate, CACHED=cached, DOT_F32=dot_f32, DOT_PREC=prec,
     )
-    _attn_bwd_dq_kernel[(triton.cdiv(nq, pre_m), b * h)](
+    # 16K elements per program: 191 registers and no spill on sm_90 with rotation at every head dim
+    dq_m = pre_m if interpreter_active() else 16384 // block_d
+    _attn_bwd_dq_kernel[(triton.cdiv(nq, dq_m), b * h)](
         dqa, dq, cos_t, sin_t, stride_cn, h, nq, scale,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=pre_m, ROTATE=rotate, num_warps=4,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=dq_m, ROTATE=rotate, num_warps=4,
     )
     if cached:
         return dq, dk, dv, dk2, dv2
