@@ -33,6 +33,7 @@ import traceback
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DEVICE
 
 from wildactor_kernels.attention.lse import attention_with_lse, merge_attention
 
@@ -372,6 +373,24 @@ def test_attention_with_lse_matches_fp64(nq, nk):
     assert (o - _sdpa(q, k, v)).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("nq,nk", [(37, 37), (5, 211), (64, 3), (9, 0)], ids=lambda x: str(x))
+def test_attention_with_lse_triton_matches_fp64(nq, nk):
+    """The kernel's log-sum-exp entry (the interpreter on the CPU) behind attention_with_lse."""
+    q, k, v = (torch.randn(2, n, 3, 16, device=DEVICE) for n in (nq, nk, nk))
+    o, lse = attention_with_lse(q, k, v, backend="triton")
+    o64, lse64 = _lse_truth(q, k, v, 0.25)
+    assert o.shape == q.shape and lse.shape == (2, nq, 3) and lse.dtype == torch.float32
+    if nk == 0:
+        assert torch.equal(o, torch.zeros_like(q)) and torch.isinf(lse).all()
+        return
+    o_ref, lse_ref = attention_with_lse(q, k, v, backend="reference")
+    err_o, err_ref_o = (o.double() - o64).abs().max(), (o_ref.double() - o64).abs().max()
+    err_l, err_ref_l = (lse.double() - lse64).abs().max(), (lse_ref.double() - lse64).abs().max()
+    # the 2x rule of the suite (+1e-7 where the reference happens to be exact)
+    assert err_o <= 2 * err_ref_o + 1e-7, (err_o, err_ref_o)
+    assert err_l <= 2 * err_ref_l + 1e-7, (err_l, err_ref_l)
+
+
 def test_merge_of_key_blocks_equals_full_attention_and_gradients():
     q = torch.randn(1, 29, 2, 8, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 50, 2, 8, dtype=torch.float64, requires_grad=True)
@@ -403,8 +422,8 @@ def test_attention_with_lse_rejects_bad_input():
         attention_with_lse(q, torch.randn(1, 4, 3, 8), torch.randn(1, 4, 3, 8))
     with pytest.raises(TypeError, match="q"):
         attention_with_lse(q.long(), q, q)
-    with pytest.raises((NotImplementedError, RuntimeError)):  # no Triton entry (or no Triton here)
-        attention_with_lse(q, q, q, backend="triton")
+    with pytest.raises(TypeError, match="float64"):  # the kernels take fp32/fp16/bf16
+        attention_with_lse(q.double(), q.double(), q.double(), backend="triton")
     with pytest.raises(ValueError, match="at least one"):
         merge_attention([])
 

@@ -119,13 +119,13 @@ def video_attention(q: Tensor, k: Tensor, v: Tensor, extra: tuple[Tensor, Tensor
             src = (pm.ring_rank - i) % R
             valid = max(0, min(chunk, plan.num_video - src * chunk))   # padding is at the end
             pending = ring_shift_start(kv, pm.ring_next, pm.ring_prev) if overlap and i < R - 1 else None
-            parts.append(attention_with_lse(q, kv[0, :, :valid], kv[1, :, :valid]))
+            parts.append(attention_with_lse(q, kv[0, :, :valid], kv[1, :, :valid], backend=backend))
             if pending is not None:
                 kv = pending.wait()
             elif i < R - 1:
                 kv = ring_shift(kv, pm.ring_next, pm.ring_prev)
         if extra is not None:
-            parts.append(attention_with_lse(q, extra[0], extra[1]))
+            parts.append(attention_with_lse(q, extra[0], extra[1], backend=backend))
         o = merge_attention(parts, out_dtype=q.dtype)
     if U > 1:  # head shards -> sequence shards
         o = all_to_all(o, pm.ulysses_group, scatter_dim=1, gather_dim=2)

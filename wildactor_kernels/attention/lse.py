@@ -10,10 +10,10 @@ which is what :func:`merge_attention` computes. A block with no keys has ``lse =
 weight 0, so padding a sequence to a multiple of the ring size and slicing the padding off each
 block is exact.
 
-Only the plain-PyTorch maths lives here for now: the Triton kernels compute the log-sum-exp
-internally (their backward needs it) but do not return it from a public entry, and their
-backward does not take a gradient for it. ``backend="triton"`` therefore raises; ``"auto"``
-is the reference on every device.
+``backend="triton"`` (and ``"auto"`` on CUDA) runs our attention kernel through its
+log-sum-exp entry (``kernels.cached_asym_attention_lse_triton``: keys in one range, gradients
+through both outputs); ``"reference"`` (and ``"auto"`` on the CPU) is the plain-PyTorch maths
+below. With ``"auto"``, fp64 inputs take the reference (the kernels compute in fp32).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
         q: ``[B, Nq, H, D]``.
         k, v: ``[B, Nk, H, D]`` (``Nk`` may be 0: then ``o`` is zeros and ``lse`` is ``-inf``).
         scale: softmax scale, default ``1/sqrt(D)``.
-        backend: ``"auto"`` or ``"reference"`` (``"triton"`` raises: see the module docstring).
+        backend: ``"auto"`` (Triton on CUDA, the reference on the CPU), ``"triton"`` or
+            ``"reference"``.
     Returns:
         ``(o, lse)``: ``o [B, Nq, H, D]`` in the dtype of ``q``; ``lse [B, Nq, H]`` in fp32
         (fp64 for fp64 inputs), natural log, scale included. Differentiable in q, k, v through
@@ -55,10 +56,14 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     if k.shape != v.shape or k.shape[0] != b or k.shape[2:] != (h, d):
         raise ValueError(f"k and v must have shape [B, Nk, H, D] = [{b}, Nk, {h}, {d}], got "
                          f"{tuple(k.shape)} and {tuple(v.shape)}")
-    # "auto" is the reference on every device until the kernels return their log-sum-exp
-    if resolve_backend(backend, q) == "triton" and backend == "triton":
-        raise NotImplementedError("attention_with_lse has no Triton entry yet (the kernels do not return "
-                                  "their log-sum-exp); use backend='reference' or 'auto'")
+    if resolve_backend(backend, q) == "triton":
+        if q.dtype != torch.float64:
+            from .kernels import cached_asym_attention_lse_triton
+
+            return cached_asym_attention_lse_triton(q, k, v, scale=scale)
+        if backend == "triton":
+            raise TypeError("attention_with_lse(backend='triton'): q is float64; the kernels take "
+                            "fp32/fp16/bf16 (use backend='reference' or 'auto' for float64)")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     cd = _compute_dtype(q.dtype)
     nk = k.shape[1]
