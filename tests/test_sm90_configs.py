@@ -46,23 +46,16 @@ FULL = os.environ.get("WILDACTOR_SM90_FULL") == "1"
 # Triton minor version -> site -> what spills there today (first candidates after the prune,
 # bytes per thread: spill stores / loads; benchmarks/results/sm90_resources_triton<ver>.md).
 # Remove an entry when the autotune lists are pruned so that the case passes (strict on a
-# measured version: an unexpected pass fails). The joint prologue / no-rope picks and, on 3.9,
-# every dK/dV pick stopped spilling with the pruned lists; the Hopper and 8-bit kernels never
-# spilled on either version.
-_DQ_ROT = "attention dQ BLOCK_M=128 BLOCK_N=64 w8 s2 ROTATE"
-_DKDV_ROT = "attention dK/dV BLOCK_M=32 BLOCK_N=64 w8 s3 ROTATE"
+# measured version: an unexpected pass fails). With the pruned lists and the one-kernel backward
+# (dK, dV and atomic dQ per key block) only the cached forward's 128x128 tile spills, on 3.9;
+# the Hopper and 8-bit kernels never spilled on either version.
 _FWD = "forward BLOCK_M=128 BLOCK_N=128 w8 s3"
 KNOWN_SPILLS_BY_VERSION: dict[str, dict[str, str]] = {
     "3.9": {
-        f"{SHAPE} joint fused": f"{_DQ_ROT}: 24/36 B",
         f"{SHAPE} cached prologue": f"{_FWD} CACHED: 8/8 B",
         f"{SHAPE} cached no-rope": f"{_FWD} CACHED: 8/8 B",
-        f"{SHAPE} cached fused": f"{_DQ_ROT} CACHED: 48/48 B",
     },
-    "3.6": {
-        f"{SHAPE} joint fused": f"{_DKDV_ROT}: 80/80 B; {_DQ_ROT}: 4/4 B",
-        f"{SHAPE} cached fused": f"{_DKDV_ROT} CACHED: 96/96 B; {_DQ_ROT} CACHED: 8/16 B",
-    },
+    "3.6": {},
 }
 TRITON_MINOR = ".".join(triton.__version__.split(".")[:2])
 MEASURED_ON_THIS_TRITON = TRITON_MINOR in KNOWN_SPILLS_BY_VERSION
