@@ -337,7 +337,7 @@ INVALID = {
     ],
     "ref_lora_linear": [
         ("x_rank", ["x"]), ("w_shape", ["weight"]), ("a_shape", ["lora_a"]), ("b_shape", ["lora_b"]),
-        ("bias_shape", ["bias"]), ("bias_2d", ["bias"]), ("rank0", ["lora_a", "lora_b", "LoRA rank"]),
+        ("bias_shape", ["bias"]), ("bias_2d", ["bias"]), ("rank0", ["lora_a"]),
         ("x_int", ["x"]), ("w_list", ["weight"]), ("scale_nan", ["scale"]), ("scale_tensor", ["scale"]),
         ("scale_str", ["scale"]), ("nv_high", ["num_video"]), ("nv_float", ["num_video"]),
         ("nv_bool", ["num_video"]), ("backend", ["backend"]), ("a_meta", ["lora_a"]),
@@ -414,6 +414,7 @@ PINNED = [
     ("attention-N0-grads", "asym_attention", dict(b=1, nv=0, nr=0, grads=[True] * 5)),
     ("cached-Nv0-grads", "cached_asym_attention", dict(b=1, nv=0, nr=4, grads=[True] * 5)),
     ("module-2d-x", "RefLoRALinear", dict(x2d=True, rank=3, nv=2, nr=4, nv_none=False)),
+    ("lora-rank0-named", "ref_lora_linear", dict(bad="rank0", names=["lora_a"])),
 ]
 
 
