@@ -16,7 +16,8 @@ any known-defect mark are fixed before it runs) and is one of:
 
 Sizes stay tiny: the Triton interpreter runs every program instance in Python. The default run
 is four seeds of five cases per op (well under a minute on two cores); a longer fuzz with other seeds is
-``WILDACTOR_FUZZ_SEEDS=3-40 WILDACTOR_FUZZ_CASES=8 pytest tests/test_fuzz.py``.
+``WILDACTOR_FUZZ_SEEDS=3-40 WILDACTOR_FUZZ_CASES=8 pytest tests/test_fuzz.py``, and with larger
+shapes (several tiles per segment, head dims up to 128) ``WILDACTOR_FUZZ_WIDE=1``.
 
 The defects issue 11 found by hand are pinned cases (``PINNED``): they run whatever the seeds draw.
 """
@@ -231,12 +232,18 @@ def _tables64(pos: torch.Tensor, d: int, theta: float) -> tuple[torch.Tensor, to
 
 
 # =========================================================================== case drawing
+#: ``WILDACTOR_FUZZ_WIDE=1``: also larger token counts and head dims (several tiles per segment,
+#: the model's head dims); slower under the interpreter, for longer runs with other seeds.
+WIDE = os.environ.get("WILDACTOR_FUZZ_WIDE", "0") not in ("", "0")
+
+
 def _head_dim(rng: random.Random) -> int:
-    return rng.choice([8, 10, 16, 16, 24, 34])
+    return rng.choice([8, 10, 16, 16, 24, 34] + ([40, 64, 72, 128] if WIDE else []))
 
 
 def _tokens(rng: random.Random) -> tuple[int, int]:
-    nv, nr = rng.choice([0, 1, 5, 13, 19]), rng.choice([0, 1, 4, 7])
+    nv = rng.choice([0, 1, 5, 13, 19] + ([33, 64, 70] if WIDE else []))
+    nr = rng.choice([0, 1, 4, 7] + ([17, 32, 41] if WIDE else []))
     if rng.random() < 0.1:
         nv = nr = 0
     return nv, nr
