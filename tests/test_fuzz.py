@@ -675,7 +675,8 @@ def _assert_fp8_kernel_matches_spec(o: torch.Tensor, spec: torch.Tensor, v_max: 
     unwritten row is off in many rows, or by more."""
     o64, s64 = o.detach().double(), spec.double()
     mag = s64.abs().max().item() if s64.numel() else 0.0
-    tight = 4.0 * torch.finfo(o.dtype).eps * max(mag, 1e-3) + 1e-6
+    # (the GPU's exp2 and division are approximate: 1e-4 of the output's scale, as the kernel tests)
+    tight = max(4.0 * torch.finfo(o.dtype).eps, 1e-4) * max(mag, 1e-3) + 1e-6
     off = (o64 - s64).abs() > tight
     rows = off.any(-1)  # [B, N, H]
     allowed = max(2, rows.numel() // 50)
@@ -686,6 +687,14 @@ def _assert_fp8_kernel_matches_spec(o: torch.Tensor, spec: torch.Tensor, v_max: 
         worst = (o64 - s64).abs().max().item()
         assert worst <= 2.0 ** -3 * v_max * 1.01 + tight, (
             f"{who}: off the 8-bit spec by {worst:.3e}, beyond one e4m3 step of P ({2.0 ** -3 * v_max:.3e})")
+
+
+def _fp8_backends() -> tuple[str, ...]:
+    """8-bit kernels need fp8 tensor cores (sm_89+); on an older GPU backend="triton" raises by
+    design (attention/fp8_op.py), so only the reference runs there."""
+    if DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE) < (8, 9):
+        return ("reference",)
+    return BACKENDS
 
 
 def _assert_cos(o: torch.Tensor, ref: torch.Tensor, who: str) -> None:
@@ -707,7 +716,7 @@ def _fp8_attention(c, specs, tables, needs, do, cached: bool) -> None:
     dt, nv, scale = DTYPES[c["dtype"]], c["nv"], c["scale"]
     use_cache = cached and c["cache"]
     outs = {}
-    for backend in BACKENDS:
+    for backend in _fp8_backends():
         leaves = [s.leaf(dt, ng) for s, ng in zip(specs, needs)]
         views = [s.view(lf) for s, lf in zip(specs, leaves)]
         cs, sn = tables(torch.float32)
