@@ -35,8 +35,12 @@ setup(
     extras_require={
         # bitsandbytes is in the test extra too: its int8/NF4 paths (and a QLoRA-style training
         # step) are tested on the CPU; it installs nothing beyond itself on top of torch.
-        "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.33", "onnx>=1.17", "onnxruntime>=1.20",
-                 "onnxscript>=0.2", "bitsandbytes>=0.45"],
+        # diffusers + transformers: the WanPipeline interop and WildActorPipeline tests build tiny
+        # random Wan components (UMT5, AutoencoderKLWan) from configs, with no download.
+        "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.33", "transformers>=4.45", "onnx>=1.17",
+                 "onnxruntime>=1.20", "onnxscript>=0.2", "bitsandbytes>=0.45"],
+        # WildActorPipeline / WanPipeline interop (docs/design.md §11)
+        "diffusers": ["diffusers>=0.33", "transformers>=4.45"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
         "quant": ["bitsandbytes>=0.45"],
         "trt": ["tensorrt>=10.0"],

@@ -89,6 +89,7 @@ from benchmarks import harness  # noqa: E402
 from wildactor_kernels.attention import dispatch  # noqa: E402
 from wildactor_kernels.attention import kernels as K  # noqa: E402
 from wildactor_kernels.attention.reference import asym_attention_ref  # noqa: E402
+from wildactor_kernels.quant import AMAX_EPS, FP8_DTYPE, FP8_MAX  # noqa: E402
 from wildactor_kernels.rope.reference import apply_rope_ref  # noqa: E402
 
 SHAPES = harness.DESIGN_SHAPES  # docs/design.md §8
@@ -166,9 +167,9 @@ def _fa3_fp8_2call():
     from flash_attn_interface import flash_attn_func  # FlashAttention-3 (hopper/) build
 
     def e4m3(x):  # per-(B, H) scale, the descale layout FA3 takes
-        amax = x.abs().amax(dim=(1, 3)).float().clamp(min=1e-12)
-        xs = (x.float() / (amax / 448.0)[:, None, :, None]).to(torch.float8_e4m3fn)
-        return xs, (amax / 448.0).contiguous()
+        amax = x.abs().amax(dim=(1, 3)).float().clamp(min=AMAX_EPS)
+        xs = (x.float() / (amax / FP8_MAX)[:, None, :, None]).to(FP8_DTYPE)
+        return xs, (amax / FP8_MAX).contiguous()
 
     def call(q, k, v, scale):
         (q8, dq), (k8, dk), (v8, dv) = e4m3(q), e4m3(k), e4m3(v)
@@ -233,7 +234,7 @@ def _joint_impls(names, n, nv, device):
         "ours-fp8-kernel": lambda: _fp8_kernel_only,
         "sage-2call": _sage_2call,
         "fa3-fp8-2call": _fa3_fp8_2call,
-        "ours-hopper": lambda: _hopper().asym_attention_hopper,
+        "ours-hopper": lambda: _hopper().asym_attention_hopper_triton,
         "auto": lambda: (lambda q, k, v, nv_, c, s, sc: wk.asym_attention(q, k, v, nv_, c, s, sc)),
     }
     return {name: makers[name] for name in names}
@@ -253,7 +254,7 @@ def _fp8_kernel_only(q, k, v, nv, cos, sin, scale):
         mean = key_mean(k)
         _CACHE[key] = (FK.quantize_kv_triton(k[:, :nv], v[:, :nv], mean, DEFAULT_BLOCK_N),
                        FK.quantize_kv_triton(k[:, nv:], v[:, nv:], mean, DEFAULT_BLOCK_N))
-    return FK.fp8_attention_fwd(q, *_CACHE[key], nv, scale)
+    return FK.asym_attention_fp8_fwd(q, *_CACHE[key], nv, scale)
 
 
 def _fp8_cached_step(q, k, v, rk, rv, cos, sin, scale):
@@ -280,7 +281,7 @@ def _cached_impls(names):
         "ours-fp8": lambda: (lambda q, k, v, rk, rv, cos, sin, scale: wk.cached_asym_attention(
             q, k, v, rk, rv, cos, sin, scale, backend="triton", precision="fp8")),
         "ours-fp8-cache": lambda: _fp8_cached_step,
-        "ours-hopper": lambda: _hopper().cached_asym_attention_hopper,
+        "ours-hopper": lambda: _hopper().cached_asym_attention_hopper_triton,
         "auto": lambda: (lambda *a: wk.cached_asym_attention(*a)),
     }
     return {name: makers[name] for name in names}

@@ -1,10 +1,10 @@
 """``wildactor_kernels.model``: the WildActor model, sampler, quantization, export and
-sequence parallelism (docs/design.md §6-7, §10).
+sequence parallelism, diffusers interop (docs/design.md §6-7, §10-11).
 
 The repository keeps this package in its top-level ``model/`` folder; it is installed (and only
 importable) as ``wildactor_kernels.model``. Names are resolved lazily so that importing it
-stays cheap and an optional dependency of one part (onnxruntime, tensorrt, bitsandbytes) never
-breaks the others.
+stays cheap and an optional dependency of one part (onnxruntime, tensorrt, bitsandbytes,
+diffusers) never breaks the others.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ _EXPORTS = {
     "OnnxWildActor": "export.onnx_export",
     "build_engine": "tensorrt",
     "TensorRTWildActor": "tensorrt",
+    "WildActorPipeline": "pipeline",
+    "patch_diffusers_wan": "diffusers_compat",
+    "unpatch_diffusers_wan": "diffusers_compat",
+    "load_adapter_file": "adapter_formats",
+    "AdapterReport": "adapter_formats",
     "parallelize": "parallel",
     "ParallelConfig": "parallel",
     "ParallelWildActor": "parallel",

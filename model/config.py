@@ -35,6 +35,8 @@ _PRESETS: dict[str, dict[str, Any]] = {
                        out_channels=16, text_dim=4096, lora_rank=64),
 }
 PRESETS: tuple[str, ...] = tuple(_PRESETS)
+#: ``WildActorConfig.ref_time`` values: references after the video (``T + Δkind``) or at ``t = -1``
+REF_TIMES: tuple[str, ...] = ("after", "before")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ class WildActorConfig:
             alpha (None = rank, i.e. scale 1).
         face_offset, body_offset: temporal I-RoPE offsets ``Δface``, ``Δbody`` (docs/design.md §3).
         spatial_shift: give each reference its own spatial region (False = the ablation).
+        ref_time: where references sit in time: ``"after"`` the video (``T + Δkind``, WildActor's
+            layout, the default) or ``"before"`` it (``t = -1`` for every reference, Stand-In's
+            layout; the spatial shift is unchanged).
         backend: kernel backend of every op, ``"auto" | "triton" | "reference"``.
     """
 
@@ -76,6 +81,7 @@ class WildActorConfig:
     face_offset: int = 1
     body_offset: int = 2
     spatial_shift: bool = True
+    ref_time: str = "after"
     backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -110,6 +116,8 @@ class WildActorConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1 (references sit after the video), got {v!r}")
+        if self.ref_time not in REF_TIMES:
+            raise ValueError(f"ref_time must be one of {REF_TIMES}, got {self.ref_time!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 

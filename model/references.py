@@ -116,7 +116,9 @@ def rerotate_keys(ks: Sequence[Tensor], cfg: WildActorConfig, num_ref: int, from
         return list(ks)
     s = 1 if cfg.spatial_shift else 0
     (t0, h0, w0), (t1, h1, w1) = from_grid, to_grid
-    off = torch.tensor([[t1 - t0, (h1 - h0) * s, (w1 - w0) * s]], dtype=torch.int64)
+    # references before the video (ref_time="before") sit at t = -1 whatever the video length
+    dt = 0 if cfg.ref_time == "before" else t1 - t0
+    off = torch.tensor([[dt, (h1 - h0) * s, (w1 - w0) * s]], dtype=torch.int64)
     cos, sin = wk.rope_cos_sin(off.expand(num_ref, 3), cfg.head_dim, cfg.theta)
     out = []
     for k in ks:
@@ -165,7 +167,7 @@ def bind_ref_cache(cache: RefCache, cfg: WildActorConfig, video_grid: Sequence[i
     if quantize and stacked:
         raise ValueError("quantize=True gives per-layer QuantizedKV, not stacked tensors")
     key = (grid, batch_size, None if device is None else str(device), dtype, backend, stacked,
-           cfg.spatial_shift, cfg.theta, cfg.head_dim, quantize)
+           cfg.spatial_shift, cfg.ref_time, cfg.theta, cfg.head_dim, quantize)
     if cache._bound is not None and cache._bound[0] == key:  # same call as the previous step
         ks, vs = cache._bound[1], cache._bound[2]
         return (ks, vs) if stacked else (list(ks), list(vs))

@@ -16,7 +16,7 @@ from wildactor_kernels import TokenLayout
 
 from .config import WildActorConfig
 
-__all__ = ["RopeTableCache"]
+__all__ = ["RopeTableCache", "model_positions"]
 
 
 class RopeTableCache:
@@ -58,8 +58,8 @@ class RopeTableCache:
     def get(self, cfg: WildActorConfig, layout: TokenLayout,
             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 ``cos, sin [N, D//2]`` of ``layout`` on ``device`` (built on a miss)."""
-        key = (layout, str(device), cfg.face_offset, cfg.body_offset, cfg.spatial_shift, cfg.theta,
-               cfg.head_dim)
+        key = (layout, str(device), cfg.face_offset, cfg.body_offset, cfg.spatial_shift, cfg.ref_time,
+               cfg.theta, cfg.head_dim)
         if torch.compiler.is_compiling():
             hit = self._lru.get(key)
             return hit if hit is not None else _build(cfg, layout, device)
@@ -77,9 +77,21 @@ class RopeTableCache:
         return hit
 
 
-def _build(cfg: WildActorConfig, layout: TokenLayout,
-           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def model_positions(cfg: WildActorConfig, layout: TokenLayout) -> torch.Tensor:
+    """Integer ``(t, y, x)`` positions ``[N, 3]`` of ``layout`` under ``cfg``'s I-RoPE settings.
+
+    :func:`wildactor_kernels.irope_positions` with the config's offsets and spatial shift; with
+    ``cfg.ref_time == "before"`` (Stand-In's layout) every reference row moves to ``t = -1``.
+    """
     pos = wk.irope_positions(layout, face_offset=cfg.face_offset, body_offset=cfg.body_offset,
                              spatial_shift=cfg.spatial_shift)
+    if cfg.ref_time == "before":
+        pos[layout.num_video:, 0] = -1
+    return pos
+
+
+def _build(cfg: WildActorConfig, layout: TokenLayout,
+           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    pos = model_positions(cfg, layout)
     cos, sin = wk.rope_cos_sin(pos, cfg.head_dim, theta=cfg.theta)
     return cos.to(device), sin.to(device)

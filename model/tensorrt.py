@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .export.contract import DENOISER, ENCODER, MANIFEST
+from .export.contract import DENOISER, ENCODER, MANIFEST, PRECISIONS
 from .export.runner import TwoGraphRunner, load_manifest
 
 __all__ = ["build_engine", "build_engines", "engine_shapes", "TensorRTWildActor", "ENGINE_SUFFIX"]
@@ -117,7 +117,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, p
     """
     trt = _trt()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    if precision not in ("fp32", "fp16", "bf16", "fp8"):
+    if precision not in PRECISIONS:
         raise ValueError(f"precision must be fp32, fp16, bf16 or fp8, got {precision!r}")
     exported = _onnx_precision(onnx_path) or precision
     if precision == "fp8" and exported != "fp8":

@@ -34,6 +34,7 @@ This file holds the maths; the plumbing lives beside it: ``references.py`` (:cla
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from typing import Callable, Iterator, Mapping, Sequence
@@ -49,6 +50,7 @@ from wildactor_kernels import RefLoRALinear, TokenLayout
 from . import checks, weights
 from .adapters import is_adapter
 from .config import WildActorConfig
+from .diffusers_compat import ATTENTION_KWARGS, DiffusersConfig, TransformerOutput
 from .references import RefCache, Reference, bind_ref_cache
 from .rope_tables import RopeTableCache
 
@@ -416,6 +418,27 @@ class WildActor(nn.Module):
         self._ref.cfg = cfg
 
     @property
+    def config(self) -> DiffusersConfig:
+        """diffusers' view of the model: the ``WanTransformer3DModel`` keyword arguments
+        (``patch_size``, ``in_channels``, ``out_channels``, ...), read-only, so that diffusers'
+        Wan pipelines take a WildActor as their ``transformer``. ``cfg`` is the real config."""
+        return DiffusersConfig(self.cfg.to_diffusers_config())
+
+    @config.setter
+    def config(self, value: Mapping) -> None:
+        # the view is derived from cfg; assigning the same view is allowed (code written for a
+        # diffusers module may do it), a different one would disagree with the weights
+        if not isinstance(value, Mapping) or dict(value) != dict(self.config):
+            raise AttributeError("WildActor.config is derived from WildActor.cfg; change cfg "
+                                 "(cfg.replace(...)) instead of assigning another config")
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **kwargs):
+        """diffusers' per-call cache context (``"cond"`` / ``"uncond"``): WildActor has no step
+        cache to steer (its reference K/V cache is step-independent), so this is a no-op."""
+        yield
+
+    @property
     def backend(self) -> str:
         """The kernel backend of every op (``cfg.backend``)."""
         return self._ref.cfg.backend
@@ -601,8 +624,13 @@ class WildActor(nn.Module):
         return bind_ref_cache(cache, self.cfg, video_grid, batch_size, device=self.device,
                               dtype=self.dtype, backend=self.backend, quantize=fp8)
 
-    def forward(self, latents: Tensor, timestep: Tensor | float, context: Tensor,
-                refs: Sequence[Reference] | None = None, ref_cache: RefCache | None = None) -> Tensor:
+    def forward(self, latents: Tensor | None = None, timestep: Tensor | float | None = None,
+                context: Tensor | None = None, refs: Sequence[Reference] | None = None,
+                ref_cache: RefCache | None = None, *, hidden_states: Tensor | None = None,
+                encoder_hidden_states: Tensor | None = None,
+                encoder_hidden_states_image: Tensor | None = None,
+                attention_kwargs: Mapping | None = None,
+                return_dict: bool | None = None) -> Tensor | TransformerOutput | tuple[Tensor]:
         """Velocity of the video latents.
 
         Args:
@@ -612,9 +640,65 @@ class WildActor(nn.Module):
             context: ``[B, L, text_dim]`` text-encoder states.
             refs: references for the joint path (one sequence of video + reference tokens).
             ref_cache: a :class:`RefCache` from :meth:`encode_references` for the cached path.
+        diffusers' calling convention (``WanTransformer3DModel.forward``), so that a WildActor is
+        the ``transformer`` of diffusers' ``WanPipeline``:
+            hidden_states: another name for ``latents``; encoder_hidden_states: for ``context``.
+            encoder_hidden_states_image: must be None (image-conditioned Wan is not supported).
+            attention_kwargs: ``{"refs": [Reference, ...]}`` (joint path) or
+                ``{"ref_cache": RefCache}`` (cached path); None or ``{}`` for none. Other keys are
+                refused (diffusers' ``"scale"`` for its own LoRA layers included).
+            return_dict: None (default): the tensor; True: a :class:`TransformerOutput` (``.sample``);
+                False: a one-tuple ``(velocity,)``.
         Returns:
-            ``[B, out_channels, T, H, W]`` in the model dtype.
+            ``[B, out_channels, T, H, W]`` in the model dtype (wrapped as ``return_dict`` asks).
         """
+        latents, context, refs, ref_cache = self._diffusers_args(
+            latents, context, refs, ref_cache, hidden_states, encoder_hidden_states,
+            encoder_hidden_states_image, attention_kwargs)
+        if timestep is None:
+            raise TypeError("WildActor.forward() missing the timestep")
+        v = self._velocity(latents, timestep, context, refs, ref_cache)
+        if return_dict is None:
+            return v
+        return TransformerOutput(v) if return_dict else (v,)
+
+    @staticmethod
+    def _diffusers_args(latents, context, refs, ref_cache, hidden_states, encoder_hidden_states,
+                        encoder_hidden_states_image, attention_kwargs):
+        """Merge diffusers' keyword names into ours; every conflict is an error."""
+        if hidden_states is not None:
+            if latents is not None:
+                raise ValueError("give latents or hidden_states (the same input), not both")
+            latents = hidden_states
+        if encoder_hidden_states is not None:
+            if context is not None:
+                raise ValueError("give context or encoder_hidden_states (the same input), not both")
+            context = encoder_hidden_states
+        if encoder_hidden_states_image is not None:
+            raise ValueError("encoder_hidden_states_image: image-conditioned Wan is not supported by "
+                             "WildActor")
+        if latents is None or context is None:
+            raise TypeError("WildActor.forward() needs latents (hidden_states) and context "
+                            "(encoder_hidden_states)")
+        if attention_kwargs:
+            if not isinstance(attention_kwargs, Mapping):
+                raise TypeError(f"attention_kwargs must be a dict, got {type(attention_kwargs).__name__}")
+            unknown = sorted(set(attention_kwargs) - set(ATTENTION_KWARGS))
+            if unknown:
+                raise ValueError(f"attention_kwargs keys {unknown} are not understood; WildActor reads "
+                                 f"{list(ATTENTION_KWARGS)}")
+            if attention_kwargs.get("refs") is not None:
+                if refs is not None:
+                    raise ValueError("refs given both as an argument and in attention_kwargs")
+                refs = attention_kwargs["refs"]
+            if attention_kwargs.get("ref_cache") is not None:
+                if ref_cache is not None:
+                    raise ValueError("ref_cache given both as an argument and in attention_kwargs")
+                ref_cache = attention_kwargs["ref_cache"]
+        return latents, context, refs, ref_cache
+
+    def _velocity(self, latents: Tensor, timestep: Tensor | float, context: Tensor,
+                  refs: Sequence[Reference] | None, ref_cache: RefCache | None) -> Tensor:
         if refs is not None and ref_cache is not None:
             raise ValueError("give refs (joint path) or ref_cache (cached path), not both")
         b, grid = checks.check_video(self.cfg, latents)

@@ -195,7 +195,7 @@ def test_cached_kernel_matches_reference_with_cache(nan_empty):
     cache = R.quantize_ref_kv(k[:, 90:], v[:, 90:], block_n=16)
     fk = _kernels()
     vid, ref = R.prepare_cached_sets(k[:, :90], v[:, :90], cache, None, 16)
-    out = fk.fp8_attention_fwd(q[:, :90], vid, ref, 90, 0.125)
+    out = fk.asym_attention_fp8_fwd(q[:, :90], vid, ref, 90, 0.125)
     spec = R.cached_asym_attention_fp8_ref(q[:, :90], k[:, :90], v[:, :90], cache, None, scale=0.125,
                                            block_m=fk.fp8_block_m() or R.DEFAULT_BLOCK_M)
     _, rel = _metrics(out, spec)
@@ -306,16 +306,16 @@ def build(kern, ptrs, consts, num_warps, num_stages, label):
           f"spills={spill.group(1)}/{spill.group(2)} shared={k.metadata.shared} mma={mmas}")
 
 
-ATTN = {"Q": "*bf16", "Out": "*bf16", "KQ1": "*i8", "KQ2": "*i8", "VT1": "*fp8e4nv",
-        "VT2": "*fp8e4nv", "KS1": "*fp32", "KS2": "*fp32", "RATIO": "*fp32", "OSCALE": "*fp32"}
+ATTN = {"p_q": "*bf16", "p_o": "*bf16", "p_kq1": "*i8", "p_kq2": "*i8", "p_vt1": "*fp8e4nv",
+        "p_vt2": "*fp8e4nv", "p_ks1": "*fp32", "p_ks2": "*fp32", "p_ratio": "*fp32", "p_oscale": "*fp32"}
 kern = FK._fp8_attn_fwd_kernel
 for cfg in kern.configs:
     build(kern, ATTN, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, SCALE_NEG=False, UPCAST=False,
                            **cfg.kwargs),
           cfg.num_warps, cfg.num_stages, f"ATTN BLOCK_M={cfg.kwargs['BLOCK_M']}")
-QUANT = {"K": "*bf16", "V": "*bf16", "MEAN": "*fp32", "VINV": "*fp32", "KQ": "*i8", "KS": "*fp32",
-         "VT": "*fp8e4nv"}
-build(FK._quant_kv_kernel, QUANT, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, UPCAST=False), 4, 1,
+QUANT = {"p_k": "*bf16", "p_v": "*bf16", "p_mean": "*fp32", "p_vinv": "*fp32", "p_kq": "*i8",
+         "p_ks": "*fp32", "p_vt": "*fp8e4nv"}
+build(FK._quantize_kv_kernel, QUANT, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, UPCAST=False), 4, 1,
       "QUANT BLOCK_N=64")
 '''
 

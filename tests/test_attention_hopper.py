@@ -73,7 +73,7 @@ def _run_joint(nv, nr, b, h, d, dtype, rope=False, fused=False, scale=None):
         assert not ins[0].is_contiguous()
     else:
         ins = _leaves(q, k, v)
-    out = Hm.asym_attention_hopper(*ins, nv, cos, sin, scale)
+    out = Hm.asym_attention_hopper_triton(*ins, nv, cos, sin, scale)
     grads = _grads(out, do, [base] if fused else ins)
     if fused:
         grads = list(grads[0].unbind(2))
@@ -122,7 +122,7 @@ def test_hopper_cached(nv, nr, dtype):
     rk, rv = _qkv(b, nr, h, d, dtype)[:2]
     do = torch.randn(b, nv, h, d).to(device=DEVICE, dtype=dtype)
     ins = _leaves(q, k, v, rk, rv)
-    out = Hm.cached_asym_attention_hopper(*ins)
+    out = Hm.cached_asym_attention_hopper_triton(*ins)
     grads = _grads(out, do, ins)
     r_in = _leaves(q, k, v, rk, rv)
     ref = wk.cached_asym_attention(*r_in, backend="reference")
@@ -144,7 +144,7 @@ def test_hopper_supported_reasons():
     odd = torch.randn(1, 8, 2, 65, device=DEVICE)[..., 1:]  # base pointer off by 4 bytes
     assert "TMA" in Hm.hopper_supported(odd, odd, odd)
     with pytest.raises(ValueError, match="Hopper kernel cannot run here: head_dim"):
-        Hm.asym_attention_hopper(*[torch.randn(1, 8, 2, 32, device=DEVICE)] * 3, 4)
+        Hm.asym_attention_hopper_triton(*[torch.randn(1, 8, 2, 32, device=DEVICE)] * 3, 4)
 
 
 def test_hopper_never_auto_under_interpreter():
@@ -171,7 +171,7 @@ def test_hopper_torch_compile_fullgraph(monkeypatch):
     q, k, v = _leaves(*_qkv(1, 48, 2, 64, torch.float32))
 
     def loss(q, k, v):
-        return (Hm.asym_attention_hopper(q, k, v, 37).float() ** 2).sum()
+        return (Hm.asym_attention_hopper_triton(q, k, v, 37).float() ** 2).sum()
 
     torch._dynamo.reset()
     gc = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(q, k, v), (q, k, v))
@@ -193,7 +193,7 @@ def test_hopper_gpu(dtype, d, ws):
     truth = wk.asym_attention(*t_in, nv, backend="reference")
     t_grads = _grads(truth, do, t_in)
     ins = _leaves(q, k, v, dtype=dtype)
-    out = Hm.asym_attention_hopper(*ins, nv)
+    out = Hm.asym_attention_hopper_triton(*ins, nv)
     grads = _grads(out, do.to(dtype), ins)
     r_in = _leaves(q, k, v, dtype=dtype)
     ref = wk.asym_attention(*r_in, nv, backend="reference")
@@ -203,7 +203,7 @@ def test_hopper_gpu(dtype, d, ws):
         _check(name, g, rg, tg, dtype)
     rk, rv = (torch.randn(1, nr, h, d, device="cuda", dtype=dtype) for _ in range(2))
     qv, kv, vv = (x.to(dtype)[:, :nv] for x in (q, k, v))
-    oc = Hm.cached_asym_attention_hopper(qv, kv, vv, rk, rv)
+    oc = Hm.cached_asym_attention_hopper_triton(qv, kv, vv, rk, rv)
     rc = wk.cached_asym_attention(qv.float(), kv.float(), vv.float(), rk.float(), rv.float(),
                                   backend="reference")
     assert (oc.float() - rc).abs().max().item() < 2e-2
@@ -257,7 +257,7 @@ for d in (64, 128):
                     if a.startswith("stride"):
                         attrs[(i,)] = [["tt.divisibility", 16]]
                 else:
-                    sig[a] = "*fp32" if a == "LSE" else "*bf16"
+                    sig[a] = "*fp32" if a == "p_lse" else "*bf16"
                     attrs[(i,)] = [["tt.divisibility", 16]]
             k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
                                target=GPUTarget("cuda", 90, 32),

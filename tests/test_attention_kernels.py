@@ -247,6 +247,121 @@ def test_cached_equals_joint_video_rows(rope, monkeypatch):
         assert_close_verbose(a, b_[:, :nv], atol=1e-5, name=f"cached vs joint {name}")
 
 
+# =========================================================================== log-sum-exp entries
+def _dense_lse(q, k, v, allowed, scale, dtype):
+    """Plain PyTorch ``(o [B, Nq, H, D], lse [B, Nq, H])`` in ``dtype`` with an explicit
+    ``[Nq, Nk]`` mask: the baseline in the input dtype, the truth in fp64."""
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    s = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
+    s = s.masked_fill(~allowed.to(s.device), float("-inf"))
+    lse = torch.logsumexp(s.float() if dtype != torch.float64 else s, -1)
+    o = torch.einsum("bhnm,bmhd->bnhd", s.softmax(-1), v)
+    return o, lse.transpose(1, 2)
+
+
+def _check_lse_case(fn, dense_args, ins, dtype, pos=None, d=None, rot=(0, 1)):
+    """Forward (o and lse) and the gradients of ``<o, do> + <lse, g>`` in q, k, v (and the
+    reference tensors) against fp64, with the 2x-baseline rule."""
+    leaves = _leaves(*ins)
+    o, lse = fn(*leaves)
+    assert lse.dtype == torch.float32 and lse.shape == o.shape[:3] and lse.is_contiguous()
+    do, g = torch.randn_like(o), torch.randn_like(lse)
+    grads = _grads((o * do).sum() + (lse * g).sum(), None, leaves)
+
+    def dense(dt, ts):
+        ts = list(ts)
+        if pos is not None:  # rotate q and k first
+            ts[rot[0]], ts[rot[1]] = rope_fp64(ts[rot[0]], pos, d).to(ts[0].dtype), \
+                rope_fp64(ts[rot[1]], pos, d).to(ts[0].dtype)
+        return _dense_lse(*dense_args(ts), dt)
+
+    results = []
+    for dt in (dtype, torch.float64):
+        t_in = _leaves(*ins, dtype=dt)
+        to, tl_ = dense(dt, t_in)
+        tg = _grads((to * do.to(dt)).sum() + (tl_ * g.to(tl_.dtype)).sum(), None, t_in)
+        results.append((to, tl_, tg))
+    (bo, bl, bg), (to, tl_, tg) = results
+    assert_within_baseline(o, bo, to, atol=_atol(to, dtype), name="o")
+    assert_within_baseline(lse, bl, tl_, atol=1e-5, name="lse")
+    for i, (a, b_, t) in enumerate(zip(grads, bg, tg)):
+        assert_within_baseline(a, b_, t, atol=_atol(t, dtype), name=f"grad {i}")
+    return o, lse
+
+
+@pytest.mark.parametrize("layout, dtype, rope", [
+    case(layout="Nv37-Nr11", dtype="fp32", rope="none"),
+    case(layout="Nv37-Nr11", dtype="fp16", rope="fused"),
+    case(layout="Nv0-Nr29", dtype="fp32", rope="prologue"),
+    case(layout="Nv211-Nr0", dtype="fp16", rope="none"),
+])
+def test_asym_attention_lse(layout, dtype, rope):
+    """``asym_attention_lse_triton``: the natural-log LSE over the keys each row reads, and the
+    gradients through o and lse (the LSE's gradient enters the backward as a shift of delta)."""
+    layout, dtype, d = LAYOUTS[layout], DT[dtype], 32
+    nv, n = layout.num_video, layout.num_tokens
+    pos = cos = sin = None
+    if rope != "none":
+        pos, cos, sin = rope_tables(layout, d)
+    allowed = torch.ones(n, n, dtype=torch.bool)
+    allowed[nv:, :nv] = False
+    scale = 1.0 / math.sqrt(d)
+    _check_lse_case(
+        lambda q, k, v: K.asym_attention_lse_triton(q, k, v, nv, cos, sin,
+                                                    rope_mode=None if rope == "none" else rope),
+        lambda ts: (ts[0], ts[1], ts[2], allowed, scale), _make_qkv(2, n, 2, d, dtype), dtype, pos, d)
+
+
+@pytest.mark.parametrize("nq, nk, nr, dtype", [
+    case(Nq=37, Nk=37, Nr=11, dtype="fp32"),
+    case(Nq=37, Nk=20, Nr=0, dtype="fp16"),   # plain attention, fewer keys than queries
+    case(Nq=13, Nk=50, Nr=9, dtype="fp32"),   # more keys than queries, and a second range
+    case(Nq=21, Nk=0, Nr=17, dtype="fp32"),   # the second range only
+])
+def test_cached_asym_attention_lse(nq, nk, nr, dtype):
+    """``cached_asym_attention_lse_triton``: every query over ``[k_v; ref_k]``, any ``Nk``."""
+    dtype, d, scale = DT[dtype], 24, 0.3
+    q = _make_qkv(2, nq, 3, d, dtype)[0]
+    k, v = _make_qkv(2, nk, 3, d, dtype)[:2]
+    rk, rv = _make_qkv(2, nr, 3, d, dtype)[:2]
+    allowed = torch.ones(nq, nk + nr, dtype=torch.bool)
+    if nr:
+        _check_lse_case(lambda *t: K.cached_asym_attention_lse_triton(*t, scale=scale),
+                        lambda ts: (ts[0], torch.cat([ts[1], ts[3]], 1), torch.cat([ts[2], ts[4]], 1),
+                                    allowed, scale), [q, k, v, rk, rv], dtype)
+    else:
+        _check_lse_case(lambda *t: K.cached_asym_attention_lse_triton(*t, scale=scale),
+                        lambda ts: (*ts, allowed, scale), [q, k, v], dtype)
+
+
+def test_cached_lse_rotated_matches_joint_video_rows():
+    """With cos/sin, the cached entry's video rows equal the joint entry's (o and lse)."""
+    layout = LAYOUTS["Nv37-Nr11"]
+    nv, d = layout.num_video, 32
+    _, cos, sin = rope_tables(layout, d)
+    q, k, v = _make_qkv(1, layout.num_tokens, 2, d, torch.float32)
+    o, lse = K.asym_attention_lse_triton(q, k, v, nv, cos, sin, rope_mode="fused")
+    ref_k = wk.apply_rope(k[:, nv:], cos[nv:], sin[nv:], backend="reference")
+    oc, lc = K.cached_asym_attention_lse_triton(q[:, :nv], k[:, :nv], v[:, :nv], ref_k, v[:, nv:],
+                                                cos[:nv], sin[:nv], rope_mode="fused")
+    assert_close_verbose(oc, o[:, :nv], atol=1e-5, name="cached vs joint o")
+    assert_close_verbose(lc, lse[:, :nv], atol=1e-5, name="cached vs joint lse")
+
+
+def test_lse_no_keys_and_bad_arguments():
+    q = torch.randn(1, 5, 2, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(1, 0, 2, 16, device=DEVICE, requires_grad=True)
+    o, lse = K.cached_asym_attention_lse_triton(q, k, k)
+    assert torch.equal(o, torch.zeros_like(o)) and bool((lse == float("-inf")).all())
+    o.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
+    with pytest.raises(ValueError, match="ref_k and ref_v"):
+        K.cached_asym_attention_lse_triton(q, q, q, ref_k=q)
+    ang = torch.rand(5, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="as many keys"):
+        K.cached_asym_attention_lse_triton(q, q[:, :3], q[:, :3], cos=ang.cos(), sin=ang.sin())
+
+
 # =========================================================================== API, ops, compile
 def test_rejects_unsupported_dtype_and_head_dim():
     q = torch.randn(1, 5, 1, 16, dtype=torch.float64, device=DEVICE)
@@ -271,6 +386,38 @@ def test_custom_ops_opcheck():
     rk, rv = (torch.randn(b, 7, h, d, device=DEVICE, requires_grad=True) for _ in range(2))
     torch.library.opcheck(torch.ops.wildactor.cached_asym_attention_fwd.default,
                           (q, k, v, rk, rv, None, None, 0.25))
+
+
+def test_backward_ops_opcheck_with_lse_gradient():
+    """The backward ops with the optional gradient of the log-sum-exp (``dlse``)."""
+    b, n, h, d, nv = 1, 20, 2, 16, 13
+    q, k, v, do = (torch.randn(b, n, h, d, device=DEVICE) for _ in range(4))
+    o, lse = torch.ops.wildactor.asym_attention_fwd(q, k, v, nv, None, None, 0.25)
+    dlse = torch.randn_like(lse)
+    torch.library.opcheck(torch.ops.wildactor.asym_attention_bwd.default,
+                          (do, q, k, v, o, lse, nv, None, None, 0.25, dlse))
+    rk, rv = (torch.randn(b, 7, h, d, device=DEVICE) for _ in range(2))
+    o, lse = torch.ops.wildactor.cached_asym_attention_fwd(q, k, v, rk, rv, None, None, 0.25)
+    torch.library.opcheck(torch.ops.wildactor.cached_asym_attention_bwd.default,
+                          (do, q, k, v, rk, rv, o, lse, None, None, 0.25, dlse))
+
+
+def test_torch_compile_fullgraph_lse(monkeypatch):
+    """The log-sum-exp entry traces without graph breaks, gradients through o and lse."""
+    monkeypatch.undo()  # nan_empty's Python-level torch.empty patch is not traceable by dynamo
+    layout = LAYOUTS["Nv37-Nr11"]
+    q, k, v = _leaves(*_make_qkv(1, layout.num_tokens, 2, 16, torch.float32))
+
+    def loss(q, k, v):
+        o, lse = K.asym_attention_lse_triton(q, k, v, layout.num_video)
+        return (o ** 2).sum() + (lse * lse.detach().sign()).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    gc = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    ge = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    for a, b_ in zip(gc, ge):
+        assert_close_verbose(a, b_, atol=1e-6, name="compiled grad")
 
 
 def test_fake_kernels_shapes():
@@ -329,7 +476,7 @@ from wildactor_kernels.attention import kernels as K
 INTS = ("H", "NQ", "NV", "NK2")
 
 def build(kernel, consts, cfg, first=True):
-    fn = kernel.fn
+    fn = kernel.fn if hasattr(kernel, "configs") else kernel  # autotuned, or a plain JITFunction
     consts = dict(consts, **cfg.kwargs)
     sig, attrs = {}, {}
     for i, a in enumerate(fn.arg_names):
@@ -344,7 +491,7 @@ def build(kernel, consts, cfg, first=True):
             if a.startswith("stride"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            sig[a] = "*fp32" if a in ("p_lse", "p_delta", "p_cos", "p_sin") else "*bf16"
+            sig[a] = "*fp32" if a in ("p_lse", "p_delta", "p_cos", "p_sin", "p_dqa") else "*bf16"
             attrs[(i,)] = [["tt.divisibility", 16]]
     k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32),
@@ -356,17 +503,22 @@ def build(kernel, consts, cfg, first=True):
     regs, spill_st, spill_ld = ptxas_usage(k)
     assert spill_st == spill_ld == 0, f"{fn.__name__} {cfg}: spills {spill_st}/{spill_ld} B"
     print(fn.__name__, consts.get("ROTATE"), consts.get("CACHED"), "ok", k.metadata.shared, regs)
+    return k
 
 # every config the first call may pick at the DESIGN head dim (bf16, D = 128)
 for rotate, cached in ((False, False), (True, True)):
     c = dict(HEAD_DIM=128, BLOCK_D=128, ROTATE=rotate, CACHED=cached, DOT_F32=False, DOT_PREC="ieee")
-    for kern, kind in ((K._attn_fwd_kernel, "fwd"), (K._attn_bwd_dkdv_kernel, "dkdv"),
-                       (K._attn_bwd_dq_kernel, "dq")):
+    for kern, kind in ((K._attn_fwd_kernel, "fwd"), (K._attn_bwd_kernel, "dkdv")):
         extra = dict(SCALE_NEG=False) if kind == "fwd" else {}
         shortlist = K._make_prune(kind)(kern.configs, {}, BLOCK_D=128, ROTATE=rotate)
         assert 1 <= len(shortlist) <= 3, (kind, shortlist)
         for i, cfg in enumerate(shortlist):
-            build(kern, dict(c, **extra), cfg, first=i == 0)
+            built = build(kern, dict(c, **extra), cfg, first=i == 0)
+            if kind == "dkdv":  # five matmuls per tile, in the full-block and the tail step
+                assert built.asm["ttir"].count("tt.dot ") == 10, "backward: not 5 matmuls per tile"
+    # the fp32 dq accumulator -> dq pass (no dot)
+    build(K._attn_bwd_dq_kernel, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=128, ROTATE=rotate),
+          triton.Config({}, num_warps=4, num_stages=1), first=False)
 '''
 
 
@@ -375,7 +527,7 @@ def test_first_call_compiles_few_configs():
     for the first call (not every config), all from the ROTATE list and within shared memory."""
     import triton
 
-    for kind, gpu in (("fwd", K._FWD_GPU), ("dkdv", K._DKDV_GPU), ("dq", K._DQ_GPU)):
+    for kind, gpu in (("fwd", K._FWD_GPU), ("dkdv", K._DKDV_GPU)):
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                    for m, n, w, s in dict.fromkeys(gpu[False] + gpu[True])]
         for rotate in (False, True):

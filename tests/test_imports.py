@@ -201,3 +201,27 @@ def test_wheel_has_one_top_level_package(tmp_path):
     assert not any(n.startswith(("model/", "benchmarks/", "tests/")) for n in names)
     entry = zipfile.ZipFile(whl).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert f"wildactor = {CLI}:main" in entry
+    assert f"{PKG}/attention/backend_table.json" in names  # package data the dispatcher reads
+
+    # Installed from the wheel, run from a folder outside the checkout: the namespaced model
+    # imports, a top-level `model` does not exist, and the CLI's demo runs.
+    site = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
+                        str(whl)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(site)
+    probe = ("import wildactor_kernels, wildactor_kernels.model as m\n"
+             "from wildactor_kernels.model import WildActor\n"
+             f"assert wildactor_kernels.__file__.startswith({str(site)!r}), wildactor_kernels.__file__\n"
+             f"assert m.__file__.startswith({str(site)!r}), m.__file__\n"
+             "import importlib.util\n"
+             "assert importlib.util.find_spec('model') is None\n"
+             "assert importlib.util.find_spec('benchmarks') is None\n")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", CLI, "demo", "--steps", "2", "--frames", "1", "--height", "4",
+                        "--width", "4", "--device", "cpu", "--repeats", "1", "--no-progress"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout[-1500:], r.stderr[-1500:])
+    assert "Traceback" not in r.stderr

@@ -1,7 +1,9 @@
 """Rules every Triton launcher follows, and that both backends share (issue 11, items 1, 2, 4).
 
 - Strides: each tensor argument's strides reach the kernel or are normalised in the launcher
-  (regression: a strided or stride-0 LoRA bias was read as contiguous).
+  (regression: a strided or stride-0 LoRA bias was read as contiguous). The Hopper and 8-bit
+  attention launchers too: a strided head dim (TMA reads unit-stride rows) and a
+  :class:`QuantizedKV` of views are normalised.
 - Devices: every launcher checks that its tensors share one device and launches on it
   (``torch.cuda.device``), not on the current CUDA device. Without a GPU this is checked by
   recording the guard's calls; with two GPUs, on ``cuda:1``.
@@ -20,7 +22,10 @@ from helpers import DEVICE
 
 import wildactor_kernels as wk
 from wildactor_kernels import _utils
+from wildactor_kernels.attention import fp8_kernels as fp8_k
+from wildactor_kernels.attention import hopper as hopper_k
 from wildactor_kernels.attention import kernels as attn_k
+from wildactor_kernels.attention.fp8_reference import QuantizedKV, key_mean, quantize_kv
 from wildactor_kernels.lora import kernels as lora_k
 from wildactor_kernels.lora.kernels import ref_folded_linear_triton
 from wildactor_kernels.quant import kernels as quant_k
@@ -82,6 +87,54 @@ def test_launchers_take_strided_views():
         assert torch.equal(got.float(), want.float())
 
 
+def _permuted(t: torch.Tensor) -> torch.Tensor:
+    """Same values, batch and head swapped in memory (unit last stride kept)."""
+    return t.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+def _nc(t: torch.Tensor) -> torch.Tensor:
+    """Same values, last dim strided, other dims permuted in memory."""
+    return t.transpose(0, -1).contiguous().transpose(0, -1)
+
+
+def test_hopper_launcher_takes_strided_views():
+    """The Hopper launcher passes batch/token/head strides to its descriptors and copies a
+    strided head dim to unit stride (TMA's rule); the entry takes permuted views as they are."""
+    q, k, v = (torch.randn(2, 19, 2, 64, device=DEVICE) for _ in range(3))
+    o, lse = hopper_k.asym_attention_hopper_fwd(q, k, v, None, None, 13, 0.125, False)
+    o2, lse2 = hopper_k.asym_attention_hopper_fwd(_nc(q), _nc(k), _nc(v), None, None, 13, 0.125, False)
+    torch.testing.assert_close(o2, o)
+    torch.testing.assert_close(lse2, lse)
+    qv, kv, vv = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    assert not qv.is_contiguous() and qv.stride(-1) == 1
+    torch.testing.assert_close(hopper_k.asym_attention_hopper_triton(qv, kv, vv, 13, scale=0.125), o)
+    rk, rv = torch.randn(2, 7, 2, 64, device=DEVICE), torch.randn(2, 7, 2, 64, device=DEVICE)
+    oc, _ = hopper_k.asym_attention_hopper_fwd(q, k, v, rk, rv, 19, 0.125, True)
+    oc2, _ = hopper_k.asym_attention_hopper_fwd(_nc(q), k, _nc(v), _nc(rk), _nc(rv), 19, 0.125, True)
+    torch.testing.assert_close(oc2, oc)
+
+
+def test_fp8_launchers_take_strided_views():
+    """The K/V quantizer and the 8-bit attention kernel read any strides of q, k, v; a
+    :class:`QuantizedKV` built from views is made contiguous by the launcher (the kernel
+    addresses its sets as contiguous ``[B, H, ...]`` rows)."""
+    q, k, v = (torch.randn(2, 37, 2, 32, device=DEVICE) for _ in range(3))
+    o = fp8_k.asym_attention_fp8_triton(q, k, v, 21, block_n=16)
+    torch.testing.assert_close(fp8_k.asym_attention_fp8_triton(_nc(q), _nc(k), _nc(v), 21, block_n=16), o)
+    mean = key_mean(k)
+    s1 = fp8_k.quantize_kv_triton(k[:, :21], v[:, :21], mean, 16)
+    s1_nc = fp8_k.quantize_kv_triton(_nc(k)[:, :21], _nc(v)[:, :21], _nc(mean), 16)
+    for a, b in zip((s1.k, s1.k_scale, s1.v, s1.v_scale), (s1_nc.k, s1_nc.k_scale, s1_nc.v, s1_nc.v_scale)):
+        assert torch.equal(a.float(), b.float())
+    s2 = quantize_kv(k[:, 21:], v[:, 21:], mean, 16)
+    views = QuantizedKV(_permuted(s2.k), _permuted(s2.k_scale), s2.k_mean,
+                        _permuted(s2.v.view(torch.int8)).view(torch.float8_e4m3fn),
+                        _permuted(s2.v_scale), s2.num_tokens, s2.block_n)
+    assert not views.k.is_contiguous() and not views.v.is_contiguous()
+    want = fp8_k.asym_attention_fp8_fwd(q, s1, s2, 21, 0.25)
+    torch.testing.assert_close(fp8_k.asym_attention_fp8_fwd(_nc(q), s1, views, 21, 0.25), want)
+
+
 # =========================================================================== devices (item 2)
 class _FakeCuda:
     """Stands in for a tensor on ``cuda:1`` (no GPU needed): only ``.device`` is read."""
@@ -111,6 +164,16 @@ def test_device_guard_rejects_mixed_devices():
     with pytest.raises(ValueError, match="ref_lora_linear_fwd: .* lora_b is on meta"):
         lora_k.ref_lora_linear_fwd(x, torch.randn(8, 16), None, torch.randn(2, 16),
                                    torch.randn(8, 2, device="meta"), 1.0, 2)
+    q = torch.randn(1, 4, 1, 64)
+    with pytest.raises(ValueError, match="asym_attention_hopper_fwd: .* v2 is on meta"):
+        hopper_k.asym_attention_hopper_fwd(q, q, q, q, q.to("meta"), 4, 0.125, True)
+    with pytest.raises(ValueError, match="quantize_kv_fwd: .* v is on meta"):
+        fp8_k.quantize_kv_fwd(q, q.to("meta"), key_mean(q), 16)
+    s = quantize_kv(q, q, key_mean(q), 16)
+    s_meta = QuantizedKV(*(t.to("meta") for t in (s.k, s.k_scale, s.k_mean, s.v, s.v_scale)),
+                         s.num_tokens, s.block_n)
+    with pytest.raises(ValueError, match="asym_attention_fp8_fwd: .* set2_k is on meta"):
+        fp8_k.asym_attention_fp8_fwd(q, s, s_meta, 4, 0.125)
 
 
 def _record_guards(monkeypatch):
@@ -121,7 +184,7 @@ def _record_guards(monkeypatch):
         calls.append((what, sorted(k for k, v in tensors.items() if v is not None)))
         return real(what, **tensors)
 
-    for mod in (attn_k, lora_k, quant_k, rope_k):
+    for mod in (attn_k, fp8_k, hopper_k, lora_k, quant_k, rope_k):
         monkeypatch.setattr(mod, "device_guard", spy)
     return calls
 
@@ -141,16 +204,30 @@ def test_every_launcher_guards_its_device(monkeypatch):
     wk.ref_lora_linear(x, w, _leaf(8), a, lb, 1.0, 6, backend="triton").sum().backward()
     ref_folded_linear_triton(x, w, w.detach() + 1, None, 6).sum().backward()
     wk.per_token_quant_fp8(x, backend="triton")
+    # the Hopper forward (its backward is kernels.py's) and the 8-bit attention (forward only)
+    q, k, v, rk, rv = (_leaf(1, 9, 2, 64) for _ in range(5))
+    hopper_k.asym_attention_hopper_triton(q, k, v, 6).sum().backward()
+    hopper_k.cached_asym_attention_hopper_triton(q, k, v, rk, rv).sum().backward()
+    with torch.no_grad():
+        wk.asym_attention(q, k, v, 6, backend="triton", precision="fp8")
+        cache = wk.attention.quantize_ref_kv(rk, rv, backend="triton")
+        wk.cached_asym_attention(q, k, v, cache, None, backend="triton", precision="fp8")
     launched = {what for what, _ in calls}
     assert launched == {"asym_attention_fwd", "asym_attention_bwd", "apply_rope_fwd", "apply_rope_bwd",
                         "qk_norm_rope_fwd", "qk_norm_rope_bwd", "ref_lora_linear_fwd",
                         "ref_lora_linear_bwd", "ref_folded_linear_fwd", "ref_folded_linear_bwd",
-                        "per_token_quant_fp8_fwd"}, launched
+                        "per_token_quant_fp8_fwd", "asym_attention_hopper_fwd", "asym_attention_fp8_fwd",
+                        "quantize_kv_fwd"}, launched
     by_name = {}
     for what, names in calls:  # the first launch of each
         by_name.setdefault(what, names)
     assert by_name["asym_attention_fwd"] == ["cos", "k", "q", "sin", "v"]
     assert by_name["ref_lora_linear_fwd"] == ["bias", "lora_a", "lora_b", "weight", "x"]
+    assert by_name["asym_attention_hopper_fwd"] == ["k", "q", "v"]
+    assert ["k", "k2", "q", "v", "v2"] in [n for w, n in calls if w == "asym_attention_hopper_fwd"]
+    assert by_name["quantize_kv_fwd"] == ["k", "k_mean", "v"]
+    assert by_name["asym_attention_fp8_fwd"] == sorted(
+        ["q"] + [f"set{i}_{f}" for i in (1, 2) for f in ("k", "k_scale", "v", "v_scale")])
 
 
 @pytest.mark.gpu

@@ -29,6 +29,14 @@ ROPE_MODES = ("fused", "prologue")
 #: Input dtypes of every Triton kernel that computes in floating point (maths in fp32).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+#: Head dims with a tuned Hopper attention kernel (``attention/hopper.py``). Here rather than
+#: there so that the backend dispatcher decides without importing Triton.
+HOPPER_HEAD_DIMS = (64, 128)
+
+#: ``log2(e)``: the attention kernels run their softmax in base 2 (``exp2``), with this factor
+#: folded into the softmax scale.
+LOG2E = 1.4426950408889634
+
 
 def _import_triton() -> bool:
     try:
@@ -139,6 +147,20 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int]) -> None:
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
+def check_qkv(names: tuple[str, str, str], q, k, v) -> None:
+    """q, k, v of an attention op: 4-D float tensors of one shape ``[B, N, H, D]`` and one dtype,
+    with an even head dim >= 8; errors name the arguments (``names``)."""
+    for name, t in zip(names, (q, k, v)):
+        check_tensor(name, t, ndim=4, floating=True)
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"{names[0]}, {names[1]}, {names[2]} must share one shape [B, N, H, D]; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{names[0]}, {names[1]}, {names[2]} must share one dtype; got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+    check_head_dim(names[0], q.shape[-1])
+
+
 def check_num_video(num_video: object, n: int) -> int:
     if isinstance(num_video, torch.Tensor):
         raise TypeError("num_video must be a Python int, not a tensor")
@@ -181,8 +203,12 @@ def dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
 def autotune_configs(gpu: Sequence, interpreted) -> list:
     """The one way of autotuning under the interpreter: the GPU candidates when compiled, the
     single ``interpreted`` config under ``TRITON_INTERPRET=1`` (autotuning there would only run
-    every candidate in Python). With one config Triton's autotuner neither prunes nor benchmarks."""
-    return [interpreted] if interpreter_active() else list(gpu)
+    every candidate in Python). With one config Triton's autotuner neither prunes nor benchmarks.
+    ``interpreted`` may also be a list when a constexpr in the config selects a code path that
+    the CPU tests must reach; the kernel's prune then keeps one of them per call."""
+    if not interpreter_active():
+        return list(gpu)
+    return list(interpreted) if isinstance(interpreted, (list, tuple)) else [interpreted]
 
 
 def register_fake(op, fake: Callable) -> None:

@@ -38,6 +38,7 @@ import wildactor_kernels as wk
 from wildactor_kernels import TokenLayout
 
 from ..config import WildActorConfig
+from ..rope_tables import model_positions
 
 __all__ = [
     "ENCODER",
@@ -156,9 +157,7 @@ def patchify_references(refs: Sequence[Any], patch_size: Sequence[int], batch_si
 
 def rope_tables(cfg: WildActorConfig, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 ``cos, sin [N, D//2]`` of a layout, with the library's own functions (host side)."""
-    pos = wk.irope_positions(layout, face_offset=cfg.face_offset, body_offset=cfg.body_offset,
-                             spatial_shift=cfg.spatial_shift)
-    return wk.rope_cos_sin(pos, cfg.head_dim, theta=cfg.theta)
+    return wk.rope_cos_sin(model_positions(cfg, layout), cfg.head_dim, theta=cfg.theta)
 
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from wildactor_kernels.quant import FP8_MAX
+from wildactor_kernels.quant import FP8_DTYPE, FP8_MAX
 
 from .contract import GRAPH_IO
 
@@ -281,7 +281,7 @@ def insert_fp8_qdq(model_proto, targets: Mapping[str, nn.Module], act_amax: Mapp
         key = init.name
         if key not in w_done:
             scale = (w_t.abs().amax(dim=0) / FP8_MAX).clamp_min(tiny).to(base)
-            codes = (w_t / scale.float()[None, :]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            codes = (w_t / scale.float()[None, :]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
             wq, ws, wz = names(key + "_fp8"), names(key + "_scale"), names(key + "_zero_point")
             g.initializer.extend([_tensor_proto(wq, codes), _tensor_proto(ws, scale),
                                   helper.make_tensor(wz, TensorProto.FLOAT8E4M3FN, [scale.numel()],
@@ -316,7 +316,7 @@ def insert_fp8_qdq(model_proto, targets: Mapping[str, nn.Module], act_amax: Mapp
     report["num_qdq_nodes"] = 3 * len(repl)
     report["weight_dtype"] = "float8e4m3fn"
     report["weight_granularity"] = "per-output-channel (DequantizeLinear axis=1 of MatMul B [Din, Dout])"
-    report["activation_granularity"] = "per-tensor, static (calibrated amax / 448)"
+    report["activation_granularity"] = f"per-tensor, static (calibrated amax / {FP8_MAX:g})"
     return report
 
 

@@ -36,7 +36,7 @@ import os
 
 import torch
 
-from .._utils import interpreter_active, logger, triton_available
+from .._utils import HOPPER_HEAD_DIMS, interpreter_active, logger, triton_available
 
 __all__ = ["BACKEND_NAMES", "MODES", "TABLE_PATH", "attention_backends", "available_backends",
            "choose", "load_table", "pick_backend", "run_backend", "write_table_entries"]
@@ -51,6 +51,8 @@ UNMEASURED_PREFERS_HOPPER = True
 CONCAT_IN_CACHED = ("sdpa-cudnn", "sdpa-flash", "sdpa-math", "fa3", "fa2")
 
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+#: Candidates that take only these (the Hopper kernel, SDPA's flash backend, FA2/FA3).
+_HALF_DTYPES = ("fp16", "bf16")
 
 
 # =========================================================================== the table
@@ -131,12 +133,12 @@ def _static_available(is_cuda: bool, capability_major: int) -> tuple[tuple[str, 
 
 
 def _filter(avail: dict[str, bool], dtype: str, head_dim: int, hopper_layout_ok: bool) -> dict[str, bool]:
-    # (64, 128) is hopper.HOPPER_HEAD_DIMS, repeated so that deciding never imports Triton
+    # HOPPER_HEAD_DIMS lives in _utils so that deciding never imports Triton (hopper.py does)
     avail = dict(avail)
-    avail["triton-hopper"] = (avail["triton-hopper"] and hopper_layout_ok and head_dim in (64, 128)
-                              and dtype in ("fp16", "bf16"))
+    avail["triton-hopper"] = (avail["triton-hopper"] and hopper_layout_ok
+                              and head_dim in HOPPER_HEAD_DIMS and dtype in _HALF_DTYPES)
     for name in ("sdpa-flash", "fa3", "fa2"):  # half precision only
-        avail[name] = avail[name] and dtype in ("fp16", "bf16")
+        avail[name] = avail[name] and dtype in _HALF_DTYPES
     return avail
 
 
@@ -241,9 +243,9 @@ def run_backend(name: str, q, k, v, num_video: int, cos=None, sin=None, scale=No
 
         return asym_attention_triton(q, k, v, num_video, cos, sin, scale, rope_mode=rope_mode)
     if name == "triton-hopper":
-        from .hopper import asym_attention_hopper
+        from .hopper import asym_attention_hopper_triton
 
-        return asym_attention_hopper(q, k, v, num_video, cos, sin, scale)
+        return asym_attention_hopper_triton(q, k, v, num_video, cos, sin, scale)
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend name must be one of {BACKEND_NAMES}, got {name!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -267,9 +269,9 @@ def run_cached_backend(name: str, q_v, k_v, v_v, ref_k, ref_v, cos=None, sin=Non
         return cached_asym_attention_triton(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale,
                                             rope_mode=rope_mode)
     if name == "triton-hopper":
-        from .hopper import cached_asym_attention_hopper
+        from .hopper import cached_asym_attention_hopper_triton
 
-        return cached_asym_attention_hopper(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale)
+        return cached_asym_attention_hopper_triton(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale)
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend name must be one of {BACKEND_NAMES}, got {name!r}")
     scale = 1.0 / math.sqrt(q_v.shape[-1]) if scale is None else float(scale)

@@ -18,8 +18,8 @@ softmax in fp32 base 2 with the P scale folded into the exponent (``p = exp2(s*c
 448))``, one FMA + one exp2 per score on full blocks, where the row max is taken on the int32
 scores and scaled once per row), ``P`` to e4m3, ``acc += P @ V`` with the e4m3 ``V`` tile (fp32
 accumulate). Between the two sets the accumulator is rescaled per channel by
-``RATIO = v_scale_1 / v_scale_2``; the epilogue multiplies by ``OSCALE = v_scale_2`` and divides
-by the row sum (which carries the same factor 448 as P).
+``v_scale_1 / v_scale_2`` (``p_ratio``); the epilogue multiplies by ``v_scale_2`` (``p_oscale``)
+and divides by the row sum (which carries the same factor 448 as P).
 
 Operand layouts for Hopper wgmma: int8 and fp8 wgmma need both shared-memory operands K-major
 (the reduction dimension contiguous). QK^T reduces over D: q ``[BM, D]`` and k ``[BN, D]`` are
@@ -35,6 +35,10 @@ even, saturating as the GPU's ``cvt.rn.satfinite``) and the PV dot runs in fp32 
 e4m3 values, which are exactly representable: the result is the GPU's up to accumulation order.
 
 Scores are never stored; no N x N matrix exists. Forward only (inference).
+
+Launchers: ``asym_attention_fp8_fwd`` (the attention kernel on two quantized sets) and
+``quantize_kv_fwd`` (``_quantize_kv_kernel``); entry points ``asym_attention_fp8_triton`` /
+``cached_asym_attention_fp8_triton`` (rotated inputs) and ``quantize_kv_triton``.
 """
 
 from __future__ import annotations
@@ -45,129 +49,135 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import interpreter_active
+from .._utils import (
+    LOG2E,
+    SUPPORTED_DTYPES,
+    autotune_configs,
+    device_guard,
+    interpreter_active,
+)
+from ..quant.reference import AMAX_EPS, FP8_DTYPE, FP8_MAX
 from .fp8_reference import (
-    AMAX_EPS,
-    E4M3_MAX,
     INT8_MAX,
     LOG2_P_SCALE,
     TOKEN_PAD,
     QuantizedKV,
     key_mean,
+    prepare_cached_sets,
     quantize_kv,
 )
-from .kernels import _query_segment
+from .kernels import _block_d, _query_segment
 
-__all__ = ["fp8_attention_fwd", "fp8_block_m", "quantize_kv_triton", "asym_attention_fp8_triton"]
+__all__ = ["asym_attention_fp8_fwd", "quantize_kv_fwd", "fp8_block_m", "quantize_kv_triton",
+           "asym_attention_fp8_triton", "cached_asym_attention_fp8_triton"]
 
-_LOG2E = 1.4426950408889634
 # module constants read inside @triton.jit must be constexpr
 _INT8_MAX = tl.constexpr(INT8_MAX)
+_FP8_MAX = tl.constexpr(FP8_MAX)
 _AMAX_EPS = tl.constexpr(AMAX_EPS)
 _LOG2_P_SCALE = tl.constexpr(LOG2_P_SCALE)
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _round_e4m3(x):
-    """fp32 ``x`` -> the nearest e4m3fn value (ties to even), still in fp32, saturated to +-448.
-    The interpreter's own fp32 -> fp8 conversion is wrong when rounding carries into the next
-    binade; this uses exact power-of-two steps taken from the exponent bits."""
-    e = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    e = tl.maximum(e, -6)  # below 2^-6: subnormals, one fixed step 2^-9
-    step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits
-    t = x / step
-    r = tl.floor(t + 0.5)
-    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-    r = tl.where(((r - t) == 0.5) & odd, r - 1.0, r)
-    return tl.minimum(tl.maximum(r * step, -448.0), 448.0)
+def _round_e4m3(b_x):
+    """fp32 ``b_x`` -> the nearest e4m3fn value (ties to even), still in fp32, saturated to
+    +-448. The interpreter's own fp32 -> fp8 conversion is wrong when rounding carries into the
+    next binade; this uses exact power-of-two steps taken from the exponent bits."""
+    b_e = ((b_x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    b_e = tl.maximum(b_e, -6)  # below 2^-6: subnormals, one fixed step 2^-9
+    b_step = ((b_e - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits
+    b_t = b_x / b_step
+    b_r = tl.floor(b_t + 0.5)
+    b_odd = (b_r - 2.0 * tl.floor(b_r * 0.5)) != 0.0
+    b_r = tl.where(((b_r - b_t) == 0.5) & b_odd, b_r - 1.0, b_r)
+    return tl.minimum(tl.maximum(b_r * b_step, -_FP8_MAX), _FP8_MAX)
 
 
 @triton.jit
-def _fp8_block(acc, l_i, m_i, q, qk_c, p_k, p_vt, ks, n_left, offs_n, d_ok,
+def _fp8_block(b_acc, b_sum, b_max, b_q, qk_c, p_k, p_vt, ks, n_left, o_n, m_d,
                MASK_N: tl.constexpr, MASK_D: tl.constexpr, SCALE_NEG: tl.constexpr,
                UPCAST: tl.constexpr):
-    n_ok = offs_n < n_left
+    m_n = o_n < n_left
     # ---- scores: int8 x int8 -> int32 (exact), one scalar rescale to base-2 logits
     if MASK_N:
         if MASK_D:
-            k = tl.load(p_k, mask=n_ok[:, None] & d_ok[None, :], other=0)
+            b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0)
         else:
-            k = tl.load(p_k, mask=n_ok[:, None], other=0)
+            b_k = tl.load(p_k, mask=m_n[:, None], other=0)
     else:
         if MASK_D:
-            k = tl.load(p_k, mask=d_ok[None, :], other=0)
+            b_k = tl.load(p_k, mask=m_d[None, :], other=0)
         else:
-            k = tl.load(p_k)
-    qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+            b_k = tl.load(p_k)
+    b_qk = tl.dot(b_q, tl.trans(b_k), out_dtype=tl.int32).to(tl.float32)
     c = qk_c * ks  # > 0 unless the softmax scale is negative
     if MASK_N:
-        s = tl.where(n_ok[None, :], qk * c, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - (m_new - _LOG2_P_SCALE)[:, None])
+        b_s = tl.where(m_n[None, :], b_qk * c, float("-inf"))
+        b_max_new = tl.maximum(b_max, tl.max(b_s, 1))
+        b_p = tl.exp2(b_s - (b_max_new - _LOG2_P_SCALE)[:, None])
     else:
         # full block: the max of the scaled scores is the scaled max (the min for c < 0), exactly
         if SCALE_NEG:
-            m_new = tl.maximum(m_i, tl.min(qk, 1) * c)
+            b_max_new = tl.maximum(b_max, tl.min(b_qk, 1) * c)
         else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
-        p = tl.exp2(qk * c - (m_new - _LOG2_P_SCALE)[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
+            b_max_new = tl.maximum(b_max, tl.max(b_qk, 1) * c)
+        b_p = tl.exp2(b_qk * c - (b_max_new - _LOG2_P_SCALE)[:, None])
+    b_alpha = tl.exp2(b_max - b_max_new)
+    b_sum = b_sum * b_alpha + tl.sum(b_p, 1)
     # ---- PV: V^T tile [BD, BN] (tokens contiguous), its transpose is the K-major B operand
     if MASK_N:
         if MASK_D:
-            vt = tl.load(p_vt, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+            b_vt = tl.load(p_vt, mask=m_d[:, None] & m_n[None, :], other=0.0)
         else:
-            vt = tl.load(p_vt, mask=n_ok[None, :], other=0.0)
+            b_vt = tl.load(p_vt, mask=m_n[None, :], other=0.0)
     else:
         if MASK_D:
-            vt = tl.load(p_vt, mask=d_ok[:, None], other=0.0)
+            b_vt = tl.load(p_vt, mask=m_d[:, None], other=0.0)
         else:
-            vt = tl.load(p_vt)
-    acc = acc * alpha[:, None]
+            b_vt = tl.load(p_vt)
+    b_acc = b_acc * b_alpha[:, None]
     if UPCAST:
-        acc = tl.dot(_round_e4m3(p), tl.trans(vt.to(tl.float32)), acc, input_precision="ieee")
+        b_acc = tl.dot(_round_e4m3(b_p), tl.trans(b_vt.to(tl.float32)), b_acc, input_precision="ieee")
     else:
-        acc = tl.dot(p.to(tl.float8e4nv), tl.trans(vt), acc)
-    return acc, l_i, m_new
+        b_acc = tl.dot(b_p.to(tl.float8e4nv), tl.trans(b_vt), b_acc)
+    return b_acc, b_sum, b_max_new
 
 
 @triton.jit
-def _fp8_set(acc, l_i, m_i, q, qk_c, KQ, KS, VT, n_keys, stride_kn, stride_vd, offs_n, offs_d, d_ok,
-             BLOCK_N: tl.constexpr, MASK_D: tl.constexpr, SCALE_NEG: tl.constexpr,
+def _fp8_set(b_acc, b_sum, b_max, b_q, qk_c, p_kq, p_ks, p_vt, n_keys, stride_kn, stride_vd, o_n,
+             o_d, m_d, BLOCK_N: tl.constexpr, MASK_D: tl.constexpr, SCALE_NEG: tl.constexpr,
              UPCAST: tl.constexpr):
     """Online softmax over the ``n_keys`` keys of one quantized set: full blocks without key
-    masks, then at most one masked tail. ``KQ, KS, VT`` point at this (batch, head)."""
-    o_k = offs_n[:, None] * stride_kn + offs_d[None, :]
-    o_vt = offs_d[:, None] * stride_vd + offs_n[None, :]
+    masks, then at most one masked tail. ``p_kq, p_ks, p_vt`` point at this (batch, head)."""
+    o_k = o_n[:, None] * stride_kn + o_d[None, :]
+    o_vt = o_d[:, None] * stride_vd + o_n[None, :]
     n_full = (n_keys // BLOCK_N) * BLOCK_N
     for start in range(0, n_full, BLOCK_N):
-        ks = tl.load(KS + start // BLOCK_N)
-        acc, l_i, m_i = _fp8_block(acc, l_i, m_i, q, qk_c, KQ + start * stride_kn + o_k,
-                                   VT + start + o_vt, ks, n_keys - start, offs_n, d_ok,
-                                   False, MASK_D, SCALE_NEG, UPCAST)
+        ks = tl.load(p_ks + start // BLOCK_N)
+        b_acc, b_sum, b_max = _fp8_block(b_acc, b_sum, b_max, b_q, qk_c, p_kq + start * stride_kn + o_k,
+                                         p_vt + start + o_vt, ks, n_keys - start, o_n, m_d,
+                                         False, MASK_D, SCALE_NEG, UPCAST)
     for start in range(n_full, n_keys, BLOCK_N):  # runs at most once: the ragged tail
-        ks = tl.load(KS + start // BLOCK_N)
-        acc, l_i, m_i = _fp8_block(acc, l_i, m_i, q, qk_c, KQ + start * stride_kn + o_k,
-                                   VT + start + o_vt, ks, n_keys - start, offs_n, d_ok,
-                                   True, MASK_D, SCALE_NEG, UPCAST)
-    return acc, l_i, m_i
+        ks = tl.load(p_ks + start // BLOCK_N)
+        b_acc, b_sum, b_max = _fp8_block(b_acc, b_sum, b_max, b_q, qk_c, p_kq + start * stride_kn + o_k,
+                                         p_vt + start + o_vt, ks, n_keys - start, o_n, m_d,
+                                         True, MASK_D, SCALE_NEG, UPCAST)
+    return b_acc, b_sum, b_max
 
 
-def _fwd_configs():
-    if interpreter_active():  # one small fixed tile: quick tests that still cover ragged tails
-        return [triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1)]
-    # sm_90 candidates (BLOCK_M, warps, stages); BLOCK_N is the quantization tile of K, chosen
-    # by the launcher. None spills at D = 128 on sm_90 (BLOCK_M = 128 with 4 warps does: dropped).
-    cfgs = [(128, 8, 3), (128, 8, 4), (64, 4, 3), (64, 4, 2)]
-    return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s) for m, w, s in cfgs]
+# sm_90 candidates (BLOCK_M, warps, stages); BLOCK_N is the quantization tile of K, chosen by the
+# launcher. None spills at D = 128 on sm_90 (BLOCK_M = 128 with 4 warps does: dropped). Under
+# the interpreter one small fixed tile: quick tests that still cover ragged tails.
+_FP8_GPU = [(128, 8, 3), (128, 8, 4), (64, 4, 3), (64, 4, 2)]
+_FP8_INTERPRETED = triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1)
 
 
-@triton.autotune(configs=_fwd_configs(), key=["HEAD_DIM", "BLOCK_N", "SCALE_NEG", "UPCAST"])
+@triton.autotune(configs=autotune_configs([triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
+                                           for m, w, s in _FP8_GPU], _FP8_INTERPRETED),
+                 key=["HEAD_DIM", "BLOCK_N", "SCALE_NEG", "UPCAST"])
 @triton.jit
 def _fp8_attn_fwd_kernel(
-    Q, Out, KQ1, KS1, VT1, KQ2, KS2, VT2, RATIO, OSCALE,
+    p_q, p_o, p_kq1, p_ks1, p_vt1, p_kq2, p_ks2, p_vt2, p_ratio, p_oscale,
     stride_qb, stride_qn, stride_qh, stride_qd,
     stride_ob, stride_on, stride_oh, stride_od,
     stride_k1h, stride_k1n, stride_s1h, stride_v1h, stride_v1d,
@@ -188,50 +198,52 @@ def _fp8_attn_fwd_kernel(
     q_start, q_end, k_start = _query_segment(i_m, NV, NQ, BLOCK_M)
     n1 = tl.where(k_start == 0, N1, 0)  # reference blocks (k_start = Nv > 0) skip set 1
 
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    m_ok = offs_m < q_end - q_start
+    o_m = tl.arange(0, BLOCK_M)
+    o_n = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < HEAD_DIM
+    m_m = o_m < q_end - q_start
 
     # ---- q tile -> int8, one scale per tile and head; sm_scale * log2 e folded into it
-    q_base = Q + i_b * stride_qb + i_h * stride_qh + q_start.to(tl.int64) * stride_qn
-    p_q = q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    q = tl.load(p_q, mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.max(tl.abs(q), 1), 0), _AMAX_EPS)
-    t = q * (_INT8_MAX / amax)
-    t = tl.where(t >= 0, tl.floor(t + 0.5), -tl.floor(-t + 0.5))
-    q8 = tl.minimum(tl.maximum(t, -_INT8_MAX), _INT8_MAX).to(tl.int8)
+    p_q0 = p_q + i_b * stride_qb + i_h * stride_qh + q_start.to(tl.int64) * stride_qn
+    p_q1 = p_q0 + o_m[:, None] * stride_qn + o_d[None, :] * stride_qd
+    b_q = tl.load(p_q1, mask=m_m[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.max(tl.abs(b_q), 1), 0), _AMAX_EPS)
+    b_t = b_q * (_INT8_MAX / amax)
+    b_t = tl.where(b_t >= 0, tl.floor(b_t + 0.5), -tl.floor(-b_t + 0.5))
+    b_q8 = tl.minimum(tl.maximum(b_t, -_INT8_MAX), _INT8_MAX).to(tl.int8)
     qk_c = (amax / _INT8_MAX) * qk_scale
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
     # ---- set 1 (video blocks only)
-    acc, l_i, m_i = _fp8_set(acc, l_i, m_i, q8, qk_c, KQ1 + i_bh64 * stride_k1h,
-                             KS1 + i_bh64 * stride_s1h, VT1 + i_bh64 * stride_v1h, n1, stride_k1n,
-                             stride_v1d, offs_n, offs_d, d_ok, BLOCK_N, MASK_D, SCALE_NEG, UPCAST)
+    b_acc, b_sum, b_max = _fp8_set(b_acc, b_sum, b_max, b_q8, qk_c, p_kq1 + i_bh64 * stride_k1h,
+                                   p_ks1 + i_bh64 * stride_s1h, p_vt1 + i_bh64 * stride_v1h, n1,
+                                   stride_k1n, stride_v1d, o_n, o_d, m_d, BLOCK_N, MASK_D, SCALE_NEG,
+                                   UPCAST)
     # ---- set 2, after moving the accumulator to set 2's value scales
-    p_c = i_bh64 * HEAD_DIM + offs_d
-    ratio = tl.load(RATIO + p_c, mask=d_ok, other=1.0)
-    acc = acc * ratio[None, :]
-    acc, l_i, m_i = _fp8_set(acc, l_i, m_i, q8, qk_c, KQ2 + i_bh64 * stride_k2h,
-                             KS2 + i_bh64 * stride_s2h, VT2 + i_bh64 * stride_v2h, N2, stride_k2n,
-                             stride_v2d, offs_n, offs_d, d_ok, BLOCK_N, MASK_D, SCALE_NEG, UPCAST)
+    o_c = i_bh64 * HEAD_DIM + o_d
+    b_ratio = tl.load(p_ratio + o_c, mask=m_d, other=1.0)
+    b_acc = b_acc * b_ratio[None, :]
+    b_acc, b_sum, b_max = _fp8_set(b_acc, b_sum, b_max, b_q8, qk_c, p_kq2 + i_bh64 * stride_k2h,
+                                   p_ks2 + i_bh64 * stride_s2h, p_vt2 + i_bh64 * stride_v2h, N2,
+                                   stride_k2n, stride_v2d, o_n, o_d, m_d, BLOCK_N, MASK_D, SCALE_NEG,
+                                   UPCAST)
 
     # ---- epilogue
-    oscale = tl.load(OSCALE + p_c, mask=d_ok, other=0.0)
-    o = acc * oscale[None, :] / l_i[:, None]
-    o_base = Out + i_b * stride_ob + i_h * stride_oh + q_start.to(tl.int64) * stride_on
-    p_o = o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
-    tl.store(p_o, o.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    b_oscale = tl.load(p_oscale + o_c, mask=m_d, other=0.0)
+    b_o = b_acc * b_oscale[None, :] / b_sum[:, None]
+    p_o0 = p_o + i_b * stride_ob + i_h * stride_oh + q_start.to(tl.int64) * stride_on
+    p_o1 = p_o0 + o_m[:, None] * stride_on + o_d[None, :] * stride_od
+    tl.store(p_o1, b_o.to(p_o.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
 
 
 # =========================================================================== K/V quantizer
 @triton.jit
-def _quant_kv_kernel(
-    K, V, MEAN, VINV, KQ, KS, VT,
+def _quantize_kv_kernel(
+    p_k, p_v, p_mean, p_vinv, p_kq, p_ks, p_vt,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     H, N, NPAD, NT,
@@ -246,59 +258,72 @@ def _quant_kv_kernel(
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
     i_bh64 = i_bh.to(tl.int64)
-    offs_n = i_t * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    m_in = (offs_n < N)[:, None] & d_ok[None, :]
-    m_out = (offs_n < NPAD)[:, None] & d_ok[None, :]
+    o_n = i_t * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < HEAD_DIM
+    m_in = (o_n < N)[:, None] & m_d[None, :]
+    m_out = (o_n < NPAD)[:, None] & m_d[None, :]
 
-    mean = tl.load(MEAN + i_bh64 * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
-    p_k = K + i_b * stride_kb + i_h * stride_kh + offs_n[:, None].to(tl.int64) * stride_kn \
-        + offs_d[None, :] * stride_kd
-    k = tl.load(p_k, mask=m_in, other=0.0).to(tl.float32)
-    k = tl.where(m_in, k - mean[None, :], 0.0)
-    amax = tl.maximum(tl.max(tl.max(tl.abs(k), 1), 0), _AMAX_EPS)
-    t = k * (_INT8_MAX / amax)
-    t = tl.where(t >= 0, tl.floor(t + 0.5), -tl.floor(-t + 0.5))
-    kq = tl.minimum(tl.maximum(t, -_INT8_MAX), _INT8_MAX).to(tl.int8)
-    p_kq = KQ + i_bh64 * NPAD * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(p_kq, kq, mask=m_out)
-    tl.store(KS + i_bh64 * NT + i_t, amax / _INT8_MAX)
+    b_mean = tl.load(p_mean + i_bh64 * HEAD_DIM + o_d, mask=m_d, other=0.0)
+    p_k0 = p_k + i_b * stride_kb + i_h * stride_kh + o_n[:, None].to(tl.int64) * stride_kn \
+        + o_d[None, :] * stride_kd
+    b_k = tl.load(p_k0, mask=m_in, other=0.0).to(tl.float32)
+    b_k = tl.where(m_in, b_k - b_mean[None, :], 0.0)
+    amax = tl.maximum(tl.max(tl.max(tl.abs(b_k), 1), 0), _AMAX_EPS)
+    b_t = b_k * (_INT8_MAX / amax)
+    b_t = tl.where(b_t >= 0, tl.floor(b_t + 0.5), -tl.floor(-b_t + 0.5))
+    b_kq = tl.minimum(tl.maximum(b_t, -_INT8_MAX), _INT8_MAX).to(tl.int8)
+    p_kq0 = p_kq + i_bh64 * NPAD * HEAD_DIM + o_n[:, None] * HEAD_DIM + o_d[None, :]
+    tl.store(p_kq0, b_kq, mask=m_out)
+    tl.store(p_ks + i_bh64 * NT + i_t, amax / _INT8_MAX)
 
-    vinv = tl.load(VINV + i_bh64 * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
-    p_v = V + i_b * stride_vb + i_h * stride_vh + offs_n[:, None].to(tl.int64) * stride_vn \
-        + offs_d[None, :] * stride_vd
-    v = tl.load(p_v, mask=m_in, other=0.0).to(tl.float32)
-    v = tl.minimum(tl.maximum(v * vinv[None, :], -448.0), 448.0)
+    b_vinv = tl.load(p_vinv + i_bh64 * HEAD_DIM + o_d, mask=m_d, other=0.0)
+    p_v0 = p_v + i_b * stride_vb + i_h * stride_vh + o_n[:, None].to(tl.int64) * stride_vn \
+        + o_d[None, :] * stride_vd
+    b_v = tl.load(p_v0, mask=m_in, other=0.0).to(tl.float32)
+    b_v = tl.minimum(tl.maximum(b_v * b_vinv[None, :], -_FP8_MAX), _FP8_MAX)
     if UPCAST:  # the interpreter's fp32 -> e4m3 conversion misrounds; exact values convert fine
-        v = _round_e4m3(v)
-    p_vt = VT + i_bh64 * HEAD_DIM * NPAD + offs_d[None, :] * NPAD + offs_n[:, None]
-    tl.store(p_vt, v.to(tl.float8e4nv), mask=m_out)
+        b_v = _round_e4m3(b_v)
+    p_vt0 = p_vt + i_bh64 * HEAD_DIM * NPAD + o_d[None, :] * NPAD + o_n[:, None]
+    tl.store(p_vt0, b_v.to(tl.float8e4nv), mask=m_out)
+
+
+def quantize_kv_fwd(k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor,
+                    block_n: int) -> QuantizedKV:
+    """Launcher of the K/V quantizer on the tensors' device: ``k, v [B, N, H, D]`` with any
+    strides (passed to the kernel), ``k_mean [B, H, D]`` (made contiguous fp32), ``N > 0``.
+    Returns the :class:`QuantizedKV` (contiguous tensors)."""
+    with device_guard("quantize_kv_fwd", k=k, v=v, k_mean=k_mean):
+        return _quantize_kv(k, v, k_mean, block_n)
+
+
+def _quantize_kv(k, v, k_mean, block_n):
+    b, n, h, d = k.shape
+    npad = -(-n // TOKEN_PAD) * TOKEN_PAD
+    nt = -(-n // block_n)
+    vmax = torch.linalg.vector_norm(v, ord=float("inf"), dim=1, dtype=torch.float32)  # [B, H, D]
+    vmax = vmax.clamp(min=AMAX_EPS)
+    vinv = (FP8_MAX / vmax).contiguous()
+    kq = torch.empty((b, h, npad, d), dtype=torch.int8, device=k.device)
+    ks = torch.empty((b, h, nt), dtype=torch.float32, device=k.device)
+    vt = torch.empty((b, h, d, npad), dtype=FP8_DTYPE, device=k.device)
+    mean = k_mean.float().contiguous()
+    _quantize_kv_kernel[(max(nt, -(-npad // block_n)), b * h)](
+        k, v, mean, vinv, kq, ks, vt, *k.stride(), *v.stride(), h, n, npad, nt,
+        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_N=block_n, UPCAST=interpreter_active(), num_warps=4,
+    )
+    return QuantizedKV(kq, ks, mean, vt, (vmax / FP8_MAX).contiguous(), n, block_n)
 
 
 def quantize_kv_triton(k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor,
                        block_n: int) -> QuantizedKV:
     """``fp8_reference.quantize_kv`` on the GPU: same codes and scales (bit for bit under the
     interpreter; on the GPU up to the rounding of one fp32 division per tile / channel). The
-    per-channel V maximum is one torch reduction (no copy); the rest is one Triton pass."""
-    b, n, h, d = k.shape
-    if n == 0:
+    per-channel V maximum is one torch reduction (no copy); the rest is one Triton pass. An
+    empty set (``N = 0``) has nothing to launch: the spec builds it."""
+    if k.shape[1] == 0:
         return quantize_kv(k, v, k_mean, block_n)
-    npad = -(-n // TOKEN_PAD) * TOKEN_PAD
-    nt = -(-n // block_n)
-    vmax = torch.linalg.vector_norm(v, ord=float("inf"), dim=1, dtype=torch.float32)  # [B, H, D]
-    vmax = vmax.clamp(min=AMAX_EPS)
-    vinv = (E4M3_MAX / vmax).contiguous()
-    kq = torch.empty((b, h, npad, d), dtype=torch.int8, device=k.device)
-    ks = torch.empty((b, h, nt), dtype=torch.float32, device=k.device)
-    vt = torch.empty((b, h, d, npad), dtype=torch.float8_e4m3fn, device=k.device)
-    mean = k_mean.float().contiguous()
-    _quant_kv_kernel[(max(nt, -(-npad // block_n)), b * h)](
-        k, v, mean, vinv, kq, ks, vt, *k.stride(), *v.stride(), h, n, npad, nt,
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n,
-        UPCAST=interpreter_active(), num_warps=4,
-    )
-    return QuantizedKV(kq, ks, mean, vt, (vmax / E4M3_MAX).contiguous(), n, block_n)
+    return quantize_kv_fwd(k, v, k_mean, block_n)
 
 
 # =========================================================================== launcher
@@ -306,33 +331,52 @@ def fp8_block_m() -> int | None:
     """The query tile the kernel used: the interpreter's one config, or on the GPU the autotuner's
     last choice (None before the first launch). The reference reproduces the kernel when given
     this ``block_m``."""
-    cfgs = _fwd_configs()
+    cfgs = _fp8_attn_fwd_kernel.configs
     if len(cfgs) == 1:
         return cfgs[0].kwargs["BLOCK_M"]
     best = getattr(_fp8_attn_fwd_kernel, "best_config", None)
     return None if best is None else best.kwargs["BLOCK_M"]
 
 
+def _contiguous_set(s: QuantizedKV) -> QuantizedKV:
+    """The kernel addresses a set's tensors as contiguous ``[B, H, ...]`` rows (one stride per
+    batch*head index, unit innermost stride): a set built from views is copied once here
+    (``quantize_kv`` / ``quantize_kv_triton`` already return contiguous tensors)."""
+    fields = (s.k, s.k_scale, s.v, s.v_scale)
+    if all(t.is_contiguous() for t in fields):
+        return s
+    k, k_scale, v, v_scale = (t.contiguous() for t in fields)
+    return QuantizedKV(k, k_scale, s.k_mean, v, v_scale, s.num_tokens, s.block_n)
+
+
 def _set_args(s: QuantizedKV):
     return (s.k.stride(1), s.k.stride(2), s.k_scale.stride(1), s.v.stride(1), s.v.stride(2))
 
 
-def fp8_attention_fwd(q: torch.Tensor, set1: QuantizedKV, set2: QuantizedKV, num_video: int,
-                      scale: float) -> torch.Tensor:
-    """Launch the 8-bit attention kernel on the device of ``q``.
+def asym_attention_fp8_fwd(q: torch.Tensor, set1: QuantizedKV, set2: QuantizedKV, num_video: int,
+                           scale: float) -> torch.Tensor:
+    """Launch the 8-bit attention kernel on the device of the inputs.
 
     Args:
-        q: ``[B, NQ, H, D]`` float16/bfloat16/float32 (rotated), any strides.
+        q: ``[B, NQ, H, D]`` float16/bfloat16/float32 (rotated), any strides (passed to the kernel).
         set1: video key set, read by rows ``[0, Nv)`` (joint: the video keys, ``Nv`` of them;
             cached: the video keys, ``NQ = Nv``).
-        set2: the reference key set, read by every row.
+        set2: the reference key set, read by every row. Both sets' tensors are made contiguous
+            when they are not (:func:`_contiguous_set`).
         num_video: ``Nv``; rows ``[Nv, NQ)`` are reference rows (joint mode).
         scale: softmax scale.
     Returns:
         ``[B, NQ, H, D]`` in the dtype of q.
     """
-    if q.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"fp8 attention: q must be one of {_SUPPORTED_DTYPES}, got {q.dtype}")
+    with device_guard("asym_attention_fp8_fwd", q=q, set1_k=set1.k, set1_k_scale=set1.k_scale,
+                      set1_v=set1.v, set1_v_scale=set1.v_scale, set2_k=set2.k,
+                      set2_k_scale=set2.k_scale, set2_v=set2.v, set2_v_scale=set2.v_scale):
+        return _fp8_fwd(q, set1, set2, num_video, scale)
+
+
+def _fp8_fwd(q, set1, set2, num_video, scale):
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"fp8 attention: q must be one of {SUPPORTED_DTYPES}, got {q.dtype}")
     if not q.is_cuda and not interpreter_active():
         raise RuntimeError("fp8 attention: CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
     if set1.block_n != set2.block_n:
@@ -342,6 +386,7 @@ def fp8_attention_fwd(q: torch.Tensor, set1: QuantizedKV, set2: QuantizedKV, num
     o = torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device)
     if b * h * nq == 0:
         return o
+    set1, set2 = _contiguous_set(set1), _contiguous_set(set2)
     n1, n2 = set1.num_tokens, set2.num_tokens
     # an empty set is never read: alias it to the other so every pointer is valid
     if n2 == 0:
@@ -359,8 +404,8 @@ def fp8_attention_fwd(q: torch.Tensor, set1: QuantizedKV, set2: QuantizedKV, num
     _fp8_attn_fwd_kernel[grid](
         q, o, set1.k, set1.k_scale, set1.v, set2.k, set2.k_scale, set2.v, ratio, oscale,
         *q.stride(), *o.stride(), *_set_args(set1), *_set_args(set2),
-        h, nq, num_video, n1, n2, scale * _LOG2E,
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=set2.block_n,
+        h, nq, num_video, n1, n2, scale * LOG2E,
+        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_N=set2.block_n,
         SCALE_NEG=scale < 0, UPCAST=interpreter_active(),
     )
     return o
@@ -374,4 +419,16 @@ def asym_attention_fp8_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     mean = key_mean(k)
     vid = quantize_kv_triton(k[:, :num_video], v[:, :num_video], mean, block_n)
     ref = quantize_kv_triton(k[:, num_video:], v[:, num_video:], mean, block_n)
-    return fp8_attention_fwd(q, vid, ref, num_video, scale)
+    return asym_attention_fp8_fwd(q, vid, ref, num_video, scale)
+
+
+def cached_asym_attention_fp8_triton(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tensor,
+                                     ref_k: torch.Tensor | QuantizedKV, ref_v: torch.Tensor | None,
+                                     scale: float | None = None, *, block_n: int) -> torch.Tensor:
+    """Cached mode on rotated ``q_v, k_v, v_v [B, Nv, H, D]``: video queries over the video keys
+    then the reference ``ref_k, ref_v [B, Nr, H, D]`` (quantized here, one smoothing vector for
+    both sets) or ``ref_k`` a :class:`QuantizedKV` cache (``ref_v`` None: its mean and
+    ``block_n`` are used), then the kernel."""
+    scale = 1.0 / math.sqrt(q_v.shape[-1]) if scale is None else float(scale)
+    vid, ref = prepare_cached_sets(k_v, v_v, ref_k, ref_v, block_n, quantize=quantize_kv_triton)
+    return asym_attention_fp8_fwd(q_v, vid, ref, q_v.shape[1], scale)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .._utils import (
-    check_head_dim,
+    check_qkv,
     check_rope_tables,
     check_same_device,
     check_tensor,
@@ -26,7 +26,6 @@ from .fp8_reference import (
     asym_attention_fp8_ref,
     cached_asym_attention_fp8_ref,
     key_mean,
-    prepare_cached_sets,
 )
 from .fp8_reference import quantize_ref_kv as _quantize_ref_kv_ref
 
@@ -65,19 +64,6 @@ def check_precision(precision: object, ref_k: object = None) -> bool:
     if isinstance(ref_k, QuantizedKV) and precision != "fp8":
         raise ValueError("ref_k is a QuantizedKV (an 8-bit reference cache): pass precision='fp8'")
     return precision == "fp8"
-
-
-def _check_qkv(names: tuple[str, str, str], q, k, v) -> None:
-    """The checks of ``op._check_qkv`` (op.py imports this module, so it is not imported back)."""
-    for name, t in zip(names, (q, k, v)):
-        check_tensor(name, t, ndim=4, floating=True)
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"{names[0]}, {names[1]}, {names[2]} must share one shape [B, N, H, D]; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{names[0]}, {names[1]}, {names[2]} must share one dtype; got "
-                        f"{q.dtype}, {k.dtype}, {v.dtype}")
-    check_head_dim(names[0], q.shape[-1])
 
 
 class _ForwardOnly(torch.autograd.Function):
@@ -163,7 +149,7 @@ def cached_asym_attention_fp8(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.T
     ``ref_k, ref_v [B, Nr, H, D]`` tensors (quantized on every call), or ``ref_k`` a
     :class:`QuantizedKV` from :func:`quantize_ref_kv` and ``ref_v`` None (quantized once).
     """
-    _check_qkv(("q_v", "k_v", "v_v"), q_v, k_v, v_v)
+    check_qkv(("q_v", "k_v", "v_v"), q_v, k_v, v_v)
     b, nv, h, d = q_v.shape
     if isinstance(ref_k, QuantizedKV):
         if ref_v is not None:
@@ -191,17 +177,13 @@ def cached_asym_attention_fp8(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.T
             o = cached_asym_attention_fp8_ref(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale,
                                               block_m=DEFAULT_BLOCK_M, block_n=DEFAULT_BLOCK_N)
         else:
-            import math
-
-            from .fp8_kernels import fp8_attention_fwd, quantize_kv_triton
+            from .fp8_kernels import cached_asym_attention_fp8_triton
 
             qr, kr = q_v, k_v
             if cos is not None:
                 qr, kr = _rotate(q_v, cos, sin, "triton"), _rotate(k_v, cos, sin, "triton")
-            vid, ref = prepare_cached_sets(kr, v_v, ref_k, ref_v, DEFAULT_BLOCK_N,
-                                           quantize=quantize_kv_triton)
-            sc = 1.0 / math.sqrt(d) if scale is None else float(scale)
-            o = fp8_attention_fwd(qr, vid, ref, nv, sc)
+            o = cached_asym_attention_fp8_triton(qr, kr, v_v, ref_k, ref_v, scale,
+                                                 block_n=DEFAULT_BLOCK_N)
     # a QuantizedKV quantized from tensors that need grad carries their graph in its statistics
     refs = (ref_k, ref_v) if isinstance(ref_k, torch.Tensor) else (ref_k.k_mean, ref_k.k_scale, ref_k.v_scale)
     return _guard(o, q_v, k_v, v_v, *refs)

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._utils import LOG2E
+from ..quant.reference import AMAX_EPS, FP8_DTYPE, FP8_MAX
 from ..rope.reference import apply_rope_ref
 
 __all__ = [
@@ -54,31 +56,25 @@ __all__ = [
     "asym_attention_fp8_ref",
     "cached_asym_attention_fp8_ref",
     "INT8_MAX",
-    "E4M3_MAX",
     "P_SCALE",
     "LOG2_P_SCALE",
-    "AMAX_EPS",
     "TOKEN_PAD",
     "DEFAULT_BLOCK_M",
     "DEFAULT_BLOCK_N",
 ]
 
+# e4m3 (``FP8_DTYPE``), its maximum ``FP8_MAX`` = 448 and ``AMAX_EPS`` (keeps an all-zero tile
+# finite: its codes are zero) are those of the FP8 linears (``quant/reference.py``).
 INT8_MAX = 127.0
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = 448.0
 #: P (in [0, 1] after the max subtraction) is stored as e4m3(P * P_SCALE), the factor folded
-#: into the exponent as ``LOG2_P_SCALE``.
-P_SCALE = 448.0
+#: into the exponent as ``LOG2_P_SCALE``: the whole e4m3 range.
+P_SCALE = FP8_MAX
 LOG2_P_SCALE = math.log2(P_SCALE)
-#: keeps an all-zero tile finite (its codes are zero); the same value as the FP8 linears use.
-AMAX_EPS = 1e-12
 #: quantized sets pad their token count to a multiple of this (16-byte aligned rows of V^T).
 TOKEN_PAD = 16
 #: default tiles: query rows per int8 Q scale and keys per int8 K scale (the kernel's blocks).
 DEFAULT_BLOCK_M = 128
 DEFAULT_BLOCK_N = 64
-
-_LOG2E = 1.4426950408889634
 
 
 def _round_half_away(t: torch.Tensor) -> torch.Tensor:
@@ -153,8 +149,8 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor,
         z = torch.zeros((b, h, d), dtype=torch.float32, device=k.device)
         return QuantizedKV(torch.zeros((b, h, 0, d), dtype=torch.int8, device=k.device),
                            z[..., :0], k_mean.float().contiguous(),
-                           torch.zeros((b, h, d, 0), dtype=E4M3, device=k.device),
-                           z + AMAX_EPS / E4M3_MAX, 0, block_n)
+                           torch.zeros((b, h, d, 0), dtype=FP8_DTYPE, device=k.device),
+                           z + AMAX_EPS / FP8_MAX, 0, block_n)
     npad = -(-n // TOKEN_PAD) * TOKEN_PAD
     nt = -(-n // block_n)
     kf = k.float().permute(0, 2, 1, 3) - k_mean.float()[:, :, None, :]  # [B, H, N, D]
@@ -169,9 +165,9 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor,
 
     vf = v.float().permute(0, 2, 3, 1)  # [B, H, D, N]
     vmax = vf.abs().amax(dim=3).clamp(min=AMAX_EPS)
-    vq = (vf * (E4M3_MAX / vmax)[..., None]).clamp(-E4M3_MAX, E4M3_MAX)
-    vq = torch.nn.functional.pad(vq, (0, npad - n)).to(E4M3).contiguous()
-    return QuantizedKV(kq, k_scale, k_mean.float().contiguous(), vq, (vmax / E4M3_MAX).contiguous(),
+    vq = (vf * (FP8_MAX / vmax)[..., None]).clamp(-FP8_MAX, FP8_MAX)
+    vq = torch.nn.functional.pad(vq, (0, npad - n)).to(FP8_DTYPE).contiguous()
+    return QuantizedKV(kq, k_scale, k_mean.float().contiguous(), vq, (vmax / FP8_MAX).contiguous(),
                        n, block_n)
 
 
@@ -215,7 +211,7 @@ def fp8_attention_core(q: torch.Tensor, sets: list[QuantizedKV], scale: float,
     if m == 0:
         return torch.empty((b, 0, h, d), dtype=torch.float32, device=dev)
     codes, qsc = quantize_q_int8(q, block_m)
-    qk_scale = torch.tensor(scale * _LOG2E, dtype=torch.float32, device=dev)
+    qk_scale = torch.tensor(scale * LOG2E, dtype=torch.float32, device=dev)
     qk_c = (qsc * qk_scale).permute(0, 2, 1)  # [B, H, M]: q_scale * sm_scale * log2 e
     qi = codes.permute(0, 2, 1, 3).double()  # [B, H, M, D]
     m_i = torch.full((b, h, m), float("-inf"), dtype=torch.float32, device=dev)
@@ -237,7 +233,7 @@ def fp8_attention_core(q: torch.Tensor, sets: list[QuantizedKV], scale: float,
             p = torch.exp2(sc - (m_new - log2_p)[..., None])  # P * 448, in [0, 448]
             alpha = torch.exp2(m_i - m_new)
             l_i = l_i * alpha + p.sum(-1)
-            p8 = p.clamp(max=E4M3_MAX).to(E4M3).float()  # saturating, as cvt.rn.satfinite
+            p8 = p.clamp(max=FP8_MAX).to(FP8_DTYPE).float()  # saturating, as cvt.rn.satfinite
             v8 = s.v[:, :, :, lo:hi].float()  # [B, H, D, n]
             acc = acc * alpha[..., None] + p8 @ v8.transpose(-1, -2)
             m_i = m_new

@@ -37,6 +37,9 @@ Layout ``[B, N, H, D]``, any strides with a unit head-dim stride and 16-byte ali
 rules; ``hopper_supported`` checks them). ``D`` in ``HOPPER_HEAD_DIMS``. The log-sum-exp is
 stored in the units of ``kernels.py`` (base 2, scaled), so the backward pass is the existing one
 (``torch.ops.wildactor.asym_attention_bwd`` / ``cached_asym_attention_bwd``).
+
+Launcher: ``asym_attention_hopper_fwd`` (joint and cached); entry points
+``asym_attention_hopper_triton`` / ``cached_asym_attention_hopper_triton``.
 """
 
 from __future__ import annotations
@@ -47,62 +50,69 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import interpreter_active, logger, tf32_allowed
-from .kernels import _query_segment
+from .._utils import (
+    HOPPER_HEAD_DIMS,
+    LOG2E,
+    SUPPORTED_DTYPES,
+    autotune_configs,
+    device_guard,
+    dot_flags,
+    interpreter_active,
+    logger,
+    register_fake,
+    unit_last,
+)
+from .kernels import _prologue_rope, _query_segment
 
 __all__ = [
     "HOPPER_HEAD_DIMS",
     "HOPPER_WARP_SPEC",
-    "asym_attention_hopper",
-    "cached_asym_attention_hopper",
+    "asym_attention_hopper_fwd",
+    "asym_attention_hopper_triton",
+    "cached_asym_attention_hopper_triton",
     "hopper_layout_reason",
     "hopper_supported",
 ]
 
-#: Head dims with a tuned Hopper kernel; others use ``kernels.py``.
-HOPPER_HEAD_DIMS = (64, 128)
 #: Which key loop the joint kernel may use: None lets the autotuner time both the
 #: warp-specialised loop and the hand-pipelined one; True / False forces one (cached mode always
 #: uses the hand-pipelined loop).
 HOPPER_WARP_SPEC: bool | None = None
 
-_LOG2E = 1.4426950408889634
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 # =========================================================================== kernel
 @triton.jit
-def _scores(q, k_desc, row, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
-    """``q @ k^T`` for the key tile starting at ``row`` of ``k_desc`` (one TMA copy)."""
-    k = k_desc.load([row, 0])
+def _scores(b_q, desc_k, row, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``q @ k^T`` for the key tile starting at ``row`` of ``desc_k`` (one TMA copy)."""
+    b_k = desc_k.load([row, 0])
     if DOT_F32:
-        k = k.to(tl.float32)
-    return tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        b_k = b_k.to(tl.float32)
+    return tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
 
 
 @triton.jit
-def _softmax(qk, m_i, l_i, n_left, offs_n, qk_scale):
+def _softmax(b_qk, b_max, b_sum, n_left, o_n, qk_scale):
     """Online-softmax statistics of one score tile whose keys past ``n_left`` are masked (an
     additive 0/-inf bias per column: one compare per column, one add per score, no branch)."""
-    bias = tl.where(offs_n < n_left, 0.0, float("-inf"))
-    qk = qk * qk_scale + bias[None, :]
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.exp2(qk - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    return p, alpha, m_new, l_i
+    b_bias = tl.where(o_n < n_left, 0.0, float("-inf"))
+    b_qk = b_qk * qk_scale + b_bias[None, :]
+    b_max_new = tl.maximum(b_max, tl.max(b_qk, 1))
+    b_p = tl.exp2(b_qk - b_max_new[:, None])
+    b_alpha = tl.exp2(b_max - b_max_new)
+    b_sum = b_sum * b_alpha + tl.sum(b_p, 1)
+    return b_p, b_alpha, b_max_new, b_sum
 
 
 @triton.jit
-def _pv(acc, p, alpha, v_desc, row, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
-    v = v_desc.load([row, 0])
+def _pv(b_acc, b_p, b_alpha, desc_v, row, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+    b_v = desc_v.load([row, 0])
     if DOT_F32:
-        v = v.to(tl.float32)
-    return tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        b_v = b_v.to(tl.float32)
+    return tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None], input_precision=DOT_PREC)
 
 
 @triton.jit
-def _range_ws(acc, l_i, m_i, q, k_desc, v_desc, k_lo, k_hi, offs_n, qk_scale,
+def _range_ws(b_acc, b_sum, b_max, b_q, desc_k, desc_v, k_lo, k_hi, o_n, qk_scale,
               BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
     """Keys ``[k_lo, k_hi)`` in one warp-specialised loop: Triton's Hopper pass gives the TMA
     loads to a producer warp group and splits the query rows over two consumer warp groups
@@ -110,14 +120,14 @@ def _range_ws(acc, l_i, m_i, q, k_desc, v_desc, k_lo, k_hi, offs_n, qk_scale,
     wgmma does. The pass accepts one such loop per kernel, no branch with an else, and no dot
     outside it: hence the ragged tail is masked inside the loop, not peeled off."""
     for start in tl.range(k_lo, k_hi, BLOCK_N, warp_specialize=True):
-        qk = _scores(q, k_desc, start, DOT_F32, DOT_PREC)
-        p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, k_hi - start, offs_n, qk_scale)
-        acc = _pv(acc, p, alpha, v_desc, start, DOT_F32, DOT_PREC)
-    return acc, l_i, m_i
+        b_qk = _scores(b_q, desc_k, start, DOT_F32, DOT_PREC)
+        b_p, b_alpha, b_max, b_sum = _softmax(b_qk, b_max, b_sum, k_hi - start, o_n, qk_scale)
+        b_acc = _pv(b_acc, b_p, b_alpha, desc_v, start, DOT_F32, DOT_PREC)
+    return b_acc, b_sum, b_max
 
 
 @triton.jit
-def _range_overlap(acc, l_i, m_i, q, k_desc, v_desc, k_lo, k_hi, offs_n, qk_scale,
+def _range_overlap(b_acc, b_sum, b_max, b_q, desc_k, desc_v, k_lo, k_hi, o_n, qk_scale,
                    BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
     """Keys ``[k_lo, k_hi)`` (never empty), software-pipelined by hand so the QK^T of tile
     ``j+1`` runs on the tensor cores while the softmax of tile ``j`` runs on the ALUs.
@@ -128,31 +138,36 @@ def _range_overlap(acc, l_i, m_i, q, k_desc, v_desc, k_lo, k_hi, offs_n, qk_scal
     iteration's wait retires it. The prefetch of the last iteration reads past ``k_hi`` (TMA
     fills zeros) and is discarded."""
     n_tiles = tl.cdiv(k_hi - k_lo, BLOCK_N)
-    qk = _scores(q, k_desc, k_lo, DOT_F32, DOT_PREC)
-    p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, k_hi - k_lo, offs_n, qk_scale)
-    qk = _scores(q, k_desc, k_lo + BLOCK_N, DOT_F32, DOT_PREC)
+    b_qk = _scores(b_q, desc_k, k_lo, DOT_F32, DOT_PREC)
+    b_p, b_alpha, b_max, b_sum = _softmax(b_qk, b_max, b_sum, k_hi - k_lo, o_n, qk_scale)
+    b_qk = _scores(b_q, desc_k, k_lo + BLOCK_N, DOT_F32, DOT_PREC)
     for j in tl.range(1, n_tiles):
         row = k_lo + j * BLOCK_N
-        acc = _pv(acc, p, alpha, v_desc, row - BLOCK_N, DOT_F32, DOT_PREC)
-        qk_next = _scores(q, k_desc, row + BLOCK_N, DOT_F32, DOT_PREC)
-        p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, k_hi - row, offs_n, qk_scale)
-        qk = qk_next
-    acc = _pv(acc, p, alpha, v_desc, k_lo + (n_tiles - 1) * BLOCK_N, DOT_F32, DOT_PREC)
-    return acc, l_i, m_i
+        b_acc = _pv(b_acc, b_p, b_alpha, desc_v, row - BLOCK_N, DOT_F32, DOT_PREC)
+        b_qk_next = _scores(b_q, desc_k, row + BLOCK_N, DOT_F32, DOT_PREC)
+        b_p, b_alpha, b_max, b_sum = _softmax(b_qk, b_max, b_sum, k_hi - row, o_n, qk_scale)
+        b_qk = b_qk_next
+    b_acc = _pv(b_acc, b_p, b_alpha, desc_v, k_lo + (n_tiles - 1) * BLOCK_N, DOT_F32, DOT_PREC)
+    return b_acc, b_sum, b_max
 
 
-def _hopper_configs():
-    """(BLOCK_M, BLOCK_N, warps, stages, WARP_SPEC). Warp specialisation needs ``num_warps=4``
-    (Triton adds a producer and a second consumer warp group: 12 warps); the hand-pipelined loop
-    uses 8 warps. Built for sm_90 by triton 3.6 and 3.9 with HEAD_DIM 64 and 128: 0 spills, at
-    most 213 KB of shared memory (``tests/test_attention_hopper.py`` checks it)."""
-    if interpreter_active():  # small tiles that still leave ragged tails in the tests
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "WARP_SPEC": ws}, num_warps=4,
-                              num_stages=1) for ws in (True, False)]
-    cfgs = [(128, 128, 4, 2, True), (128, 64, 4, 3, True), (128, 64, 8, 3, False),
-            (128, 64, 8, 2, False)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "WARP_SPEC": ws}, num_warps=w, num_stages=s)
-            for m, n, w, s, ws in cfgs]
+# Autotune candidates (BLOCK_M, BLOCK_N, warps, stages, WARP_SPEC). Warp specialisation needs
+# ``num_warps=4`` (Triton adds a producer and a second consumer warp group: 12 warps); the
+# hand-pipelined loop uses 8 warps. Built for sm_90 by triton 3.6 and 3.9 with HEAD_DIM 64 and
+# 128: 0 spills, at most 213 KB of shared memory (``tests/test_attention_hopper.py`` checks it).
+_HOPPER_GPU = [(128, 128, 4, 2, True), (128, 64, 4, 3, True), (128, 64, 8, 3, False),
+               (128, 64, 8, 2, False)]
+# Under the interpreter: small tiles that still leave ragged tails in the tests, one per key
+# loop (the prune keeps the one WS_MODE asks for).
+_HOPPER_INTERPRETED = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "WARP_SPEC": ws}, num_warps=4,
+                                     num_stages=1) for ws in (True, False)]
+
+
+def _hopper_configs() -> list:
+    return autotune_configs(
+        [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "WARP_SPEC": ws}, num_warps=w, num_stages=s)
+         for m, n, w, s, ws in _HOPPER_GPU],
+        _HOPPER_INTERPRETED)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -172,7 +187,7 @@ def _prune(configs, named_args, **kwargs):
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _hopper_fwd_kernel(
-    Q, K, V, K2, V2, Out, LSE,
+    p_q, p_k, p_v, p_k2, p_v2, p_o, p_lse,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -185,7 +200,8 @@ def _hopper_fwd_kernel(
     DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """One program = one query block of one (batch, head); the grid and the key ranges are those
-    of ``kernels._attn_fwd_kernel`` (video blocks first, then reference blocks)."""
+    of ``kernels._attn_fwd_kernel`` (video blocks first, then reference blocks). The head dim
+    has unit stride (TMA's rule: the launcher makes it so)."""
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
@@ -193,46 +209,46 @@ def _hopper_fwd_kernel(
     q_start, q_end, k_start = _query_segment(i_m, NV, NQ, BLOCK_M)
 
     # per-(batch, head) [rows, D] descriptors; the row bound zero-fills reads past the end
-    q_desc = tl.make_tensor_descriptor(Q + i_b * stride_qb + i_h * stride_qh, shape=[NQ, HEAD_DIM],
+    desc_q = tl.make_tensor_descriptor(p_q + i_b * stride_qb + i_h * stride_qh, shape=[NQ, HEAD_DIM],
                                        strides=[stride_qn, 1], block_shape=[BLOCK_M, HEAD_DIM])
-    k_desc = tl.make_tensor_descriptor(K + i_b * stride_kb + i_h * stride_kh, shape=[NQ, HEAD_DIM],
+    desc_k = tl.make_tensor_descriptor(p_k + i_b * stride_kb + i_h * stride_kh, shape=[NQ, HEAD_DIM],
                                        strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM])
-    v_desc = tl.make_tensor_descriptor(V + i_b * stride_vb + i_h * stride_vh, shape=[NQ, HEAD_DIM],
+    desc_v = tl.make_tensor_descriptor(p_v + i_b * stride_vb + i_h * stride_vh, shape=[NQ, HEAD_DIM],
                                        strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM])
 
-    q = q_desc.load([q_start, 0])
+    b_q = desc_q.load([q_start, 0])
     if DOT_F32:
-        q = q.to(tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        b_q = b_q.to(tl.float32)
+    o_n = tl.arange(0, BLOCK_N)
+    b_acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
-    if WARP_SPEC and not CACHED:  # one key range: one key range, one warp-specialised loop
-        acc, l_i, m_i = _range_ws(acc, l_i, m_i, q, k_desc, v_desc, k_start, NQ, offs_n, qk_scale,
-                                  BLOCK_N, DOT_F32, DOT_PREC)
+    if WARP_SPEC and not CACHED:  # one key range, one warp-specialised loop
+        b_acc, b_sum, b_max = _range_ws(b_acc, b_sum, b_max, b_q, desc_k, desc_v, k_start, NQ, o_n,
+                                        qk_scale, BLOCK_N, DOT_F32, DOT_PREC)
     else:
-        acc, l_i, m_i = _range_overlap(acc, l_i, m_i, q, k_desc, v_desc, k_start, NQ, offs_n,
-                                       qk_scale, BLOCK_N, DOT_F32, DOT_PREC)
+        b_acc, b_sum, b_max = _range_overlap(b_acc, b_sum, b_max, b_q, desc_k, desc_v, k_start, NQ,
+                                             o_n, qk_scale, BLOCK_N, DOT_F32, DOT_PREC)
     if CACHED:  # second key range: the reference cache, read in place (NK2 > 0)
-        k2_desc = tl.make_tensor_descriptor(K2 + i_b * stride_k2b + i_h * stride_k2h,
+        desc_k2 = tl.make_tensor_descriptor(p_k2 + i_b * stride_k2b + i_h * stride_k2h,
                                             shape=[NK2, HEAD_DIM], strides=[stride_k2n, 1],
                                             block_shape=[BLOCK_N, HEAD_DIM])
-        v2_desc = tl.make_tensor_descriptor(V2 + i_b * stride_v2b + i_h * stride_v2h,
+        desc_v2 = tl.make_tensor_descriptor(p_v2 + i_b * stride_v2b + i_h * stride_v2h,
                                             shape=[NK2, HEAD_DIM], strides=[stride_v2n, 1],
                                             block_shape=[BLOCK_N, HEAD_DIM])
-        acc, l_i, m_i = _range_overlap(acc, l_i, m_i, q, k2_desc, v2_desc, 0, NK2, offs_n,
-                                       qk_scale, BLOCK_N, DOT_F32, DOT_PREC)
+        b_acc, b_sum, b_max = _range_overlap(b_acc, b_sum, b_max, b_q, desc_k2, desc_v2, 0, NK2, o_n,
+                                             qk_scale, BLOCK_N, DOT_F32, DOT_PREC)
 
     # ---- epilogue: masked pointer stores (a block's last rows may belong to the next segment)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    m_ok = offs_m < q_end - q_start
-    o = acc / l_i[:, None]
-    p_o = (Out + i_b * stride_ob + i_h * stride_oh + q_start.to(tl.int64) * stride_on
-           + offs_m[:, None] * stride_on + offs_d[None, :])
-    tl.store(p_o, o.to(Out.dtype.element_ty), mask=m_ok[:, None])
-    tl.store(LSE + i_bh.to(tl.int64) * NQ + q_start + offs_m, m_i + tl.log2(l_i), mask=m_ok)
+    o_m = tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, HEAD_DIM)
+    m_m = o_m < q_end - q_start
+    b_o = b_acc / b_sum[:, None]
+    p_o0 = (p_o + i_b * stride_ob + i_h * stride_oh + q_start.to(tl.int64) * stride_on
+            + o_m[:, None] * stride_on + o_d[None, :])
+    tl.store(p_o0, b_o.to(p_o.dtype.element_ty), mask=m_m[:, None])
+    tl.store(p_lse + i_bh.to(tl.int64) * NQ + q_start + o_m, b_max + tl.log2(b_sum), mask=m_m)
 
 
 # =========================================================================== launcher
@@ -241,7 +257,7 @@ def _tma_ok(t: torch.Tensor) -> bool:
     unit head-dim stride, 16-byte aligned base and row/batch/head strides."""
     e = t.element_size()
     strides_ok = t.stride(-1) == 1 and all((s * e) % 16 == 0 for s in t.stride()[:3])
-    if torch.compiler.is_compiling():  # no pointer while tracing: _hopper_fwd checks it at run time
+    if torch.compiler.is_compiling():  # no pointer while tracing: the launcher checks it at run time
         return strides_ok
     return strides_ok and t.data_ptr() % 16 == 0
 
@@ -250,8 +266,8 @@ def hopper_layout_reason(*tensors: torch.Tensor) -> str | None:
     """None when dtype, head_dim and layouts suit the Hopper kernel, else the reason. Under
     torch.compile only the strides are judged (the launch checks the base pointers)."""
     q = tensors[0]
-    if q.dtype not in _DTYPES:
-        return f"dtype {q.dtype} is not one of {_DTYPES}"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} is not one of {SUPPORTED_DTYPES}"
     if q.shape[-1] not in HOPPER_HEAD_DIMS:
         return f"head_dim {q.shape[-1]} is not one of {HOPPER_HEAD_DIMS}"
     for t in tensors:
@@ -279,6 +295,7 @@ def hopper_supported(*tensors: torch.Tensor) -> str | None:
 
 
 def _torch_scratch(size: int, alignment: int, stream):
+    # called at launch, inside the launcher's device guard: "cuda" is the tensors' device
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
@@ -300,13 +317,25 @@ def _ws_mode() -> int:
     return 0 if HOPPER_WARP_SPEC is None else (1 if HOPPER_WARP_SPEC else 2)
 
 
-def _hopper_fwd(q, k, v, k2, v2, num_video: int, scale: float, cached: bool):
-    """Launch; returns ``o [B, NQ, H, D]`` and the base-2 scaled ``lse [B, H, NQ]`` (float32),
-    the units of ``kernels._attn_fwd``."""
+def asym_attention_hopper_fwd(q, k, v, k2, v2, num_video: int, scale: float, cached: bool):
+    """Launcher of the Hopper forward kernel (joint, or cached with ``k2, v2`` the reference
+    cache) on the tensors' device. Batch, token and head strides are passed to the kernel; a
+    head dim with another stride than 1 is copied to unit stride (TMA reads rows), and every
+    operand must then have 16-byte aligned strides and base (ValueError otherwise). Returns
+    ``o [B, NQ, H, D]`` and the base-2 scaled ``lse [B, H, NQ]`` (float32), the units of
+    ``kernels.asym_attention_fwd``."""
+    with device_guard("asym_attention_hopper_fwd", q=q, k=k, v=v, k2=k2, v2=v2):
+        return _fwd(q, k, v, k2, v2, num_video, scale, cached)
+
+
+def _fwd(q, k, v, k2, v2, num_video, scale, cached):
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
+    if cached:
+        k2, v2 = unit_last(k2), unit_last(v2)
     for t in (q, k, v) + ((k2, v2) if cached else ()):
-        if t.numel() and t.data_ptr() % 16:
-            raise ValueError("attention.hopper: a tensor's base pointer is not 16-byte aligned "
-                             "(TMA); use backend='triton' or make it contiguous")
+        if t.numel() and not _tma_ok(t):
+            raise ValueError("attention.hopper: a tensor's base pointer or strides are not 16-byte "
+                             "aligned (TMA); use backend='triton' or make it contiguous")
     b, nq, h, d = q.shape
     o = torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
@@ -318,8 +347,7 @@ def _hopper_fwd(q, k, v, k2, v2, num_video: int, scale: float, cached: bool):
         k2, v2 = k, v
     if q.is_cuda:
         _ensure_allocator()
-    dot_f32 = interpreter_active() and q.dtype == torch.bfloat16
-    prec = "tf32" if (q.dtype == torch.float32 and tf32_allowed()) else "ieee"
+    dot_f32, prec = dot_flags(q.dtype)
 
     def grid(meta):
         bm = meta["BLOCK_M"]
@@ -328,7 +356,7 @@ def _hopper_fwd(q, k, v, k2, v2, num_video: int, scale: float, cached: bool):
     _hopper_fwd_kernel[grid](
         q, k, v, k2, v2, o, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *k2.stride()[:3], *v2.stride()[:3],
-        *o.stride()[:3], h, nq, num_video, nk2, scale * _LOG2E,
+        *o.stride()[:3], h, nq, num_video, nk2, scale * LOG2E,
         HEAD_DIM=d, CACHED=cached, WS_MODE=_ws_mode(), DOT_F32=dot_f32, DOT_PREC=prec,
     )
     return o, lse
@@ -340,13 +368,15 @@ def _hopper_fwd(q, k, v, k2, v2, num_video: int, scale: float, cached: bool):
                          schema="(Tensor q, Tensor k, Tensor v, SymInt num_video, float scale)"
                                 " -> (Tensor, Tensor)")
 def _hopper_asym_fwd_op(q, k, v, num_video, scale):
-    return _hopper_fwd(q, k, v, None, None, num_video, scale, cached=False)
+    return asym_attention_hopper_fwd(q, k, v, None, None, num_video, scale, cached=False)
 
 
-@_hopper_asym_fwd_op.register_fake
 def _hopper_asym_fwd_fake(q, k, v, num_video, scale):
     b, n, h, d = q.shape
     return q.new_empty((b, n, h, d)), q.new_empty((b, h, n), dtype=torch.float32)
+
+
+register_fake(_hopper_asym_fwd_op, _hopper_asym_fwd_fake)
 
 
 def _hopper_asym_setup(ctx, inputs, output):
@@ -372,13 +402,15 @@ _hopper_asym_fwd_op.register_autograd(_hopper_asym_backward, setup_context=_hopp
                          schema="(Tensor q_v, Tensor k_v, Tensor v_v, Tensor ref_k, Tensor ref_v, "
                                 "float scale) -> (Tensor, Tensor)")
 def _hopper_cached_fwd_op(q_v, k_v, v_v, ref_k, ref_v, scale):
-    return _hopper_fwd(q_v, k_v, v_v, ref_k, ref_v, q_v.shape[1], scale, cached=True)
+    return asym_attention_hopper_fwd(q_v, k_v, v_v, ref_k, ref_v, q_v.shape[1], scale, cached=True)
 
 
-@_hopper_cached_fwd_op.register_fake
 def _hopper_cached_fwd_fake(q_v, k_v, v_v, ref_k, ref_v, scale):
     b, n, h, d = q_v.shape
     return q_v.new_empty((b, n, h, d)), q_v.new_empty((b, h, n), dtype=torch.float32)
+
+
+register_fake(_hopper_cached_fwd_op, _hopper_cached_fwd_fake)
 
 
 def _hopper_cached_setup(ctx, inputs, output):
@@ -401,21 +433,15 @@ _hopper_cached_fwd_op.register_autograd(_hopper_cached_backward, setup_context=_
 
 
 # =========================================================================== public functions
-def _rotate(x, cos, sin):
-    from ..rope.op import apply_rope
-
-    return apply_rope(x, cos, sin, backend="triton")
-
-
 def _require(what: str, *tensors: torch.Tensor) -> None:
     reason = hopper_supported(*tensors)
     if reason is not None:
         raise ValueError(f"{what}: the Hopper kernel cannot run here: {reason}")
 
 
-def asym_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_video: int,
-                          cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-                          scale: float | None = None) -> torch.Tensor:
+def asym_attention_hopper_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_video: int,
+                                 cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                                 scale: float | None = None) -> torch.Tensor:
     """:func:`kernels.asym_attention_triton` on the Hopper kernel (inputs checked by ``op.py``).
 
     Args:
@@ -427,24 +453,25 @@ def asym_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num
         ``[B, N, H, D]`` contiguous, dtype of q. Differentiable (the backward of ``kernels.py``).
     """
     if cos is not None:
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    _require("asym_attention_hopper", q, k, v)
+        q, k = _prologue_rope(q, cos, sin), _prologue_rope(k, cos, sin)
+    _require("asym_attention_hopper_triton", q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     o, _ = _hopper_asym_fwd_op(q, k, v, num_video, scale)
     return o
 
 
-def cached_asym_attention_hopper(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tensor,
-                                 ref_k: torch.Tensor, ref_v: torch.Tensor,
-                                 cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-                                 scale: float | None = None) -> torch.Tensor:
+def cached_asym_attention_hopper_triton(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tensor,
+                                        ref_k: torch.Tensor, ref_v: torch.Tensor,
+                                        cos: torch.Tensor | None = None,
+                                        sin: torch.Tensor | None = None,
+                                        scale: float | None = None) -> torch.Tensor:
     """Video queries over ``[k_v; ref_k]`` / ``[v_v; ref_v]`` on the Hopper kernel: two key
     ranges, two descriptors, no concatenation. Shapes as in
     :func:`kernels.cached_asym_attention_triton`; ref_k/ref_v are cast to the dtype of q_v."""
     ref_k, ref_v = ref_k.to(q_v.dtype), ref_v.to(q_v.dtype)
     if cos is not None:
-        q_v, k_v = _rotate(q_v, cos, sin), _rotate(k_v, cos, sin)
-    _require("cached_asym_attention_hopper", q_v, k_v, v_v, ref_k, ref_v)
+        q_v, k_v = _prologue_rope(q_v, cos, sin), _prologue_rope(k_v, cos, sin)
+    _require("cached_asym_attention_hopper_triton", q_v, k_v, v_v, ref_k, ref_v)
     scale = 1.0 / math.sqrt(q_v.shape[-1]) if scale is None else float(scale)
     o, _ = _hopper_cached_fwd_op(q_v, k_v, v_v, ref_k, ref_v, scale)
     return o

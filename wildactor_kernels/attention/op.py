@@ -6,8 +6,8 @@ import torch
 
 from .._utils import (
     ROPE_MODES,
-    check_head_dim,
     check_num_video,
+    check_qkv,
     check_rope_tables,
     check_same_device,
     check_tensor,
@@ -18,18 +18,6 @@ from . import fp8_op
 from .reference import asym_attention_ref, cached_asym_attention_ref
 
 __all__ = ["asym_attention", "cached_asym_attention", "ROPE_MODES"]
-
-
-def _check_qkv(names: tuple[str, str, str], q, k, v) -> None:
-    for name, t in zip(names, (q, k, v)):
-        check_tensor(name, t, ndim=4, floating=True)
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"{names[0]}, {names[1]}, {names[2]} must share one shape [B, N, H, D]; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{names[0]}, {names[1]}, {names[2]} must share one dtype; got "
-                        f"{q.dtype}, {k.dtype}, {v.dtype}")
-    check_head_dim(names[0], q.shape[-1])
 
 
 def _check_rope_mode(rope_mode: object) -> None:
@@ -64,7 +52,7 @@ def asym_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_video:
         ``[B, N, H, D]`` in the dtype of q. Differentiable in q, k, v (``precision=None``).
     """
     scale = check_attention_scale(scale)
-    _check_qkv(("q", "k", "v"), q, k, v)
+    check_qkv(("q", "k", "v"), q, k, v)
     b, n, h, d = q.shape
     num_video = check_num_video(num_video, n)
     check_rope_tables(cos, sin, n, d)
@@ -104,7 +92,7 @@ def cached_asym_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tenso
     if fp8_op.check_precision(precision, ref_k):
         _check_rope_mode(rope_mode)
         return fp8_op.cached_asym_attention_fp8(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale, backend)
-    _check_qkv(("q_v", "k_v", "v_v"), q_v, k_v, v_v)
+    check_qkv(("q_v", "k_v", "v_v"), q_v, k_v, v_v)
     check_tensor("ref_k", ref_k, ndim=4, floating=True)
     check_tensor("ref_v", ref_v, ndim=4, floating=True)
     b, nv, h, d = q_v.shape

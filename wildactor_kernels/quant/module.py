@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .._utils import BACKENDS
 from ..lora.module import RefLoRALinear, ref_rows_input, ref_rows_output
 from .linear import GEMMS, _Fp8LinearFn, _warn_once, resolve_fp8_gemm
 from .reference import FP8_DTYPE, quantize_weight_fp8
@@ -50,7 +51,7 @@ class Float8Config:
     def __post_init__(self) -> None:
         if self.gemm not in GEMMS:
             raise ValueError(f"Float8Config.gemm must be one of {GEMMS}, got {self.gemm!r}")
-        if self.act_backend not in ("auto", "triton", "reference"):
+        if self.act_backend not in BACKENDS:
             raise ValueError(f"Float8Config.act_backend must be 'auto', 'triton' or 'reference', "
                              f"got {self.act_backend!r}")
 
