@@ -237,7 +237,8 @@ class WildActorPipeline:
                                 f"{r!r:.80}")
             kind, img = r
             if kind not in REF_KINDS:
-                raise ValueError(f"references[{i}] kind must be one of {REF_KINDS}, got {kind!r}")
+                kinds = " or ".join(repr(k) for k in REF_KINDS)
+                raise ValueError(f"references[{i}] kind must be {kinds}, got {kind!r}")
             out.append(self.encode_reference(img, kind, height, width))
         return out
 

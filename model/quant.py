@@ -144,8 +144,8 @@ def _bnb_classes() -> dict[str, type]:
 
         def forward(self, x: torch.Tensor, num_video: int | None = None) -> torch.Tensor:
             # LLM.int8 computes in fp16: cast here instead of bitsandbytes warning at every call
-            y = super().forward(x.to(torch.float16)).to(x.dtype)
-            return self._add_ref_lora(x, y, num_video)
+            base = super().forward
+            return self._ref_forward(x, num_video, lambda t: base(t.to(torch.float16)).to(t.dtype))
 
     class NF4Linear(RefLoRAMixin, bnb.nn.Linear4bit):
         """bitsandbytes ``Linear4bit`` (frozen NF4 base) + optional reference-only adapter.
@@ -153,7 +153,7 @@ def _bnb_classes() -> dict[str, type]:
         state), ``bias``, ``lora_*``."""
 
         def forward(self, x: torch.Tensor, num_video: int | None = None) -> torch.Tensor:
-            return self._add_ref_lora(x, super().forward(x), num_video)
+            return self._ref_forward(x, num_video, super().forward)
 
         def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                   unexpected_keys, error_msgs):

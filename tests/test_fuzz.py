@@ -16,7 +16,8 @@ any known-defect mark are fixed before it runs) and is one of:
 
 Sizes stay tiny: the Triton interpreter runs every program instance in Python. The default run
 is four seeds of five cases per op (well under a minute on two cores); a longer fuzz with other seeds is
-``WILDACTOR_FUZZ_SEEDS=3-40 WILDACTOR_FUZZ_CASES=8 pytest tests/test_fuzz.py``.
+``WILDACTOR_FUZZ_SEEDS=3-40 WILDACTOR_FUZZ_CASES=8 pytest tests/test_fuzz.py``, and with larger
+shapes (several tiles per segment, head dims up to 128) ``WILDACTOR_FUZZ_WIDE=1``.
 
 The defects issue 11 found by hand are pinned cases (``PINNED``): they run whatever the seeds draw.
 """
@@ -231,12 +232,18 @@ def _tables64(pos: torch.Tensor, d: int, theta: float) -> tuple[torch.Tensor, to
 
 
 # =========================================================================== case drawing
+#: ``WILDACTOR_FUZZ_WIDE=1``: also larger token counts and head dims (several tiles per segment,
+#: the model's head dims); slower under the interpreter, for longer runs with other seeds.
+WIDE = os.environ.get("WILDACTOR_FUZZ_WIDE", "0") not in ("", "0")
+
+
 def _head_dim(rng: random.Random) -> int:
-    return rng.choice([8, 10, 16, 16, 24, 34])
+    return rng.choice([8, 10, 16, 16, 24, 34] + ([40, 64, 72, 128] if WIDE else []))
 
 
 def _tokens(rng: random.Random) -> tuple[int, int]:
-    nv, nr = rng.choice([0, 1, 5, 13, 19]), rng.choice([0, 1, 4, 7])
+    nv = rng.choice([0, 1, 5, 13, 19] + ([33, 64, 70] if WIDE else []))
+    nr = rng.choice([0, 1, 4, 7] + ([17, 32, 41] if WIDE else []))
     if rng.random() < 0.1:
         nv = nr = 0
     return nv, nr
@@ -248,7 +255,8 @@ def _draw_attention(rng):
                 h=rng.choice([1, 2, 3]), d=_head_dim(rng), dtype=rng.choice(["fp32", "fp32", "fp16"]),
                 rope=rng.random() < 0.6, rope_mode=rng.choice([None, "fused", "prologue"]),
                 tables=_how(rng), scale=rng.choice([None, None, 0.3, 1.0, -0.5]),
-                hows=[_how(rng) for _ in range(5)], grads=[rng.random() < 0.7 for _ in range(5)])
+                hows=[_how(rng) for _ in range(5)], grads=[rng.random() < 0.7 for _ in range(5)],
+                fp8=rng.random() < 0.3, cache=rng.random() < 0.5)
 
 
 def _draw_rope(rng):
@@ -315,13 +323,15 @@ INVALID = {
         ("cos_only", ["cos", "sin"]), ("cos_int", ["cos"]), ("scale_nan", ["scale"]),
         ("scale_inf", ["scale"]), ("scale_list", ["scale"]), ("scale_str", ["scale"]),
         ("scale_bool", ["scale"]), ("scale_tensor", ["scale"]), ("backend", ["backend"]),
-        ("rope_mode", ["rope_mode"]), ("q_list", ["q"]), ("cos_meta", ["cos"]),
+        ("rope_mode", ["rope_mode"]), ("q_list", ["q"]), ("cos_meta", ["cos"]), ("precision", ["precision"]),
     ],
     "cached_asym_attention": [
         ("q_rank", ["q_v"]), ("k_shape", ["k_v"]), ("v_dtype", ["v_v"]), ("ref_shape", ["ref_k", "ref_v"]),
         ("ref_batch", ["ref_k"]), ("ref_heads", ["ref_k"]), ("ref_int", ["ref_k"]), ("ref_list", ["ref_v"]),
         ("cos_shape", ["cos", "sin", "cos/sin"]), ("scale_nan", ["scale"]), ("scale_list", ["scale"]),
         ("backend", ["backend"]), ("rope_mode", ["rope_mode"]), ("ref_meta", ["ref_v"]),
+        ("precision", ["precision"]), ("cache_ref_v", ["ref_v"]), ("cache_no_fp8", ["precision"]),
+        ("cache_heads", ["q_v", "ref_k"]), ("cache_block_n", ["block_n"]),
     ],
     "apply_rope": [
         ("x_rank", ["x"]), ("x_int", ["x"]), ("odd_d", ["head_dim", "x"]),
@@ -337,7 +347,7 @@ INVALID = {
     ],
     "ref_lora_linear": [
         ("x_rank", ["x"]), ("w_shape", ["weight"]), ("a_shape", ["lora_a"]), ("b_shape", ["lora_b"]),
-        ("bias_shape", ["bias"]), ("bias_2d", ["bias"]), ("rank0", ["lora_a", "lora_b", "LoRA rank"]),
+        ("bias_shape", ["bias"]), ("bias_2d", ["bias"]), ("rank0", ["lora_a"]),
         ("x_int", ["x"]), ("w_list", ["weight"]), ("scale_nan", ["scale"]), ("scale_tensor", ["scale"]),
         ("scale_str", ["scale"]), ("nv_high", ["num_video"]), ("nv_float", ["num_video"]),
         ("nv_bool", ["num_video"]), ("backend", ["backend"]), ("a_meta", ["lora_a"]),
@@ -411,9 +421,16 @@ PINNED = [
                                                         hows=["contig"] * 5)),
     ("lora-mixed-dtype", "ref_lora_linear", dict(b=1, nv=3, nr=2, din=12, mixed="lora_a", dtype="fp16",
                                                  hows=["contig"] * 5)),
-    ("attention-N0-grads", "asym_attention", dict(b=1, nv=0, nr=0, grads=[True] * 5)),
-    ("cached-Nv0-grads", "cached_asym_attention", dict(b=1, nv=0, nr=4, grads=[True] * 5)),
+    ("attention-N0-grads", "asym_attention", dict(b=1, nv=0, nr=0, grads=[True] * 5, fp8=False)),
+    ("cached-Nv0-grads", "cached_asym_attention", dict(b=1, nv=0, nr=4, grads=[True] * 5, fp8=False)),
+    # 8-bit attention: joint with rope and odd head dim; cached over a quantized cache whose
+    # reference keys alone need grad (the gradient request must still raise)
+    ("fp8-joint", "asym_attention", dict(b=2, nv=13, nr=7, d=34, rope=True, fp8=True, dtype="fp16",
+                                         grads=[True, False, False])),
+    ("fp8-cached-cache-grad", "cached_asym_attention", dict(b=1, nv=5, nr=4, fp8=True, cache=True,
+                                                            grads=[False, False, False, True, False])),
     ("module-2d-x", "RefLoRALinear", dict(x2d=True, rank=3, nv=2, nr=4, nv_none=False)),
+    ("lora-rank0-named", "ref_lora_linear", dict(bad="rank0", names=["lora_a"])),
 ]
 
 
@@ -500,8 +517,25 @@ def _spoil_attention(c, args: dict, cached: bool) -> None:
                                        ref_v=torch.randn(b, 2, h, d, device=DEVICE)),
         "ref_list": lambda: args.update(ref_v=args["ref_v"].tolist()),
         "ref_meta": lambda: args.update(ref_v=torch.zeros(args["ref_v"].shape, device="meta")),
+        "precision": lambda: args.update(precision=BAD_PRECISIONS[c["i"] % len(BAD_PRECISIONS)]),
+        # a QuantizedKV reference cache (precision="fp8" only, ref_v=None)
+        "cache_ref_v": lambda: args.update(ref_k=_cache(args), precision="fp8"),
+        "cache_no_fp8": lambda: args.update(ref_k=_cache(args), ref_v=None, precision=None),
+        "cache_heads": lambda: args.update(ref_k=_cache(args, heads=h + 1), ref_v=None, precision="fp8"),
     }
     bad[m]()
+
+
+#: values of ``precision`` that must be refused (only None and "fp8" are valid)
+BAD_PRECISIONS = ["int4", "FP8", "fp16", 8, True, ["fp8"], torch.float8_e4m3fn, "fp8 "]
+
+
+def _cache(args: dict, heads: int | None = None):
+    """The reference K/V of ``args`` quantized once (``heads``: built for another head count)."""
+    rk, rv = args["ref_k"], args["ref_v"]
+    if heads is not None:
+        rk, rv = (torch.randn(*t.shape[:2], heads, t.shape[3], device=t.device) for t in (rk, rv))
+    return wk.attention.quantize_ref_kv(rk, rv, backend=args["backend"])
 
 
 def _bad_attention_args(c, cached: bool) -> dict:
@@ -519,7 +553,8 @@ def _bad_attention_args(c, cached: bool) -> dict:
 def run_asym_attention(c):
     if c["bad"]:
         for backend in BACKENDS:
-            args = dict(_bad_attention_args(c, cached=False), backend=backend)
+            args = dict(_bad_attention_args(c, cached=False), backend=backend,
+                        precision="fp8" if c["fp8"] else None)
             _spoil_attention(c, args, cached=False)
             _expect_error(lambda: wk.asym_attention(**args), c["names"], f"{backend}/{c['bad']}")
         return
@@ -535,6 +570,9 @@ def run_asym_attention(c):
         if cos is None:
             return None, None
         return cos.view(cos.leaf(dtype, False)), sin.view(sin.leaf(dtype, False))
+
+    if c["fp8"]:
+        return _fp8_attention(c, specs, tables, needs, do, cached=False)
 
     def run(backend):
         leaves = [s.leaf(dt, ng) for s, ng in zip(specs, needs)]
@@ -558,7 +596,14 @@ def run_asym_attention(c):
 def run_cached_asym_attention(c):
     if c["bad"]:
         for backend in BACKENDS:
-            a2 = dict(_bad_attention_args(c, cached=True), backend=backend, num_video=3)
+            a2 = dict(_bad_attention_args(c, cached=True), backend=backend, num_video=3,
+                      precision="fp8" if c["fp8"] else None)
+            if c["bad"] == "cache_block_n":  # quantize_ref_kv refuses a key block the kernel cannot use
+                bn = [24, 8, 0, 16.0, True, "64", None][c["i"] % 7]
+                _expect_error(lambda: wk.attention.quantize_ref_kv(a2["ref_k"], a2["ref_v"], block_n=bn,
+                                                                   backend=backend),
+                              c["names"], f"{backend}/{c['bad']}")
+                continue
             _spoil_attention(c, a2, cached=True)
             a2.pop("num_video")
             _expect_error(lambda: wk.cached_asym_attention(**a2), c["names"], f"{backend}/{c['bad']}")
@@ -571,6 +616,13 @@ def run_cached_asym_attention(c):
     cos, sin = _tables_spec(nv, d, c["tables"], g) if c["rope"] else (None, None)
     needs = c["grads"][:5]
     scale = c["scale"]
+    if c["fp8"]:
+        def tables(dtype):
+            if cos is None:
+                return None, None
+            return cos.view(cos.leaf(dtype, False)), sin.view(sin.leaf(dtype, False))
+
+        return _fp8_attention(c, specs, tables, needs, do, cached=True)
 
     def run(backend):
         leaves = [s.leaf(dt, ng) for s, ng in zip(specs, needs)]
@@ -587,12 +639,138 @@ def run_cached_asym_attention(c):
         if cos is not None:
             cs, sn = cos.view(cos.leaf(torch.float64, False)), sin.view(sin.leaf(torch.float64, False))
             q, k = _rotate64(q, cs, sn), _rotate64(k, cs, sn)
-        kk, vv = torch.cat([k, rk], 1), torch.cat([v, rv], 1)
-        sc = 1.0 / math.sqrt(d) if scale is None else scale
-        p = (torch.einsum("bnhd,bmhd->bhnm", q, kk) * sc).softmax(-1)
-        return [torch.einsum("bhnm,bmhd->bnhd", p, vv)], leaves, [do.double()]
+        return [_cached64(q, k, v, rk, rv, scale)], leaves, [do.double()]
 
     _compare(run, truth, ["q_v", "k_v", "v_v", "ref_k", "ref_v"], needs, specs)
+
+
+def _cached64(q, k, v, rk, rv, scale):
+    """Video queries over ``[k; rk]`` (q, k already rotated), in fp64."""
+    kk, vv = torch.cat([k, rk], 1).double(), torch.cat([v, rv], 1).double()
+    sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    p = (torch.einsum("bnhd,bmhd->bhnm", q.double(), kk) * sc).softmax(-1)
+    return torch.einsum("bhnm,bmhd->bnhd", p, vv)
+
+
+# --------------------------------------------------------------------------- 8-bit attention
+FP8_COS_MIN = 0.995  # docs/design.md §9: cosine similarity against bf16 attention
+
+
+def _fp8_block_m(backend: str) -> int:
+    """The query tile of the 8-bit run that just happened on ``backend`` (the spec needs it)."""
+    from wildactor_kernels.attention import fp8_reference as R
+
+    if backend == "reference":
+        return R.DEFAULT_BLOCK_M
+    from wildactor_kernels.attention.fp8_kernels import fp8_block_m
+
+    return fp8_block_m() or R.DEFAULT_BLOCK_M
+
+
+def _assert_fp8_kernel_matches_spec(o: torch.Tensor, spec: torch.Tensor, v_max: float, who: str) -> None:
+    """The Triton kernel against the spec (same quantization, same tiles): equal up to the rounding
+    of exp2 and of the sums, except that such a rounding can move one P value across an e4m3
+    rounding boundary (or, on the GPU, one int8 code by one): a few rows then differ by at most
+    one e4m3 step of one probability, ``2^-3 * max|v|``. A dropped key, a wrong stride or an
+    unwritten row is off in many rows, or by more."""
+    o64, s64 = o.detach().double(), spec.double()
+    mag = s64.abs().max().item() if s64.numel() else 0.0
+    # (the GPU's exp2 and division are approximate: 1e-4 of the output's scale, as the kernel tests)
+    tight = max(4.0 * torch.finfo(o.dtype).eps, 1e-4) * max(mag, 1e-3) + 1e-6
+    off = (o64 - s64).abs() > tight
+    rows = off.any(-1)  # [B, N, H]
+    allowed = max(2, rows.numel() // 50)
+    assert int(rows.sum()) <= allowed, (
+        f"{who}: {int(rows.sum())} of {rows.numel()} rows differ from the 8-bit spec by more than "
+        f"{tight:.2e} (max {(o64 - s64).abs().max().item():.3e})")
+    if off.any():
+        worst = (o64 - s64).abs().max().item()
+        assert worst <= 2.0 ** -3 * v_max * 1.01 + tight, (
+            f"{who}: off the 8-bit spec by {worst:.3e}, beyond one e4m3 step of P ({2.0 ** -3 * v_max:.3e})")
+
+
+def _fp8_backends() -> tuple[str, ...]:
+    """8-bit kernels need fp8 tensor cores (sm_89+); on an older GPU backend="triton" raises by
+    design (attention/fp8_op.py), so only the reference runs there."""
+    if DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE) < (8, 9):
+        return ("reference",)
+    return BACKENDS
+
+
+def _assert_cos(o: torch.Tensor, ref: torch.Tensor, who: str) -> None:
+    a, b = o.detach().double().flatten(), ref.detach().double().flatten()
+    if a.numel() == 0 or b.norm() == 0:  # nothing to compare: degenerate
+        return
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+    assert cos >= FP8_COS_MIN, f"{who}: cosine {cos:.5f} < {FP8_COS_MIN}"
+
+
+def _fp8_attention(c, specs, tables, needs, do, cached: bool) -> None:
+    """``precision="fp8"`` (forward only): per backend, the output against the 8-bit spec
+    (``fp8_reference.py``; the reference backend *is* the spec, the kernel agrees up to
+    rounding); both against fp64 and bf16 attention within the documented cosine; a gradient
+    request raises the documented error. The cached op reads the reference K/V as tensors or,
+    when ``c["cache"]``, as a :class:`QuantizedKV` cache quantized once by that backend."""
+    from wildactor_kernels.attention import fp8_reference as R
+
+    dt, nv, scale = DTYPES[c["dtype"]], c["nv"], c["scale"]
+    use_cache = cached and c["cache"]
+    outs = {}
+    for backend in _fp8_backends():
+        leaves = [s.leaf(dt, ng) for s, ng in zip(specs, needs)]
+        views = [s.view(lf) for s, lf in zip(specs, leaves)]
+        cs, sn = tables(torch.float32)
+        kw = dict(backend=backend, rope_mode=c["rope_mode"], precision="fp8")
+        if cached:
+            q, k, v, rk, rv = views
+            if use_cache:
+                cache = wk.attention.quantize_ref_kv(rk, rv, backend=backend)
+                o = wk.cached_asym_attention(q, k, v, cache, None, cs, sn, scale, **kw)
+            else:
+                o = wk.cached_asym_attention(q, k, v, rk, rv, cs, sn, scale, **kw)
+            with torch.no_grad():
+                ref_set = R.quantize_ref_kv(rk, rv) if use_cache else rk
+                spec = R.cached_asym_attention_fp8_ref(q, k, v, ref_set, None if use_cache else rv, cs, sn,
+                                                       scale, block_m=_fp8_block_m(backend))
+            v_max = max(t.detach().abs().max().item() if t.numel() else 0.0 for t in (v, rv))
+        else:
+            q, k, v = views
+            o = wk.asym_attention(q, k, v, nv, cs, sn, scale, **kw)
+            with torch.no_grad():
+                spec = R.asym_attention_fp8_ref(q, k, v, nv, cs, sn, scale, block_m=_fp8_block_m(backend))
+            v_max = v.detach().abs().max().item() if v.numel() else 0.0
+        who = f"fp8/{backend}{'/cache' if use_cache else ''}"
+        assert o.shape == q.shape and o.dtype == dt, f"{who}: {tuple(o.shape)} {o.dtype}"
+        assert not torch.isnan(o).any(), f"{who}: NaN in the output (an unwritten element?)"
+        if backend == "reference":
+            assert torch.equal(o.detach(), spec), f"{who}: the reference backend is not the spec"
+        else:
+            _assert_fp8_kernel_matches_spec(o, spec, v_max, who)
+        # forward only: a gradient request raises the documented error, inference needs no graph
+        gl = [lf for lf, ng in zip(leaves, needs) if ng]
+        if use_cache and c["nr"] == 0:  # an empty cache holds no statistic of ref_k/ref_v to guard
+            gl = [lf for lf, ng in zip(leaves[:3], needs) if ng]
+        if gl:
+            assert o.requires_grad, f"{who}: inputs need grad but the output has no graph (no error to raise)"
+            with pytest.raises(RuntimeError, match="forward-only"):
+                torch.autograd.grad(o, gl, do.to(device=o.device, dtype=o.dtype))
+        else:
+            assert not o.requires_grad, f"{who}: a graph without any input that needs grad"
+        outs[backend] = o
+    # accuracy against full precision: the fp64 truth and bf16 attention (reference backend)
+    q, k, v, *ref = [s.view(s.leaf(torch.float64, False)) for s in specs]
+    c64, s64 = tables(torch.float64)
+    q, k = (q, k) if c64 is None else (_rotate64(q, c64, s64), _rotate64(k, c64, s64))
+    truth = _cached64(q, k, v, *ref, scale) if cached else dense_asym_attention_fp64(q, k, v, nv, scale)
+    bf = [s.view(s.leaf(torch.bfloat16, False)) for s in specs]
+    cs, sn = tables(torch.float32)
+    if cached:
+        bf16 = wk.cached_asym_attention(*bf, cs, sn, scale, backend="reference")
+    else:
+        bf16 = wk.asym_attention(*bf, nv, cs, sn, scale, backend="reference")
+    for backend, o in outs.items():
+        _assert_cos(o, truth, f"fp8/{backend} vs fp64 attention")
+        _assert_cos(o, bf16, f"fp8/{backend} vs bf16 attention")
 
 
 def _bad_rope(c, fn: str):

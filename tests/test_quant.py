@@ -504,6 +504,75 @@ def test_qlora_training_step(tiny, mode):
     assert moved and all(".lora_A." in k or ".lora_B." in k for k in moved), moved
 
 
+# =========================================================================== adapter row rules
+def _quantized_layer(mode, rank=3):
+    """A lone RefLoRALinear (trained-looking adapter) and its quantized twin of ``mode``."""
+    from wildactor_kernels.model.quant import quantize_model
+
+    from wildactor_kernels import RefLoRALinear
+
+    if mode in ("int8", "nf4"):
+        pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    src = RefLoRALinear(64, 32, rank=rank, backend="reference")
+    if rank:
+        with torch.no_grad():
+            src.lora_B.weight.normal_(0.0, 0.5)
+    box = nn.ModuleDict({"lin": copy.deepcopy(src)})
+    quantize_model(box, mode, module_filter_fn=lambda mod, fqn: fqn == "lin",
+                   emulate=True if mode == "fp8" else None)
+    q = box["lin"]
+    assert type(q).__name__ == {"fp8": "Float8RefLoRALinear", "int8": "Int8Linear", "nf4": "NF4Linear"}[mode]
+    return src, q
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8", "nf4"])
+def test_quantized_adapter_2d_input_is_one_sample(mode):
+    """``[N, Din]`` with num_video is one sample on the quantized layers too: the adapter acts on
+    its reference rows exactly as on ``[1, N, Din]`` (it used to be dropped silently)."""
+    src, q = _quantized_layer(mode)
+    x = torch.randn(6, 64)
+    with torch.no_grad():
+        y2, y3, plain = q(x, 2), q(x[None], 2)[0], q(x)
+        want = src(x, 2)
+    assert y2.shape == (6, 32)
+    torch.testing.assert_close(y2, y3, rtol=0, atol=0)
+    torch.testing.assert_close(y2[:2], plain[:2], rtol=0, atol=0)  # video rows: the base alone
+    delta, got = (want - src(x))[2:], (y2 - plain)[2:]  # the adapter's part, exact in high precision
+    assert delta.abs().max() > 0.5
+    torch.testing.assert_close(got, delta, rtol=1e-2, atol=1e-2)
+    xg = x.clone().requires_grad_(True)  # QLoRA-style: the adapter trains through the 2-D call
+    q(xg, 2).sum().backward()
+    assert xg.grad.shape == x.shape and q.lora_B.weight.grad.abs().sum() > 0
+
+
+_BAD_ROWS = [
+    pytest.param((1, 1, 6, 64), 2, id="4d"), pytest.param((64,), 0, id="1d"),
+    pytest.param((2, 6, 64), 7, id="nv>N"), pytest.param((6, 64), 7, id="2d-nv>N"),
+    pytest.param((2, 6, 64), -1, id="nv<0"), pytest.param((2, 6, 64), "3", id="nv-str"),
+    pytest.param((2, 6, 64), 3.0, id="nv-float"), pytest.param((2, 6, 64), True, id="nv-bool"),
+    pytest.param("list", 2, id="x-list"), pytest.param("int", 2, id="x-int"),
+]
+
+
+@pytest.mark.parametrize("shape,nv", _BAD_ROWS)
+@pytest.mark.parametrize("rank", [0, 3])
+@pytest.mark.parametrize("mode", ["fp8", "int8", "nf4"])
+def test_quantized_adapter_rejects_what_refloralinear_rejects(mode, rank, shape, nv):
+    """Rows are never guessed on a quantized base either: each input RefLoRALinear refuses is
+    refused with the same exception and message (one rule, shared code), with or without an
+    adapter; before, these returned the base alone."""
+    src, q = _quantized_layer(mode, rank)
+    x = {"list": [[0.0] * 64], "int": torch.zeros(2, 6, 64, dtype=torch.int64)}.get(shape)
+    x = torch.randn(shape) if x is None else x
+    with pytest.raises((TypeError, ValueError)) as want:
+        src(x, nv)
+    with pytest.raises(type(want.value)) as got:
+        q(x, nv)
+    assert str(got.value) == str(want.value)
+    assert "num_video" in str(got.value) or "x must" in str(got.value)
+
+
 def test_run_quantize_report_tiny(capsys):
     pytest.importorskip("wildactor_kernels.model.wildactor")
     from wildactor_kernels.model.quant import run_quantize_report

@@ -184,5 +184,6 @@ def cached_asym_attention_fp8(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.T
                 qr, kr = _rotate(q_v, cos, sin, "triton"), _rotate(k_v, cos, sin, "triton")
             o = cached_asym_attention_fp8_triton(qr, kr, v_v, ref_k, ref_v, scale,
                                                  block_n=DEFAULT_BLOCK_N)
-    rk = ref_k if isinstance(ref_k, torch.Tensor) else None
-    return _guard(o, q_v, k_v, v_v, rk, ref_v)
+    # a QuantizedKV quantized from tensors that need grad carries their graph in its statistics
+    refs = (ref_k, ref_v) if isinstance(ref_k, torch.Tensor) else (ref_k.k_mean, ref_k.k_scale, ref_k.v_scale)
+    return _guard(o, q_v, k_v, v_v, *refs)

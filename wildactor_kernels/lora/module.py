@@ -65,6 +65,37 @@ def folded_linear_torch(x: torch.Tensor, weight: torch.Tensor, weight_ref: torch
     return out
 
 
+def ref_rows_input(x: object, num_video: object) -> tuple[torch.Tensor, int | None]:
+    """The input rules of every layer with a reference-only adapter (:class:`RefLoRALinear`, and
+    the FP8 and bitsandbytes layers built on it), checked in one place.
+
+    Args:
+        x: a floating-point tensor.
+        num_video: None (no reference rows: ``x`` may have any shape ``[..., Din]``, as for
+            ``nn.Linear``), or ``Nv`` in ``[0, N]``, when ``x`` must be ``[B, N, Din]`` or
+            ``[N, Din]`` (one sample): rows ``n >= Nv`` of each sample are reference rows. Any
+            other rank of ``x`` raises, since which rows are reference rows would be a guess.
+    Returns:
+        ``(x3, nv)``: with an int ``num_video``, ``x`` as ``[B, N, Din]`` (a 2-D ``x`` gets a batch
+        dim of one; :func:`ref_rows_output` undoes it) and the checked ``Nv``; else ``(x, None)``.
+    Raises:
+        TypeError / ValueError naming ``x`` or ``num_video``.
+    """
+    check_tensor("x", x, floating=True)
+    if num_video is None:
+        return x, None
+    if x.ndim not in (2, 3):
+        raise ValueError(f"x must be [B, N, Din] or [N, Din] (one sample) when num_video is given, "
+                         f"got shape {tuple(x.shape)}")
+    x3 = x if x.ndim == 3 else x.unsqueeze(0)
+    return x3, check_num_video(num_video, x3.shape[1])
+
+
+def ref_rows_output(x: torch.Tensor, y3: torch.Tensor) -> torch.Tensor:
+    """``y3 [B, N, Dout]`` computed on :func:`ref_rows_input`'s ``x3``, in the shape of ``x``."""
+    return y3 if x.ndim == 3 else y3.squeeze(0)
+
+
 class RefLoRALinear(nn.Module):
     """Linear layer ``y = x W^T + b`` plus ``s (x_r A^T) B^T`` on rows ``n >= num_video``.
 
@@ -240,17 +271,13 @@ class RefLoRALinear(nn.Module):
         Returns:
             ``[..., Dout]`` with the leading dims of ``x``.
         """
-        check_tensor("x", x, floating=True)
-        if num_video is None:
+        x3, num_video = ref_rows_input(x, num_video)
+        if num_video is None or self.rank == 0 or num_video == x3.shape[1]:
             return F.linear(x, self.weight, self.bias)
-        if x.ndim not in (2, 3):
-            raise ValueError(f"x must be [B, N, Din] or [N, Din] (one sample) when num_video is given, "
-                             f"got shape {tuple(x.shape)}")
-        if x.ndim == 2:  # one sample: the rules of the 3-D op, on a batch of one
-            return self.forward(x.unsqueeze(0), num_video).squeeze(0)
-        num_video = check_num_video(num_video, x.shape[1])
-        if self.rank == 0 or num_video == x.shape[1]:
-            return F.linear(x, self.weight, self.bias)
+        return ref_rows_output(x, self._adapted(x3, num_video))
+
+    def _adapted(self, x: torch.Tensor, num_video: int) -> torch.Tensor:
+        """``x [B, N, Din]`` with ``0 <= num_video < N`` and an adapter: ``[B, N, Dout]``."""
         if self._use_fold():
             w_ref = self.folded_weight()
             if resolve_backend(self.backend, x) == "triton":

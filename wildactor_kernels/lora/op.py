@@ -43,7 +43,8 @@ def ref_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if tuple(lora_b.shape) != (dout, r):
         raise ValueError(f"lora_b must have shape [Dout, r] = [{dout}, {r}], got {tuple(lora_b.shape)}")
     if r < 1:
-        raise ValueError("LoRA rank must be >= 1")
+        raise ValueError(f"lora_a and lora_b must have rank r >= 1 (lora_a [r, Din], lora_b [Dout, r]), "
+                         f"got lora_a {tuple(lora_a.shape)} and lora_b {tuple(lora_b.shape)}")
     if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
     num_video = check_num_video(num_video, x.shape[1])

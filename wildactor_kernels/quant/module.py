@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .._utils import BACKENDS
-from ..lora.module import RefLoRALinear
+from ..lora.module import RefLoRALinear, ref_rows_input, ref_rows_output
 from .linear import GEMMS, _Fp8LinearFn, _warn_once, resolve_fp8_gemm
 from .reference import FP8_DTYPE, quantize_weight_fp8
 
@@ -196,8 +196,22 @@ class RefLoRAMixin:
     def scale(self) -> float:
         return self.alpha / self.rank if self.rank > 0 else 0.0
 
-    def _add_ref_lora(self, x: torch.Tensor, y: torch.Tensor, num_video: int | None) -> torch.Tensor:
-        if self.rank == 0 or num_video is None or x.ndim != 3 or num_video >= x.shape[1]:
+    def _ref_forward(self, x: torch.Tensor, num_video: int | None,
+                     base: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``base(x)`` (the quantized linear) plus the adapter on the reference rows, with the
+        input rules of :class:`RefLoRALinear` (:func:`~wildactor_kernels.lora.module.ref_rows_input`):
+        ``num_video=None`` is a plain linear on ``x [..., Din]``; with an int, ``x`` is
+        ``[B, N, Din]`` or ``[N, Din]`` (one sample) and ``num_video`` lies in ``[0, N]``, else
+        a TypeError/ValueError naming the argument."""
+        x3, num_video = ref_rows_input(x, num_video)
+        if num_video is None:
+            return base(x)
+        return ref_rows_output(x, self._add_ref_lora(x3, base(x3), num_video))
+
+    def _add_ref_lora(self, x: torch.Tensor, y: torch.Tensor, num_video: int) -> torch.Tensor:
+        """``y [B, N, Dout] = base(x [B, N, Din])`` plus ``s B A x`` on rows ``>= num_video``
+        (``num_video`` already checked by :func:`ref_rows_input`)."""
+        if self.rank == 0 or num_video == x.shape[1]:
             return y
         x_r = x[:, num_video:]
         delta = self.lora_B(self.lora_A(x_r.to(self.lora_A.weight.dtype))) * self.scale
@@ -206,7 +220,8 @@ class RefLoRAMixin:
 
 class Float8RefLoRALinear(RefLoRAMixin, Float8Linear):
     """FP8 version of :class:`~wildactor_kernels.RefLoRALinear`: FP8 base for every row, bf16
-    (original dtype) reference-only adapter on top. ``forward(x [B, N, Din], num_video=None)``."""
+    (original dtype) reference-only adapter on top. ``forward(x, num_video=None)`` with the input
+    rules of ``RefLoRALinear.forward`` (``x [B, N, Din]`` or ``[N, Din]`` with a ``num_video``)."""
 
     @classmethod
     def from_float(cls, lin: nn.Module, config: Float8Config | None = None) -> Float8RefLoRALinear:
@@ -215,7 +230,7 @@ class Float8RefLoRALinear(RefLoRAMixin, Float8Linear):
         return new
 
     def forward(self, x: torch.Tensor, num_video: int | None = None) -> torch.Tensor:
-        return self._add_ref_lora(x, self._base(x), num_video)
+        return self._ref_forward(x, num_video, self._base)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", rank={self.rank}, alpha={self.alpha}"
