@@ -134,7 +134,8 @@ gpu_state() {
 
 run_all() {
     local att=(benchmarks/bench_attention.py --min-reps 5)
-    local fwd_impls=(ours-prologue ours-fused ours-norope ours-hopper auto sdpa-cudnn-2call sdpa-cudnn-cat)
+    local fwd_impls=(ours-prologue ours-fused ours-norope ours-hopper auto sdpa-cudnn-2call sdpa-cudnn-cat
+                     ours-fp8 ours-fp8-kernel ours-fp8-cache sage-2call fa3-fp8-2call)
     local tests=(tests/test_attention_kernels.py tests/test_rope_kernels.py tests/test_lora_kernels.py
                  tests/test_lora_module.py tests/test_quant.py tests/test_attention_hopper.py
                  tests/test_attention_dispatch.py tests/test_attention_fp8.py)
