@@ -81,3 +81,16 @@ def check_refs(cfg: WildActorConfig, refs: Iterable[Reference] | None) -> list[R
             raise ValueError(f"refs[{i}] latent h, w = {(h, w)} must be positive multiples of "
                              f"the spatial patch {(ph, pw)}")
     return refs
+
+
+def check_call(cfg: WildActorConfig, latents: object, timestep: object, context: object,
+               refs: object, ref_cache: object) -> tuple[int, tuple[int, int, int], torch.Tensor]:
+    """The checks of one model call (``WildActor.forward`` and its parallel wrapper): joint or
+    cached path, video latents, timestep and text states. Returns the batch size, the token grid
+    and the timestep as a float tensor ``[B]`` or ``[B, Nv]``."""
+    if refs is not None and ref_cache is not None:
+        raise ValueError("give refs (joint path) or ref_cache (cached path), not both")
+    b, grid = check_video(cfg, latents)
+    t = check_timestep(timestep, b, grid[0] * grid[1] * grid[2], latents.device)
+    check_context(cfg, context, b)
+    return b, grid, t

@@ -699,12 +699,8 @@ class WildActor(nn.Module):
 
     def _velocity(self, latents: Tensor, timestep: Tensor | float, context: Tensor,
                   refs: Sequence[Reference] | None, ref_cache: RefCache | None) -> Tensor:
-        if refs is not None and ref_cache is not None:
-            raise ValueError("give refs (joint path) or ref_cache (cached path), not both")
-        b, grid = checks.check_video(self.cfg, latents)
+        b, grid, t = checks.check_call(self.cfg, latents, timestep, context, refs, ref_cache)
         nv = grid[0] * grid[1] * grid[2]
-        t = checks.check_timestep(timestep, b, nv, latents.device)
-        checks.check_context(self.cfg, context, b)
         if ref_cache is not None:
             ks, vs = self.bind_ref_cache(ref_cache, grid, b)
             cos, sin = self.rope_tables(TokenLayout(grid), latents.device)

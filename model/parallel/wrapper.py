@@ -77,12 +77,8 @@ class ParallelWildActor(nn.Module):
                 refs: Sequence[Reference] | None = None, ref_cache: RefCache | None = None) -> Tensor:
         """Velocity ``[B, out_channels, T, H, W]``, equal on every rank (see :meth:`WildActor.forward`)."""
         m, cfg, pm = self.model, self.config, self.mesh
-        if refs is not None and ref_cache is not None:
-            raise ValueError("give refs (joint path) or ref_cache (cached path), not both")
-        b, grid = checks.check_video(m.cfg, latents)
+        b, grid, t = checks.check_call(m.cfg, latents, timestep, context, refs, ref_cache)
         nv = grid[0] * grid[1] * grid[2]
-        t = checks.check_timestep(timestep, b, nv, latents.device)
-        checks.check_context(m.cfg, context, b)
         split = cfg.cfg > 1 and b % cfg.cfg == 0
         if cfg.cfg > 1 and not split and not self._warned and pm.rank == 0:
             logger.warning("ParallelConfig.cfg=%d splits the batch, but this call's batch is %d: every cfg "
