@@ -247,22 +247,29 @@ def demo_parameters(preset: str, layers: int | None = None) -> int:
     return m.num_parameters(include_adapters=True)
 
 
+def check_cpu_model_size(preset: str, layers: int | None, what: str, elsewhere: str) -> None:
+    """Refuse, in one line, a random-weight model of ``preset`` too big to build on a CPU
+    (``what`` names the command, ``elsewhere`` what the user can do instead of shrinking it)."""
+    n = demo_parameters(preset, layers)
+    if n <= CPU_DEMO_MAX_PARAMS:
+        return
+    from .config import WildActorConfig
+
+    cfg = WildActorConfig.preset(preset, **({"num_layers": layers} if layers else {}))
+    per_layer = (n - demo_parameters(preset, 1)) / max(cfg.num_layers - 1, 1)
+    fit = max(1, int((CPU_DEMO_MAX_PARAMS - (n - cfg.num_layers * per_layer)) // per_layer))
+    raise UsageError(
+        f"--preset {preset}: {_count(n)} parameters ({cfg.num_layers} layers, "
+        f"{n * 4 / 1e9:.0f} GB of random fp32 weights) is more than {what} builds on a CPU "
+        f"({_count(CPU_DEMO_MAX_PARAMS)}); add --layers N (N <= {min(fit, cfg.num_layers - 1)}, "
+        f"e.g. --layers 2) for a shorter model of the same width, or {elsewhere}")
+
+
 def check_demo(args: argparse.Namespace) -> None:
     args.device = check_device(args.device)
     _check_sizes(args)
     if args.device == "cpu":
-        n = demo_parameters(args.preset, args.layers)
-        if n > CPU_DEMO_MAX_PARAMS:
-            from .config import WildActorConfig
-
-            cfg = WildActorConfig.preset(args.preset, **({"num_layers": args.layers} if args.layers else {}))
-            per_layer = (n - demo_parameters(args.preset, 1)) / max(cfg.num_layers - 1, 1)
-            fit = max(1, int((CPU_DEMO_MAX_PARAMS - (n - cfg.num_layers * per_layer)) // per_layer))
-            raise UsageError(
-                f"--preset {args.preset}: {_count(n)} parameters ({cfg.num_layers} layers, "
-                f"{n * 4 / 1e9:.0f} GB of random fp32 weights) is more than the CPU demo builds "
-                f"({_count(CPU_DEMO_MAX_PARAMS)}); add --layers N (N <= {min(fit, cfg.num_layers - 1)}, "
-                f"e.g. --layers 2) for a shorter model of the same width, or run it on a CUDA device")
+        check_cpu_model_size(args.preset, args.layers, "the demo", "run it on a CUDA device")
 
 
 def _sync(device) -> None:
@@ -368,6 +375,9 @@ def check_export(args: argparse.Namespace) -> None:
     no_check, workspace_gb = getattr(args, "no_check", False), getattr(args, "workspace_gb", 8.0)
     if layers is not None and layers < 1:
         raise UsageError(f"--layers {layers}: expected a whole number >= 1")
+    if not weights:  # random weights, built (and traced) on the CPU
+        check_cpu_model_size(args.preset, layers, "the export of random weights",
+                             "export real weights with --weights DIR")
     if weights:
         check_weights_dir(weights)
         if layers is not None:

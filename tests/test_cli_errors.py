@@ -126,6 +126,9 @@ def _cases(tmp: str) -> dict[str, dict]:
                                                  "--preset", "wan2.2-5b"], needles=["--preset", "--weights"]),
         "export-opset-12": dict(argv=["export", "--out", out, "--opset", "12"], needles=["--opset", "12"]),
         "export-zero-layers": dict(argv=["export", "--out", out, "--layers", "0"], needles=["--layers"]),
+        # random weights of a full-size preset are built on the CPU to be traced: refused before
+        "export-big-preset-random-weights": dict(argv=["export", "--out", out, "--preset", "wan2.1-14b"],
+                                                 needles=["--preset wan2.1-14b", "--layers", "--weights"]),
         "export-unknown-preset": dict(argv=["export", "--out", out, "--preset", "huge"],
                                       needles=["--preset", "tiny"]),
         "export-without-onnx": dict(argv=["export", "--out", out], without=["onnx"], needles=["onnx", "pip"]),
