@@ -2,7 +2,9 @@
 
 - Every fenced ``python`` block runs, in order, in one namespace, in a fresh interpreter started
   without ``TRITON_INTERPRET`` (the README sets it up itself where it needs it). Blocks fenced
-  ``python gpu`` need CUDA: run where a CUDA device is present, skipped on the CPU.
+  ``python gpu`` need CUDA: run where a CUDA device is present, skipped on the CPU. Blocks fenced
+  ``python diffusers`` need diffusers and transformers (the test extra has both; the GPU machine
+  has no diffusers): skipped, and said so, where either is missing.
 - The two quickstart commands are the ones CI runs (``.ci/run``).
 - Each ``wildactor`` command line in a ``bash`` block is accepted by the CLI's parser.
 - The tested-versions table names the torch and Triton versions this run uses, and setup.py's
@@ -34,13 +36,17 @@ def blocks(lang: str) -> list[tuple[str, str]]:
 
 
 RUNNER = r"""
-import sys, traceback
+import importlib.util, sys, traceback
 import torch
 blocks = eval(sys.stdin.read())
 ns = {"__name__": "__readme__"}
 for i, (info, code) in enumerate(blocks):
     if "gpu" in info.split()[1:] and not torch.cuda.is_available():
         print(f"[readme] block {i} ({info}): skipped, no CUDA device", flush=True)
+        continue
+    if "diffusers" in info.split()[1:] and not all(
+            importlib.util.find_spec(m) for m in ("diffusers", "transformers")):
+        print(f"[readme] block {i} ({info}): skipped, needs diffusers and transformers", flush=True)
         continue
     print(f"[readme] block {i} ({info}) ...", flush=True)
     try:
