@@ -239,8 +239,8 @@ def _fwd_block(state, args, start, n_left, MASK_N: tl.constexpr, ROTATE_K: tl.co
 
 
 # Autotune candidates (BLOCK_M, BLOCK_N, warps, stages), most preferred first, per ROTATE. Each
-# one builds for sm_90 at D = 128 bf16 with 0 spill bytes (ptxas -v, triton 3.9; measured for
-# every kernel, joint and cached): the configs that spilled were dropped (see _DKDV_GPU). The
+# one builds for sm_90 at D = 128 bf16 with 0 spill bytes (ptxas -v, triton 3.9 and 3.6; joint and
+# cached) except the one named below: the configs that spilled were dropped (see _DKDV_GPU). The
 # autotuner sees the union; _make_prune keeps the ROTATE list, drops what does not fit in shared
 # memory for this head dim and dtype, and compiles at most _FIRST_CALL of the rest.
 # Kept although it spills: the CACHED build of 128x128x8x3 (two key ranges keep more pointers
