@@ -281,7 +281,7 @@ def run_shape(shape: str, *, device: torch.device, dtype: torch.dtype = torch.bf
     """Measure ``paths`` on one shape; returns one row per path (failed paths included)."""
     from wildactor_kernels.model.quant import quantize_model, quantized_modules, sqnr_db
 
-    from wildactor_kernels._utils import resolve_backend
+    from wildactor_kernels import attention_backends
 
     spec = SHAPES[shape]
     nv, nr = num_tokens(spec)
@@ -402,7 +402,10 @@ def run_shape(shape: str, *, device: torch.device, dtype: torch.dtype = torch.bf
                         f"{paths_used['emulate']} FP8 layers run the emulated GEMM on this GPU: not a "
                         f"fast path")
         m.set_backend("auto")
-        res["kernels"] = resolve_backend("auto", inputs["latents"])
+        # what backend="auto" runs: Triton on a CUDA device where it imports, else the reference
+        lat = inputs["latents"]
+        res["kernels"] = ("triton" if lat.is_cuda and attention_backends(lat.device)["available"]["triton"]
+                          else "reference")
         with torch.no_grad():
             cache, enc = _measure_encode(m, refs, video_shape, device, encode_iters)
         res.update(enc)

@@ -90,8 +90,13 @@ def bench_layers(device: torch.device, m_tokens: int, quick: bool) -> list[dict]
 
 
 def _bench_layer(device: torch.device, label: str, m_tokens: int, k: int, n: int, quick: bool) -> list[dict]:
-    from wildactor_kernels.quant import per_token_quant_fp8, per_token_quant_fp8_ref, quantize_weight_fp8
-    from wildactor_kernels.quant.linear import _scaled_mm_rowwise, fp8_gemm
+    from wildactor_kernels.quant import (
+        fp8_gemm,
+        per_token_quant_fp8,
+        per_token_quant_fp8_ref,
+        quantize_weight_fp8,
+        scaled_mm_rowwise,
+    )
 
     torch.manual_seed(0)
     x = torch.randn(m_tokens, k, device=device, dtype=torch.bfloat16)
@@ -105,7 +110,7 @@ def _bench_layer(device: torch.device, label: str, m_tokens: int, k: int, n: int
         t = bench(lambda: fp8_gemm(x, wq, ws, b, "scaled_mm"), quick)
         rows.append(_row("fp8 quant + _scaled_mm rowwise", t, flops, "fp8", **shape))
         xq, xs = per_token_quant_fp8(x, pad_to=16)
-        t = bench(lambda: _scaled_mm_rowwise(xq, xs, wq, ws, b, n, True), quick)
+        t = bench(lambda: scaled_mm_rowwise(xq, xs, wq, ws, b, n, True), quick)
         rows.append(_row("fp8 _scaled_mm rowwise only", t, flops, "fp8", **shape))
     except RuntimeError as e:
         rows.append({"name": "fp8 _scaled_mm rowwise", "error": str(e).splitlines()[0], **shape})
@@ -123,15 +128,20 @@ def _bnb_layer_rows(x, w, b, flops, shape, quick) -> list[dict]:
         import bitsandbytes  # noqa: F401
     except ImportError:
         return []
-    from wildactor_kernels.model.quant import Int8Config, NF4Config, _to_int8, _to_nf4
+    from wildactor_kernels.model.quant import Int8Config, NF4Config, quantize_model
 
     lin = torch.nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=w.dtype)
     lin.weight.data.copy_(w)
     lin.bias.data.copy_(b)
     rows = []
     nf4 = NF4Config(compute_dtype=torch.bfloat16)
-    for name, make in (("bnb int8 (LLM.int8)", lambda: _to_int8(lin, Int8Config())),
-                       ("bnb nf4 (bf16 compute)", lambda: _to_nf4(lin, nf4))):
+
+    def swap(mode, config):  # the library's own swap, on this one layer
+        return quantize_model(torch.nn.Sequential(lin), mode, config=config,
+                              module_filter_fn=lambda mod, fqn: True)[0]
+
+    for name, make in (("bnb int8 (LLM.int8)", lambda: swap("int8", Int8Config())),
+                       ("bnb nf4 (bf16 compute)", lambda: swap("nf4", nf4))):
         try:
             q = make().eval()
             with torch.no_grad():
@@ -214,7 +224,7 @@ def _converted_bytes(mode: str, n: int, k: int) -> int:
 
 def memory_table(device: torch.device, measure: bool) -> dict:
     from wildactor_kernels.model import WildActor, WildActorConfig
-    from wildactor_kernels.model.quant import _state_bytes, default_module_filter, quantize_model
+    from wildactor_kernels.model.quant import default_module_filter, quantize_model
 
     cfg = WildActorConfig.preset("wan2.2-5b")
     meta = WildActor(cfg, device="meta", dtype=torch.bfloat16)
@@ -237,7 +247,9 @@ def memory_table(device: torch.device, measure: bool) -> dict:
     # fp8: convert the meta model for real and count its state dict (must match the formula)
     logging.getLogger("wildactor_kernels").setLevel(logging.ERROR)
     quantize_model(meta, "fp8", emulate=True)
-    table["modes"]["fp8"]["bytes_meta_converted"] = _state_bytes(meta)
+    table["modes"]["fp8"]["bytes_meta_converted"] = sum(  # the state dict without the adapters
+        v.numel() * v.element_size() for k, v in meta.state_dict().items()
+        if isinstance(v, torch.Tensor) and "lora_" not in k)
     del meta
     if measure and device.type == "cuda":
         for mode in ("bf16", "fp8", "int8", "nf4"):

@@ -120,6 +120,71 @@ def test_imports_run_one_way():
     assert not bad, ("upward imports (kernels <- wildactor_kernels.model <- cli):\n" + "\n".join(bad))
 
 
+def _private_part(name: str, mods: dict[str, str]) -> str | None:
+    """The package that owns the first private part (``_name``) of the dotted ``name``, or None.
+
+    A private module (``wildactor_kernels._utils``) belongs to the package that holds it; a private
+    name of a module (``wildactor_kernels.quant.linear._warn_once``) to that module's package.
+    """
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("_") and not part.startswith("__"):
+            holder = ".".join(parts[:i])
+            is_pkg = holder in mods and os.path.basename(mods[holder]) == "__init__.py"
+            return holder if is_pkg or holder not in mods else holder.rpartition(".")[0]
+    return None
+
+
+def _private_imports_across_packages(importer: str, imports, mods: dict[str, str]) -> list[str]:
+    """Imports by ``importer`` of private names or modules owned by another package of the
+    library; the model (``wildactor_kernels.model``) is a package of its own, not a part of the
+    kernel package it is installed in."""
+    bad = []
+    for name, line in imports:
+        if name.split(".")[0] != PKG:
+            continue
+        owner = _private_part(name, mods)
+        if owner is None:
+            continue
+        inside = importer == owner or importer.startswith(owner + ".")
+        if not inside or (_layer(importer) > 0) != (_layer(owner) > 0):
+            bad.append(f"{importer}:{line} imports {name} (private to {owner})")
+    return bad
+
+
+def test_no_private_names_imported_across_packages():
+    """``_names`` stay inside their package: the model never imports the kernels' private helpers,
+    a kernel sub-package never imports another's, and benchmarks/ and the CLI use public names."""
+    mods = _package_modules()
+    bad = []
+    for m, imports in _graph()[1].items():
+        bad += _private_imports_across_packages(m, imports, mods)
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "benchmarks")):
+        for f in sorted(files):
+            if f.endswith(".py"):
+                path = os.path.join(dirpath, f)
+                bad += _private_imports_across_packages(
+                    f"benchmarks.{f[:-3]}", _imports(path, f"benchmarks.{f[:-3]}", False), mods)
+    assert not bad, "private names imported across packages:\n" + "\n".join(bad)
+
+
+def test_private_import_rule_sees_a_violation():
+    mods = _package_modules()
+
+    def flagged(importer: str, name: str) -> bool:
+        return bool(_private_imports_across_packages(importer, [(name, 1)], mods))
+
+    assert flagged(f"{MODEL}.quant", f"{PKG}.quant.linear._warn_once")
+    assert flagged(f"{MODEL}.wildactor", f"{PKG}._utils.logger")
+    assert flagged(f"{PKG}.rope.op", f"{PKG}.attention.kernels._block_d")
+    assert flagged("benchmarks.x", f"{PKG}._utils.resolve_backend")
+    assert flagged("benchmarks.x", f"{MODEL}.quant._to_int8")
+    assert not flagged(f"{PKG}.rope.op", f"{PKG}._utils.resolve_backend")
+    assert not flagged(f"{PKG}.quant.module", f"{PKG}.quant.linear._warn_once")
+    assert not flagged(f"{MODEL}.cli", f"{MODEL}.quant._mode_of")
+    assert not flagged("benchmarks.x", f"{PKG}.quant.scaled_mm_rowwise")
+
+
 def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components of more than one module (Tarjan)."""
     index, low, stack, on, out = {}, {}, [], set(), []
@@ -220,8 +285,9 @@ def test_wheel_has_one_top_level_package(tmp_path):
              "assert importlib.util.find_spec('benchmarks') is None\n")
     r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", CLI, "demo", "--steps", "2", "--frames", "1", "--height", "4",
-                        "--width", "4", "--device", "cpu", "--repeats", "1", "--no-progress"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
+    demo = ["demo", "--steps", "2", "--frames", "1", "--height", "4", "--width", "4", "--device", "cpu",
+            "--repeats", "1", "--no-progress"]
+    r = subprocess.run([sys.executable, "-m", CLI, *demo], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, (r.stdout[-1500:], r.stderr[-1500:])
     assert "Traceback" not in r.stderr

@@ -75,10 +75,20 @@ def resolve_fp8_gemm(gemm: str, device: torch.device | str) -> tuple[str, str | 
     return "scaled_mm", None
 
 
-def _scaled_mm_rowwise(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                       bias: torch.Tensor | None, n: int, use_fast_accum: bool,
-                       fuse_bias: bool = True) -> torch.Tensor:
-    """``x_q [M, K_pad]`` (already K-padded) x ``w_q [N, K]`` -> ``[M, N]`` bf16."""
+def scaled_mm_rowwise(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                      bias: torch.Tensor | None, n: int, use_fast_accum: bool,
+                      fuse_bias: bool = True) -> torch.Tensor:
+    """The ``"scaled_mm"`` GEMM alone, on operands already quantized: rowwise ``torch._scaled_mm``.
+
+    Args:
+        x_q, x_scale: ``[M, K_pad]`` float8_e4m3fn and ``[M, 1]`` fp32, as
+            ``per_token_quant_fp8(x, pad_to=16)`` returns them (K zero-padded to 16).
+        w_q, w_scale: ``[N, K]`` float8_e4m3fn and ``[N, 1]`` fp32 (padded here when needed).
+        bias: ``[N]`` or None; n: the output width ``N``.
+        use_fast_accum: ``_scaled_mm``'s fast accumulation; fuse_bias: add the bias in the GEMM.
+    Returns:
+        ``[M, N]`` bf16.
+    """
     k_pad = x_q.shape[1]
     n_pad = _round_up(n, _SCALED_MM_ALIGN)
     if w_q.shape[1] != k_pad or n_pad != n:
@@ -105,7 +115,7 @@ def fp8_gemm(x2: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: t
     n = w_q.shape[0]
     if path == "scaled_mm":
         x_q, x_scale = per_token_quant_fp8(x2, pad_to=_SCALED_MM_ALIGN, backend=act_backend)
-        y = _scaled_mm_rowwise(x_q, x_scale, w_q, w_scale, bias, n, use_fast_accum, fuse_bias)
+        y = scaled_mm_rowwise(x_q, x_scale, w_q, w_scale, bias, n, use_fast_accum, fuse_bias)
         return y.to(x2.dtype)
     if path == "emulate":
         x_q, x_scale = per_token_quant_fp8(x2, backend=act_backend)
