@@ -462,10 +462,18 @@ def find_checkout(start: str | None = None) -> str | None:
             break
         d = parent
     for c in candidates:
-        if os.path.isfile(os.path.join(c, "benchmarks", "suite.py")) and os.path.isdir(
-                os.path.join(c, "wildactor_kernels")):
+        if is_checkout(c):
             return c
     return None
+
+
+def is_checkout(path: str) -> bool:
+    """Whether ``path`` is a source checkout of this project: ``setup.py`` beside the kernel
+    package, the ``model/`` folder and ``benchmarks/suite.py``. A site-packages folder never is,
+    even when another distribution installed a top-level ``benchmarks`` package into it."""
+    return all(os.path.isfile(os.path.join(path, *rel)) for rel in (
+        ("setup.py",), ("wildactor_kernels", "__init__.py"), ("model", "__init__.py"),
+        ("benchmarks", "suite.py")))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -247,13 +247,7 @@ def test_wheel_has_one_top_level_package(tmp_path):
     the model package inside it and no benchmarks or tests."""
     pytest.importorskip("setuptools")
     src = tmp_path / "src"
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    for rel in filter(None, files.decode().split("\0")):
-        if not os.path.isfile(os.path.join(ROOT, rel)):
-            continue
-        dst = src / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(os.path.join(ROOT, rel), dst)
+    _copy_tracked_tree(src)
     out = tmp_path / "wheel"
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                         "-w", str(out), str(src)], capture_output=True, text=True)
@@ -291,3 +285,83 @@ def test_wheel_has_one_top_level_package(tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 0, (r.stdout[-1500:], r.stderr[-1500:])
     assert "Traceback" not in r.stderr
+    # benchmarks/ is not installed: outside a checkout `wildactor bench` says so, in one line
+    r = subprocess.run([sys.executable, "-m", CLI, "bench", "--device", "cpu"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, (r.stdout[-1500:], r.stderr[-1500:])
+    assert "source checkout" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def _copy_tracked_tree(dst) -> None:
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        if os.path.isfile(os.path.join(ROOT, rel)):
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, rel), dst / rel)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git to copy the tracked tree")
+def test_editable_install_serves_the_namespaced_model(tmp_path):
+    """``pip install -e .`` (PEP 660, setuptools' package_dir mapping) into a fresh environment:
+    from a folder outside the checkout ``wildactor_kernels.model`` is the checkout's ``model/``
+    folder, a top-level ``model`` or ``benchmarks`` does not exist, and ``wildactor bench`` finds
+    the checkout."""
+    pytest.importorskip("setuptools")
+    src, venv = tmp_path / "src", tmp_path / "venv"
+    _copy_tracked_tree(src)
+    # A fresh environment that sees this one's packages as plain paths: this environment's own
+    # .pth files (an editable install of another checkout among them) are not run there.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = str(venv / ("Scripts" if os.name == "nt" else "bin") / "python")
+    purelib = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    import site
+    with open(os.path.join(purelib, "deps.pth"), "w") as fh:
+        fh.write("\n".join(site.getsitepackages()) + "\n")
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--target", purelib, "-e", str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not os.path.exists(os.path.join(purelib, PKG))  # editable: served from the checkout
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = ("import importlib.util, os\n"
+             "import wildactor_kernels, wildactor_kernels.model as m\n"
+             "from wildactor_kernels.model import WildActor\n"
+             "from wildactor_kernels.model.export import TwoGraphRunner\n"
+             f"src = {str(src)!r}\n"
+             "assert wildactor_kernels.__file__ == os.path.join(src, 'wildactor_kernels', '__init__.py'), "
+             "wildactor_kernels.__file__\n"
+             "assert m.__file__ == os.path.join(src, 'model', '__init__.py'), m.__file__\n"
+             "assert importlib.util.find_spec('model') is None\n"
+             "assert importlib.util.find_spec('benchmarks') is None\n"
+             "from wildactor_kernels.model.cli import find_checkout\n"
+             "assert find_checkout() == src, find_checkout()\n")
+    r = subprocess.run([py, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_bench_never_takes_site_packages_for_a_checkout(tmp_path, monkeypatch, capsys):
+    """A site-packages folder where another distribution installed a top-level ``benchmarks``
+    package is not a checkout: `wildactor bench` runs only a real checkout's scripts."""
+    from wildactor_kernels.model import cli
+
+    import wildactor_kernels
+
+    site = tmp_path / "site-packages"
+    for rel in ("wildactor_kernels/__init__.py", "wildactor_kernels/model/__init__.py",
+                "benchmarks/__init__.py", "benchmarks/suite.py"):
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_text("")
+    monkeypatch.setattr(wildactor_kernels, "__file__", str(site / "wildactor_kernels" / "__init__.py"))
+    elsewhere = tmp_path / "work" / "sub"
+    elsewhere.mkdir(parents=True)
+    assert cli.find_checkout(str(elsewhere)) is None
+    monkeypatch.chdir(elsewhere)
+    assert cli.main(["bench", "--device", "cpu"]) == 2
+    assert "source checkout" in capsys.readouterr().err
+    checkout = tmp_path / "work"
+    for rel in ("setup.py", "wildactor_kernels/__init__.py", "model/__init__.py", "benchmarks/suite.py"):
+        (checkout / rel).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / rel).write_text("")
+    assert cli.find_checkout(str(elsewhere)) == str(checkout)
+    (checkout / "setup.py").unlink()
+    assert cli.find_checkout(str(elsewhere)) is None
