@@ -281,12 +281,16 @@ def test_wheel_has_one_top_level_package(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     demo = ["demo", "--steps", "2", "--frames", "1", "--height", "4", "--width", "4", "--device", "cpu",
             "--repeats", "1", "--no-progress"]
-    r = subprocess.run([sys.executable, "-m", CLI, *demo], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=300)
+    # the `wildactor` console script the wheel installs (its entry point), else the module
+    script = site / "bin" / "wildactor"
+    wildactor = [str(script)] if script.is_file() and os.name != "nt" else [sys.executable, "-m", CLI]
+    r = subprocess.run([*wildactor, *demo], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, (r.stdout[-1500:], r.stderr[-1500:])
     assert "Traceback" not in r.stderr
+    assert "OK: sampling with and without the reference cache agrees" in r.stdout
     # benchmarks/ is not installed: outside a checkout `wildactor bench` says so, in one line
-    r = subprocess.run([sys.executable, "-m", CLI, "bench", "--device", "cpu"], cwd=tmp_path, env=env,
+    r = subprocess.run([*wildactor, "bench", "--device", "cpu"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, (r.stdout[-1500:], r.stderr[-1500:])
     assert "source checkout" in r.stderr and "Traceback" not in r.stderr, r.stderr
