@@ -254,3 +254,18 @@ def test_no_literal_constant_copied_across_modules():
                 seen.setdefault(repr(value), []).append(f"{os.path.relpath(path, ROOT)}:{line} {name}")
     copies = {v: w for v, w in seen.items() if len({x.split(":")[0] for x in w}) > 1}
     assert not copies, "constants defined twice:\n" + "\n".join(f"{v}: {w}" for v, w in copies.items())
+
+
+def test_supported_dtypes_are_not_spelled_out_again():
+    """The dtypes the kernels take are ``_utils.SUPPORTED_DTYPES``; a literal copy of that set
+    elsewhere drifts the day one of them changes."""
+    supported = {"torch.float16", "torch.bfloat16", "torch.float32"}
+    bad = []
+    for path in _library_files("wildactor_kernels"):
+        if path == UTILS:
+            continue
+        for n in ast.walk(_tree(path)):
+            literal = isinstance(n, (ast.Tuple, ast.List, ast.Set))
+            if literal and {ast.unparse(e) for e in n.elts} == supported:
+                bad.append(f"{os.path.relpath(path, ROOT)}:{n.lineno} {ast.unparse(n)}")
+    assert not bad, "use _utils.SUPPORTED_DTYPES:\n" + "\n".join(bad)
