@@ -369,3 +369,25 @@ def test_bench_never_takes_site_packages_for_a_checkout(tmp_path, monkeypatch, c
     assert cli.find_checkout(str(elsewhere)) == str(checkout)
     (checkout / "setup.py").unlink()
     assert cli.find_checkout(str(elsewhere)) is None
+
+
+def test_bench_runs_the_checkout_suite_with_the_callers_paths(tmp_path, monkeypatch):
+    """`wildactor bench` starts ``python -m benchmarks.suite`` in the checkout, with the options
+    unchanged except that a relative ``--json`` is the caller's, not a file inside the checkout."""
+    from wildactor_kernels.model import cli
+
+    seen = {}
+
+    def fake_call(cmd, cwd=None, env=None):
+        seen.update(cmd=cmd, cwd=cwd, env=env)
+        return 0
+
+    monkeypatch.setattr(subprocess, "call", fake_call)
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "--suite", "model", "--json", "out/x.jsonl", "--json=y.jsonl", "--iters", "2"]
+    assert cli.main(argv) == 0
+    assert seen["cwd"] == ROOT
+    assert seen["cmd"][1:3] == ["-m", "benchmarks.suite"]
+    assert seen["cmd"][3:] == ["--suite", "model", "--json", str(tmp_path / "out" / "x.jsonl"),
+                               f"--json={tmp_path / 'y.jsonl'}", "--iters", "2"]
+    assert seen["env"]["PYTHONPATH"].split(os.pathsep)[0] == ROOT
