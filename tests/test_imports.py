@@ -261,6 +261,7 @@ def test_wheel_has_one_top_level_package(tmp_path):
     entry = zipfile.ZipFile(whl).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert f"wildactor = {CLI}:main" in entry
     assert f"{PKG}/attention/backend_table.json" in names  # package data the dispatcher reads
+    assert any(".dist-info/" in n and n.rsplit("/", 1)[-1] == "LICENSE" for n in names), names[-8:]
 
     # Installed from the wheel, run from a folder outside the checkout: the namespaced model
     # imports, a top-level `model` does not exist, and the CLI's demo runs.
