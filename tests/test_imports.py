@@ -273,6 +273,7 @@ def test_wheel_has_one_top_level_package(tmp_path):
     env["PYTHONPATH"] = str(site)
     probe = ("import wildactor_kernels, wildactor_kernels.model as m\n"
              "from wildactor_kernels.model import WildActor\n"
+             "import wildactor_kernels.model.export, wildactor_kernels.model.parallel\n"  # subpackages too
              f"assert wildactor_kernels.__file__.startswith({str(site)!r}), wildactor_kernels.__file__\n"
              f"assert m.__file__.startswith({str(site)!r}), m.__file__\n"
              "import importlib.util\n"
