@@ -73,8 +73,8 @@ def test_every_citation_points_at_a_section():
     assert "README.md" in files and os.path.join("model", "cli.py") in files
     bad = []
     for rel in files:
-        if rel == os.path.join("docs", "design.md"):
-            continue
+        if rel in (os.path.join("docs", "design.md"), os.path.join("tests", "test_design_doc.py")):
+            continue  # the document itself, and this file's examples of bad citations
         bad += citation_problems(open(os.path.join(ROOT, rel), encoding="utf-8").read(), sections, rel)
     assert not bad, "\n".join(bad)
 
