@@ -158,14 +158,16 @@ class WildActorPipeline:
         return cls(transformer, vae, text_encoder, tokenizer, scheduler)
 
     def save_pretrained(self, local_dir: str) -> None:
-        """Write the diffusers Wan layout (the transformer as a WildActor folder, adapters included)."""
-        os.makedirs(local_dir, exist_ok=True)
-        self.transformer.save_pretrained(os.path.join(local_dir, "transformer"))
-        self.vae.save_pretrained(os.path.join(local_dir, "vae"), safe_serialization=True)
-        self.text_encoder.save_pretrained(os.path.join(local_dir, "text_encoder"), safe_serialization=True)
-        self.tokenizer.save_pretrained(os.path.join(local_dir, "tokenizer"))
-        if self.scheduler is not None:
-            self.scheduler.save_pretrained(os.path.join(local_dir, "scheduler"))
+        """Write the diffusers Wan layout, ``model_index.json`` included, through diffusers' own
+        ``WanPipeline.save_pretrained`` (the transformer as a WildActor folder, adapters included):
+        :meth:`from_pretrained` and diffusers' ``WanPipeline.from_pretrained`` both read it back."""
+        from diffusers import WanPipeline
+
+        from .diffusers_compat import register_with_diffusers
+
+        register_with_diffusers()
+        WanPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
+                    scheduler=self.scheduler, transformer=self.transformer).save_pretrained(local_dir)
 
     def load_adapters(self, path: str, format: str = "auto", **kwargs) -> AdapterReport:
         """Load an adapter file into the transformer (see :func:`.adapter_formats.load_adapter_file`)."""

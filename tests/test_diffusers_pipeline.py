@@ -9,7 +9,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -181,6 +184,60 @@ def test_wanpipeline_references_through_attention_kwargs(comps, wa):
     torch.testing.assert_close(cached, joint, atol=1e-4, rtol=0)
 
 
+def test_wanpipeline_save_pretrained_keeps_the_wildactor(comps, tmp_path):
+    """WanPipeline.save_pretrained writes the WildActor transformer (adapters included) and
+    WanPipeline.from_pretrained / WildActorPipeline.from_pretrained give it back."""
+    from diffusers import WanPipeline
+
+    model = WildActor.from_diffusers(comps["transformer"], lora_rank=4).eval()
+    _randomize_adapters(model)
+    pipe = _wan_pipe(comps, model)
+    pipe.save_pretrained(tmp_path / "wan")
+    index = json.loads((tmp_path / "wan" / "model_index.json").read_text())
+    assert index["transformer"] == ["wildactor_kernels.model.wildactor", "WildActor"]
+    assert sorted(os.listdir(tmp_path / "wan" / "transformer")) == ["config.json", "model.safetensors"]
+    loaded = WanPipeline.from_pretrained(tmp_path / "wan")
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.transformer, WildActor) and loaded.transformer.cfg == model.cfg
+    got_sd = loaded.transformer.state_dict()
+    assert all(torch.equal(v, got_sd[k]) for k, v in model.state_dict().items())
+    refs = _lat_refs()
+    want = _wan_frames(pipe, output_type="latent", attention_kwargs={"refs": refs})
+    assert torch.equal(_wan_frames(loaded, output_type="latent", attention_kwargs={"refs": refs}), want)
+    ours = WildActorPipeline.from_pretrained(str(tmp_path / "wan"))
+    assert all(torch.equal(v, ours.transformer.state_dict()[k]) for k, v in model.state_dict().items())
+    half = WanPipeline.from_pretrained(tmp_path / "wan", dtype=torch.bfloat16)
+    assert half.transformer.dtype == torch.bfloat16 and half.transformer.cfg == model.cfg
+    with pytest.raises(ValueError, match="safetensors only"):
+        pipe.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    with pytest.raises(ValueError, match="disagree"):
+        WildActor.from_pretrained(str(tmp_path / "wan" / "transformer"), dtype=torch.float32,
+                                  torch_dtype=torch.bfloat16)
+
+
+def test_register_with_diffusers_when_diffusers_comes_later(comps, tmp_path):
+    """Package imported before diffusers: register_with_diffusers() (or building a WildActor) enters
+    WildActor in diffusers' loadable classes, and a fresh interpreter loads the saved pipeline."""
+    _wan_pipe(comps, WildActor.from_diffusers(comps["transformer"])).save_pretrained(tmp_path / "wan")
+    code = f"""
+import sys
+from wildactor_kernels.model import WildActor, register_with_diffusers
+assert "diffusers" not in sys.modules
+from diffusers import WanPipeline
+from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
+assert "wildactor_kernels.model" not in LOADABLE_CLASSES
+register_with_diffusers()
+register_with_diffusers()  # idempotent
+assert LOADABLE_CLASSES["wildactor_kernels.model"] == {{"WildActor": ["save_pretrained", "from_pretrained"]}}
+pipe = WanPipeline.from_pretrained({str(tmp_path / "wan")!r})
+assert type(pipe.transformer).__name__ == "WildActor"
+print("loaded")
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ))
+    assert p.returncode == 0 and "loaded" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
+
+
 # ============================================================================ WildActorPipeline
 @pytest.fixture(scope="module")
 def pipe(comps):
@@ -286,9 +343,10 @@ def test_pipeline_from_pretrained_diffusers_layout(comps, pipe, tmp_path):
     assert report.format == "wildactor" and len(report.mapped) == 2 * 6
     torch.testing.assert_close(_run(loaded, output_type="latent"), _run(pipe, output_type="latent"),
                                atol=1e-5, rtol=0)
-    # our own layout round-trips too (transformer/ as a WildActor folder)
+    # our own layout round-trips too (transformer/ as a WildActor folder), model_index.json included
     mine = tmp_path / "mine"
     pipe.save_pretrained(str(mine))
+    assert json.loads((mine / "model_index.json").read_text())["_class_name"] == "WanPipeline"
     again = WildActorPipeline.from_pretrained(str(mine))
     again.set_progress_bar_config(disable=True)
     assert torch.equal(_run(again, output_type="latent"), _run(pipe, output_type="latent"))
