@@ -653,8 +653,11 @@ class WildActor(nn.Module):
             attention_kwargs: ``{"refs": [Reference, ...]}`` (joint path) or
                 ``{"ref_cache": RefCache}`` (cached path); None or ``{}`` for none. Other keys are
                 refused (diffusers' ``"scale"`` for its own LoRA layers included).
-            return_dict: None (default): the tensor; True: a :class:`TransformerOutput` (``.sample``);
-                False: a one-tuple ``(velocity,)``.
+            return_dict: True: a :class:`TransformerOutput` (``.sample``, or ``[0]``); False: a
+                one-tuple ``(velocity,)``, as diffusers returns them. None (default): diffusers'
+                default (True) when the call uses diffusers' names (``hidden_states=`` or
+                ``encoder_hidden_states=``), so code written for ``WanTransformer3DModel`` runs
+                unchanged; the plain tensor otherwise (``m(latents, timestep, context)``).
         Returns:
             ``[B, out_channels, T, H, W]`` in the model dtype (wrapped as ``return_dict`` asks).
         """
@@ -665,7 +668,9 @@ class WildActor(nn.Module):
             raise TypeError("WildActor.forward() missing the timestep")
         v = self._velocity(latents, timestep, context, refs, ref_cache)
         if return_dict is None:
-            return v
+            if hidden_states is None and encoder_hidden_states is None:
+                return v
+            return_dict = True  # diffusers' default for a call in diffusers' names
         return TransformerOutput(v) if return_dict else (v,)
 
     @staticmethod

@@ -77,7 +77,7 @@ def test_config_dtype_device_cache_context(wa, comps):
         pass
 
 
-def test_forward_accepts_diffusers_keywords(wa):
+def test_forward_accepts_diffusers_keywords(wa, comps):
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(2, 4, 2, 4, 6, generator=g), torch.randn(2, 7, 32, generator=g)
     t = torch.tensor([700.0, 300.0])
@@ -100,6 +100,12 @@ def test_forward_accepts_diffusers_keywords(wa):
                    return_dict=False)[0]
         assert (plain - ref).abs().max() > 1e-3  # the references reached the model
         torch.testing.assert_close(plain, wa(x, t, ctx), atol=0, rtol=0)
+        # a call in diffusers' names with no return_dict returns what diffusers' own model returns
+        want = comps["transformer"](hidden_states=x, timestep=t, encoder_hidden_states=ctx)
+        got = wa(hidden_states=x, timestep=t, encoder_hidden_states=ctx)
+        assert type(want).__name__ == "Transformer2DModelOutput" and isinstance(got, TransformerOutput)
+        assert torch.equal(got[0], plain) and (got.sample - want.sample).abs().max().item() <= 1e-4
+        assert isinstance(wa(latents=x, timestep=t, encoder_hidden_states=ctx), TransformerOutput)
     with pytest.raises(ValueError, match=r"attention_kwargs keys \['scale'\]"):
         wa(hidden_states=x, timestep=t, encoder_hidden_states=ctx, attention_kwargs={"scale": 1.0})
     with pytest.raises(ValueError, match="latents or hidden_states"):
