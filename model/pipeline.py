@@ -139,6 +139,18 @@ class WildActorPipeline:
             if not os.path.isdir(os.path.join(local_dir, sub)):
                 raise FileNotFoundError(f"{local_dir} has no {sub}/ folder (diffusers Wan layout: "
                                         f"transformer/, vae/, text_encoder/, tokenizer/, scheduler/)")
+        index_path = os.path.join(local_dir, "model_index.json")
+        index = {}
+        if os.path.exists(index_path):
+            with open(index_path, encoding="utf-8") as f:
+                index = json.load(f)
+        second = index.get("transformer_2")
+        if os.path.isdir(os.path.join(local_dir, "transformer_2")) or (
+                isinstance(second, list) and second and second[0] is not None):
+            raise ValueError(f"{local_dir} is a two-expert Wan2.2 repository (transformer_2/); "
+                             "WildActorPipeline runs one transformer. Use diffusers' WanPipeline with "
+                             "transformer=WildActor.from_diffusers(t1), "
+                             "transformer_2=WildActor.from_diffusers(t2)")
         transformer = load_wan_transformer(os.path.join(local_dir, "transformer"), dtype=dtype, device=device,
                                            **overrides)
         vae = AutoencoderKLWan.from_pretrained(os.path.join(local_dir, "vae"), local_files_only=True,

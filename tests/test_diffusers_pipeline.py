@@ -364,6 +364,10 @@ def test_pipeline_from_pretrained_diffusers_layout(comps, pipe, tmp_path):
     sharded = load_wan_transformer(str(tmp_path / "sharded"), lora_rank=4)
     want = comps["transformer"].state_dict()
     assert all(torch.equal(v, want[k]) for k, v in sharded.state_dict().items() if k in want)
+    os.makedirs(root / "transformer_2")  # Wan2.2 A14B's second expert: refused, not silently dropped
+    with pytest.raises(ValueError, match="two-expert"):
+        WildActorPipeline.from_pretrained(str(root))
+    os.rmdir(root / "transformer_2")
     os.remove(root / "transformer" / "diffusion_pytorch_model.safetensors")
     with pytest.raises(FileNotFoundError, match="safetensors only"):
         WildActorPipeline.from_pretrained(str(root))
