@@ -219,6 +219,13 @@ def test_wanpipeline_save_pretrained_keeps_the_wildactor(comps, tmp_path):
     with pytest.raises(ValueError, match="disagree"):
         WildActor.from_pretrained(str(tmp_path / "wan" / "transformer"), dtype=torch.float32,
                                   torch_dtype=torch.bfloat16)
+    # a pipeline built around diffusers' transformer, then given a WildActor (README's way for a
+    # loaded checkpoint): its config follows, and so does what it saves
+    swapped = _wan_pipe(comps, comps["transformer"])
+    swapped.transformer = WildActor.from_diffusers(swapped.transformer)
+    assert tuple(swapped.config["transformer"]) == ("wildactor_kernels.model.wildactor", "WildActor")
+    swapped.save_pretrained(tmp_path / "swapped")
+    assert isinstance(WanPipeline.from_pretrained(tmp_path / "swapped").transformer, WildActor)
 
 
 def test_register_with_diffusers_when_diffusers_comes_later(comps, tmp_path):
