@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from wildactor_kernels.model import Reference, WildActor, WildActorConfig
 from wildactor_kernels.model.adapter_formats import (
+    adapter_rank,
     detect_format,
     load_adapter_file,
     load_diffusers_lora,
@@ -348,6 +349,29 @@ def test_standin_refusals(tmp_path):
     assert kept.cfg.ref_time == "after" and any("NOT where Stand-In" in n for n in rep.notes)
     with pytest.raises(ValueError, match="ref_time must be one of"):
         WildActorConfig.preset("tiny", ref_time="middle")
+
+
+def test_adapter_rank_from_the_file_header(tmp_path):
+    """The rank to build a model with, for every format, read without loading the tensors."""
+    peft_dir = _write_peft(tmp_path / "p", _pairs(_qkv_modules(), rank=6), {"r": 6, "lora_alpha": 6})
+    assert adapter_rank(str(peft_dir)) == 6
+    assert adapter_rank(str(peft_dir / "adapter_model.safetensors"), "peft") == 6
+    save_file(_standin_sd(rank=8), str(tmp_path / "s.safetensors"))
+    assert adapter_rank(str(tmp_path / "s.safetensors")) == 8
+    kohya = {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(3, 64),
+             "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(64, 3)}
+    save_file(kohya, str(tmp_path / "k.safetensors"))
+    assert adapter_rank(str(tmp_path / "k.safetensors"), "diffusers") == 3
+    m = _model()
+    m.save_adapters(str(tmp_path / "w.safetensors"))
+    assert adapter_rank(str(tmp_path / "w.safetensors")) == 4
+    mixed = {**kohya, "diffusion_model.blocks.0.self_attn.k.lora_down.weight": torch.zeros(5, 64),
+             "diffusion_model.blocks.0.self_attn.k.lora_up.weight": torch.zeros(64, 5)}
+    save_file(mixed, str(tmp_path / "m.safetensors"))
+    with pytest.raises(ValueError, match=r"found \[3, 5\]"):
+        adapter_rank(str(tmp_path / "m.safetensors"), "diffusers")
+    with pytest.raises(ValueError, match="format must be one of"):
+        adapter_rank(str(tmp_path / "m.safetensors"), "kohya")
 
 
 def test_wildactor_format_through_load_adapter_file(tmp_path):

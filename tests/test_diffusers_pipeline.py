@@ -356,6 +356,20 @@ def test_pipeline_from_pretrained_diffusers_layout(comps, pipe, tmp_path):
     assert report.format == "wildactor" and len(report.mapped) == 2 * 6
     torch.testing.assert_close(_run(loaded, output_type="latent"), _run(pipe, output_type="latent"),
                                atol=1e-5, rtol=0)
+    # adapters given to from_pretrained: built with the file's rank (no lora_rank=), loaded, reported
+    direct = WildActorPipeline.from_pretrained(str(root), adapters=str(adapters), backend="reference")
+    direct.set_progress_bar_config(disable=True)
+    assert direct.transformer.cfg.lora_rank == 4 and direct.adapter_report.format == "wildactor"
+    assert torch.equal(_run(direct, output_type="latent"), _run(loaded, output_type="latent"))
+    from safetensors.torch import save_file
+
+    standin = tmp_path / "standin.safetensors"
+    shapes = {"down": (8, 32), "up": (32, 8)}
+    save_file({f"blocks.{i}.self_attn.{p}_loras.{h}.weight": torch.randn(*shapes[h])
+               for i in range(2) for p in "qkv" for h in ("down", "up")}, str(standin))
+    si = WildActorPipeline.from_pretrained(str(root), adapters=str(standin))
+    assert si.transformer.cfg.lora_rank == 8 and si.transformer.cfg.ref_time == "before"
+    assert si.adapter_report.format == "standin" and len(si.adapter_report.mapped) == 6
     # our own layout round-trips too (transformer/ as a WildActor folder), model_index.json included
     mine = tmp_path / "mine"
     pipe.save_pretrained(str(mine))
