@@ -29,6 +29,7 @@ _EXPORTS = {
     "unpatch_diffusers_wan": "diffusers_compat",
     "register_with_diffusers": "diffusers_compat",
     "load_adapter_file": "adapter_formats",
+    "adapter_rank": "adapter_formats",
     "AdapterReport": "adapter_formats",
     "parallelize": "parallel",
     "ParallelConfig": "parallel",
