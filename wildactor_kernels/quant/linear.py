@@ -33,6 +33,7 @@ import logging
 
 import torch
 
+from .._utils import warn_once
 from .._validate import check_fp8_linear_args
 from .op import per_token_quant_fp8
 from .reference import FP8_DTYPE, _round_up, dequantize_fp8, fp8_linear_emulated
@@ -42,15 +43,6 @@ logger = logging.getLogger("wildactor_kernels")
 GEMMS = ("auto", "scaled_mm", "emulate")
 GEMM_PATHS = ("scaled_mm", "emulate")
 _SCALED_MM_ALIGN = 16
-_warned: set[str] = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
-        logger.warning(msg)
-
-
 def resolve_fp8_gemm(gemm: str, device: torch.device | str) -> tuple[str, str | None]:
     """Map ``gemm`` to a concrete path for ``device``.
 
@@ -123,7 +115,7 @@ def fp8_gemm(x2: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: t
     raise ValueError(f"path must be one of {GEMM_PATHS}, got {path!r}")
 
 
-class _Fp8LinearFn(torch.autograd.Function):
+class Fp8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_q, w_scale, bias, path, act_backend, use_fast_accum, fuse_bias):
         lead = x.shape[:-1]
@@ -167,5 +159,5 @@ def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Te
                          f"{tuple(weight_scale.shape)}")
     path, reason = resolve_fp8_gemm(gemm, x.device)
     if reason is not None and gemm == "auto":
-        _warn_once(f"fp8_linear: {reason}")
-    return _Fp8LinearFn.apply(x, weight_fp8, weight_scale, bias, path, act_backend, use_fast_accum, True)
+        warn_once(f"fp8_linear: {reason}")
+    return Fp8LinearFn.apply(x, weight_fp8, weight_scale, bias, path, act_backend, use_fast_accum, True)
