@@ -77,6 +77,7 @@ class ParallelWildActor(nn.Module):
                 refs: Sequence[Reference] | None = None, ref_cache: RefCache | None = None) -> Tensor:
         """Velocity ``[B, out_channels, T, H, W]``, equal on every rank (see :meth:`WildActor.forward`)."""
         m, cfg, pm = self.model, self.config, self.mesh
+        _check_attention_precision(m)
         b, grid, t = checks.check_call(m.cfg, latents, timestep, context, refs, ref_cache)
         nv = grid[0] * grid[1] * grid[2]
         split = cfg.cfg > 1 and b % cfg.cfg == 0
@@ -102,7 +103,11 @@ class ParallelWildActor(nn.Module):
         text = m.condition_embedder.text(context.to(m.dtype))
 
         if ref_cache is not None:
-            ks, vs = m.bind_ref_cache(ref_cache, grid, bc)
+            # bound for the whole batch (the memo on the cache then serves every step), then this
+            # group's slice: a per-sample cache (batch B) splits with the batch, a batch-1 one is a view
+            ks, vs = m.bind_ref_cache(ref_cache, grid, b)
+            if split:
+                ks, vs = [k[sl] for k in ks], [v[sl] for v in vs]
             cos, sin = m.rope_tables(TokenLayout(grid), latents.device)
             cos, sin = plan.scatter(cos, 0, 1.0), plan.scatter(sin, 0, 0.0)
             for i, block in enumerate(m.blocks):
@@ -131,6 +136,15 @@ class ParallelWildActor(nn.Module):
         out = out if split else out[:1]
         out = out.transpose(1, 2).reshape(-1, plan.padded, out.shape[-1])[:, :nv]
         return _unpatchify(out, grid, m.cfg.patch_size)
+
+
+def _check_attention_precision(m: WildActor) -> None:
+    """8-bit attention (``quantize_model(..., attention="fp8")``) has no sharded form yet: refuse it
+    rather than run the sharded attention in the activations' dtype without saying so."""
+    if any(getattr(b.attn1, "precision", None) is not None for b in m.blocks):
+        raise ValueError("parallelize: the model's self-attention runs in 8 bits (quantize_model(..., "
+                         "attention='fp8')), which sequence parallelism does not support; quantize the "
+                         "linears only (attention=None)")
 
 
 def _run_block(block, plan: ShardPlan, x, e_video, e_ref, text, cos, sin) -> Tensor:
@@ -175,6 +189,7 @@ def parallelize(model: WildActor, config: ParallelConfig, group_or_mesh=None) ->
         raise TypeError(f"model must be a WildActor, got {type(model).__name__}")
     if not isinstance(config, ParallelConfig):
         raise TypeError(f"config must be a ParallelConfig, got {type(config).__name__}")
+    _check_attention_precision(model)
     heads = model.cfg.num_heads
     if heads % config.ulysses:
         raise ValueError(f"ParallelConfig.ulysses={config.ulysses} must divide the number of heads "
