@@ -83,7 +83,7 @@ def _session_cases(world: int) -> list[tuple[str, dict]]:
 
 def _worker(world: int, out_path: str) -> None:
     import torch.distributed as dist
-    from wildactor_kernels.model import FlowMatchSampler, ParallelConfig, parallelize
+    from wildactor_kernels.model import FlowMatchSampler, ParallelConfig, Reference, parallelize
     from wildactor_kernels.model.parallel import comm_bytes_per_forward, count_communication
     from wildactor_kernels.model.parallel.mesh import MESH_DIMS
 
@@ -142,6 +142,33 @@ def _worker(world: int, out_path: str) -> None:
             got = pm(lat[:1], t[:1], ctx[:1], refs=refs)
             want = single("batch1", lambda: base(lat[:1], t[:1], ctx[:1], refs=refs))
             report(f"fwd/{name}/batch1/odd", (got - want).abs().max().item())
+        # ---- per-sample references (batch 2): cfg groups take their own samples' references
+        g2 = torch.Generator().manual_seed(11)
+        refs2 = [Reference("face", torch.randn(2, 4, 1, 4, 4, generator=g2)),
+                 Reference("body", torch.randn(2, 4, 1, 2, 6, generator=g2))]
+        cache2 = base.encode_references(refs2)
+        with torch.no_grad():
+            for path, kwargs in (("cached", {"ref_cache": cache2}), ("joint", {"refs": refs2})):
+                got = pm(lat, t, ctx, **kwargs)
+                want = single(f"per_sample/{path}", lambda: base(lat, t, ctx, **kwargs))
+                report(f"fwd/{name}/per_sample_refs_{path}/odd", (got - want).abs().max().item())
+        # ---- adapters' gradients with one video token: every ring chunk but the first is all
+        # padding (its block must stay in the autograd graph, or the ring backward waits forever)
+        lat1, t1, ctx1, refs1 = _inputs(2, 1, 2, 2)
+        w1 = torch.randn(2, 4, 1, 2, 2, generator=torch.Generator().manual_seed(4))
+
+        def single_grads_one_token():
+            one = copy.deepcopy(base)
+            (one(lat1, t1, ctx1, refs=refs1) * w1).sum().backward()
+            return [p.grad for p in one.trainable_parameters()]
+
+        want1 = single("grads1", single_grads_one_token)
+        m1 = copy.deepcopy(base)
+        p1 = parallelize(m1, cfg)
+        (p1(lat1, t1, ctx1, refs=refs1) * w1).sum().backward()
+        p1.reduce_gradients()
+        err = max((a - b.grad).abs().max().item() for a, b in zip(want1, m1.trainable_parameters()))
+        report(f"grad/{name}/joint_one_token", err / max(max(a.abs().max().item() for a in want1), 1.0))
         # ---- adapters' gradients on the joint path (odd shape)
         wgt = torch.randn(2, 4, 3, 6, 10, generator=torch.Generator().manual_seed(3))
 
@@ -192,6 +219,17 @@ def _worker(world: int, out_path: str) -> None:
                     got = pm(lat, t, ctx, **kwargs)
                     want = single(f"fwd/{path}/odd", lambda: base(lat, t, ctx, **kwargs))
                     report(f"fwd/{name}/{path}/odd", (got - want).abs().max().item())
+        # a group of only some of the ranks is refused before any group is made (new_group needs
+        # every rank; a mesh built on half of them would leave the other half waiting)
+        halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        try:
+            parallelize(base, ParallelConfig(ulysses=2), halves[rank // 2])
+            refused = 0.0
+        except ValueError as e:
+            refused = 1.0 if "every rank of the default process group" in str(e) else 0.0
+        t = torch.tensor([refused])
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        results["subgroup_refused"] = float(t)
     dist.barrier()
     if rank == 0:
         with open(out_path, "w") as f:
@@ -303,6 +341,21 @@ def test_per_token_timesteps_and_batch_one(sessions, name, case):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_adapter_gradients_match(sessions, name):
     assert sessions[_config_world(name)]["results"][f"grad/{name}/joint"] <= TOL
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_adapter_gradients_match_with_all_padding_ring_blocks(sessions, name):
+    assert sessions[_config_world(name)]["results"][f"grad/{name}/joint_one_token"] <= TOL
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("path", ["cached", "joint"])
+def test_per_sample_references(sessions, name, path):
+    assert sessions[_config_world(name)]["results"][f"fwd/{name}/per_sample_refs_{path}/odd"] <= TOL
+
+
+def test_group_of_some_ranks_is_refused(sessions):
+    assert sessions[4]["results"]["subgroup_refused"] == 1.0
 
 
 @pytest.mark.parametrize("name", ["ulysses2", "ring2", "cfg2"])
@@ -473,6 +526,15 @@ def test_wrapper_checks_inputs_before_communicating():
             parallelize(pm, ParallelConfig())
         with pytest.raises(ValueError, match="needs 2 ranks"):
             parallelize(m, ParallelConfig(ring=2))
+        # 8-bit attention has no sharded form: refused, at wrapping and at call time (quantize_model
+        # may run after parallelize), not run in the activations' dtype without a word
+        q8 = copy.deepcopy(m)
+        q8.blocks[1].attn1.precision = "fp8"
+        with pytest.raises(ValueError, match="8 bits"):
+            parallelize(q8, ParallelConfig())
+        m.blocks[0].attn1.precision = "fp8"
+        with pytest.raises(ValueError, match="8 bits"):
+            pm(lat, t, ctx, refs=refs)
     finally:
         dist.destroy_process_group()
 
