@@ -400,6 +400,21 @@ def test_torchrun_demo_on_gloo(tmp_path):
     assert "ParallelConfig(ulysses=2, ring=1, cfg=1) on 2 ranks (gloo)" in r.stdout
 
 
+def test_parallel_flags_errors(capsys, monkeypatch):
+    """Bad degrees are usage errors (exit 2) naming the flag; the flags without torchrun say to use it."""
+    from wildactor_kernels.model.cli import main
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for argv, flag in ((["demo", "--ulysses", "0"], "--ulysses"), (["demo", "--ring", "two"], "--ring")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}: expected a whole number >= 1" in err and "Traceback" not in err
+    rc = main(["demo", "--ulysses", "2", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "torchrun --nproc-per-node" in err and "Traceback" not in err
+
+
 def test_sessions_are_quick(sessions):
     print({w: round(s["seconds"], 1) for w, s in sessions.items()})
     assert all(s["seconds"] < 120 for s in sessions.values())
