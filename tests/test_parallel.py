@@ -571,6 +571,14 @@ def test_cost_model_bytes_and_the_8gpu_goal():
         step_time_model("wan5b-720p", ParallelConfig(ulysses=16))
 
 
+def test_docs_tables_are_the_cost_model():
+    """docs/parallel.md prints ``markdown_report()`` as it is: a change to the model shows in the docs."""
+    from wildactor_kernels.model.parallel.cost import markdown_report
+
+    with open(os.path.join(ROOT, "docs", "parallel.md"), encoding="utf-8") as f:
+        assert markdown_report() in f.read()
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     sys.path.insert(0, ROOT)
     _worker(int(sys.argv[2]), sys.argv[3])
