@@ -203,6 +203,22 @@ def _worker(world: int, out_path: str) -> None:
                           lambda: s.sample(base, (1, 4, 3, 6, 10), ctx, refs=refs, seed=7))
             got = s.sample(pm, (1, 4, 3, 6, 10), ctx, refs=refs, seed=7)
             report(f"sampler/{name}/{'cached' if use_cache else 'joint'}", (got - want).abs().max().item())
+    # ---- inputs that differ between ranks (shapes; or valid on some ranks only): every rank raises
+    # the same clear error, none waits in a collective
+    pm = parallelize(base, ParallelConfig(ulysses=2) if world == 2 else ParallelConfig(ulysses=2, ring=2))
+    lat, t, ctx, refs = _inputs(2, 3, 6, 10)
+    bad = {"frames": (lambda: _inputs(2, 2, 6, 10)[:3]), "text_dim": (lambda: (lat, t, ctx[..., :8]))}
+    for case, make in bad.items():
+        args = make() if rank == world - 1 else (lat, t, ctx)
+        try:
+            with torch.no_grad():
+                pm(*args, refs=refs)
+            ok = 0.0
+        except ValueError as e:
+            ok = 1.0 if "every rank must pass the same full inputs" in str(e) else 0.0
+        flag = torch.tensor([ok])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        results[f"mismatch_refused/{case}"] = float(flag)
     if world == 4:  # a DeviceMesh instead of a process group, one numbered in mesh order and one not
         from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -352,6 +368,12 @@ def test_adapter_gradients_match_with_all_padding_ring_blocks(sessions, name):
 @pytest.mark.parametrize("path", ["cached", "joint"])
 def test_per_sample_references(sessions, name, path):
     assert sessions[_config_world(name)]["results"][f"fwd/{name}/per_sample_refs_{path}/odd"] <= TOL
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("case", ["frames", "text_dim"])
+def test_inputs_that_differ_between_ranks_are_refused(sessions, world, case):
+    assert sessions[world]["results"][f"mismatch_refused/{case}"] == 1.0
 
 
 def test_group_of_some_ranks_is_refused(sessions):

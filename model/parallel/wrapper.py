@@ -21,6 +21,7 @@ single-process gradient, provided every rank computes the same loss from the ful
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Sequence
 
@@ -34,7 +35,7 @@ from wildactor_kernels import TokenLayout
 from .. import checks
 from ..wildactor import RefCache, Reference, WildActor
 from .attention import ShardPlan, attend_override
-from .comm import gather_output
+from .comm import gather_ints, gather_output
 from .mesh import ParallelConfig, ParallelMesh
 
 logger = logging.getLogger("wildactor_kernels")
@@ -78,6 +79,16 @@ class ParallelWildActor(nn.Module):
         """Velocity ``[B, out_channels, T, H, W]``, equal on every rank (see :meth:`WildActor.forward`)."""
         m, cfg, pm = self.model, self.config, self.mesh
         _check_attention_precision(m)
+        # the ranks agree on the shapes of their inputs before anything else: a rank whose inputs
+        # differ (or fail the checks below where the others pass) would leave the others waiting
+        # in a collective; this way every rank raises the same error
+        sigs = gather_ints([_input_signature(latents, timestep, context, refs, ref_cache)], pm.group,
+                           m.device)
+        if any(s != sigs[0] for s in sigs):
+            odd = [i for i, s in enumerate(sigs) if s != sigs[0]]
+            raise ValueError("every rank must pass the same full inputs to a parallelized model; the "
+                             f"shapes of latents, timestep, context, refs or ref_cache on rank(s) {odd} "
+                             "of the mesh differ from rank 0's")
         b, grid, t = checks.check_call(m.cfg, latents, timestep, context, refs, ref_cache)
         nv = grid[0] * grid[1] * grid[2]
         split = cfg.cfg > 1 and b % cfg.cfg == 0
@@ -136,6 +147,31 @@ class ParallelWildActor(nn.Module):
         out = out if split else out[:1]
         out = out.transpose(1, 2).reshape(-1, plan.padded, out.shape[-1])[:, :nv]
         return _unpatchify(out, grid, m.cfg.patch_size)
+
+
+def _shape_of(x) -> object:
+    return tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+
+
+def _input_signature(latents, timestep, context, refs, ref_cache) -> int:
+    """A 63-bit digest of the structure of one call's inputs (shapes, reference kinds, the cache's
+    layout); equal on ranks whose inputs have the same shapes."""
+    if isinstance(ref_cache, RefCache):
+        cache = (ref_cache.num_layers, ref_cache.batch_size, tuple(map(tuple, ref_cache.refs)),
+                 tuple(ref_cache.video_grid), _shape_of(ref_cache.k[0]) if ref_cache.k else None)
+    else:
+        cache = _shape_of(ref_cache)
+    if refs is None or isinstance(refs, (Tensor, Reference)):
+        rs = _shape_of(refs)
+    else:
+        try:
+            rs = tuple((r.kind, _shape_of(r.latent)) if isinstance(r, Reference) else _shape_of(r)
+                       for r in refs)
+        except TypeError:
+            rs = type(refs).__name__
+    text = repr((_shape_of(latents), _shape_of(timestep) if isinstance(timestep, Tensor) else
+                 (type(timestep).__name__,), _shape_of(context), rs, cache))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
 def _check_attention_precision(m: WildActor) -> None:
