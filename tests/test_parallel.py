@@ -410,16 +410,19 @@ def test_device_mesh_input(sessions, name, path):
 
 
 def test_torchrun_demo_on_gloo(tmp_path):
-    """The README's command, scaled down: torchrun, 2 ranks, gloo; rank 0 alone prints."""
+    """The README's command (4 ranks, ``--ulysses 2 --cfg-parallel``), scaled down, on gloo: rank 0
+    alone prints and shows progress bars (each bar starts once, not once per rank)."""
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "wildactor_kernels.model.cli", "demo", "--ulysses", "2", "--steps", "2",
-           "--frames", "2", "--height", "6", "--width", "10", "--repeats", "1", "--no-progress"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port",
+           str(_free_port()), "-m", "wildactor_kernels.model.cli", "demo", "--ulysses", "2", "--cfg-parallel",
+           "--steps", "2", "--frames", "2", "--height", "6", "--width", "10", "--repeats", "1"]
     r = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert r.stdout.count("WildActor demo:") == 1 and "\nOK: " in r.stdout and "MISMATCH" not in r.stdout
-    assert "ParallelConfig(ulysses=2, ring=1, cfg=1) on 2 ranks (gloo)" in r.stdout
+    assert "ParallelConfig(ulysses=2, ring=1, cfg=2) on 4 ranks (gloo)" in r.stdout
+    for bar in ("with reference cache (1/1):   0%", "without cache (1/1):   0%"):
+        assert r.stderr.count(bar) == 1, r.stderr[-3000:]
 
 
 def test_parallel_flags_errors(capsys, monkeypatch):
