@@ -10,7 +10,10 @@ and on the single-process model, and the largest difference over the ranks comes
   do not divide the degree; every rank receives the same full output;
 - the adapters' gradients on the joint path, summed over the ranks;
 - the sampler's final latents (cached and joint paths, with guidance);
-- the bytes each rank sends, counted from the collectives, equal ``comm_bytes_per_forward``.
+- the bytes each rank sends, counted from the collectives, equal ``comm_bytes_per_forward``;
+- per-sample references under cfg, one video token (all-padding ring blocks) in the backward;
+- refusals that every rank raises alike (no rank left waiting): inputs whose shapes differ between
+  ranks, a process group of only some ranks.
 
 The single-process pieces (log-sum-exp attention and its merge, the cost model, argument
 checks) are tested directly.
