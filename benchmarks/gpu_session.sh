@@ -50,6 +50,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
 T0=$SECONDS
 SUMMARY=()
+CHECKS=()
 FAILED=0
 
 plan() {
@@ -96,6 +97,7 @@ step() {
     if ((DRY)); then
         [[ -e $2 || $2 == -m ]] || { echo "### $name: MISSING $2"; FAILED=1; }
         echo "### $name ($([[ $name == model ]] && echo "the time left" || echo "${limit} s")): $*"
+        CHECKS+=("$name"$'\t'"$(printf '%q ' "$@")")  # checked after the plan by session_check.py
         return 0
     fi
     l=$(($(left) - 5))
@@ -175,6 +177,9 @@ main() {
         echo "### dry run (no CUDA device or --dry-run): the commands, nothing measured"
         DRY=1
         run_all
+        # every command once more, on the CPU: its script or module imports and its flags parse
+        # (pytest: --collect-only of the same selection); nothing is measured or written
+        printf '%s\n' "${CHECKS[@]}" | "$PY" benchmarks/session_check.py || FAILED=1
         return "$FAILED"
     fi
     export WILDACTOR_RUN_ID=${WILDACTOR_RUN_ID:-$(date -u +%Y%m%dT%H%M%SZ)-session}  # one run id for every script
