@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -77,3 +78,74 @@ def test_pytest_collect_argv_writes_nothing_and_spawns_no_workers(tmp_path):
             assert argv[argv.index(flag) + 1] == value
         else:
             assert flag not in argv and any(n.startswith(flag) for n in notes)
+
+
+# --------------------------------------------------------------------------- a step cut at its limit
+# The session stops a step with SIGINT (`timeout -s INT`): the script must write every row measured
+# before it, also those of the op / layer / shape it was in the middle of, and exit 130.
+class _Stop:
+    """A stand-in for a measurement that is interrupted on its ``at``-th call."""
+
+    def __init__(self, at: int, result=None):
+        self.at, self.calls, self.result = at, 0, result
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls >= self.at:
+            raise KeyboardInterrupt
+        return self.result(*args, **kwargs) if callable(self.result) else self.result
+
+
+def test_bench_attention_interrupted_keeps_the_rows_of_the_op_in_progress(monkeypatch, tmp_path):
+    import torch
+
+    from benchmarks import bench_attention, harness
+
+    monkeypatch.setitem(harness.DESIGN_SHAPES, "tiny-test",
+                        dict(B=1, H=2, D=32, video=(2, 4, 4), refs=1, ref_grid=(4, 4)))
+    monkeypatch.setattr(harness, "cuda_device_or_explain", lambda *a, **k: torch.device("cpu"))
+
+    def fake_measure(row, *a, **k):
+        row.update(ms=1.0, ms_p20=0.9, ms_p80=1.1, flops=1.0, tflops=1.0, pct_peak=0.1, status="ok")
+    stop = _Stop(3, fake_measure)
+    monkeypatch.setattr(bench_attention, "_measure", stop)
+    out = tmp_path / "bench_attention.json"
+    rc = bench_attention.main(["--shapes", "tiny-test", "--ops", "joint", "--no-bwd",
+                               "--impls", "ours-norope", "ours-prologue", "ours-fused", "--out", str(out)])
+    assert rc == 130 and stop.calls == 3
+    (run,) = json.loads(out.read_text())
+    assert "KeyboardInterrupt" in run["interrupted"]
+    # JOINT_IMPLS order; the third was cut: before the fix the whole op's rows were lost
+    got = [(r["impl"], r["status"]) for r in run["results"]]
+    assert got == [("ours-fused", "ok"), ("ours-prologue", "ok")], got
+    assert all(0 <= r["max_abs_err"] < 0.1 for r in run["results"])  # bf16 against SDPA
+
+
+def test_bench_quant_interrupted_keeps_the_rows_of_the_layer_in_progress(monkeypatch):
+    import torch
+
+    from benchmarks import bench_quant
+
+    stop = _Stop(3, {"ms": 1.0, "ms_p20": 0.9, "ms_p80": 1.1})
+    monkeypatch.setattr(bench_quant, "bench", stop)
+    monkeypatch.setattr(bench_quant, "LAYERS", [("attn q/k/v/o", 64, 32)])
+    rows: list[dict] = []
+    with pytest.raises(KeyboardInterrupt):
+        bench_quant.bench_layers(torch.device("cpu"), 16, True, rows)
+    assert [r["name"] for r in rows] == ["bf16 F.linear (cuBLAS)", "fp8 quant + _scaled_mm rowwise"]
+
+
+def test_bench_model_interrupted_writes_the_paths_measured(monkeypatch, tmp_path):
+    from benchmarks import bench_model, harness
+
+    real = harness.run_peer
+    stop = _Stop(2, real)
+    monkeypatch.setattr(harness, "run_peer", stop)
+    out = tmp_path / "model_step.jsonl"
+    rc = bench_model.main(["--device", "cpu", "--shapes", "tiny", "--paths", "eager", "ours-bf16",
+                           "--no-compile", "--iters", "1", "--warmup", "0", "--encode-iters", "1",
+                           "--json", str(out), "--no-report"])
+    assert rc == 130 and stop.calls == 2
+    rows = harness.read_jsonl(str(out))
+    assert [(r["path"], r["status"]) for r in rows] == [("eager", "ok")]
+    assert any("KeyboardInterrupt" in n for n in rows[0]["notes"])
