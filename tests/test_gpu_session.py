@@ -149,3 +149,34 @@ def test_bench_model_interrupted_writes_the_paths_measured(monkeypatch, tmp_path
     rows = harness.read_jsonl(str(out))
     assert [(r["path"], r["status"]) for r in rows] == [("eager", "ok")]
     assert any("KeyboardInterrupt" in n for n in rows[0]["notes"])
+
+
+def test_runbook_table_matches_the_script_plan():
+    """GPU_RUNBOOK.md's step table names the script's steps, in order, with the script's limits."""
+    with open(SCRIPT) as fh:
+        src = fh.read()
+    steps = re.search(r"^STEPS=\(([^)]*)\)", src, re.M).group(1).split()
+    limit_src = re.search(r"declare -A LIMIT=\((.*?)\)\s*(#|$)", src, re.M | re.S).group(1)
+    limits = {k: int(v) for k, v in re.findall(r"\[([\w-]+)\]=(\d+)", limit_src)}
+    assert set(limits) == set(steps), (steps, limits)
+    with open(os.path.join(ROOT, "benchmarks", "GPU_RUNBOOK.md")) as fh:
+        book = fh.read()
+    table = re.search(r"^\| # \| step \| what \| limit \|\n\|[-|]+\|\n((?:\|.*\|\n)+)", book, re.M).group(1)
+    names, book_limits = [], {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        row_names = re.findall(r"`([\w-]+)`", cells[1])
+        names += row_names
+        if cells[-1] != "the rest":
+            for n, v in zip(row_names, cells[-1].split("+"), strict=True):
+                book_limits[n] = int(v)
+    assert names == steps, names
+    assert book_limits == {s: v for s, v in limits.items() if s != "model"}, book_limits
+    fixed = sum(v for s, v in limits.items() if s != "model")
+    assert f"Fixed steps: {fixed} s" in book and fixed <= 540
+    # the header comment of the script lists the same limits
+    for s, v in limits.items():
+        entry = re.search(rf"^#   {re.escape(s)}\s.*(?:\n#\s{{16}}.*)*", src, re.M)
+        assert entry, f"the header does not list {s}"
+        if s != "model":
+            assert entry.group(0).rstrip().endswith(f" {v}"), f"header of {s} does not say {v}"
