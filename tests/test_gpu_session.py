@@ -180,3 +180,56 @@ def test_runbook_table_matches_the_script_plan():
         assert entry, f"the header does not list {s}"
         if s != "model":
             assert entry.group(0).rstrip().endswith(f" {v}"), f"header of {s} does not say {v}"
+
+
+_FAKE_PYTHON = r'''#!/usr/bin/env bash
+# stands in for python3 on a GPU machine: every step of the session, without a GPU
+case "$*" in
+    "-c import torch"*) echo 1 ;;                              # "CUDA is available"
+    -c*) exit 0 ;;                                             # the plugin probes
+    *"bench_attention.py"*"--shapes wan5b-720p --ops joint cached"*)
+        echo '{"fwd": 1}' > benchmarks/results/bench_attention.json ;;
+    *"-m pytest"*)
+        for a in "$@"; do
+            [[ $a == --junitxml=* ]] && echo '<testsuite failures="1"/>' > "${a#--junitxml=}"
+        done
+        echo "1 failed"; exit 1 ;;
+    *"bench_attention.py"*"--ops joint --impls"*)               # the backward: runs into its limit
+        trap 'echo partial > benchmarks/results/bench_attention_bwd.json; exit 130' INT
+        sleep 100 ;;                                           # timeout signals the whole group
+    *) echo "step $*" ;;
+esac
+'''
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                    reason="needs bash and timeout")
+def test_session_tolerates_a_failing_step_and_a_step_cut_at_its_limit(tmp_path):
+    """The real (not dry) run, with a stand-in python in a copy of the layout: a failing step and
+    a step stopped at its limit are logged and the run goes on; what they wrote is packed into
+    OUTDIR after every step; steps the budget cannot hold are skipped; exit status 1."""
+    import tarfile
+
+    repo = tmp_path / "repo"
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    shutil.copy(SCRIPT, repo / "benchmarks" / "gpu_session.sh")
+    (repo / "benchmarks" / "results" / "old.json").write_text("{}")  # before the run: not packed
+    fake = tmp_path / "python"
+    fake.write_text(_FAKE_PYTHON)
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(fake), WILDACTOR_SESSION_BUDGET_S="25")
+    res = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_session.sh"), str(out), "abc123"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    log = res.stdout
+    assert res.returncode == 1, log + res.stderr
+    assert sorted(os.listdir(out)) == ["junit.xml", "results.tar.gz", "session.log"], os.listdir(out)
+    assert (out / "session.log").read_text() == log
+    assert "commit abc123" in log
+    assert re.search(r"^### gpu-tests: rc=1 ", log, re.M), log
+    assert re.search(r"^### attn-bwd: rc=124 \(time limit: partial\)", log, re.M), log
+    assert re.search(r"^### lora: skipped", log, re.M) and re.search(r"^### model: skipped", log, re.M), log
+    assert "### gpu_session done" in log
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = sorted(tar.getnames())
+    assert names == ["benchmarks/results/bench_attention.json", "benchmarks/results/bench_attention_bwd.json"]
