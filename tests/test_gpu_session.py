@@ -233,3 +233,79 @@ def test_session_tolerates_a_failing_step_and_a_step_cut_at_its_limit(tmp_path):
     with tarfile.open(out / "results.tar.gz") as tar:
         names = sorted(tar.getnames())
     assert names == ["benchmarks/results/bench_attention.json", "benchmarks/results/bench_attention_bwd.json"]
+
+
+# --------------------------------------------------------------------------- the steps' code paths
+_TINY = dict(B=1, H=2, D=64, video=(2, 4, 4), refs=1, ref_grid=(4, 4))  # D=64: the Hopper kernel's too
+
+
+def _session_impls() -> tuple[list[str], list[str]]:
+    """The attention impls of the session's forward steps and of its backward step."""
+    with open(SCRIPT) as fh:
+        src = fh.read()
+    fwd = re.search(r"local fwd_impls=\(([^)]*)\)", src).group(1).split()
+    bwd = re.search(r"step attn-bwd .*--impls ([^\n]*)", src).group(1).split()
+    return fwd, bwd
+
+
+def test_every_attention_impl_of_the_session_runs_at_a_tiny_shape(monkeypatch, tmp_path):
+    """bench_attention's code for each impl the session names (forward, cached, forward+backward,
+    the dispatcher's candidates) runs once on the CPU (interpreter) at a tiny shape, timings
+    stubbed: an impl whose call breaks would cost its rows on the GPU. Only what needs CUDA or a
+    package the GPU machine lacks may fail, and says so."""
+    import torch
+
+    from benchmarks import bench_attention, harness
+
+    monkeypatch.setitem(harness.DESIGN_SHAPES, "tiny-test", _TINY)
+    monkeypatch.setattr(harness, "cuda_device_or_explain", lambda *a, **k: torch.device("cpu"))
+
+    def run_once(row, call, *a, **k):
+        call()
+        row.update(ms=1.0, ms_p20=0.9, ms_p80=1.1, flops=1.0, tflops=1.0, pct_peak=0.1, status="ok")
+    monkeypatch.setattr(bench_attention, "_measure", run_once)
+    fwd, bwd = _session_impls()
+    out = tmp_path / "a.json"
+    base = ["--shapes", "tiny-test", "--out", str(out)]
+    assert bench_attention.main([*base, "--ops", "joint", "cached", "--no-bwd", "--impls", *fwd]) == 0
+    assert bench_attention.main([*base, "--ops", "joint", "--impls", *bwd]) == 0
+    assert bench_attention.main([*base, "--no-bwd", "--ops", "dispatch",
+                                 "--write-table", str(tmp_path / "table.json")]) == 0
+    runs = json.loads(out.read_text())
+    rows = [r for run in runs for r in run["results"]]
+    seen = {(r["op"], r["mode"], r["impl"]) for r in rows}
+    assert {i for op, mode, i in seen if op in ("joint", "cached") and mode == "fwd"} == set(fwd)
+    assert {("joint", "fwd+bwd", i) for i in bwd} <= seen
+    for r in rows:
+        if r["impl"].startswith("sdpa-cudnn"):
+            assert r["status"] == "failed" and "backend" in r["error"]  # no cuDNN on the CPU
+        elif r["impl"] in ("sage-2call", "fa3-fp8-2call"):
+            assert r["status"] in ("ok", "not installed"), r
+        else:
+            assert r["status"] == "ok", r
+            if r.get("max_abs_err") is not None:
+                assert 0 <= r["max_abs_err"] < 0.1, r  # bf16 / 8-bit against SDPA's default backend
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert {e["mode"] for e in table["entries"]} == {"joint", "cached"} and all(
+        e["times_ms"] for e in table["entries"])
+
+
+def test_rope_step_runs_at_a_tiny_shape(monkeypatch, tmp_path):
+    import torch
+
+    from benchmarks import bench_rope, harness
+
+    monkeypatch.setitem(harness.DESIGN_SHAPES, "tiny-test", _TINY)
+    monkeypatch.setattr(harness, "cuda_device_or_explain", lambda *a, **k: torch.device("cpu"))
+    calls = []
+
+    def run_once(fn, *a, **k):
+        fn()
+        calls.append(1)
+        return {"ms": 1.0, "ms_p20": 0.9, "ms_p80": 1.1}
+    monkeypatch.setattr(harness, "bench", run_once)
+    out = tmp_path / "r.json"
+    assert bench_rope.main(["--shapes", "tiny-test", "--impls", "triton", "eager", "--out", str(out)]) == 0
+    (run,) = json.loads(out.read_text())
+    assert len(run["results"]) == 8 and all("error" not in r for r in run["results"]), run["results"]
+    assert all(r["max_abs_err_vs_eager"] < 0.05 for r in run["results"]) and len(calls) == 8
