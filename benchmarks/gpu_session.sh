@@ -136,8 +136,8 @@ step() {
 
 gpu_state() {
     ((DRY)) && return 0
-    nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
-        --format=csv 2>&1 || echo "nvidia-smi not available"
+    timeout 10 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
+        --format=csv 2>&1 || echo "nvidia-smi not available (or it hung)"
 }
 
 run_all() {
@@ -178,7 +178,7 @@ main() {
     echo "### gpu_session: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $WILDACTOR_GIT_COMMIT, out $OUTDIR"
     plan || return 1
     local cuda=0
-    ((DRY)) || cuda=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+    ((DRY)) || cuda=$(timeout 60 "$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
     if [[ $cuda != 1 ]]; then
         echo "### dry run (no CUDA device or --dry-run): the commands, nothing measured"
         DRY=1
