@@ -169,7 +169,9 @@ run_all() {
         --write-table "$OUTDIR/backend_table.json"
     step rope "$PY" benchmarks/bench_rope.py --shapes wan5b-720p --impls triton eager --out bench_rope.json
     step quant "$PY" benchmarks/bench_quant.py --quick
-    step lora "$PY" benchmarks/bench_lora.py
+    # ours right after the cuBLAS floor: a step cut at its limit (first-call autotuning of three
+    # linears) still has our rows and their vs-base ratio
+    step lora "$PY" benchmarks/bench_lora.py --impls base triton fold_triton peft unsloth fold
     step model "$PY" benchmarks/bench_model.py --shapes wan5b-720p --layers 4 --no-compile --paths eager ours-bf16 ours-fp8
     gpu_state
 }
