@@ -81,15 +81,19 @@ def _row(name: str, t: dict, flops: float | None = None, peak: str | None = None
 
 
 # --------------------------------------------------------------------------- layers
-def bench_layers(device: torch.device, m_tokens: int, quick: bool) -> list[dict]:
-    rows = []
+def bench_layers(device: torch.device, m_tokens: int, quick: bool,
+                 rows: list[dict] | None = None) -> list[dict]:
+    """Rows of every layer, appended one by one to ``rows`` when given (what was measured before
+    an interruption stays there)."""
+    rows = [] if rows is None else rows
     for label, k, n in LAYERS:
-        rows.extend(_bench_layer(device, label, m_tokens, k, n, quick))
+        _bench_layer(device, label, m_tokens, k, n, quick, rows)
         torch.cuda.empty_cache()
     return rows
 
 
-def _bench_layer(device: torch.device, label: str, m_tokens: int, k: int, n: int, quick: bool) -> list[dict]:
+def _bench_layer(device: torch.device, label: str, m_tokens: int, k: int, n: int, quick: bool,
+                 rows: list[dict]) -> list[dict]:
     from wildactor_kernels.quant import (
         fp8_gemm,
         per_token_quant_fp8,
@@ -105,7 +109,8 @@ def _bench_layer(device: torch.device, label: str, m_tokens: int, k: int, n: int
     wq, ws = quantize_weight_fp8(w)
     flops = 2.0 * m_tokens * k * n
     shape = {"layer": label, "M": m_tokens, "K": k, "N": n}
-    rows = [_row("bf16 F.linear (cuBLAS)", bench(lambda: F.linear(x, w, b), quick), flops, "bf16", **shape)]
+    rows.append(_row("bf16 F.linear (cuBLAS)", bench(lambda: F.linear(x, w, b), quick), flops, "bf16",
+                     **shape))
     try:
         t = bench(lambda: fp8_gemm(x, wq, ws, b, "scaled_mm"), quick)
         rows.append(_row("fp8 quant + _scaled_mm rowwise", t, flops, "fp8", **shape))
@@ -169,9 +174,11 @@ def _block_inputs(cfg, device: torch.device, video: tuple[int, int, int], num_re
 
 def bench_block(device: torch.device, quick: bool, preset: str = "wan2.2-5b",
                 video: tuple[int, int, int] = (31, 22, 40), num_refs: int = 5,
-                text_len: int = TEXT_LEN) -> list[dict]:
+                text_len: int = TEXT_LEN, rows: list[dict] | None = None) -> list[dict]:
     """One transformer block (attention included), bf16 vs after ``quantize_model(.., "fp8")``;
-    the block's inputs are captured from a one-layer model's forward."""
+    the block's inputs are captured from a one-layer model's forward. Rows are appended to
+    ``rows`` when given, one by one."""
+    rows = [] if rows is None else rows
     from wildactor_kernels.model import WildActor, WildActorConfig
     from wildactor_kernels.model.quant import quantize_model
 
@@ -197,8 +204,8 @@ def bench_block(device: torch.device, quick: bool, preset: str = "wan2.2-5b",
     lin_flops = 2.0 * (n_all * (4 * d * d + 2 * d * f) + nv * 2 * d * d + text_len * 2 * d * d)
     blocks = {"bf16": m.blocks[0]}
     with torch.no_grad():
-        rows = [_row("block bf16", bench(lambda: blocks["bf16"](*args, **kwargs), quick), lin_flops, "bf16",
-                     tokens=n_all, preset=preset)]
+        rows.append(_row("block bf16", bench(lambda: blocks["bf16"](*args, **kwargs), quick), lin_flops,
+                         "bf16", tokens=n_all, preset=preset))
         quantize_model(m, "fp8")
         blocks["fp8"] = m.blocks[0]
         rows.append(_row("block fp8 (quantize_model)", bench(lambda: blocks["fp8"](*args, **kwargs), quick),
@@ -357,10 +364,11 @@ def main(argv: list[str] | None = None) -> int:
         run["notes"].append("GPU below sm_89: torch._scaled_mm FP8 rows will report errors")
 
     with harness.keep_partial(run):  # Ctrl-C / timeout -s INT: the finished sections are written
+        # rows land in the run one by one: an interruption keeps those measured before it
         if "layers" in sections:
-            run["layers"] = bench_layers(device, args.m, args.quick)
+            bench_layers(device, args.m, args.quick, run.setdefault("layers", []))
         if "block" in sections:
-            run["block"] = bench_block(device, args.quick)
+            bench_block(device, args.quick, rows=run.setdefault("block", []))
         if "memory" in sections:
             run["memory"] = memory_table(device, measure=not args.no_measure_memory)
     if "interrupted" in run:
