@@ -37,8 +37,10 @@ setup(
         # step) are tested on the CPU; it installs nothing beyond itself on top of torch.
         # diffusers + transformers: the WanPipeline interop and WildActorPipeline tests build tiny
         # random Wan components (UMT5, AutoencoderKLWan) from configs, with no download.
+        # peft (it brings accelerate): adapter files written by PEFT itself and by diffusers'
+        # save_lora_weights are loaded and compared with PEFT's own layers.
         "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.33", "transformers>=4.45", "onnx>=1.17",
-                 "onnxruntime>=1.20", "onnxscript>=0.2", "bitsandbytes>=0.45"],
+                 "onnxruntime>=1.20", "onnxscript>=0.2", "bitsandbytes>=0.45", "peft>=0.13"],
         # WildActorPipeline / WanPipeline interop (docs/design.md §11)
         "diffusers": ["diffusers>=0.33", "transformers>=4.45"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
