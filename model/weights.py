@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections import defaultdict
@@ -381,6 +382,11 @@ def load_adapters(model: nn.Module, path: str, strict: bool = True, alpha: str =
         file_alpha = float(meta["lora_alpha"]) if "lora_alpha" in meta else None
     except ValueError as e:
         raise ValueError(f"{path}: unreadable adapter metadata {meta}: {e}") from e
+    if rank is not None and rank < 1:
+        raise ValueError(f"{path}: lora_rank metadata must be an int >= 1, got {meta['lora_rank']!r}")
+    if file_alpha is not None and not (math.isfinite(file_alpha) and file_alpha > 0):
+        raise ValueError(f"{path}: lora_alpha metadata must be a finite number > 0, got "
+                         f"{meta['lora_alpha']!r}")
     if rank is not None and rank != cfg.lora_rank:
         raise ValueError(f"{path} holds rank-{rank} adapters; this model has lora_rank={cfg.lora_rank}")
     if file_alpha is None:
