@@ -308,3 +308,57 @@ def test_attention_empty_queries_give_zero_grads(backend):
     for t in (qv, kv, vv):
         assert t.grad is not None and t.grad.shape == t.shape
     assert torch.equal(rk.grad, torch.zeros_like(rk)) and torch.equal(rv.grad, torch.zeros_like(rv))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rope_tables_that_require_grad_raise_on_both_backends(backend):
+    """The reference used to differentiate cos/sin while the Triton kernels silently gave them no
+    gradient: one rule now, a ValueError naming the tables (none under ``torch.no_grad``)."""
+    x, k, v = _leaf(1, 5, 2, 16), _leaf(1, 5, 2, 16), _leaf(1, 5, 2, 16)
+    cos, sin = wk.rope_cos_sin(torch.randint(0, 7, (5, 3), device=DEVICE), 16)
+    w = torch.ones(32, device=DEVICE)
+    calls = {
+        "apply_rope": lambda c, s: wk.apply_rope(x, c, s, backend=backend),
+        "qk_norm_rope": lambda c, s: wk.qk_norm_rope(x, k, w, w, c, s, backend=backend),
+        "asym_attention": lambda c, s: wk.asym_attention(x, k, v, 3, c, s, backend=backend),
+        "cached_asym_attention": lambda c, s: wk.cached_asym_attention(x, k, v, k[:, :2], v[:, :2], c, s,
+                                                                       backend=backend),
+    }
+    for call in calls.values():
+        for c, s in ((cos.clone().requires_grad_(), sin), (cos, sin.clone().requires_grad_())):
+            with pytest.raises(ValueError, match="cos and sin must not require grad"):
+                call(c, s)
+            with torch.no_grad():
+                call(c, s)
+        out = call(cos, sin)
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (2, 3, 0), (0, 0), (0,)])
+@pytest.mark.parametrize("pad_to", [1, 16])
+def test_fp8_quant_and_linear_with_zero_k(shape, pad_to):
+    """K = 0 (the reference handled it, the Triton launcher reshaped with -1 and crashed): both
+    backends give codes [..., K_pad] and the zero-row scale; fp8_linear gives the bias, and a
+    bias gradient for N = 0 outputs."""
+    x = torch.randn(*shape, device=DEVICE)
+    ref = wk.per_token_quant_fp8(x, pad_to=pad_to, backend="reference")
+    tri = wk.per_token_quant_fp8(x, pad_to=pad_to, backend="triton")
+    for a, b in zip(ref, tri):
+        assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.float(), b.float())
+    assert ref[0].shape == (*shape[:-1], 0)
+    fp8 = torch.float8_e4m3fn
+    for act in BACKENDS:
+        x = torch.randn(2, 3, 0, device=DEVICE, requires_grad=True)
+        b = torch.randn(5, device=DEVICE, requires_grad=True)
+        y = wk.fp8_linear(x, torch.zeros(5, 0, device=DEVICE).to(fp8), torch.ones(5, 1, device=DEVICE), b,
+                          gemm="emulate", act_backend=act)
+        torch.testing.assert_close(y, b.detach().expand(2, 3, 5))
+        y.sum().backward()
+        assert x.grad.shape == x.shape and torch.equal(b.grad, torch.full_like(b, 6.0))
+        x = torch.randn(2, 3, 8, device=DEVICE, requires_grad=True)
+        b = torch.randn(0, device=DEVICE, requires_grad=True)
+        y = wk.fp8_linear(x, torch.zeros(0, 8, device=DEVICE).to(fp8), torch.ones(0, 1, device=DEVICE), b,
+                          gemm="emulate", act_backend=act)
+        assert y.shape == (2, 3, 0)
+        y.sum().backward()
+        assert b.grad.shape == (0,) and torch.equal(x.grad, torch.zeros_like(x))

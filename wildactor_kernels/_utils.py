@@ -184,6 +184,11 @@ def check_rope_tables(cos: torch.Tensor | None, sin: torch.Tensor | None, n: int
             f"{what} must have shape [N, D//2] = [{n}, {d // 2}], got cos {tuple(cos.shape)} and "
             f"sin {tuple(sin.shape)}"
         )
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        # one rule on both backends: the Triton kernels take no gradient for the tables, so
+        # the reference must not give one either (it would differ silently)
+        raise ValueError(f"{what}: cos and sin must not require grad: the rotary tables are constants "
+                         f"on every backend (no gradient flows to them); pass cos.detach(), sin.detach()")
 
 
 # --------------------------------------------------------------------------- kernel plumbing

@@ -38,6 +38,7 @@ def asym_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_video:
         q, k, v: ``[B, N, H, D]``, one float dtype, tokens video-first.
         num_video: ``Nv`` in ``[0, N]``.
         cos, sin: optional float ``[N, D//2]``: when given, q and k are rotated first.
+            Constants: a table that requires grad raises (no backend differentiates them).
         scale: softmax scale, default ``1/sqrt(D)``.
         backend: ``"auto" | "triton" | "reference"``.
         rope_mode: where the Triton backend rotates q and k when cos/sin are given:
