@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import os
 from collections.abc import Callable, Iterable, Sequence
 
@@ -161,11 +162,24 @@ def check_qkv(names: tuple[str, str, str], q, k, v) -> None:
     check_head_dim(names[0], q.shape[-1])
 
 
+def autocast_active(device: torch.device) -> bool:
+    """Whether autocast is on for ``device``'s type (False for types autocast does not know,
+    such as ``meta``, where ``torch.is_autocast_enabled`` raises)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:
+        return False
+
+
 def check_num_video(num_video: object, n: int) -> int:
     if isinstance(num_video, torch.Tensor):
         raise TypeError("num_video must be a Python int, not a tensor")
-    if not isinstance(num_video, int) or isinstance(num_video, bool):
-        raise TypeError(f"num_video must be an int, got {type(num_video).__name__}")
+    if isinstance(num_video, bool) or type(num_video).__name__ == "bool_":
+        raise TypeError(f"num_video must be an int, got bool {num_video!r}")
+    try:  # a Python or NumPy integer; a float is never truncated
+        num_video = int(operator.index(num_video))
+    except TypeError:
+        raise TypeError(f"num_video must be an int, got {type(num_video).__name__}") from None
     if not 0 <= num_video <= n:
         raise ValueError(f"num_video must lie in [0, N] = [0, {n}], got {num_video}")
     return num_video
