@@ -223,8 +223,9 @@ def load_wan_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]
 
     Tensors are cast to the dtype of the model's parameters (floating to floating only; a float
     weight for an FP8-quantized layer is quantized with its scale, never cast to codes). On a
-    ``meta`` model the tensors are assigned (no copy), so build with ``device="meta"`` to avoid
-    allocating twice; its adapters, when the state dict has none, get a fresh PEFT init.
+    ``meta`` model the tensors are assigned (no copy, unless one is not contiguous), so build
+    with ``device="meta"`` to avoid allocating twice; its adapters, when the state dict has
+    none, get a fresh PEFT init.
 
     Raises (before anything is written; see :func:`validate_state_dict`):
         TypeError: a value that is not a tensor, or a non-floating tensor.
@@ -256,7 +257,11 @@ def load_wan_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]
                          f"{source} and would stay on meta (no data); nothing was loaded:"
                          + summarize_keys(missing))
     # cast first (may allocate), write second: nothing is written unless everything is ready
+    # (assigned tensors become the parameters: a strided or expanded view would be a parameter
+    # that in-place updates, e.g. an optimizer step, cannot write; contiguous() is free otherwise)
     load = {k: v.detach().to(own[k].dtype) for k, v in state_dict.items() if k in own}
+    if assign:
+        load = {k: v.contiguous() for k, v in load.items()}
     with torch.no_grad():
         model.load_state_dict(load, strict=False, assign=assign)
     if assign and load:

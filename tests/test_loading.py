@@ -407,3 +407,20 @@ def test_float_checkpoint_into_fp8_model_is_quantized_not_cast():
         assert got.keys() == want.keys()
         for k, v in got.items():
             assert v.dtype == want[k].dtype and torch.equal(v.float(), want[k].float()), k
+
+
+def test_meta_model_assigns_contiguous_parameters():
+    """On a meta-built model the tensors become the parameters: an expanded (stride-0) or
+    transposed view is made contiguous first, so an in-place update (an optimizer step) can
+    write every parameter afterwards."""
+    sd = _other_weights()
+    sd["proj_out.bias"] = sd["proj_out.bias"][:1].expand_as(sd["proj_out.bias"])
+    sd["proj_out.weight"] = sd["proj_out.weight"].t().contiguous().t()
+    m = WildActor(TINY, device="meta")
+    m.load_wan_state_dict(sd)
+    for k, p in m.named_parameters():
+        assert p.is_contiguous(), k
+        assert torch.equal(p, sd[k]), k
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
