@@ -362,3 +362,30 @@ def test_fp8_quant_and_linear_with_zero_k(shape, pad_to):
         assert y.shape == (2, 3, 0)
         y.sum().backward()
         assert b.grad.shape == (0,) and torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("n,nv", [(9, 4), (0, 0), (5, 0)])
+def test_autocast_one_rule_on_both_backends(n, nv):
+    """Under autocast on the inputs' device, attention and the LoRA linear compute in the
+    autocast dtype and return it on both backends, as F.scaled_dot_product_attention and
+    F.linear do (the Triton attention ignored autocast, the reference followed it; the Triton
+    LoRA followed CUDA autocast only). Gradients come back in the leaves' dtypes."""
+    dev, dt = DEVICE.type, torch.bfloat16
+    outs = {}
+    for backend in BACKENDS:
+        torch.manual_seed(0)
+        q, k, v = _leaf(2, n, 2, 16), _leaf(2, n, 2, 16), _leaf(2, n, 2, 16)
+        rk, rv = _leaf(2, 3, 2, 16), _leaf(2, 3, 2, 16)
+        x, w, b, a, lb = _leaf(2, n, 24), _leaf(12, 24), _leaf(12), _leaf(4, 24), _leaf(12, 4)
+        with torch.autocast(dev, dtype=dt):
+            o1 = wk.asym_attention(q, k, v, nv, backend=backend)
+            o2 = wk.cached_asym_attention(q, k, v, rk, rv, backend=backend)
+            o3 = wk.ref_lora_linear(x, w, b, a, lb, 0.5, nv, backend=backend)
+        for o in (o1, o2, o3):
+            assert o.dtype == dt, (backend, o.dtype)
+        (o1.float().sum() + o2.float().sum() + o3.float().sum()).backward()
+        for t in (q, k, v, rk, rv, x, w, b, a, lb):
+            assert t.grad is not None and t.grad.dtype == torch.float32 and t.grad.shape == t.shape
+        outs[backend] = (o1, o2, o3)
+    for r, t in zip(outs["reference"], outs["triton"]):
+        torch.testing.assert_close(t.float(), r.float(), rtol=3e-2, atol=3e-2)
