@@ -345,7 +345,12 @@ def load_quantized(m: nn.Module, path: str, strict: bool = True) -> nn.Module:
     leaves ``m`` unchanged. Errors name the file."""
     from .weights import read_safetensors, validate_state_dict
 
-    dev = next((p.device for p in m.parameters() if not p.is_meta), torch.device("cpu"))
+    on_meta = sorted(k for k, v in m.state_dict().items() if isinstance(v, torch.Tensor) and v.is_meta)
+    if on_meta:  # copying into meta tensors is a silent no-op: the model would keep no data
+        raise ValueError(f"load_quantized({path}): {len(on_meta)} tensors of the model are on meta (no "
+                         f"data; copying into them would do nothing), e.g. {on_meta[0]}: build the model "
+                         f"on a device, quantize it, then load")
+    dev = next((p.device for p in m.parameters()), torch.device("cpu"))
     sd, meta = read_safetensors(path, device=dev)
     want = getattr(m, "quantization", {}).get("mode", "none")
     got = meta.get("quantization_mode", "none")

@@ -392,6 +392,18 @@ def test_load_quantized_file_errors_name_the_file(tmp_path):
     _assert_unchanged(m, snap)
 
 
+def test_load_quantized_refuses_a_meta_model(tmp_path):
+    """Copying into meta tensors is a no-op: a meta-built model would have stayed without data."""
+    from wildactor_kernels.model.quant import load_quantized, quantize_model, save_quantized
+
+    path = str(tmp_path / "q.safetensors")
+    save_quantized(_fp8(seed=3), path)
+    m = quantize_model(WildActor(TINY, device="meta"), "fp8")
+    with pytest.raises(ValueError, match="on meta"):
+        load_quantized(m, path)
+    assert all(p.is_meta for p in m.parameters())
+
+
 def test_float_checkpoint_into_fp8_model_is_quantized_not_cast():
     """load_wan_state_dict of a float checkpoint into an FP8-quantized model quantizes each weight
     with its scale (as quantize_model does), strict or not; it used to cast the floats straight
