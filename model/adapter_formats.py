@@ -526,6 +526,9 @@ def load_adapter_file(model: nn.Module, path: str, format: str = "auto", *, alph
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     path = os.fspath(path)
     fmt = detect_format(path) if format == "auto" else format
+    if alpha is not None and fmt != "diffusers":  # never ignored silently
+        raise ValueError(f"alpha= applies to diffusers LoRA files only; {path} is a {fmt} adapter, which "
+                         f"carries its own alpha (PEFT: adapter_config.json; WildActor: its metadata)")
     if fmt == "peft":
         return load_peft_adapter(model, path, apply=apply, strict=strict)
     if fmt == "diffusers":

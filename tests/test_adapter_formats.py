@@ -419,3 +419,18 @@ def test_wildactor_adapter_file_bad_metadata(tmp_path, meta):
         load_adapter_file(m, path)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert m.cfg.lora_alpha == CFG.lora_alpha
+
+
+def test_load_adapter_file_never_ignores_alpha(tmp_path):
+    """``alpha=`` is honoured for diffusers files only; for a format that carries its own alpha
+    it is an error (it used to be dropped silently)."""
+    src = _model(seed=3)
+    path = str(tmp_path / "w.safetensors")
+    src.save_adapters(path)
+    peft = _write_peft(tmp_path / "p", _pairs(_qkv_modules()), {"r": 4, "lora_alpha": 4})
+    m = _model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    for f in (path, str(peft)):
+        with pytest.raises(ValueError, match="alpha= applies to diffusers LoRA files only"):
+            load_adapter_file(m, f, alpha=16.0)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
