@@ -101,6 +101,8 @@ def cached_asym_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tenso
     Args:
         q_v, k_v, v_v: ``[B, Nv, H, D]`` video projections (cos/sin ``[Nv, D//2]`` rotate q_v, k_v).
         ref_k, ref_v: ``[B, Nr, H, D]`` cached reference keys (already rotated) and values.
+            Any float dtype on both backends: they are cast to q_v's dtype (a cache may be
+            kept in another precision); q_v, k_v, v_v share one dtype.
         scale, backend, rope_mode: as in :func:`asym_attention` (``rope_mode`` concerns the
             rotation of q_v and k_v only; the cached keys are never rotated again).
         precision: as in :func:`asym_attention`. With ``"fp8"``, ``ref_k`` may be a
