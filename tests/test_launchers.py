@@ -389,3 +389,20 @@ def test_autocast_one_rule_on_both_backends(n, nv):
         outs[backend] = (o1, o2, o3)
     for r, t in zip(outs["reference"], outs["triton"]):
         torch.testing.assert_close(t.float(), r.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_cached_kv_of_another_dtype_is_cast_on_both_backends():
+    """The cached K/V may be kept in another float dtype: both backends cast it to q_v's dtype,
+    give the same result, and return its gradient in its own dtype."""
+    outs = {}
+    for backend in BACKENDS:
+        torch.manual_seed(0)
+        q, k, v = _leaf(2, 6, 2, 16), _leaf(2, 6, 2, 16), _leaf(2, 6, 2, 16)
+        rk, rv = _leaf(2, 3, 2, 16, dtype=torch.float64), _leaf(2, 3, 2, 16, dtype=torch.float16)
+        o = wk.cached_asym_attention(q, k, v, rk, rv, backend=backend)
+        assert o.dtype == torch.float32
+        o.sum().backward()
+        assert rk.grad.dtype == torch.float64 and rv.grad.dtype == torch.float16
+        outs[backend] = (o, rk.grad, rv.grad)
+    for r, t in zip(outs["reference"], outs["triton"]):
+        torch.testing.assert_close(t.float(), r.float(), rtol=2e-3, atol=2e-3)
