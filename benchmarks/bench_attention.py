@@ -311,7 +311,7 @@ def _print_row(row):
               f"{row['status'].upper()}: {row['error'][:120]}", flush=True)
 
 
-def run_joint(args, shape, device, dtype, peak) -> list[dict]:
+def run_joint(args, shape, device, dtype, peak, sink: list[dict] | None = None) -> list[dict]:
     spec = SHAPES[shape]
     layout = harness.design_layout(spec)
     b, h, d = spec["B"], spec["H"], spec["D"]
@@ -360,12 +360,14 @@ def run_joint(args, shape, device, dtype, peak) -> list[dict]:
                 row.update(status=_status(e), error=f"{type(e).__name__}: {e}"[:500])
             _print_row(row)
             rows.append(row)
+            if sink is not None:  # the caller keeps it if the run is interrupted
+                sink.append(row)
             torch.cuda.empty_cache()
     _x_vs_cudnn(rows, "sdpa-cudnn-2call")
     return rows
 
 
-def run_cached(args, shape, device, dtype, peak) -> list[dict]:
+def run_cached(args, shape, device, dtype, peak, sink: list[dict] | None = None) -> list[dict]:
     spec = SHAPES[shape]
     layout = harness.design_layout(spec)
     b, h, d = spec["B"], spec["H"], spec["D"]
@@ -403,12 +405,14 @@ def run_cached(args, shape, device, dtype, peak) -> list[dict]:
             row.update(status=_status(e), error=f"{type(e).__name__}: {e}"[:500])
         _print_row(row)
         rows.append(row)
+        if sink is not None:
+            sink.append(row)
         torch.cuda.empty_cache()
     _x_vs_cudnn(rows, "sdpa-cudnn-cat")
     return rows
 
 
-def run_dispatch(args, shape, device, dtype, peak) -> list[dict]:
+def run_dispatch(args, shape, device, dtype, peak, sink: list[dict] | None = None) -> list[dict]:
     """Time every dispatcher candidate available here exactly as ``backend="auto"`` would run it
     (our rope prologue included; fused-QKV views): ``joint`` and ``cached`` forward,
     ``joint-train`` forward+backward. Rows ``op="dispatch"``, ``mode`` the dispatcher's mode,
@@ -454,6 +458,8 @@ def run_dispatch(args, shape, device, dtype, peak) -> list[dict]:
                 row.update(status=_status(e), error=f"{type(e).__name__}: {e}"[:500])
             _print_row(row)
             rows.append(row)
+            if sink is not None:  # the caller keeps it if the run is interrupted
+                sink.append(row)
             torch.cuda.empty_cache()
     return rows
 
@@ -566,12 +572,13 @@ def main(argv=None) -> int:
     rows, partial = [], {}
     with harness.keep_partial(partial):
         for shape in args.shapes:
+            # rows land in `rows` one by one: an interruption keeps those measured before it
             if "joint" in args.ops:
-                rows += run_joint(args, shape, device, dtype, peak)
+                run_joint(args, shape, device, dtype, peak, rows)
             if "cached" in args.ops:
-                rows += run_cached(args, shape, device, dtype, peak)
+                run_cached(args, shape, device, dtype, peak, rows)
             if "dispatch" in args.ops:
-                rows += run_dispatch(args, shape, device, dtype, peak)
+                run_dispatch(args, shape, device, dtype, peak, rows)
     print(f"# total {time.perf_counter() - t_start:.0f} s", flush=True)
     run = harness.script_run("bench_attention", env, dtype=args.dtype, peak_tflops=peak,
                              rope_mode_default=K.ROPE_MODE, warmup_ms=args.warmup, rep_ms=args.rep,

@@ -277,11 +277,13 @@ def _measure_encode(m, refs, video_shape, device, iters: int):
 def run_shape(shape: str, *, device: torch.device, dtype: torch.dtype = torch.bfloat16,
               layers: int | None = None, paths: tuple[str, ...] = PATHS, iters: int = 5, warmup: int = 1,
               encode_iters: int = 3, compile_timeout: float | None = 120.0, seed: int = 0,
-              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Measure ``paths`` on one shape; returns one row per path (failed paths included)."""
+              log: Callable[[str], None] = print,
+              sink: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Measure ``paths`` on one shape; returns one row per path (failed paths included), each
+    also appended to ``sink`` as soon as it is measured (kept if the run is interrupted)."""
     from wildactor_kernels.model.quant import quantize_model, quantized_modules, sqnr_db
 
-    from wildactor_kernels._utils import resolve_backend
+    from wildactor_kernels import attention_backends
 
     spec = SHAPES[shape]
     nv, nr = num_tokens(spec)
@@ -304,7 +306,10 @@ def run_shape(shape: str, *, device: torch.device, dtype: torch.dtype = torch.bf
             msg = (f"{spec['preset']} weights need {_gb(need):.1f} GB in {common['dtype']}; only "
                    f"{_gb(free):.1f} GB free on the GPU (use --layers to benchmark a shallower stack)")
             log(f"{shape}: {msg}")
-            return [dict(common, path=p, label=LABELS[p], **harness.failed(msg)) for p in paths]
+            rows = [dict(common, path=p, label=LABELS[p], **harness.failed(msg)) for p in paths]
+            if sink is not None:
+                sink.extend(rows)
+            return rows
 
     log(f"{shape}: building {spec['preset']} ({cfg0.num_layers} layers, {common['dtype']}) on {device}, "
         f"Nv={nv}, Nr={nr} ({spec['refs']} refs), batch {BATCH} (CFG)")
@@ -402,7 +407,10 @@ def run_shape(shape: str, *, device: torch.device, dtype: torch.dtype = torch.bf
                         f"{paths_used['emulate']} FP8 layers run the emulated GEMM on this GPU: not a "
                         f"fast path")
         m.set_backend("auto")
-        res["kernels"] = resolve_backend("auto", inputs["latents"])
+        # what backend="auto" runs: Triton on a CUDA device where it imports, else the reference
+        lat = inputs["latents"]
+        res["kernels"] = ("triton" if lat.is_cuda and attention_backends(lat.device)["available"]["triton"]
+                          else "reference")
         with torch.no_grad():
             cache, enc = _measure_encode(m, refs, video_shape, device, encode_iters)
         res.update(enc)
@@ -431,6 +439,8 @@ def run_shape(shape: str, *, device: torch.device, dtype: torch.dtype = torch.bf
         else:
             log(f"{shape}: {p} skipped: {row.get('reason')}")
         rows.append(row)
+        if sink is not None:
+            sink.append(row)  # the same dict: the comparisons below still land in it
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -476,18 +486,20 @@ def add_arguments(ap, *, shapes_flag: bool = True, device_flag: bool = True) -> 
                         help="default: cuda if available")
 
 
-def run(args: argparse.Namespace, log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Run the shapes and paths of ``args``; returns all rows (not yet written)."""
+def run(args: argparse.Namespace, log: Callable[[str], None] | None = None,
+        rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Run the shapes and paths of ``args``; returns all rows (not yet written), appended one by
+    one to ``rows`` when given (what was measured before an interruption stays there)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     shapes = list(args.shapes or (DEFAULT_SHAPES if device.type == "cuda" else ("tiny",)))
     paths = tuple(p for p in args.paths if not (args.no_compile and p == "compile"))
     iters = args.iters or (5 if device.type == "cuda" else 2)
     log = log or _Log()
-    rows = []
+    rows = [] if rows is None else rows
     for shape in shapes:
-        rows.extend(run_shape(shape, device=device, layers=args.layers, paths=paths, iters=iters,
-                              warmup=args.warmup, encode_iters=args.encode_iters,
-                              compile_timeout=args.compile_timeout, seed=args.seed, log=log))
+        run_shape(shape, device=device, layers=args.layers, paths=paths, iters=iters,
+                  warmup=args.warmup, encode_iters=args.encode_iters,
+                  compile_timeout=args.compile_timeout, seed=args.seed, log=log, sink=rows)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -508,7 +520,13 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_model: no CUDA device; running the CPU smoke configuration (timings are not "
               "performance data).")
     env = harness.env_record(device)
-    rows = run(args)
+    rows: list[dict[str, Any]] = []
+    partial: dict[str, Any] = {}
+    with harness.keep_partial(partial):  # Ctrl-C / timeout -s INT: the paths measured are written
+        run(args, rows=rows)
+    if partial:
+        for r in rows:
+            r.setdefault("notes", []).append(partial["interrupted"])
     path = args.json or (harness.results_path(KIND) if device.type == "cuda" else
                          os.path.join(_tempdir(), f"{KIND}.jsonl"))
     harness.append_jsonl(path, rows, kind=KIND, env=env)
@@ -524,7 +542,9 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"# failed (recorded with their errors): {', '.join(failed)}")
     # our own paths failing is an error; a peer failing (e.g. compile timeout) is a recorded result
-    return 1 if any(f.endswith(("/ours-bf16", "/ours-fp8")) for f in failed) else 0
+    if any(f.endswith(("/ours-bf16", "/ours-fp8")) for f in failed):
+        return 1
+    return 130 if partial else 0
 
 
 def _tempdir() -> str:

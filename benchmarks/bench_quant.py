@@ -81,17 +81,26 @@ def _row(name: str, t: dict, flops: float | None = None, peak: str | None = None
 
 
 # --------------------------------------------------------------------------- layers
-def bench_layers(device: torch.device, m_tokens: int, quick: bool) -> list[dict]:
-    rows = []
+def bench_layers(device: torch.device, m_tokens: int, quick: bool,
+                 rows: list[dict] | None = None) -> list[dict]:
+    """Rows of every layer, appended one by one to ``rows`` when given (what was measured before
+    an interruption stays there)."""
+    rows = [] if rows is None else rows
     for label, k, n in LAYERS:
-        rows.extend(_bench_layer(device, label, m_tokens, k, n, quick))
+        _bench_layer(device, label, m_tokens, k, n, quick, rows)
         torch.cuda.empty_cache()
     return rows
 
 
-def _bench_layer(device: torch.device, label: str, m_tokens: int, k: int, n: int, quick: bool) -> list[dict]:
-    from wildactor_kernels.quant import per_token_quant_fp8, per_token_quant_fp8_ref, quantize_weight_fp8
-    from wildactor_kernels.quant.linear import _scaled_mm_rowwise, fp8_gemm
+def _bench_layer(device: torch.device, label: str, m_tokens: int, k: int, n: int, quick: bool,
+                 rows: list[dict]) -> list[dict]:
+    from wildactor_kernels.quant import (
+        fp8_gemm,
+        per_token_quant_fp8,
+        per_token_quant_fp8_ref,
+        quantize_weight_fp8,
+        scaled_mm_rowwise,
+    )
 
     torch.manual_seed(0)
     x = torch.randn(m_tokens, k, device=device, dtype=torch.bfloat16)
@@ -100,12 +109,13 @@ def _bench_layer(device: torch.device, label: str, m_tokens: int, k: int, n: int
     wq, ws = quantize_weight_fp8(w)
     flops = 2.0 * m_tokens * k * n
     shape = {"layer": label, "M": m_tokens, "K": k, "N": n}
-    rows = [_row("bf16 F.linear (cuBLAS)", bench(lambda: F.linear(x, w, b), quick), flops, "bf16", **shape)]
+    rows.append(_row("bf16 F.linear (cuBLAS)", bench(lambda: F.linear(x, w, b), quick), flops, "bf16",
+                     **shape))
     try:
         t = bench(lambda: fp8_gemm(x, wq, ws, b, "scaled_mm"), quick)
         rows.append(_row("fp8 quant + _scaled_mm rowwise", t, flops, "fp8", **shape))
         xq, xs = per_token_quant_fp8(x, pad_to=16)
-        t = bench(lambda: _scaled_mm_rowwise(xq, xs, wq, ws, b, n, True), quick)
+        t = bench(lambda: scaled_mm_rowwise(xq, xs, wq, ws, b, n, True), quick)
         rows.append(_row("fp8 _scaled_mm rowwise only", t, flops, "fp8", **shape))
     except RuntimeError as e:
         rows.append({"name": "fp8 _scaled_mm rowwise", "error": str(e).splitlines()[0], **shape})
@@ -123,15 +133,20 @@ def _bnb_layer_rows(x, w, b, flops, shape, quick) -> list[dict]:
         import bitsandbytes  # noqa: F401
     except ImportError:
         return []
-    from wildactor_kernels.model.quant import Int8Config, NF4Config, _to_int8, _to_nf4
+    from wildactor_kernels.model.quant import Int8Config, NF4Config, quantize_model
 
     lin = torch.nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=w.dtype)
     lin.weight.data.copy_(w)
     lin.bias.data.copy_(b)
     rows = []
     nf4 = NF4Config(compute_dtype=torch.bfloat16)
-    for name, make in (("bnb int8 (LLM.int8)", lambda: _to_int8(lin, Int8Config())),
-                       ("bnb nf4 (bf16 compute)", lambda: _to_nf4(lin, nf4))):
+
+    def swap(mode, config):  # the library's own swap, on this one layer
+        return quantize_model(torch.nn.Sequential(lin), mode, config=config,
+                              module_filter_fn=lambda mod, fqn: True)[0]
+
+    for name, make in (("bnb int8 (LLM.int8)", lambda: swap("int8", Int8Config())),
+                       ("bnb nf4 (bf16 compute)", lambda: swap("nf4", nf4))):
         try:
             q = make().eval()
             with torch.no_grad():
@@ -159,9 +174,11 @@ def _block_inputs(cfg, device: torch.device, video: tuple[int, int, int], num_re
 
 def bench_block(device: torch.device, quick: bool, preset: str = "wan2.2-5b",
                 video: tuple[int, int, int] = (31, 22, 40), num_refs: int = 5,
-                text_len: int = TEXT_LEN) -> list[dict]:
+                text_len: int = TEXT_LEN, rows: list[dict] | None = None) -> list[dict]:
     """One transformer block (attention included), bf16 vs after ``quantize_model(.., "fp8")``;
-    the block's inputs are captured from a one-layer model's forward."""
+    the block's inputs are captured from a one-layer model's forward. Rows are appended to
+    ``rows`` when given, one by one."""
+    rows = [] if rows is None else rows
     from wildactor_kernels.model import WildActor, WildActorConfig
     from wildactor_kernels.model.quant import quantize_model
 
@@ -187,8 +204,8 @@ def bench_block(device: torch.device, quick: bool, preset: str = "wan2.2-5b",
     lin_flops = 2.0 * (n_all * (4 * d * d + 2 * d * f) + nv * 2 * d * d + text_len * 2 * d * d)
     blocks = {"bf16": m.blocks[0]}
     with torch.no_grad():
-        rows = [_row("block bf16", bench(lambda: blocks["bf16"](*args, **kwargs), quick), lin_flops, "bf16",
-                     tokens=n_all, preset=preset)]
+        rows.append(_row("block bf16", bench(lambda: blocks["bf16"](*args, **kwargs), quick), lin_flops,
+                         "bf16", tokens=n_all, preset=preset))
         quantize_model(m, "fp8")
         blocks["fp8"] = m.blocks[0]
         rows.append(_row("block fp8 (quantize_model)", bench(lambda: blocks["fp8"](*args, **kwargs), quick),
@@ -214,7 +231,7 @@ def _converted_bytes(mode: str, n: int, k: int) -> int:
 
 def memory_table(device: torch.device, measure: bool) -> dict:
     from wildactor_kernels.model import WildActor, WildActorConfig
-    from wildactor_kernels.model.quant import _state_bytes, default_module_filter, quantize_model
+    from wildactor_kernels.model.quant import default_module_filter, quantize_model
 
     cfg = WildActorConfig.preset("wan2.2-5b")
     meta = WildActor(cfg, device="meta", dtype=torch.bfloat16)
@@ -237,7 +254,9 @@ def memory_table(device: torch.device, measure: bool) -> dict:
     # fp8: convert the meta model for real and count its state dict (must match the formula)
     logging.getLogger("wildactor_kernels").setLevel(logging.ERROR)
     quantize_model(meta, "fp8", emulate=True)
-    table["modes"]["fp8"]["bytes_meta_converted"] = _state_bytes(meta)
+    table["modes"]["fp8"]["bytes_meta_converted"] = sum(  # the state dict without the adapters
+        v.numel() * v.element_size() for k, v in meta.state_dict().items()
+        if isinstance(v, torch.Tensor) and "lora_" not in k)
     del meta
     if measure and device.type == "cuda":
         for mode in ("bf16", "fp8", "int8", "nf4"):
@@ -345,10 +364,11 @@ def main(argv: list[str] | None = None) -> int:
         run["notes"].append("GPU below sm_89: torch._scaled_mm FP8 rows will report errors")
 
     with harness.keep_partial(run):  # Ctrl-C / timeout -s INT: the finished sections are written
+        # rows land in the run one by one: an interruption keeps those measured before it
         if "layers" in sections:
-            run["layers"] = bench_layers(device, args.m, args.quick)
+            bench_layers(device, args.m, args.quick, run.setdefault("layers", []))
         if "block" in sections:
-            run["block"] = bench_block(device, args.quick)
+            bench_block(device, args.quick, rows=run.setdefault("block", []))
         if "memory" in sections:
             run["memory"] = memory_table(device, measure=not args.no_measure_memory)
     if "interrupted" in run:

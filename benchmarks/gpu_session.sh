@@ -3,19 +3,21 @@
 # device tool's 570 s limit. The device tool runs it from the repo root:
 #
 #   bash benchmarks/gpu_session.sh [OUTDIR] [COMMIT]      # OUTDIR default $OUT, else /tmp/wildactor-gpu
-#   bash benchmarks/gpu_session.sh --dry-run              # the plan: budget per step and total, exit 0
+#   bash benchmarks/gpu_session.sh --dry-run              # the plan, then every command checked on the CPU
 #
-# Steps, most valuable first, each under its own limit (seconds, `timeout -s INT`):
+# Steps, most valuable first, each under its own limit (seconds, `timeout -s INT`; LIMIT below):
 #   info         wildactor info, nvidia-smi                                                    15
-#   attn-fwd     wan5b-720p joint + cached forward: ours (prologue, fused, no-rope) against
-#                SDPA cuDNN two-call and the cuDNN concat form; max|err| vs SDPA at that shape  150
+#   attn-fwd     wan5b-720p joint + cached forward: ours (prologue, fused, no-rope, hopper,
+#                auto, fp8) against SDPA cuDNN two-call and the cuDNN concat form; max|err|
+#                vs SDPA's default backend at that shape                                       140
 #   gpu-tests    pytest -m gpu on the attention, rope, LoRA, quant tests (bf16 and fp16),
-#                per-test timeout, no Inductor compiles (TORCH_COMPILE_DISABLE, -k not compile) 120
+#                per-test timeout, no Inductor compiles (TORCH_COMPILE_DISABLE, -k not compile) 110
 #   attn-bwd     wan5b-720p joint forward+backward: ours (prologue, fused) against cuDNN        90
 #   attn-shapes  wan1.3b-480p and wan14b-720p, joint + cached forward                          55
+#   dispatch     the auto dispatcher's candidates at wan5b-720p -> OUTDIR/backend_table.json   30
 #   rope         bench_rope (triton, eager), wan5b-720p                                         25
-#   quant        bench_quant --quick (per-layer FP8 GEMM + quantization kernel, memory)         30
-#   lora         bench_lora, the three wan2.2-5b linears, fwd and fwd+bwd                       40
+#   quant        bench_quant --quick (per-layer FP8 GEMM + quantization kernel, block, memory)  30
+#   lora         bench_lora, the three wan2.2-5b linears, fwd and fwd+bwd                       30
 #   model        if >= 60 s are left: bench_model wan5b-720p at 4 layers, no torch.compile   the rest
 #
 # A step gets min(its limit, the time left of the 540 s budget); a step with under 15 s left
@@ -25,9 +27,13 @@
 #   OUTDIR/session.log        this log (tee'd as it runs)
 #   OUTDIR/results.tar.gz     the files of benchmarks/results/ this run wrote (paths from the repo root)
 #   OUTDIR/junit.xml          the GPU tests
-# (three files; the device tool returns at most 8 of 16 MiB). The copied tree has no .git:
+#   OUTDIR/backend_table.json the dispatcher's measured table (merged into
+#                             wildactor_kernels/attention/backend_table.json: GPU_RUNBOOK.md)
+# (four files; the device tool returns at most 8 of 16 MiB). The copied tree has no .git:
 # COMMIT (or $WILDACTOR_GIT_COMMIT) stamps the results. Without CUDA (or with --dry-run) the
-# script prints the plan and exits 0. Exit status 1 if a step failed.
+# script prints the plan and then checks every step's command on the CPU without measuring
+# (benchmarks/session_check.py: the script or module imports and its flags parse; the pytest
+# selection collects); exit 0 when all pass. Exit status 1 if a step failed.
 set -uo pipefail
 
 SESSION_BUDGET_S=${WILDACTOR_SESSION_BUDGET_S:-540}
@@ -50,6 +56,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
 T0=$SECONDS
 SUMMARY=()
+CHECKS=()
 FAILED=0
 
 plan() {
@@ -96,6 +103,7 @@ step() {
     if ((DRY)); then
         [[ -e $2 || $2 == -m ]] || { echo "### $name: MISSING $2"; FAILED=1; }
         echo "### $name ($([[ $name == model ]] && echo "the time left" || echo "${limit} s")): $*"
+        CHECKS+=("$name"$'\t'"$(printf '%q ' "$@")")  # checked after the plan by session_check.py
         return 0
     fi
     l=$(($(left) - 5))
@@ -128,8 +136,8 @@ step() {
 
 gpu_state() {
     ((DRY)) && return 0
-    nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
-        --format=csv 2>&1 || echo "nvidia-smi not available"
+    timeout 10 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
+        --format=csv 2>&1 || echo "nvidia-smi not available (or it hung)"
 }
 
 run_all() {
@@ -156,12 +164,14 @@ run_all() {
     step attn-shapes "$PY" "${att[@]}" --shapes wan1.3b-480p wan14b-720p --ops joint cached --no-bwd \
         --impls "${fwd_impls[@]}"
     # the auto dispatcher's candidates timed as auto runs them; the table lands in $OUTDIR
-    # (commit it as wildactor_kernels/attention/backend_table.json)
+    # (merged into wildactor_kernels/attention/backend_table.json after the run: GPU_RUNBOOK.md)
     step dispatch "$PY" benchmarks/bench_attention.py --shapes wan5b-720p --no-bwd --ops dispatch \
         --write-table "$OUTDIR/backend_table.json"
     step rope "$PY" benchmarks/bench_rope.py --shapes wan5b-720p --impls triton eager --out bench_rope.json
     step quant "$PY" benchmarks/bench_quant.py --quick
-    step lora "$PY" benchmarks/bench_lora.py
+    # ours right after the cuBLAS floor: a step cut at its limit (first-call autotuning of three
+    # linears) still has our rows and their vs-base ratio
+    step lora "$PY" benchmarks/bench_lora.py --impls base triton fold_triton peft unsloth fold
     step model "$PY" benchmarks/bench_model.py --shapes wan5b-720p --layers 4 --no-compile --paths eager ours-bf16 ours-fp8
     gpu_state
 }
@@ -170,11 +180,14 @@ main() {
     echo "### gpu_session: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $WILDACTOR_GIT_COMMIT, out $OUTDIR"
     plan || return 1
     local cuda=0
-    ((DRY)) || cuda=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+    ((DRY)) || cuda=$(timeout 60 "$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
     if [[ $cuda != 1 ]]; then
         echo "### dry run (no CUDA device or --dry-run): the commands, nothing measured"
         DRY=1
         run_all
+        # every command once more, on the CPU: its script or module imports and its flags parse
+        # (pytest: --collect-only of the same selection); nothing is measured or written
+        printf '%s\n' "${CHECKS[@]}" | "$PY" benchmarks/session_check.py || FAILED=1
         return "$FAILED"
     fi
     export WILDACTOR_RUN_ID=${WILDACTOR_RUN_ID:-$(date -u +%Y%m%dT%H%M%SZ)-session}  # one run id for every script

@@ -11,7 +11,7 @@ How the kernels and their arguments are found (nothing here names a kernel or a 
    ``wk.per_token_quant_fp8``; the Hopper forward through its backend name ``"triton-hopper"``,
    once with the warp-specialised loop first and once hand-pipelined; ``precision="fp8"``
    attention, joint and with a ``quantize_ref_kv`` cache) run forward and backward on CPU
-   tensors of the §8 shapes with
+   tensors of the docs/design.md §8 shapes with
    Triton's launch entry points replaced by recorders: the launchers compute their grids,
    constexprs, heuristics and strides exactly as on the GPU (``TRITON_INTERPRET=0``), and
    every ``Autotuner`` launch is expanded into one launch per config. Nothing is computed on the
@@ -229,8 +229,9 @@ class Recorder:
 
 
 def workloads(shapes: list[str]):
-    """``(site, thunk)`` pairs: each thunk runs public ops forward and backward at a §8 shape.
-    LoRA and FP8 use the wan2.2-5b linears at the wan5b-720p tokens (benchmarks/bench_lora.py)."""
+    """``(site, thunk)`` pairs: each thunk runs public ops forward and backward at a shape of
+    docs/design.md §8. LoRA and FP8 use the wan2.2-5b linears at the wan5b-720p tokens
+    (benchmarks/bench_lora.py)."""
     import wildactor_kernels as wk
 
     bf16 = torch.bfloat16
@@ -675,8 +676,9 @@ def to_markdown(rep: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["wan5b-720p"], choices=list(harness.DESIGN_SHAPES),
-                    help="§8 shapes whose launches are built (default wan5b-720p: the strides and "
-                         "constexprs are those of every shape; the others add only int specialisations)")
+                    help="docs/design.md §8 shapes whose launches are built (default wan5b-720p: the "
+                         "strides and constexprs are those of every shape; the others add only int "
+                         "specialisations)")
     ap.add_argument("--out-dir", default=RESULTS_DIR)
     ap.add_argument("--render", metavar="JSON", default=None,
                     help="only rewrite the markdown beside a report JSON written earlier")

@@ -27,7 +27,9 @@ _EXPORTS = {
     "WildActorPipeline": "pipeline",
     "patch_diffusers_wan": "diffusers_compat",
     "unpatch_diffusers_wan": "diffusers_compat",
+    "register_with_diffusers": "diffusers_compat",
     "load_adapter_file": "adapter_formats",
+    "adapter_rank": "adapter_formats",
     "AdapterReport": "adapter_formats",
     "parallelize": "parallel",
     "ParallelConfig": "parallel",
@@ -35,6 +37,19 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
+
+
+def _register_with_diffusers() -> None:
+    # diffusers already imported: let its pipelines save and load a WildActor (never imports it)
+    import sys
+
+    if "diffusers" in sys.modules:
+        from .diffusers_compat import register_if_diffusers_loaded
+
+        register_if_diffusers_loaded()
+
+
+_register_with_diffusers()
 
 
 def __getattr__(name: str):

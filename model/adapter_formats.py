@@ -50,7 +50,7 @@ import torch.nn as nn
 from . import weights
 from .adapters import is_adapter
 
-__all__ = ["AdapterReport", "FORMATS", "APPLY_MODES", "detect_format", "load_adapter_file",
+__all__ = ["AdapterReport", "FORMATS", "APPLY_MODES", "detect_format", "adapter_rank", "load_adapter_file",
            "load_peft_adapter", "load_diffusers_lora", "load_standin_adapter", "standin_to_peft_keys"]
 
 logger = logging.getLogger(__name__)
@@ -516,6 +516,32 @@ def detect_format(path: str) -> str:
     if keys and all(is_adapter(k) for k in keys):
         return "wildactor"
     raise ValueError(f"{path}: cannot tell the adapter format from its keys (e.g. {keys[:3]}); pass format=")
+
+
+def adapter_rank(path: str, format: str = "auto") -> int:
+    """The LoRA rank of an adapter file or PEFT folder (any supported format), read from the file's
+    header without loading the tensors: the ``lora_rank`` to build a model that takes the file with."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    fmt = detect_format(path) if format == "auto" else format
+    file = os.path.join(path, PEFT_WEIGHTS) if os.path.isdir(path) else path
+    down = tuple(a for a, _ in _PAIR_SUFFIXES) + ("_loras.down.weight",)
+    ranks = set()
+    with safe_open(file, framework="pt") as f:
+        meta = f.metadata() or {}
+        if fmt == "wildactor" and "lora_rank" in meta:
+            return int(meta["lora_rank"])
+        for k in f.keys():
+            shape = f.get_slice(k).get_shape()
+            if k.endswith(down) and len(shape) == 2:
+                ranks.add(int(shape[0]))
+    if len(ranks) != 1:
+        raise ValueError(f"{file}: cannot tell one LoRA rank (found {sorted(ranks)}); give lora_rank= "
+                         "yourself")
+    return ranks.pop()
 
 
 def load_adapter_file(model: nn.Module, path: str, format: str = "auto", *, alpha: float | None = None,

@@ -462,10 +462,18 @@ def find_checkout(start: str | None = None) -> str | None:
             break
         d = parent
     for c in candidates:
-        if os.path.isfile(os.path.join(c, "benchmarks", "suite.py")) and os.path.isdir(
-                os.path.join(c, "wildactor_kernels")):
+        if is_checkout(c):
             return c
     return None
+
+
+def is_checkout(path: str) -> bool:
+    """Whether ``path`` is a source checkout of this project: ``setup.py`` beside the kernel
+    package, the ``model/`` folder and ``benchmarks/suite.py``. A site-packages folder never is,
+    even when another distribution installed a top-level ``benchmarks`` package into it."""
+    return all(os.path.isfile(os.path.join(path, *rel)) for rel in (
+        ("setup.py",), ("wildactor_kernels", "__init__.py"), ("model", "__init__.py"),
+        ("benchmarks", "suite.py")))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -486,7 +494,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if getattr(args, "debug", False):
         env[DEBUG_ENV] = "1"
-    return subprocess.call([sys.executable, "-m", "benchmarks.suite", *args.bench_args], cwd=root, env=env)
+    # The suite runs in the checkout (so `-m benchmarks.suite` is the checkout's, whatever the
+    # working directory holds); a relative --json names a file where the user is, not there.
+    return subprocess.call([sys.executable, "-m", "benchmarks.suite", *_absolute_paths(args.bench_args)],
+                           cwd=root, env=env)
+
+
+#: the suite's options that take a path, resolved against the caller's working directory
+BENCH_PATH_OPTIONS = ("--json",)
+
+
+def _absolute_paths(argv: list[str]) -> list[str]:
+    out, take = [], False
+    for a in argv:
+        if take:
+            out.append(os.path.abspath(a))
+            take = False
+            continue
+        opt, eq, value = a.partition("=")
+        if opt in BENCH_PATH_OPTIONS and eq:
+            out.append(f"{opt}={os.path.abspath(value)}" if value else a)
+        else:
+            out.append(a)
+            take = a in BENCH_PATH_OPTIONS
+    return out
 
 
 # --------------------------------------------------------------------------- parser

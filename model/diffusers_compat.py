@@ -8,6 +8,8 @@
 - :func:`patch_diffusers_wan`: for users who keep diffusers' own ``WanTransformer3DModel``: swap
   every self-attention processor for :class:`FusedWanSelfAttnProcessor` (our fused q/k RMSNorm +
   RoPE prologue and our attention op); the output is unchanged (fp32, within 1e-5).
+- :func:`register_with_diffusers`: make WildActor a component class diffusers' pipelines save and
+  load (``WanPipeline.save_pretrained`` / ``from_pretrained``).
 
 Nothing here imports diffusers at module level: WildActor works without it.
 """
@@ -15,6 +17,7 @@ Nothing here imports diffusers at module level: WildActor works without it.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
@@ -24,12 +27,53 @@ import torch.nn as nn
 import wildactor_kernels as wk
 
 __all__ = ["DiffusersConfig", "TransformerOutput", "FusedWanSelfAttnProcessor", "patch_diffusers_wan",
-           "unpatch_diffusers_wan", "ATTENTION_KWARGS"]
+           "unpatch_diffusers_wan", "ATTENTION_KWARGS", "register_with_diffusers", "DIFFUSERS_LIBRARY"]
 
 logger = logging.getLogger(__name__)
 
 #: the keys :meth:`WildActor.forward` reads from diffusers' ``attention_kwargs``
 ATTENTION_KWARGS = ("refs", "ref_cache")
+#: the library under which WildActor is entered in diffusers' table of loadable classes
+DIFFUSERS_LIBRARY = "wildactor_kernels.model"
+_SAVE_LOAD = ("save_pretrained", "from_pretrained")
+
+
+def register_with_diffusers() -> None:
+    """Make :class:`WildActor` a component that diffusers' pipelines save and load.
+
+    ``DiffusionPipeline.save_pretrained`` writes only components whose class it knows (its
+    ``LOADABLE_CLASSES`` table) and skips the others with a warning; ``from_pretrained`` reads
+    ``model_index.json`` through the same table. This enters WildActor there with its own
+    ``save_pretrained`` / ``from_pretrained``, so ``WanPipeline(..., transformer=wa).save_pretrained(d)``
+    writes ``d/transformer`` as a WildActor folder (adapters included) and
+    ``WanPipeline.from_pretrained(d)`` gives the WildActor back (``model_index.json`` names it
+    ``["wildactor_kernels.model.wildactor", "WildActor"]``; diffusers looks that module up among
+    the imported ones, so import WildActor before loading).
+
+    Idempotent. It runs by itself when a WildActor is built (or ``wildactor_kernels.model`` is
+    imported) while diffusers is already imported; call it yourself when diffusers comes later.
+    """
+    from diffusers.pipelines import pipeline_loading_utils as plu
+
+    plu.LOADABLE_CLASSES.setdefault(DIFFUSERS_LIBRARY, {})["WildActor"] = list(_SAVE_LOAD)
+    plu.ALL_IMPORTABLE_CLASSES["WildActor"] = list(_SAVE_LOAD)
+
+
+def register_if_diffusers_loaded() -> bool:
+    """:func:`register_with_diffusers` when diffusers is already imported (never imports it);
+    returns whether WildActor is registered."""
+    if "diffusers" not in sys.modules:
+        return False
+    plu = sys.modules.get("diffusers.pipelines.pipeline_loading_utils")
+    if plu is not None and "WildActor" in plu.LOADABLE_CLASSES.get(DIFFUSERS_LIBRARY, {}):
+        return True
+    try:
+        register_with_diffusers()
+    except Exception as e:  # an unexpected diffusers layout: saving through its pipelines will skip us
+        logger.warning("could not register WildActor with diffusers' pipelines (%s: %s); "
+                       "WanPipeline.save_pretrained will skip a WildActor transformer", type(e).__name__, e)
+        return False
+    return True
 
 
 class DiffusersConfig(Mapping[str, Any]):

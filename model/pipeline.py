@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from wildactor_kernels import REF_KINDS
 
 from . import weights
-from .adapter_formats import AdapterReport, load_adapter_file
+from .adapter_formats import AdapterReport, adapter_rank, load_adapter_file
 from .references import Reference
 from .sampler import FlowMatchSampler
 from .wildactor import WildActor
@@ -120,15 +120,21 @@ class WildActorPipeline:
         self.vae_scale_temporal = int(vae.config.get("scale_factor_temporal", 4))
         self.vae_scale_spatial = int(vae.config.get("scale_factor_spatial", 8))
         self.progress = True
+        #: the report of the adapters ``from_pretrained(..., adapters=)`` loaded (None otherwise)
+        self.adapter_report: AdapterReport | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, local_dir: str, *, dtype: torch.dtype = torch.float32,
-                        device: torch.device | str = "cpu", **overrides) -> WildActorPipeline:
+                        device: torch.device | str = "cpu", adapters: str | None = None,
+                        adapter_format: str = "auto", **overrides) -> WildActorPipeline:
         """Read a diffusers Wan repository layout from disk (never downloads).
 
         ``overrides`` go to the WildActor config (e.g. ``lora_rank=128``, ``ref_time="before"``,
-        ``backend="reference"``).
+        ``backend="reference"``). ``adapters``: an adapter file (or PEFT folder) of any format of
+        :mod:`.adapter_formats`, loaded after the model is built (its :class:`AdapterReport` is
+        kept as ``pipe.adapter_report``); over a diffusers ``transformer/`` the model is built with
+        the file's LoRA rank unless ``lora_rank`` is given.
         """
         from diffusers import AutoencoderKLWan
         from transformers import AutoTokenizer, UMT5EncoderModel
@@ -139,6 +145,23 @@ class WildActorPipeline:
             if not os.path.isdir(os.path.join(local_dir, sub)):
                 raise FileNotFoundError(f"{local_dir} has no {sub}/ folder (diffusers Wan layout: "
                                         f"transformer/, vae/, text_encoder/, tokenizer/, scheduler/)")
+        index_path = os.path.join(local_dir, "model_index.json")
+        index = {}
+        if os.path.exists(index_path):
+            with open(index_path, encoding="utf-8") as f:
+                index = json.load(f)
+        second = index.get("transformer_2")
+        if os.path.isdir(os.path.join(local_dir, "transformer_2")) or (
+                isinstance(second, list) and second and second[0] is not None):
+            raise ValueError(f"{local_dir} is a two-expert Wan2.2 repository (transformer_2/); "
+                             "WildActorPipeline runs one transformer. Use diffusers' WanPipeline with "
+                             "transformer=WildActor.from_diffusers(t1), "
+                             "transformer_2=WildActor.from_diffusers(t2)")
+        t_cfg = os.path.join(local_dir, "transformer", "config.json")
+        if adapters is not None and "lora_rank" not in overrides and os.path.exists(t_cfg):
+            with open(t_cfg, encoding="utf-8") as f:
+                if "_class_name" in json.load(f):  # diffusers' Wan: no adapters of its own yet
+                    overrides["lora_rank"] = adapter_rank(adapters, adapter_format)
         transformer = load_wan_transformer(os.path.join(local_dir, "transformer"), dtype=dtype, device=device,
                                            **overrides)
         vae = AutoencoderKLWan.from_pretrained(os.path.join(local_dir, "vae"), local_files_only=True,
@@ -155,17 +178,22 @@ class WildActorPipeline:
                 name = json.load(f).get("_class_name", "FlowMatchEulerDiscreteScheduler")
             scheduler = getattr(diffusers, name).from_pretrained(os.path.join(local_dir, "scheduler"),
                                                                  local_files_only=True)
-        return cls(transformer, vae, text_encoder, tokenizer, scheduler)
+        pipe = cls(transformer, vae, text_encoder, tokenizer, scheduler)
+        if adapters is not None:
+            pipe.adapter_report = pipe.load_adapters(adapters, adapter_format)
+        return pipe
 
     def save_pretrained(self, local_dir: str) -> None:
-        """Write the diffusers Wan layout (the transformer as a WildActor folder, adapters included)."""
-        os.makedirs(local_dir, exist_ok=True)
-        self.transformer.save_pretrained(os.path.join(local_dir, "transformer"))
-        self.vae.save_pretrained(os.path.join(local_dir, "vae"), safe_serialization=True)
-        self.text_encoder.save_pretrained(os.path.join(local_dir, "text_encoder"), safe_serialization=True)
-        self.tokenizer.save_pretrained(os.path.join(local_dir, "tokenizer"))
-        if self.scheduler is not None:
-            self.scheduler.save_pretrained(os.path.join(local_dir, "scheduler"))
+        """Write the diffusers Wan layout, ``model_index.json`` included, through diffusers' own
+        ``WanPipeline.save_pretrained`` (the transformer as a WildActor folder, adapters included):
+        :meth:`from_pretrained` and diffusers' ``WanPipeline.from_pretrained`` both read it back."""
+        from diffusers import WanPipeline
+
+        from .diffusers_compat import register_with_diffusers
+
+        register_with_diffusers()
+        WanPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
+                    scheduler=self.scheduler, transformer=self.transformer).save_pretrained(local_dir)
 
     def load_adapters(self, path: str, format: str = "auto", **kwargs) -> AdapterReport:
         """Load an adapter file into the transformer (see :func:`.adapter_formats.load_adapter_file`)."""

@@ -50,7 +50,12 @@ from wildactor_kernels import RefLoRALinear, TokenLayout
 from . import checks, weights
 from .adapters import is_adapter
 from .config import WildActorConfig
-from .diffusers_compat import ATTENTION_KWARGS, DiffusersConfig, TransformerOutput
+from .diffusers_compat import (
+    ATTENTION_KWARGS,
+    DiffusersConfig,
+    TransformerOutput,
+    register_if_diffusers_loaded,
+)
 from .references import RefCache, Reference, bind_ref_cache
 from .rope_tables import RopeTableCache
 
@@ -404,6 +409,7 @@ class WildActor(nn.Module):
         if dtype is not None:
             self.cast(dtype)
         self.freeze_backbone()
+        register_if_diffusers_loaded()  # so that diffusers' pipelines save and load a WildActor
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -647,8 +653,11 @@ class WildActor(nn.Module):
             attention_kwargs: ``{"refs": [Reference, ...]}`` (joint path) or
                 ``{"ref_cache": RefCache}`` (cached path); None or ``{}`` for none. Other keys are
                 refused (diffusers' ``"scale"`` for its own LoRA layers included).
-            return_dict: None (default): the tensor; True: a :class:`TransformerOutput` (``.sample``);
-                False: a one-tuple ``(velocity,)``.
+            return_dict: True: a :class:`TransformerOutput` (``.sample``, or ``[0]``); False: a
+                one-tuple ``(velocity,)``, as diffusers returns them. None (default): diffusers'
+                default (True) when the call uses diffusers' names (``hidden_states=`` or
+                ``encoder_hidden_states=``), so code written for ``WanTransformer3DModel`` runs
+                unchanged; the plain tensor otherwise (``m(latents, timestep, context)``).
         Returns:
             ``[B, out_channels, T, H, W]`` in the model dtype (wrapped as ``return_dict`` asks).
         """
@@ -659,7 +668,9 @@ class WildActor(nn.Module):
             raise TypeError("WildActor.forward() missing the timestep")
         v = self._velocity(latents, timestep, context, refs, ref_cache)
         if return_dict is None:
-            return v
+            if hidden_states is None and encoder_hidden_states is None:
+                return v
+            return_dict = True  # diffusers' default for a call in diffusers' names
         return TransformerOutput(v) if return_dict else (v,)
 
     @staticmethod
@@ -727,16 +738,29 @@ class WildActor(nn.Module):
         :func:`~wildactor_kernels.model.weights.load_wan_state_dict`."""
         return weights.load_wan_state_dict(self, state_dict, strict=strict)
 
-    def save_pretrained(self, directory: str) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (backbone + adapters) to ``directory``."""
+    def save_pretrained(self, directory: str, safe_serialization: bool = True) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (backbone + adapters) to ``directory``.
+
+        ``safe_serialization`` is diffusers' argument (``WanPipeline.save_pretrained`` passes it):
+        weights are written as safetensors only, so ``False`` is refused."""
+        if safe_serialization is not True:
+            raise ValueError(f"safe_serialization={safe_serialization!r}: WildActor writes its weights "
+                             "as safetensors only (no pickle)")
         weights.save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str, device: torch.device | str | None = None,
-                        dtype: torch.dtype | None = None, **overrides) -> WildActor:
+                        dtype: torch.dtype | None = None, *, torch_dtype: torch.dtype | None = None,
+                        **overrides) -> WildActor:
         """Load a model written by :meth:`save_pretrained` (built on meta, no double allocation).
-        ``dtype=None`` keeps the saved dtype; ``overrides`` change config fields that do not alter
-        shapes (e.g. ``backend="reference"``)."""
+        ``dtype=None`` keeps the saved dtype (``torch_dtype`` is another name for it, the one
+        diffusers' ``WanPipeline.from_pretrained`` passes); ``overrides`` change config fields that
+        do not alter shapes (e.g. ``backend="reference"``)."""
+        if torch_dtype is not None:
+            if dtype is not None and dtype != torch_dtype:
+                raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree (two names of one "
+                                 "argument)")
+            dtype = torch_dtype
         cfg, sd, saved_dtype = weights.read_pretrained(directory, device=device, **overrides)
         model = cls(cfg, device="meta", dtype=dtype or saved_dtype)
         model.load_wan_state_dict(sd, strict=True)

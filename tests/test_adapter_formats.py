@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from wildactor_kernels.model import Reference, WildActor, WildActorConfig
 from wildactor_kernels.model.adapter_formats import (
+    adapter_rank,
     detect_format,
     load_adapter_file,
     load_diffusers_lora,
@@ -350,6 +351,29 @@ def test_standin_refusals(tmp_path):
         WildActorConfig.preset("tiny", ref_time="middle")
 
 
+def test_adapter_rank_from_the_file_header(tmp_path):
+    """The rank to build a model with, for every format, read without loading the tensors."""
+    peft_dir = _write_peft(tmp_path / "p", _pairs(_qkv_modules(), rank=6), {"r": 6, "lora_alpha": 6})
+    assert adapter_rank(str(peft_dir)) == 6
+    assert adapter_rank(str(peft_dir / "adapter_model.safetensors"), "peft") == 6
+    save_file(_standin_sd(rank=8), str(tmp_path / "s.safetensors"))
+    assert adapter_rank(str(tmp_path / "s.safetensors")) == 8
+    kohya = {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(3, 64),
+             "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(64, 3)}
+    save_file(kohya, str(tmp_path / "k.safetensors"))
+    assert adapter_rank(str(tmp_path / "k.safetensors"), "diffusers") == 3
+    m = _model()
+    m.save_adapters(str(tmp_path / "w.safetensors"))
+    assert adapter_rank(str(tmp_path / "w.safetensors")) == 4
+    mixed = {**kohya, "diffusion_model.blocks.0.self_attn.k.lora_down.weight": torch.zeros(5, 64),
+             "diffusion_model.blocks.0.self_attn.k.lora_up.weight": torch.zeros(64, 5)}
+    save_file(mixed, str(tmp_path / "m.safetensors"))
+    with pytest.raises(ValueError, match=r"found \[3, 5\]"):
+        adapter_rank(str(tmp_path / "m.safetensors"), "diffusers")
+    with pytest.raises(ValueError, match="format must be one of"):
+        adapter_rank(str(tmp_path / "m.safetensors"), "kohya")
+
+
 def test_wildactor_format_through_load_adapter_file(tmp_path):
     src = _model(seed=4)
     with torch.no_grad():
@@ -365,6 +389,69 @@ def test_wildactor_format_through_load_adapter_file(tmp_path):
         assert torch.equal(dst.adapter_state_dict()[k], v)
     with pytest.raises(ValueError, match="format must be one of"):
         load_adapter_file(dst, str(f), format="kohya")
+
+
+# ============================================================================ files from PEFT / diffusers
+def test_files_written_by_peft_and_diffusers(tmp_path):
+    """Adapters written by PEFT itself (``save_pretrained``) and by diffusers (``add_adapter`` +
+    ``save_lora_weights``) on diffusers' own WanTransformer3DModel: the reference rows equal PEFT's
+    adapted linears, and ``apply="fuse"`` equals the PEFT-adapted diffusers model."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    import copy
+
+    from diffusers import WanPipeline
+    from wildactor_kernels.model.pipeline import tiny_wan_components
+
+    wan = tiny_wan_components(seed=0)["transformer"]
+    slots = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 2, 4, 6, generator=g), torch.randn(2, 7, 32, generator=g)
+    ts = torch.tensor([700.0, 300.0])
+
+    def wan_out(model):
+        with torch.no_grad():
+            return model(hidden_states=x, timestep=ts, encoder_hidden_states=ctx, return_dict=False)[0]
+
+    for rslora in (False, True):
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=slots, use_rslora=rslora)
+        pm = peft.get_peft_model(copy.deepcopy(wan), cfg)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_" in n:
+                    p.normal_(std=0.3, generator=g)
+        folder = tmp_path / f"peft{int(rslora)}"
+        pm.save_pretrained(str(folder))
+        wa = WildActor.from_diffusers(wan, lora_rank=4, backend="reference")
+        rep = load_adapter_file(wa, str(folder))
+        assert rep.format == "peft" and rep.scale == (4.0 if rslora else 2.0) and len(rep.mapped) == 12
+        for i in range(2):
+            for s in slots:
+                ours = wa.get_submodule(f"blocks.{i}.{s}")
+                theirs = pm.base_model.model.get_submodule(f"blocks.{i}.{s}")
+                xi = torch.randn(1, 5, ours.in_features, generator=g)
+                with torch.no_grad():
+                    torch.testing.assert_close(ours(xi, 0), theirs(xi), atol=1e-5, rtol=1e-5)
+        fused = WildActor.from_diffusers(wan, backend="reference")
+        load_adapter_file(fused, str(folder), apply="fuse")
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x, ts, ctx), wan_out(pm), atol=1e-4, rtol=0)
+
+    # diffusers' training flow: add_adapter, then save_lora_weights with the adapter metadata
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    adapted = copy.deepcopy(wan)
+    adapted.add_adapter(peft.LoraConfig(r=4, lora_alpha=2, target_modules=targets, init_lora_weights=False))
+    WanPipeline.save_lora_weights(str(tmp_path / "dl"),
+                                  transformer_lora_layers=peft.get_peft_model_state_dict(adapted),
+                                  transformer_lora_adapter_metadata={"r": 4, "lora_alpha": 2,
+                                                                     "target_modules": targets})
+    fused = WildActor.from_diffusers(wan, backend="reference")
+    rep = load_adapter_file(fused, str(tmp_path / "dl" / "pytorch_lora_weights.safetensors"), apply="fuse")
+    assert rep.format == "diffusers" and rep.scale == 0.5 and rep.scale_source == "metadata"
+    assert len(rep.mapped) == 16  # q/k/v/o of self- and cross-attention, 2 blocks
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, ts, ctx), wan_out(adapted), atol=1e-4, rtol=0)
 
 
 # ============================================================================ bad alphas and ranks

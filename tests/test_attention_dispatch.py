@@ -17,6 +17,7 @@ import torch
 from helpers import DEVICE, assert_close_verbose
 
 import wildactor_kernels as wk
+from wildactor_kernels import _utils
 from wildactor_kernels.attention import dispatch
 
 pytestmark = pytest.mark.usefixtures("nan_empty")
@@ -64,7 +65,7 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: CASE["device"])
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
     monkeypatch.setattr(dispatch, "triton_available", lambda: True)
-    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(_utils, "_warned_once", set())
     dispatch._static_available.cache_clear()
     yield
     dispatch._static_available.cache_clear()

@@ -505,7 +505,7 @@ def build(kernel, consts, cfg, first=True):
     print(fn.__name__, consts.get("ROTATE"), consts.get("CACHED"), "ok", k.metadata.shared, regs)
     return k
 
-# every config the first call may pick at the DESIGN head dim (bf16, D = 128)
+# every config the first call may pick at the docs/design.md §8 head dim (bf16, D = 128)
 for rotate, cached in ((False, False), (True, True)):
     c = dict(HEAD_DIM=128, BLOCK_D=128, ROTATE=rotate, CACHED=cached, DOT_F32=False, DOT_PREC="ieee")
     for kern, kind in ((K._attn_fwd_kernel, "fwd"), (K._attn_bwd_kernel, "dkdv")):

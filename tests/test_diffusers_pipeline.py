@@ -9,7 +9,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -74,7 +77,7 @@ def test_config_dtype_device_cache_context(wa, comps):
         pass
 
 
-def test_forward_accepts_diffusers_keywords(wa):
+def test_forward_accepts_diffusers_keywords(wa, comps):
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(2, 4, 2, 4, 6, generator=g), torch.randn(2, 7, 32, generator=g)
     t = torch.tensor([700.0, 300.0])
@@ -97,6 +100,12 @@ def test_forward_accepts_diffusers_keywords(wa):
                    return_dict=False)[0]
         assert (plain - ref).abs().max() > 1e-3  # the references reached the model
         torch.testing.assert_close(plain, wa(x, t, ctx), atol=0, rtol=0)
+        # a call in diffusers' names with no return_dict returns what diffusers' own model returns
+        want = comps["transformer"](hidden_states=x, timestep=t, encoder_hidden_states=ctx)
+        got = wa(hidden_states=x, timestep=t, encoder_hidden_states=ctx)
+        assert type(want).__name__ == "Transformer2DModelOutput" and isinstance(got, TransformerOutput)
+        assert torch.equal(got[0], plain) and (got.sample - want.sample).abs().max().item() <= 1e-4
+        assert isinstance(wa(latents=x, timestep=t, encoder_hidden_states=ctx), TransformerOutput)
     with pytest.raises(ValueError, match=r"attention_kwargs keys \['scale'\]"):
         wa(hidden_states=x, timestep=t, encoder_hidden_states=ctx, attention_kwargs={"scale": 1.0})
     with pytest.raises(ValueError, match="latents or hidden_states"):
@@ -179,6 +188,67 @@ def test_wanpipeline_references_through_attention_kwargs(comps, wa):
                          attention_kwargs={"ref_cache": model.encode_references(refs)})
     assert (joint - plain).abs().max() > 1e-3
     torch.testing.assert_close(cached, joint, atol=1e-4, rtol=0)
+
+
+def test_wanpipeline_save_pretrained_keeps_the_wildactor(comps, tmp_path):
+    """WanPipeline.save_pretrained writes the WildActor transformer (adapters included) and
+    WanPipeline.from_pretrained / WildActorPipeline.from_pretrained give it back."""
+    from diffusers import WanPipeline
+
+    model = WildActor.from_diffusers(comps["transformer"], lora_rank=4).eval()
+    _randomize_adapters(model)
+    pipe = _wan_pipe(comps, model)
+    pipe.save_pretrained(tmp_path / "wan")
+    index = json.loads((tmp_path / "wan" / "model_index.json").read_text())
+    assert index["transformer"] == ["wildactor_kernels.model.wildactor", "WildActor"]
+    assert sorted(os.listdir(tmp_path / "wan" / "transformer")) == ["config.json", "model.safetensors"]
+    loaded = WanPipeline.from_pretrained(tmp_path / "wan")
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.transformer, WildActor) and loaded.transformer.cfg == model.cfg
+    got_sd = loaded.transformer.state_dict()
+    assert all(torch.equal(v, got_sd[k]) for k, v in model.state_dict().items())
+    refs = _lat_refs()
+    want = _wan_frames(pipe, output_type="latent", attention_kwargs={"refs": refs})
+    assert torch.equal(_wan_frames(loaded, output_type="latent", attention_kwargs={"refs": refs}), want)
+    ours = WildActorPipeline.from_pretrained(str(tmp_path / "wan"))
+    assert all(torch.equal(v, ours.transformer.state_dict()[k]) for k, v in model.state_dict().items())
+    half = WanPipeline.from_pretrained(tmp_path / "wan", dtype=torch.bfloat16)
+    assert half.transformer.dtype == torch.bfloat16 and half.transformer.cfg == model.cfg
+    with pytest.raises(ValueError, match="safetensors only"):
+        pipe.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    with pytest.raises(ValueError, match="disagree"):
+        WildActor.from_pretrained(str(tmp_path / "wan" / "transformer"), dtype=torch.float32,
+                                  torch_dtype=torch.bfloat16)
+    # a pipeline built around diffusers' transformer, then given a WildActor (README's way for a
+    # loaded checkpoint): its config follows, and so does what it saves
+    swapped = _wan_pipe(comps, comps["transformer"])
+    swapped.transformer = WildActor.from_diffusers(swapped.transformer)
+    assert tuple(swapped.config["transformer"]) == ("wildactor_kernels.model.wildactor", "WildActor")
+    swapped.save_pretrained(tmp_path / "swapped")
+    assert isinstance(WanPipeline.from_pretrained(tmp_path / "swapped").transformer, WildActor)
+
+
+def test_register_with_diffusers_when_diffusers_comes_later(comps, tmp_path):
+    """Package imported before diffusers: register_with_diffusers() (or building a WildActor) enters
+    WildActor in diffusers' loadable classes, and a fresh interpreter loads the saved pipeline."""
+    _wan_pipe(comps, WildActor.from_diffusers(comps["transformer"])).save_pretrained(tmp_path / "wan")
+    code = f"""
+import sys
+from wildactor_kernels.model import WildActor, register_with_diffusers
+assert "diffusers" not in sys.modules
+from diffusers import WanPipeline
+from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
+assert "wildactor_kernels.model" not in LOADABLE_CLASSES
+register_with_diffusers()
+register_with_diffusers()  # idempotent
+assert LOADABLE_CLASSES["wildactor_kernels.model"] == {{"WildActor": ["save_pretrained", "from_pretrained"]}}
+pipe = WanPipeline.from_pretrained({str(tmp_path / "wan")!r})
+assert type(pipe.transformer).__name__ == "WildActor"
+print("loaded")
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ))
+    assert p.returncode == 0 and "loaded" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
 
 
 # ============================================================================ WildActorPipeline
@@ -286,9 +356,24 @@ def test_pipeline_from_pretrained_diffusers_layout(comps, pipe, tmp_path):
     assert report.format == "wildactor" and len(report.mapped) == 2 * 6
     torch.testing.assert_close(_run(loaded, output_type="latent"), _run(pipe, output_type="latent"),
                                atol=1e-5, rtol=0)
-    # our own layout round-trips too (transformer/ as a WildActor folder)
+    # adapters given to from_pretrained: built with the file's rank (no lora_rank=), loaded, reported
+    direct = WildActorPipeline.from_pretrained(str(root), adapters=str(adapters), backend="reference")
+    direct.set_progress_bar_config(disable=True)
+    assert direct.transformer.cfg.lora_rank == 4 and direct.adapter_report.format == "wildactor"
+    assert torch.equal(_run(direct, output_type="latent"), _run(loaded, output_type="latent"))
+    from safetensors.torch import save_file
+
+    standin = tmp_path / "standin.safetensors"
+    shapes = {"down": (8, 32), "up": (32, 8)}
+    save_file({f"blocks.{i}.self_attn.{p}_loras.{h}.weight": torch.randn(*shapes[h])
+               for i in range(2) for p in "qkv" for h in ("down", "up")}, str(standin))
+    si = WildActorPipeline.from_pretrained(str(root), adapters=str(standin))
+    assert si.transformer.cfg.lora_rank == 8 and si.transformer.cfg.ref_time == "before"
+    assert si.adapter_report.format == "standin" and len(si.adapter_report.mapped) == 6
+    # our own layout round-trips too (transformer/ as a WildActor folder), model_index.json included
     mine = tmp_path / "mine"
     pipe.save_pretrained(str(mine))
+    assert json.loads((mine / "model_index.json").read_text())["_class_name"] == "WanPipeline"
     again = WildActorPipeline.from_pretrained(str(mine))
     again.set_progress_bar_config(disable=True)
     assert torch.equal(_run(again, output_type="latent"), _run(pipe, output_type="latent"))
@@ -300,6 +385,10 @@ def test_pipeline_from_pretrained_diffusers_layout(comps, pipe, tmp_path):
     sharded = load_wan_transformer(str(tmp_path / "sharded"), lora_rank=4)
     want = comps["transformer"].state_dict()
     assert all(torch.equal(v, want[k]) for k, v in sharded.state_dict().items() if k in want)
+    os.makedirs(root / "transformer_2")  # Wan2.2 A14B's second expert: refused, not silently dropped
+    with pytest.raises(ValueError, match="two-expert"):
+        WildActorPipeline.from_pretrained(str(root))
+    os.rmdir(root / "transformer_2")
     os.remove(root / "transformer" / "diffusion_pytorch_model.safetensors")
     with pytest.raises(FileNotFoundError, match="safetensors only"):
         WildActorPipeline.from_pretrained(str(root))

@@ -120,6 +120,71 @@ def test_imports_run_one_way():
     assert not bad, ("upward imports (kernels <- wildactor_kernels.model <- cli):\n" + "\n".join(bad))
 
 
+def _private_part(name: str, mods: dict[str, str]) -> str | None:
+    """The package that owns the first private part (``_name``) of the dotted ``name``, or None.
+
+    A private module (``wildactor_kernels._utils``) belongs to the package that holds it; a private
+    name of a module (``wildactor_kernels.quant.linear._warn_once``) to that module's package.
+    """
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("_") and not part.startswith("__"):
+            holder = ".".join(parts[:i])
+            is_pkg = holder in mods and os.path.basename(mods[holder]) == "__init__.py"
+            return holder if is_pkg or holder not in mods else holder.rpartition(".")[0]
+    return None
+
+
+def _private_imports_across_packages(importer: str, imports, mods: dict[str, str]) -> list[str]:
+    """Imports by ``importer`` of private names or modules owned by another package of the
+    library; the model (``wildactor_kernels.model``) is a package of its own, not a part of the
+    kernel package it is installed in."""
+    bad = []
+    for name, line in imports:
+        if name.split(".")[0] != PKG:
+            continue
+        owner = _private_part(name, mods)
+        if owner is None:
+            continue
+        inside = importer == owner or importer.startswith(owner + ".")
+        if not inside or (_layer(importer) > 0) != (_layer(owner) > 0):
+            bad.append(f"{importer}:{line} imports {name} (private to {owner})")
+    return bad
+
+
+def test_no_private_names_imported_across_packages():
+    """``_names`` stay inside their package: the model never imports the kernels' private helpers,
+    a kernel sub-package never imports another's, and benchmarks/ and the CLI use public names."""
+    mods = _package_modules()
+    bad = []
+    for m, imports in _graph()[1].items():
+        bad += _private_imports_across_packages(m, imports, mods)
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "benchmarks")):
+        for f in sorted(files):
+            if f.endswith(".py"):
+                path = os.path.join(dirpath, f)
+                bad += _private_imports_across_packages(
+                    f"benchmarks.{f[:-3]}", _imports(path, f"benchmarks.{f[:-3]}", False), mods)
+    assert not bad, "private names imported across packages:\n" + "\n".join(bad)
+
+
+def test_private_import_rule_sees_a_violation():
+    mods = _package_modules()
+
+    def flagged(importer: str, name: str) -> bool:
+        return bool(_private_imports_across_packages(importer, [(name, 1)], mods))
+
+    assert flagged(f"{MODEL}.quant", f"{PKG}.quant.linear._warn_once")
+    assert flagged(f"{MODEL}.wildactor", f"{PKG}._utils.logger")
+    assert flagged(f"{PKG}.rope.op", f"{PKG}.attention.kernels._block_d")
+    assert flagged("benchmarks.x", f"{PKG}._utils.resolve_backend")
+    assert flagged("benchmarks.x", f"{MODEL}.quant._to_int8")
+    assert not flagged(f"{PKG}.rope.op", f"{PKG}._utils.resolve_backend")
+    assert not flagged(f"{PKG}.quant.module", f"{PKG}.quant.linear._warn_once")
+    assert not flagged(f"{MODEL}.cli", f"{MODEL}.quant._mode_of")
+    assert not flagged("benchmarks.x", f"{PKG}.quant.scaled_mm_rowwise")
+
+
 def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components of more than one module (Tarjan)."""
     index, low, stack, on, out = {}, {}, [], set(), []
@@ -182,13 +247,7 @@ def test_wheel_has_one_top_level_package(tmp_path):
     the model package inside it and no benchmarks or tests."""
     pytest.importorskip("setuptools")
     src = tmp_path / "src"
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    for rel in filter(None, files.decode().split("\0")):
-        if not os.path.isfile(os.path.join(ROOT, rel)):
-            continue
-        dst = src / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(os.path.join(ROOT, rel), dst)
+    _copy_tracked_tree(src)
     out = tmp_path / "wheel"
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                         "-w", str(out), str(src)], capture_output=True, text=True)
@@ -202,6 +261,7 @@ def test_wheel_has_one_top_level_package(tmp_path):
     entry = zipfile.ZipFile(whl).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert f"wildactor = {CLI}:main" in entry
     assert f"{PKG}/attention/backend_table.json" in names  # package data the dispatcher reads
+    assert any(".dist-info/" in n and n.rsplit("/", 1)[-1] == "LICENSE" for n in names), names[-8:]
 
     # Installed from the wheel, run from a folder outside the checkout: the namespaced model
     # imports, a top-level `model` does not exist, and the CLI's demo runs.
@@ -213,6 +273,7 @@ def test_wheel_has_one_top_level_package(tmp_path):
     env["PYTHONPATH"] = str(site)
     probe = ("import wildactor_kernels, wildactor_kernels.model as m\n"
              "from wildactor_kernels.model import WildActor\n"
+             "import wildactor_kernels.model.export, wildactor_kernels.model.parallel\n"  # subpackages too
              f"assert wildactor_kernels.__file__.startswith({str(site)!r}), wildactor_kernels.__file__\n"
              f"assert m.__file__.startswith({str(site)!r}), m.__file__\n"
              "import importlib.util\n"
@@ -220,8 +281,115 @@ def test_wheel_has_one_top_level_package(tmp_path):
              "assert importlib.util.find_spec('benchmarks') is None\n")
     r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", CLI, "demo", "--steps", "2", "--frames", "1", "--height", "4",
-                        "--width", "4", "--device", "cpu", "--repeats", "1", "--no-progress"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
+    demo = ["demo", "--steps", "2", "--frames", "1", "--height", "4", "--width", "4", "--device", "cpu",
+            "--repeats", "1", "--no-progress"]
+    # the `wildactor` console script the wheel installs (its entry point), else the module
+    script = site / "bin" / "wildactor"
+    wildactor = [str(script)] if script.is_file() and os.name != "nt" else [sys.executable, "-m", CLI]
+    r = subprocess.run([*wildactor, *demo], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, (r.stdout[-1500:], r.stderr[-1500:])
     assert "Traceback" not in r.stderr
+    assert "OK: sampling with and without the reference cache agrees" in r.stdout
+    # benchmarks/ is not installed: outside a checkout `wildactor bench` says so, in one line
+    r = subprocess.run([*wildactor, "bench", "--device", "cpu"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, (r.stdout[-1500:], r.stderr[-1500:])
+    assert "source checkout" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def _copy_tracked_tree(dst) -> None:
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        if os.path.isfile(os.path.join(ROOT, rel)):
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, rel), dst / rel)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git to copy the tracked tree")
+def test_editable_install_serves_the_namespaced_model(tmp_path):
+    """``pip install -e .`` (PEP 660, setuptools' package_dir mapping) into a fresh environment:
+    from a folder outside the checkout ``wildactor_kernels.model`` is the checkout's ``model/``
+    folder, a top-level ``model`` or ``benchmarks`` does not exist, and ``wildactor bench`` finds
+    the checkout."""
+    pytest.importorskip("setuptools")
+    src, venv = tmp_path / "src", tmp_path / "venv"
+    _copy_tracked_tree(src)
+    # A fresh environment that sees this one's packages as plain paths: this environment's own
+    # .pth files (an editable install of another checkout among them) are not run there.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = str(venv / ("Scripts" if os.name == "nt" else "bin") / "python")
+    purelib = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    import site
+    with open(os.path.join(purelib, "deps.pth"), "w") as fh:
+        fh.write("\n".join(site.getsitepackages()) + "\n")
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--target", purelib, "-e", str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not os.path.exists(os.path.join(purelib, PKG))  # editable: served from the checkout
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = ("import importlib.util, os\n"
+             "import wildactor_kernels, wildactor_kernels.model as m\n"
+             "from wildactor_kernels.model import WildActor\n"
+             "from wildactor_kernels.model.export import TwoGraphRunner\n"
+             f"src = {str(src)!r}\n"
+             "assert wildactor_kernels.__file__ == os.path.join(src, 'wildactor_kernels', '__init__.py'), "
+             "wildactor_kernels.__file__\n"
+             "assert m.__file__ == os.path.join(src, 'model', '__init__.py'), m.__file__\n"
+             "assert importlib.util.find_spec('model') is None\n"
+             "assert importlib.util.find_spec('benchmarks') is None\n"
+             "from wildactor_kernels.model.cli import find_checkout\n"
+             "assert find_checkout() == src, find_checkout()\n")
+    r = subprocess.run([py, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_bench_never_takes_site_packages_for_a_checkout(tmp_path, monkeypatch, capsys):
+    """A site-packages folder where another distribution installed a top-level ``benchmarks``
+    package is not a checkout: `wildactor bench` runs only a real checkout's scripts."""
+    from wildactor_kernels.model import cli
+
+    import wildactor_kernels
+
+    site = tmp_path / "site-packages"
+    for rel in ("wildactor_kernels/__init__.py", "wildactor_kernels/model/__init__.py",
+                "benchmarks/__init__.py", "benchmarks/suite.py"):
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_text("")
+    monkeypatch.setattr(wildactor_kernels, "__file__", str(site / "wildactor_kernels" / "__init__.py"))
+    elsewhere = tmp_path / "work" / "sub"
+    elsewhere.mkdir(parents=True)
+    assert cli.find_checkout(str(elsewhere)) is None
+    monkeypatch.chdir(elsewhere)
+    assert cli.main(["bench", "--device", "cpu"]) == 2
+    assert "source checkout" in capsys.readouterr().err
+    checkout = tmp_path / "work"
+    for rel in ("setup.py", "wildactor_kernels/__init__.py", "model/__init__.py", "benchmarks/suite.py"):
+        (checkout / rel).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / rel).write_text("")
+    assert cli.find_checkout(str(elsewhere)) == str(checkout)
+    (checkout / "setup.py").unlink()
+    assert cli.find_checkout(str(elsewhere)) is None
+
+
+def test_bench_runs_the_checkout_suite_with_the_callers_paths(tmp_path, monkeypatch):
+    """`wildactor bench` starts ``python -m benchmarks.suite`` in the checkout, with the options
+    unchanged except that a relative ``--json`` is the caller's, not a file inside the checkout."""
+    from wildactor_kernels.model import cli
+
+    seen = {}
+
+    def fake_call(cmd, cwd=None, env=None):
+        seen.update(cmd=cmd, cwd=cwd, env=env)
+        return 0
+
+    monkeypatch.setattr(subprocess, "call", fake_call)
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "--suite", "model", "--json", "out/x.jsonl", "--json=y.jsonl", "--iters", "2"]
+    assert cli.main(argv) == 0
+    assert seen["cwd"] == ROOT
+    assert seen["cmd"][1:3] == ["-m", "benchmarks.suite"]
+    assert seen["cmd"][3:] == ["--suite", "model", "--json", str(tmp_path / "out" / "x.jsonl"),
+                               f"--json={tmp_path / 'y.jsonl'}", "--iters", "2"]
+    assert seen["env"]["PYTHONPATH"].split(os.pathsep)[0] == ROOT

@@ -249,7 +249,7 @@ def build(f, consts, num_warps, num_stages, unit=()):
     assert "cp.async" in ptx, f"{fn.__name__} {consts}: loads are not pipelined"
     print(fn.__name__, consts.get("REF_MODE"), "ok")
 
-g = dict(GROUP_M=8, DOT_F32=False, DOT_IEEE=True, HAS_BIAS=True, BLOCK_R=64, EVEN_K=True)
+g = dict(GROUP_M=8, DOT_F32=False, DOT_PREC="ieee", HAS_BIAS=True, BLOCK_R=64, EVEN_K=True)
 fwd = ("stride_xk", "stride_wk", "stride_tr", "stride_lr", "stride_oo")  # Wt = W^T, Lt = B^T
 bwd = ("stride_xk", "stride_wn", "stride_tr", "stride_ln", "stride_oo")  # Wt = W,   Lt = A
 build(K._lora_gemm_kernel, dict(g, REF_MODE=1, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64), 8, 3, fwd)
@@ -258,7 +258,7 @@ build(K._lora_gemm_kernel, dict(g, REF_MODE=1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=6
       4, 3, fwd + ("RANK",))  # rank 1 padded to 16, Din not a multiple of BLOCK_K
 build(K._lora_gemm_kernel, dict(g, REF_MODE=2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 3, fwd)
 build(K._lora_shrink_kernel,
-      dict(BLOCK_M=64, BLOCK_K=64, BLOCK_R=128, EVEN_K=True, DOT_F32=False, DOT_IEEE=True), 4, 4,
+      dict(BLOCK_M=64, BLOCK_K=64, BLOCK_R=128, EVEN_K=True, DOT_F32=False, DOT_PREC="ieee"), 4, 4,
       ("stride_xk", "stride_pk", "stride_tr"))
 '''
 

@@ -10,7 +10,10 @@ and on the single-process model, and the largest difference over the ranks comes
   do not divide the degree; every rank receives the same full output;
 - the adapters' gradients on the joint path, summed over the ranks;
 - the sampler's final latents (cached and joint paths, with guidance);
-- the bytes each rank sends, counted from the collectives, equal ``comm_bytes_per_forward``.
+- the bytes each rank sends, counted from the collectives, equal ``comm_bytes_per_forward``;
+- per-sample references under cfg, one video token (all-padding ring blocks) in the backward;
+- refusals that every rank raises alike (no rank left waiting): inputs whose shapes differ between
+  ranks, a process group of only some ranks.
 
 The single-process pieces (log-sum-exp attention and its merge, the cost model, argument
 checks) are tested directly.
@@ -83,7 +86,7 @@ def _session_cases(world: int) -> list[tuple[str, dict]]:
 
 def _worker(world: int, out_path: str) -> None:
     import torch.distributed as dist
-    from wildactor_kernels.model import FlowMatchSampler, ParallelConfig, parallelize
+    from wildactor_kernels.model import FlowMatchSampler, ParallelConfig, Reference, parallelize
     from wildactor_kernels.model.parallel import comm_bytes_per_forward, count_communication
     from wildactor_kernels.model.parallel.mesh import MESH_DIMS
 
@@ -142,6 +145,33 @@ def _worker(world: int, out_path: str) -> None:
             got = pm(lat[:1], t[:1], ctx[:1], refs=refs)
             want = single("batch1", lambda: base(lat[:1], t[:1], ctx[:1], refs=refs))
             report(f"fwd/{name}/batch1/odd", (got - want).abs().max().item())
+        # ---- per-sample references (batch 2): cfg groups take their own samples' references
+        g2 = torch.Generator().manual_seed(11)
+        refs2 = [Reference("face", torch.randn(2, 4, 1, 4, 4, generator=g2)),
+                 Reference("body", torch.randn(2, 4, 1, 2, 6, generator=g2))]
+        cache2 = base.encode_references(refs2)
+        with torch.no_grad():
+            for path, kwargs in (("cached", {"ref_cache": cache2}), ("joint", {"refs": refs2})):
+                got = pm(lat, t, ctx, **kwargs)
+                want = single(f"per_sample/{path}", lambda: base(lat, t, ctx, **kwargs))
+                report(f"fwd/{name}/per_sample_refs_{path}/odd", (got - want).abs().max().item())
+        # ---- adapters' gradients with one video token: every ring chunk but the first is all
+        # padding (its block must stay in the autograd graph, or the ring backward waits forever)
+        lat1, t1, ctx1, refs1 = _inputs(2, 1, 2, 2)
+        w1 = torch.randn(2, 4, 1, 2, 2, generator=torch.Generator().manual_seed(4))
+
+        def single_grads_one_token():
+            one = copy.deepcopy(base)
+            (one(lat1, t1, ctx1, refs=refs1) * w1).sum().backward()
+            return [p.grad for p in one.trainable_parameters()]
+
+        want1 = single("grads1", single_grads_one_token)
+        m1 = copy.deepcopy(base)
+        p1 = parallelize(m1, cfg)
+        (p1(lat1, t1, ctx1, refs=refs1) * w1).sum().backward()
+        p1.reduce_gradients()
+        err = max((a - b.grad).abs().max().item() for a, b in zip(want1, m1.trainable_parameters()))
+        report(f"grad/{name}/joint_one_token", err / max(max(a.abs().max().item() for a in want1), 1.0))
         # ---- adapters' gradients on the joint path (odd shape)
         wgt = torch.randn(2, 4, 3, 6, 10, generator=torch.Generator().manual_seed(3))
 
@@ -176,6 +206,22 @@ def _worker(world: int, out_path: str) -> None:
                           lambda: s.sample(base, (1, 4, 3, 6, 10), ctx, refs=refs, seed=7))
             got = s.sample(pm, (1, 4, 3, 6, 10), ctx, refs=refs, seed=7)
             report(f"sampler/{name}/{'cached' if use_cache else 'joint'}", (got - want).abs().max().item())
+    # ---- inputs that differ between ranks (shapes; or valid on some ranks only): every rank raises
+    # the same clear error, none waits in a collective
+    pm = parallelize(base, ParallelConfig(ulysses=2) if world == 2 else ParallelConfig(ulysses=2, ring=2))
+    lat, t, ctx, refs = _inputs(2, 3, 6, 10)
+    bad = {"frames": (lambda: _inputs(2, 2, 6, 10)[:3]), "text_dim": (lambda: (lat, t, ctx[..., :8]))}
+    for case, make in bad.items():
+        args = make() if rank == world - 1 else (lat, t, ctx)
+        try:
+            with torch.no_grad():
+                pm(*args, refs=refs)
+            ok = 0.0
+        except ValueError as e:
+            ok = 1.0 if "every rank must pass the same full inputs" in str(e) else 0.0
+        flag = torch.tensor([ok])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        results[f"mismatch_refused/{case}"] = float(flag)
     if world == 4:  # a DeviceMesh instead of a process group, one numbered in mesh order and one not
         from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -192,6 +238,17 @@ def _worker(world: int, out_path: str) -> None:
                     got = pm(lat, t, ctx, **kwargs)
                     want = single(f"fwd/{path}/odd", lambda: base(lat, t, ctx, **kwargs))
                     report(f"fwd/{name}/{path}/odd", (got - want).abs().max().item())
+        # a group of only some of the ranks is refused before any group is made (new_group needs
+        # every rank; a mesh built on half of them would leave the other half waiting)
+        halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        try:
+            parallelize(base, ParallelConfig(ulysses=2), halves[rank // 2])
+            refused = 0.0
+        except ValueError as e:
+            refused = 1.0 if "every rank of the default process group" in str(e) else 0.0
+        t = torch.tensor([refused])
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        results["subgroup_refused"] = float(t)
     dist.barrier()
     if rank == 0:
         with open(out_path, "w") as f:
@@ -305,6 +362,27 @@ def test_adapter_gradients_match(sessions, name):
     assert sessions[_config_world(name)]["results"][f"grad/{name}/joint"] <= TOL
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_adapter_gradients_match_with_all_padding_ring_blocks(sessions, name):
+    assert sessions[_config_world(name)]["results"][f"grad/{name}/joint_one_token"] <= TOL
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("path", ["cached", "joint"])
+def test_per_sample_references(sessions, name, path):
+    assert sessions[_config_world(name)]["results"][f"fwd/{name}/per_sample_refs_{path}/odd"] <= TOL
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("case", ["frames", "text_dim"])
+def test_inputs_that_differ_between_ranks_are_refused(sessions, world, case):
+    assert sessions[world]["results"][f"mismatch_refused/{case}"] == 1.0
+
+
+def test_group_of_some_ranks_is_refused(sessions):
+    assert sessions[4]["results"]["subgroup_refused"] == 1.0
+
+
 @pytest.mark.parametrize("name", ["ulysses2", "ring2", "cfg2"])
 def test_adapter_gradients_match_with_checkpointing(sessions, name):
     assert sessions[2]["results"][f"grad/{name}/joint_checkpointed"] <= TOL
@@ -335,16 +413,34 @@ def test_device_mesh_input(sessions, name, path):
 
 
 def test_torchrun_demo_on_gloo(tmp_path):
-    """The README's command, scaled down: torchrun, 2 ranks, gloo; rank 0 alone prints."""
+    """The README's command (4 ranks, ``--ulysses 2 --cfg-parallel``), scaled down, on gloo: rank 0
+    alone prints and shows progress bars (each bar starts once, not once per rank)."""
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "wildactor_kernels.model.cli", "demo", "--ulysses", "2", "--steps", "2",
-           "--frames", "2", "--height", "6", "--width", "10", "--repeats", "1", "--no-progress"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port",
+           str(_free_port()), "-m", "wildactor_kernels.model.cli", "demo", "--ulysses", "2", "--cfg-parallel",
+           "--steps", "2", "--frames", "2", "--height", "6", "--width", "10", "--repeats", "1"]
     r = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert r.stdout.count("WildActor demo:") == 1 and "\nOK: " in r.stdout and "MISMATCH" not in r.stdout
-    assert "ParallelConfig(ulysses=2, ring=1, cfg=1) on 2 ranks (gloo)" in r.stdout
+    assert "ParallelConfig(ulysses=2, ring=1, cfg=2) on 4 ranks (gloo)" in r.stdout
+    for bar in ("with reference cache (1/1):   0%", "without cache (1/1):   0%"):
+        assert r.stderr.count(bar) == 1, r.stderr[-3000:]
+
+
+def test_parallel_flags_errors(capsys, monkeypatch):
+    """Bad degrees are usage errors (exit 2) naming the flag; the flags without torchrun say to use it."""
+    from wildactor_kernels.model.cli import main
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for argv, flag in ((["demo", "--ulysses", "0"], "--ulysses"), (["demo", "--ring", "two"], "--ring")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}: expected a whole number >= 1" in err and "Traceback" not in err
+    rc = main(["demo", "--ulysses", "2", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "torchrun --nproc-per-node" in err and "Traceback" not in err
 
 
 def test_sessions_are_quick(sessions):
@@ -473,6 +569,15 @@ def test_wrapper_checks_inputs_before_communicating():
             parallelize(pm, ParallelConfig())
         with pytest.raises(ValueError, match="needs 2 ranks"):
             parallelize(m, ParallelConfig(ring=2))
+        # 8-bit attention has no sharded form: refused, at wrapping and at call time (quantize_model
+        # may run after parallelize), not run in the activations' dtype without a word
+        q8 = copy.deepcopy(m)
+        q8.blocks[1].attn1.precision = "fp8"
+        with pytest.raises(ValueError, match="8 bits"):
+            parallelize(q8, ParallelConfig())
+        m.blocks[0].attn1.precision = "fp8"
+        with pytest.raises(ValueError, match="8 bits"):
+            pm(lat, t, ctx, refs=refs)
     finally:
         dist.destroy_process_group()
 
@@ -492,6 +597,14 @@ def test_cost_model_bytes_and_the_8gpu_goal():
     assert r2["speedup"] >= 7.0
     with pytest.raises(ValueError, match="heads"):
         step_time_model("wan5b-720p", ParallelConfig(ulysses=16))
+
+
+def test_docs_tables_are_the_cost_model():
+    """docs/parallel.md prints ``markdown_report()`` as it is: a change to the model shows in the docs."""
+    from wildactor_kernels.model.parallel.cost import markdown_report
+
+    with open(os.path.join(ROOT, "docs", "parallel.md"), encoding="utf-8") as f:
+        assert markdown_report() in f.read()
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:

@@ -287,6 +287,7 @@ def test_apply_rope_gpu(b, h, d, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"),
+                                   pytest.param(torch.float16, id="fp16"),
                                    pytest.param(torch.float32, id="fp32")])
 @pytest.mark.parametrize("h, d, weights, fused", [
     pytest.param(40, 128, "both", True, id="H40-D128-14b-fused-qkv"),  # H*D = 5120

@@ -21,6 +21,19 @@ import torch
 
 logger = logging.getLogger("wildactor_kernels")
 
+_warned_once: set = set()
+
+
+def warn_once(msg: str, *args, key: object = None) -> None:
+    """Log ``msg % args`` on the package logger at WARNING, once per process for each ``key``
+    (default: the formatted message). Every fallback and unmeasured pick warns through here, so a
+    long run states each one once instead of every step."""
+    text = msg % args if args else msg
+    key = text if key is None else key
+    if key not in _warned_once:
+        _warned_once.add(key)
+        logger.warning(text)
+
 BACKENDS = ("auto", "triton", "reference")
 
 #: Where the Triton attention applies cos/sin when given: ``"fused"`` inside the attention

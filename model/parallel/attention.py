@@ -119,7 +119,14 @@ def video_attention(q: Tensor, k: Tensor, v: Tensor, extra: tuple[Tensor, Tensor
             src = (pm.ring_rank - i) % R
             valid = max(0, min(chunk, plan.num_video - src * chunk))   # padding is at the end
             pending = ring_shift_start(kv, pm.ring_next, pm.ring_prev) if overlap and i < R - 1 else None
-            parts.append(attention_with_lse(q, kv[0, :, :valid], kv[1, :, :valid], backend=backend))
+            o_i, lse_i = attention_with_lse(q, kv[0, :, :valid], kv[1, :, :valid], backend=backend)
+            if valid == 0 and not overlap:
+                # an all-padding block gives zeros that do not depend on it; left out of the graph,
+                # this rank would skip the backward of the shift that brought it while its ring
+                # neighbours run theirs, and the ring would wait forever. An empty sum (exactly 0)
+                # keeps the block in the graph.
+                o_i = o_i + kv[:, :, :0].sum()
+            parts.append((o_i, lse_i))
             if pending is not None:
                 kv = pending.wait()
             elif i < R - 1:

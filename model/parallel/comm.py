@@ -28,12 +28,13 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["CommCounter", "count_communication", "all_to_all", "ring_shift", "ring_shift_start",
-           "gather_output"]
+           "gather_output", "gather_ints"]
 
 
 class CommCounter:
     """Bytes sent by this rank and number of calls, keyed by ``(pass, kind)`` with pass
-    ``"forward"`` or ``"backward"`` and kind ``"all_to_all" | "p2p" | "all_gather"``."""
+    ``"forward"`` or ``"backward"`` and kind ``"all_to_all" | "p2p" | "all_gather" | "check"``
+    (``"check"``: the few bytes of :func:`gather_ints`, the input-shape agreement of each call)."""
 
     def __init__(self) -> None:
         self.bytes: dict[tuple[str, str], int] = defaultdict(int)
@@ -186,3 +187,15 @@ def gather_output(x: torch.Tensor, group, rank: int) -> torch.Tensor:
     if dist.get_world_size(group) == 1:
         return x[None]
     return _GatherOutput.apply(x, group, rank)
+
+
+def gather_ints(values: list[int], group, device) -> list[list[int]]:
+    """Every member's ``values`` (the same count on each), by group rank: one small all-gather."""
+    p = dist.get_world_size(group)
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    if p == 1:
+        return [mine.tolist()]
+    out = torch.empty((p * mine.numel(),), dtype=torch.int64, device=device)
+    _ALL_GATHER(out, mine, group=group)
+    _record("forward", "check", _nbytes(mine) * (p - 1))
+    return out.view(p, -1).tolist()

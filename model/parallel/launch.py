@@ -17,11 +17,22 @@ import sys
 __all__ = ["add_parallel_arguments", "parallel_from_args", "is_main_process"]
 
 
+def _degree(text: str) -> int:
+    """A parallel degree: a whole number >= 1 (a usage error otherwise, before any process group)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
+    return v
+
+
 def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--ulysses N``, ``--ring N``, ``--cfg-parallel`` to a subcommand's parser."""
     g = parser.add_argument_group("sequence parallelism (run under torchrun; docs/parallel.md)")
-    g.add_argument("--ulysses", type=int, default=1, help="Ulysses degree (must divide the heads)")
-    g.add_argument("--ring", type=int, default=1, help="ring-attention degree")
+    g.add_argument("--ulysses", type=_degree, default=1, help="Ulysses degree (must divide the heads)")
+    g.add_argument("--ring", type=_degree, default=1, help="ring-attention degree")
     g.add_argument("--cfg-parallel", action="store_true",
                    help="run the two guidance branches on two halves of the ranks")
 

@@ -54,6 +54,17 @@ class ParallelConfig:
         return (self.cfg, self.ring, self.ulysses)
 
 
+def _check_whole_world(n: int, what: str) -> None:
+    """The mesh's sub-groups are made with ``dist.new_group``, which every rank of the default group
+    must enter with the same ranks: a group or mesh over only some of them would leave the others
+    waiting forever, so it is refused before any group is made."""
+    world = dist.get_world_size()
+    if n != world:
+        raise ValueError(f"parallelize() runs on every rank of the default process group ({world}); the "
+                         f"{what} given has {n} ranks. Start as many processes as the ParallelConfig "
+                         "needs (torchrun --nproc-per-node N), or pass the default group (None)")
+
+
 class ParallelMesh:
     """The groups one rank talks to, built from a process group or a ``DeviceMesh``.
 
@@ -87,13 +98,15 @@ class ParallelMesh:
                 raise ValueError(f"the DeviceMesh has shape {tuple(mesh.mesh.shape)}; ParallelConfig "
                                  f"(cfg, ring, ulysses) = {config.shape}")
             ranks = sorted(mesh.mesh.flatten().tolist())
-            group = None if len(ranks) == dist.get_world_size() else dist.new_group(ranks)
+            _check_whole_world(len(ranks), "DeviceMesh")
+            group = None
         elif group_or_mesh is None or isinstance(group_or_mesh, dist.ProcessGroup):
             group = group_or_mesh
             ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
             if len(ranks) != config.world_size:
                 raise ValueError(f"ParallelConfig {config} needs {config.world_size} ranks; the process "
                                  f"group has {len(ranks)}")
+            _check_whole_world(len(ranks), "process group")
             mesh = DeviceMesh(device_type, torch.tensor(ranks).view(config.shape), mesh_dim_names=MESH_DIMS)
         else:
             raise TypeError("parallelize() takes a torch.distributed ProcessGroup, a DeviceMesh with dims "

@@ -21,6 +21,7 @@ single-process gradient, provided every rank computes the same loss from the ful
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Sequence
 
@@ -34,7 +35,7 @@ from wildactor_kernels import TokenLayout
 from .. import checks
 from ..wildactor import RefCache, Reference, WildActor
 from .attention import ShardPlan, attend_override
-from .comm import gather_output
+from .comm import gather_ints, gather_output
 from .mesh import ParallelConfig, ParallelMesh
 
 logger = logging.getLogger("wildactor_kernels")
@@ -77,6 +78,17 @@ class ParallelWildActor(nn.Module):
                 refs: Sequence[Reference] | None = None, ref_cache: RefCache | None = None) -> Tensor:
         """Velocity ``[B, out_channels, T, H, W]``, equal on every rank (see :meth:`WildActor.forward`)."""
         m, cfg, pm = self.model, self.config, self.mesh
+        _check_attention_precision(m)
+        # the ranks agree on the shapes of their inputs before anything else: a rank whose inputs
+        # differ (or fail the checks below where the others pass) would leave the others waiting
+        # in a collective; this way every rank raises the same error
+        sigs = gather_ints([_input_signature(latents, timestep, context, refs, ref_cache)], pm.group,
+                           m.device)
+        if any(s != sigs[0] for s in sigs):
+            odd = [i for i, s in enumerate(sigs) if s != sigs[0]]
+            raise ValueError("every rank must pass the same full inputs to a parallelized model; the "
+                             f"shapes of latents, timestep, context, refs or ref_cache on rank(s) {odd} "
+                             "of the mesh differ from rank 0's")
         b, grid, t = checks.check_call(m.cfg, latents, timestep, context, refs, ref_cache)
         nv = grid[0] * grid[1] * grid[2]
         split = cfg.cfg > 1 and b % cfg.cfg == 0
@@ -102,7 +114,11 @@ class ParallelWildActor(nn.Module):
         text = m.condition_embedder.text(context.to(m.dtype))
 
         if ref_cache is not None:
-            ks, vs = m.bind_ref_cache(ref_cache, grid, bc)
+            # bound for the whole batch (the memo on the cache then serves every step), then this
+            # group's slice: a per-sample cache (batch B) splits with the batch, a batch-1 one is a view
+            ks, vs = m.bind_ref_cache(ref_cache, grid, b)
+            if split:
+                ks, vs = [k[sl] for k in ks], [v[sl] for v in vs]
             cos, sin = m.rope_tables(TokenLayout(grid), latents.device)
             cos, sin = plan.scatter(cos, 0, 1.0), plan.scatter(sin, 0, 0.0)
             for i, block in enumerate(m.blocks):
@@ -131,6 +147,40 @@ class ParallelWildActor(nn.Module):
         out = out if split else out[:1]
         out = out.transpose(1, 2).reshape(-1, plan.padded, out.shape[-1])[:, :nv]
         return _unpatchify(out, grid, m.cfg.patch_size)
+
+
+def _shape_of(x) -> object:
+    return tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+
+
+def _input_signature(latents, timestep, context, refs, ref_cache) -> int:
+    """A 63-bit digest of the structure of one call's inputs (shapes, reference kinds, the cache's
+    layout); equal on ranks whose inputs have the same shapes."""
+    if isinstance(ref_cache, RefCache):
+        cache = (ref_cache.num_layers, ref_cache.batch_size, tuple(map(tuple, ref_cache.refs)),
+                 tuple(ref_cache.video_grid), _shape_of(ref_cache.k[0]) if ref_cache.k else None)
+    else:
+        cache = _shape_of(ref_cache)
+    if refs is None or isinstance(refs, (Tensor, Reference)):
+        rs = _shape_of(refs)
+    else:
+        try:
+            rs = tuple((r.kind, _shape_of(r.latent)) if isinstance(r, Reference) else _shape_of(r)
+                       for r in refs)
+        except TypeError:
+            rs = type(refs).__name__
+    text = repr((_shape_of(latents), _shape_of(timestep) if isinstance(timestep, Tensor) else
+                 (type(timestep).__name__,), _shape_of(context), rs, cache))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def _check_attention_precision(m: WildActor) -> None:
+    """8-bit attention (``quantize_model(..., attention="fp8")``) has no sharded form yet: refuse it
+    rather than run the sharded attention in the activations' dtype without saying so."""
+    if any(getattr(b.attn1, "precision", None) is not None for b in m.blocks):
+        raise ValueError("parallelize: the model's self-attention runs in 8 bits (quantize_model(..., "
+                         "attention='fp8')), which sequence parallelism does not support; quantize the "
+                         "linears only (attention=None)")
 
 
 def _run_block(block, plan: ShardPlan, x, e_video, e_ref, text, cos, sin) -> Tensor:
@@ -175,6 +225,7 @@ def parallelize(model: WildActor, config: ParallelConfig, group_or_mesh=None) ->
         raise TypeError(f"model must be a WildActor, got {type(model).__name__}")
     if not isinstance(config, ParallelConfig):
         raise TypeError(f"config must be a ParallelConfig, got {type(config).__name__}")
+    _check_attention_precision(model)
     heads = model.cfg.num_heads
     if heads % config.ulysses:
         raise ValueError(f"ParallelConfig.ulysses={config.ulysses} must divide the number of heads "

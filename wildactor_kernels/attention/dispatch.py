@@ -36,7 +36,7 @@ import os
 
 import torch
 
-from .._utils import HOPPER_HEAD_DIMS, interpreter_active, logger, triton_available
+from .._utils import HOPPER_HEAD_DIMS, interpreter_active, triton_available, warn_once
 
 __all__ = ["BACKEND_NAMES", "MODES", "TABLE_PATH", "attention_backends", "available_backends",
            "choose", "load_table", "pick_backend", "run_backend", "write_table_entries"]
@@ -165,9 +165,6 @@ def _mode(cached: bool, *tensors: torch.Tensor) -> str:
     return "joint-train" if train else "joint"
 
 
-_warned: set = set()
-
-
 @torch.compiler.assume_constant_result
 def _pick(device_index: int, dtype: str, head_dim: int, mode: str, hopper_layout_ok: bool) -> str:
     """The decision for one case on one CUDA device (a constant for torch.compile: no graph
@@ -177,10 +174,9 @@ def _pick(device_index: int, dtype: str, head_dim: int, mode: str, hopper_layout
     default = "triton-hopper" if avail["triton-hopper"] and UNMEASURED_PREFERS_HOPPER else "triton"
     device = torch.cuda.get_device_name(device_index)
     choice, source = choose(device, dtype, head_dim, mode, avail, load_table(), default)
-    key = (device, dtype, head_dim, mode)
-    if source.startswith("unmeasured") and key not in _warned:
-        _warned.add(key)
-        logger.warning("attention auto backend: %s; using our kernel %r", source, choice)
+    if source.startswith("unmeasured"):
+        warn_once("attention auto backend: %s; using our kernel %r", source, choice,
+                  key=("attention-auto", device, dtype, head_dim, mode))
     return choice
 
 

@@ -57,28 +57,19 @@ __all__ = ["ref_lora_linear_triton", "ref_folded_linear_triton", "ref_lora_linea
 
 # ----------------------------------------------------------------------------- helpers
 @triton.jit
-def _mma(b_a, b_b, b_acc, DOT_F32: tl.constexpr, DOT_IEEE: tl.constexpr):
+def _mma(b_a, b_b, b_acc, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
     """``b_acc += b_a @ b_b``. DOT_F32: the interpreter's bf16 dot is wrong (triton#11584), so
-    bf16 tiles go through fp32 there. DOT_IEEE: fp32 inputs honour torch's default (no TF32);
-    see :func:`wildactor_kernels._utils.dot_flags`."""
+    bf16 tiles go through fp32 there. DOT_PREC: ``"ieee"`` unless torch allows TF32 for fp32
+    matmuls (``"tf32"``); both flags come from :func:`wildactor_kernels._utils.dot_flags`."""
     if DOT_F32:
         b_a = b_a.to(tl.float32)
         b_b = b_b.to(tl.float32)
-    if DOT_IEEE:
-        b_acc = tl.dot(b_a, b_b, b_acc, input_precision="ieee")
-    else:
-        b_acc = tl.dot(b_a, b_b, b_acc)
-    return b_acc
+    return tl.dot(b_a, b_b, b_acc, input_precision=DOT_PREC)
 
 
 def _rank_block(r: int, cap: int) -> int:
     """Rank tile: a power of two >= 16 (the smallest tl.dot side), at most ``cap``."""
     return min(max(16, triton.next_power_of_2(r)), cap)
-
-
-def _dot_flags(dtype: torch.dtype) -> dict:
-    dot_f32, prec = dot_flags(dtype)
-    return dict(DOT_F32=dot_f32, DOT_IEEE=prec == "ieee")
 
 
 def _out_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -111,7 +102,7 @@ def _lora_shrink_kernel(
     stride_pk, stride_pr,
     stride_tb, stride_tn, stride_tr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_F32: tl.constexpr, DOT_IEEE: tl.constexpr,
+    DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """``T[b, m, :] = scale * X[b, ROW0 + m, :] @ P`` for ``m < NR``; grid (M tiles, r tiles, B)."""
     i_m, i_r, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -135,7 +126,7 @@ def _lora_shrink_kernel(
             m_k = o_k < K - i_k * BLOCK_K
             b_x = tl.load(p_xk, mask=m_k[None, :], other=0.0)
             b_p = tl.load(p_pk, mask=m_k[:, None] & m_r[None, :], other=0.0)
-        b_acc = _mma(b_x, b_p, b_acc, DOT_F32, DOT_IEEE)
+        b_acc = _mma(b_x, b_p, b_acc, DOT_F32, DOT_PREC)
         p_xk += BLOCK_K * stride_xk
         p_pk += BLOCK_K * stride_pk
     b_acc = b_acc * scale
@@ -160,11 +151,12 @@ def _shrink(x: torch.Tensor, p: torch.Tensor, scale: float, row0: int) -> torch.
     def grid(m):
         return (triton.cdiv(nr, m["BLOCK_M"]), triton.cdiv(rank, block_r), bsz)
 
+    dot_f32, dot_prec = dot_flags(x.dtype)
     _lora_shrink_kernel[grid](
         x, p, t, nr, row0, k, rank, _m_bucket(bsz * nr), float(scale),
         x.stride(0), x.stride(1), x.stride(2), p.stride(0), p.stride(1),
         t.stride(0), t.stride(1), t.stride(2),
-        BLOCK_R=block_r, **_dot_flags(x.dtype))
+        BLOCK_R=block_r, DOT_F32=dot_f32, DOT_PREC=dot_prec)
     return t.to(x.dtype)
 
 
@@ -203,7 +195,7 @@ def _lora_gemm_kernel(
     stride_bias,
     HAS_BIAS: tl.constexpr, REF_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, DOT_IEEE: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """``out[b, n] = X[b, n] @ Wt (+ bias)``, plus on reference rows (``n >= NUM_VIDEO``):
     REF_MODE 1: ``+ T[b, n - NUM_VIDEO] @ Lt``; REF_MODE 2: ``Wt_ref`` replaces ``Wt``.
@@ -212,15 +204,15 @@ def _lora_gemm_kernel(
     Lt ``[RANK, NOUT]``, out ``[B, N, NOUT]``. Grid: (M tiles x N tiles of one sample, B).
     """
     # ---- tile id -> (region tile i_m, column tile i_n); grouped order for L2 reuse of Wt
-    pid, i_b = tl.program_id(0), tl.program_id(1)
+    i_tile, i_b = tl.program_id(0), tl.program_id(1)
     tiles_v = tl.cdiv(NUM_VIDEO, BLOCK_M)
     tiles_m = tiles_v + tl.cdiv(N - NUM_VIDEO, BLOCK_M)
     tiles_n = tl.cdiv(NOUT, BLOCK_N)
     per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
+    first_m = (i_tile // per_group) * GROUP_M
     group_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    i_m = first_m + (pid % per_group) % group_m
-    i_n = (pid % per_group) // group_m
+    i_m = first_m + (i_tile % per_group) % group_m
+    i_n = (i_tile % per_group) // group_m
 
     # video tiles cover rows [0, Nv), reference tiles rows [Nv, N): no tile mixes the two
     is_ref = i_m >= tiles_v
@@ -256,7 +248,7 @@ def _lora_gemm_kernel(
             m_k = o_k < K - i_k * BLOCK_K
             b_x = tl.load(p_xk, mask=m_k[None, :], other=0.0)
             b_w = tl.load(p_wk, mask=m_k[:, None] & m_n[None, :], other=0.0)
-        b_acc = _mma(b_x, b_w, b_acc, DOT_F32, DOT_IEEE)
+        b_acc = _mma(b_x, b_w, b_acc, DOT_F32, DOT_PREC)
         p_xk += BLOCK_K * stride_xk
         p_wk += BLOCK_K * stride_wk
 
@@ -271,7 +263,7 @@ def _lora_gemm_kernel(
                 b_t = tl.load(p_tm + o_r[None, :] * stride_tr, mask=m_r[None, :], other=0.0)
                 b_l = tl.load(p_l + o_r[:, None] * stride_lr + o_n[None, :] * stride_ln,
                               mask=m_r[:, None] & m_n[None, :], other=0.0)
-                b_acc = _mma(b_t, b_l, b_acc, DOT_F32, DOT_IEEE)
+                b_acc = _mma(b_t, b_l, b_acc, DOT_F32, DOT_PREC)
 
     if HAS_BIAS:
         b_acc += tl.load(p_bias + o_n * stride_bias, mask=m_n, other=0.0).to(tl.float32)[None, :]
@@ -318,6 +310,7 @@ def _gemm(x: torch.Tensor, wt: torch.Tensor, num_video: int, bias: torch.Tensor 
         tiles_m = triton.cdiv(num_video, m["BLOCK_M"]) + triton.cdiv(nr, m["BLOCK_M"])
         return (tiles_m * triton.cdiv(nout, m["BLOCK_N"]), bsz)
 
+    dot_f32, dot_prec = dot_flags(x.dtype)
     _lora_gemm_kernel[grid](
         x, wt, v_, bias if bias is not None else x, t_, lt_, out,
         n, num_video, k, nout, rank, _m_bucket(bsz * n),
@@ -327,7 +320,7 @@ def _gemm(x: torch.Tensor, wt: torch.Tensor, num_video: int, bias: torch.Tensor 
         out.stride(0), out.stride(1), out.stride(2),
         bias.stride(0) if bias is not None else 0,
         HAS_BIAS=bias is not None, REF_MODE=ref_mode, BLOCK_R=_rank_block(rank, 64),
-        **_dot_flags(x.dtype))
+        DOT_F32=dot_f32, DOT_PREC=dot_prec)
     return out.to(x.dtype)
 
 

@@ -5,7 +5,7 @@
 choice of layers (the Wan filter), bitsandbytes and the SQNR report live in
 :mod:`wildactor_kernels.model.quant`."""
 
-from .linear import GEMM_PATHS, GEMMS, fp8_gemm, fp8_linear, resolve_fp8_gemm
+from .linear import GEMM_PATHS, GEMMS, fp8_gemm, fp8_linear, resolve_fp8_gemm, scaled_mm_rowwise
 from .module import Float8Config, Float8Linear, Float8RefLoRALinear, RefLoRAMixin, convert_to_fp8_linear
 from .op import per_token_quant_fp8
 from .reference import (
@@ -26,6 +26,7 @@ __all__ = [
     "fp8_linear",
     "fp8_linear_emulated",
     "fp8_gemm",
+    "scaled_mm_rowwise",
     "resolve_fp8_gemm",
     "GEMMS",
     "GEMM_PATHS",

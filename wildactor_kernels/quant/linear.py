@@ -34,6 +34,7 @@ import math
 
 import torch
 
+from .._utils import warn_once
 from .._validate import check_fp8_linear_args
 from .op import per_token_quant_fp8
 from .reference import FP8_DTYPE, _round_up, dequantize_fp8, fp8_linear_emulated
@@ -43,15 +44,6 @@ logger = logging.getLogger("wildactor_kernels")
 GEMMS = ("auto", "scaled_mm", "emulate")
 GEMM_PATHS = ("scaled_mm", "emulate")
 _SCALED_MM_ALIGN = 16
-_warned: set[str] = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
-        logger.warning(msg)
-
-
 def resolve_fp8_gemm(gemm: str, device: torch.device | str) -> tuple[str, str | None]:
     """Map ``gemm`` to a concrete path for ``device``.
 
@@ -76,10 +68,20 @@ def resolve_fp8_gemm(gemm: str, device: torch.device | str) -> tuple[str, str | 
     return "scaled_mm", None
 
 
-def _scaled_mm_rowwise(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                       bias: torch.Tensor | None, n: int, use_fast_accum: bool,
-                       fuse_bias: bool = True) -> torch.Tensor:
-    """``x_q [M, K_pad]`` (already K-padded) x ``w_q [N, K]`` -> ``[M, N]`` bf16."""
+def scaled_mm_rowwise(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                      bias: torch.Tensor | None, n: int, use_fast_accum: bool,
+                      fuse_bias: bool = True) -> torch.Tensor:
+    """The ``"scaled_mm"`` GEMM alone, on operands already quantized: rowwise ``torch._scaled_mm``.
+
+    Args:
+        x_q, x_scale: ``[M, K_pad]`` float8_e4m3fn and ``[M, 1]`` fp32, as
+            ``per_token_quant_fp8(x, pad_to=16)`` returns them (K zero-padded to 16).
+        w_q, w_scale: ``[N, K]`` float8_e4m3fn and ``[N, 1]`` fp32 (padded here when needed).
+        bias: ``[N]`` or None; n: the output width ``N``.
+        use_fast_accum: ``_scaled_mm``'s fast accumulation; fuse_bias: add the bias in the GEMM.
+    Returns:
+        ``[M, N]`` bf16.
+    """
     k_pad = x_q.shape[1]
     n_pad = _round_up(n, _SCALED_MM_ALIGN)
     if w_q.shape[1] != k_pad or n_pad != n:
@@ -106,7 +108,7 @@ def fp8_gemm(x2: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: t
     n = w_q.shape[0]
     if path == "scaled_mm":
         x_q, x_scale = per_token_quant_fp8(x2, pad_to=_SCALED_MM_ALIGN, backend=act_backend)
-        y = _scaled_mm_rowwise(x_q, x_scale, w_q, w_scale, bias, n, use_fast_accum, fuse_bias)
+        y = scaled_mm_rowwise(x_q, x_scale, w_q, w_scale, bias, n, use_fast_accum, fuse_bias)
         return y.to(x2.dtype)
     if path == "emulate":
         x_q, x_scale = per_token_quant_fp8(x2, backend=act_backend)
@@ -114,7 +116,7 @@ def fp8_gemm(x2: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: t
     raise ValueError(f"path must be one of {GEMM_PATHS}, got {path!r}")
 
 
-class _Fp8LinearFn(torch.autograd.Function):
+class Fp8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_q, w_scale, bias, path, act_backend, use_fast_accum, fuse_bias):
         lead = x.shape[:-1]
@@ -160,5 +162,5 @@ def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Te
                          f"{tuple(weight_scale.shape)}")
     path, reason = resolve_fp8_gemm(gemm, x.device)
     if reason is not None and gemm == "auto":
-        _warn_once(f"fp8_linear: {reason}")
-    return _Fp8LinearFn.apply(x, weight_fp8, weight_scale, bias, path, act_backend, use_fast_accum, True)
+        warn_once(f"fp8_linear: {reason}")
+    return Fp8LinearFn.apply(x, weight_fp8, weight_scale, bias, path, act_backend, use_fast_accum, True)

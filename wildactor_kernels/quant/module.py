@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .._utils import BACKENDS
+from .._utils import BACKENDS, warn_once
 from ..lora.module import RefLoRALinear, ref_rows_input, ref_rows_output
-from .linear import GEMMS, _Fp8LinearFn, _warn_once, resolve_fp8_gemm
+from .linear import GEMMS, Fp8LinearFn, resolve_fp8_gemm
 from .reference import FP8_DTYPE, quantize_weight_fp8
 
 logger = logging.getLogger("wildactor_kernels")
@@ -116,7 +116,7 @@ class Float8Linear(nn.Module):
             self.gemm_path, self.fallback_reason = path, reason
             self._fuse_bias = True
             if warn and reason is not None and self.config.gemm == "auto":
-                _warn_once(f"Float8Linear: {reason}")
+                warn_once(f"Float8Linear: {reason}")
         return path
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +125,7 @@ class Float8Linear(nn.Module):
         cfg = self.config
         if self.gemm_path == "scaled_mm":
             try:
-                return _Fp8LinearFn.apply(x, self.weight, self.weight_scale, self.bias, "scaled_mm",
+                return Fp8LinearFn.apply(x, self.weight, self.weight_scale, self.bias, "scaled_mm",
                                           cfg.act_backend, cfg.use_fast_accum, self._fuse_bias)
             except torch.cuda.OutOfMemoryError:
                 raise  # not a missing feature: the emulated path would need even more memory
@@ -138,7 +138,7 @@ class Float8Linear(nn.Module):
                 self.gemm_path = "emulate"
                 self.fallback_reason = f"torch._scaled_mm failed at run time: {str(e).splitlines()[0]}"
                 logger.warning("Float8Linear: %s; using the emulated FP8 GEMM", self.fallback_reason)
-        return _Fp8LinearFn.apply(x, self.weight, self.weight_scale, self.bias, "emulate",
+        return Fp8LinearFn.apply(x, self.weight, self.weight_scale, self.bias, "emulate",
                                   cfg.act_backend, cfg.use_fast_accum, True)
 
     def forward(self, x: torch.Tensor, num_video: int | None = None) -> torch.Tensor:

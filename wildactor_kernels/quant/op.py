@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._utils import check_tensor, resolve_backend
+from .._utils import SUPPORTED_DTYPES, check_tensor, resolve_backend
 from .._validate import check_pad_to
 from .reference import per_token_quant_fp8_ref
 
@@ -28,7 +28,7 @@ def per_token_quant_fp8(x: torch.Tensor, pad_to: int = 1,
     check_tensor("x", x, floating=True)
     if x.ndim < 1:
         raise ValueError("x must have at least one dimension")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x must be fp32, bf16 or fp16, got {x.dtype}")
     if not isinstance(pad_to, int) or pad_to < 1:
         raise ValueError(f"pad_to must be a positive int, got {pad_to!r}")
