@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -160,6 +161,14 @@ def _check_tensor(name: str, t: Any, source: str) -> torch.Tensor:
     return t
 
 
+def _scale(alpha: float, rank: int, rslora: bool) -> float:
+    """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA); NaN for a rank < 1 (refused in
+    :func:`_apply_pairs` with every other bad module)."""
+    if rank < 1:
+        return math.nan
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
 def _pattern_value(patterns: Mapping[str, Any], module: str, default):
     """PEFT's ``rank_pattern``/``alpha_pattern``: a key matches a module name ending in it (regex)."""
     for key, val in (patterns or {}).items():
@@ -184,6 +193,11 @@ def _apply_pairs(model: nn.Module, pairs: dict[str, tuple[torch.Tensor, torch.Te
         if a.shape[0] != b.shape[1]:
             raise ValueError(f"{source}: {m}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
                              f"disagree on the rank (nothing was loaded)")
+    bad = sorted(f"{m}: rank {pairs[m][0].shape[0]}, scale {s!r}" for m, s in scales.items()
+                 if pairs[m][0].shape[0] < 1 or not (math.isfinite(s) and s > 0))
+    if bad:
+        raise ValueError(f"{source}: {len(bad)} LoRA modules have a rank < 1 or an alpha that is not a "
+                         f"finite number > 0 (nothing was loaded):" + weights._listing(bad))
     ranks = sorted({a.shape[0] for a, _ in pairs.values()})
     report.rank = ranks[0] if len(ranks) == 1 else None
     if apply == "fuse":
@@ -361,7 +375,7 @@ def load_peft_adapter(model: nn.Module, path: str, *, apply: str = "references",
         if a.shape[0] != rm:
             raise ValueError(f"{file}: {m} has rank {a.shape[0]}; {PEFT_CONFIG} says {rm} (nothing was "
                              "loaded)")
-        scales[m] = am / math.sqrt(rm) if rs else am / rm
+        scales[m] = _scale(am, rm, rs)
     report.scale_source = f"{PEFT_CONFIG}: lora_alpha={alpha:g}, r={r}" + (", rsLoRA" if rs else "")
     targets = pc.get("target_modules")
     if targets is not None:
@@ -390,6 +404,11 @@ def load_diffusers_lora(model: nn.Module, path: str, *, alpha: float | None = No
     (``text_encoder.``) are refused unless ``strict=False``.
     """
     _check_apply(apply)
+    if alpha is not None:
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+            raise TypeError(f"alpha must be None or a finite number > 0, got {type(alpha).__name__}")
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha must be None or a finite number > 0, got {alpha!r}")
     sd, meta = weights.read_safetensors(path)
     report = AdapterReport(source=os.fspath(path), format="diffusers", apply=apply)
     prefixes = ("transformer.", "diffusion_model.") if any(k.startswith("transformer.") for k in sd) \
@@ -409,7 +428,7 @@ def load_diffusers_lora(model: nn.Module, path: str, *, alpha: float | None = No
             am, src = file_alphas[m], ".alpha tensors"
         else:
             am, src = float(r), "none in the file: alpha = rank (scale 1), as diffusers loads it"
-        scales[m] = am / math.sqrt(r) if rs else am / r
+        scales[m] = _scale(am, r, rs)
         report.scale_source = src + (", rsLoRA" if rs else "")
     if report.scale_source.startswith("none"):
         report.notes.append("no alpha in the file or the arguments: alpha = rank assumed; pass alpha= "
@@ -533,6 +552,9 @@ def load_adapter_file(model: nn.Module, path: str, format: str = "auto", *, alph
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     path = os.fspath(path)
     fmt = detect_format(path) if format == "auto" else format
+    if alpha is not None and fmt != "diffusers":  # never ignored silently
+        raise ValueError(f"alpha= applies to diffusers LoRA files only; {path} is a {fmt} adapter, which "
+                         f"carries its own alpha (PEFT: adapter_config.json; WildActor: its metadata)")
     if fmt == "peft":
         return load_peft_adapter(model, path, apply=apply, strict=strict)
     if fmt == "diffusers":

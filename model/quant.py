@@ -337,19 +337,32 @@ def save_quantized(m: nn.Module, path: str) -> None:
 
 def load_quantized(m: nn.Module, path: str, strict: bool = True) -> nn.Module:
     """Load a :func:`save_quantized` file into ``m``, which must have been built and quantized
-    with the same mode (the torchao habit: construct, convert, then load)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    with the same mode (the torchao habit: construct, convert, then load).
 
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
+    All or nothing, as every loader (:func:`wildactor_kernels.model.weights.validate_state_dict`):
+    keys, shapes, dtypes (FP8 codes and packed tensors exactly, floats floating only), types and
+    devices of the whole file are checked before the first tensor is written, so a failed load
+    leaves ``m`` unchanged. Errors name the file."""
+    from .weights import read_safetensors, validate_state_dict
+
+    on_meta = sorted(k for k, v in m.state_dict().items() if isinstance(v, torch.Tensor) and v.is_meta)
+    if on_meta:  # copying into meta tensors is a silent no-op: the model would keep no data
+        raise ValueError(f"load_quantized({path}): {len(on_meta)} tensors of the model are on meta (no "
+                         f"data; copying into them would do nothing), e.g. {on_meta[0]}: build the model "
+                         f"on a device, quantize it, then load")
+    dev = next((p.device for p in m.parameters()), torch.device("cpu"))
+    sd, meta = read_safetensors(path, device=dev)
     want = getattr(m, "quantization", {}).get("mode", "none")
     got = meta.get("quantization_mode", "none")
     if got != want:
         raise ValueError(f"{path} holds a {got!r}-quantized state dict but the model is {want!r}; call "
                          f"quantize_model(m, {got!r}) before loading")
-    dev = next((p.device for p in m.parameters()), torch.device("cpu"))
-    m.load_state_dict(load_file(path, device=str(dev)), strict=strict)
+    own = m.state_dict()
+    # bitsandbytes stores its NF4 quant state as a JSON blob in a uint8 tensor of varying length
+    validate_state_dict(sd, own, strict=strict, source=path, target=f"the {want!r}-quantized model",
+                        any_shape=lambda k: ".quant_state." in k)
+    with torch.no_grad():
+        m.load_state_dict(sd, strict=strict)
     return m
 
 

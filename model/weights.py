@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections import defaultdict
@@ -38,6 +39,9 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 #: ``load_adapters(alpha=...)`` modes
 ALPHA_MODES = ("check", "model", "file")
+#: float8 dtypes: a tensor of one of them holds codes (with a scale elsewhere), never cast into
+FP8_CODE_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                                                   "float8_e5m2fnuz") if hasattr(torch, n))
 # diffusers declares these as ignorable when loading a Wan checkpoint.
 _IGNORED_KEYS = re.compile(r"(^|\.)norm_added_q\.")
 
@@ -79,7 +83,8 @@ def _listing(problems: list[str], limit: int = 12) -> str:
 
 def validate_state_dict(state_dict: Any, expected: Mapping[str, Any], *, strict: bool = True,
                         optional: Callable[[str], bool] | None = None, assign: bool = False,
-                        source: str = "state dict", target: str = "the model") -> LoadResult:
+                        source: str = "state dict", target: str = "the model",
+                        any_shape: Callable[[str], bool] | None = None) -> LoadResult:
     """Check a whole state dict against the tensors it will overwrite, before anything is written.
 
     Every loader calls this first, so a load either writes every tensor or none.
@@ -92,13 +97,15 @@ def validate_state_dict(state_dict: Any, expected: Mapping[str, Any], *, strict:
         assign: the tensors will be assigned, not copied (a model built on ``meta``): they must
             all be on one device.
         source, target: names for the messages (e.g. the file path, ``"WildActor(2 layers)"``).
+        any_shape: ``key -> bool``: serialized blobs whose length varies (bitsandbytes' packed
+            quant state); their type, dtype and device are checked, not their shape.
     Returns:
         ``LoadResult(missing_keys, unexpected_keys)`` (missing ones exclude ``optional`` keys).
     Raises:
         TypeError: ``state_dict`` not a mapping; a key not a str; a value not a ``torch.Tensor``
             (numpy arrays, lists, None, ...); a tensor that is not floating point (int, bool,
             complex) for a floating-point destination, or of another dtype than a non-floating
-            destination (int8 / packed codes). Nothing is cast across kinds.
+            or float8 destination (int8 / packed / FP8 codes). Nothing is cast across kinds.
         ValueError: a sparse or ``meta`` tensor; a shape mismatch; tensors on several devices
             with ``assign``; with ``strict``, missing or unexpected keys.
         Each error lists every offending key (the first 12 in full).
@@ -124,7 +131,12 @@ def validate_state_dict(state_dict: Any, expected: Mapping[str, Any], *, strict:
         want = expected.get(k)
         if not isinstance(want, torch.Tensor):
             continue
-        if want.is_floating_point():
+        if want.dtype in FP8_CODE_DTYPES:
+            if v.dtype != want.dtype:
+                types.append(f"{k}: dtype {v.dtype}; this {want.dtype} tensor holds FP8 codes and takes "
+                             f"{want.dtype} only (codes are never cast)")
+                continue
+        elif want.is_floating_point():
             if not v.is_floating_point():
                 types.append(f"{k}: dtype {v.dtype} for a {want.dtype} parameter (only floating-point "
                              f"tensors load into it; int/bool/complex are refused, not cast)")
@@ -132,7 +144,7 @@ def validate_state_dict(state_dict: Any, expected: Mapping[str, Any], *, strict:
         elif v.dtype != want.dtype:
             types.append(f"{k}: dtype {v.dtype}; this {want.dtype} tensor takes {want.dtype} only")
             continue
-        if tuple(v.shape) != tuple(want.shape):
+        if tuple(v.shape) != tuple(want.shape) and not (any_shape and any_shape(k)):
             values.append(f"{k}: shape {tuple(v.shape)} in the {source}, {tuple(want.shape)} in {target}")
     if types:
         raise TypeError(f"{len(types)} bad entries in the {source} (nothing was loaded):" + _listing(types))
@@ -184,6 +196,23 @@ def _materialize_meta_adapters(model: nn.Module, device: torch.device, dtype: to
             mod.reset_lora_parameters()
 
 
+def _quantize_float_weights(own: Mapping[str, Any], state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A float weight for an FP8 code tensor (a float checkpoint, e.g. diffusers Wan, loaded into
+    an FP8-quantized model) quantized here with its per-channel scale, as the conversion does, so
+    that it is checked and written like any other entry instead of being cast to codes."""
+    from wildactor_kernels.quant import quantize_weight_fp8
+
+    out = dict(state_dict)
+    for k, v in state_dict.items():
+        want, scale_key = own.get(k), f"{k}_scale"
+        if (isinstance(want, torch.Tensor) and want.dtype in FP8_CODE_DTYPES and scale_key in own
+                and isinstance(v, torch.Tensor) and v.layout == torch.strided and not v.is_meta
+                and v.is_floating_point() and v.dtype not in FP8_CODE_DTYPES
+                and tuple(v.shape) == tuple(want.shape) and v.ndim == 2):
+            out[k], out[scale_key] = quantize_weight_fp8(v.detach())
+    return out
+
+
 def _describe(model: nn.Module) -> str:
     return f"WildActor({model.cfg.num_layers} layers, dim {model.cfg.dim})"
 
@@ -192,9 +221,11 @@ def load_wan_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]
                         strict: bool = True, source: str = "state dict") -> LoadResult:
     """Load diffusers Wan weights (and optionally adapters) into ``model``: all or nothing.
 
-    Tensors are cast to the dtype of the model's parameters (floating to floating only). On a
-    ``meta`` model the tensors are assigned (no copy), so build with ``device="meta"`` to avoid
-    allocating twice; its adapters, when the state dict has none, get a fresh PEFT init.
+    Tensors are cast to the dtype of the model's parameters (floating to floating only; a float
+    weight for an FP8-quantized layer is quantized with its scale, never cast to codes). On a
+    ``meta`` model the tensors are assigned (no copy, unless one is not contiguous), so build
+    with ``device="meta"`` to avoid allocating twice; its adapters, when the state dict has
+    none, get a fresh PEFT init.
 
     Raises (before anything is written; see :func:`validate_state_dict`):
         TypeError: a value that is not a tensor, or a non-floating tensor.
@@ -210,6 +241,7 @@ def load_wan_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]
     if isinstance(state_dict, Mapping):
         state_dict = {k: v for k, v in state_dict.items()
                       if not (isinstance(k, str) and _IGNORED_KEYS.search(k))}
+        state_dict = _quantize_float_weights(own, state_dict)
     assign = any(p.is_meta for p in own.values())
     try:
         missing, unexpected = validate_state_dict(state_dict, own, strict=strict, optional=is_adapter,
@@ -225,7 +257,11 @@ def load_wan_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]
                          f"{source} and would stay on meta (no data); nothing was loaded:"
                          + summarize_keys(missing))
     # cast first (may allocate), write second: nothing is written unless everything is ready
+    # (assigned tensors become the parameters: a strided or expanded view would be a parameter
+    # that in-place updates, e.g. an optimizer step, cannot write; contiguous() is free otherwise)
     load = {k: v.detach().to(own[k].dtype) for k, v in state_dict.items() if k in own}
+    if assign:
+        load = {k: v.contiguous() for k, v in load.items()}
     with torch.no_grad():
         model.load_state_dict(load, strict=False, assign=assign)
     if assign and load:
@@ -351,6 +387,11 @@ def load_adapters(model: nn.Module, path: str, strict: bool = True, alpha: str =
         file_alpha = float(meta["lora_alpha"]) if "lora_alpha" in meta else None
     except ValueError as e:
         raise ValueError(f"{path}: unreadable adapter metadata {meta}: {e}") from e
+    if rank is not None and rank < 1:
+        raise ValueError(f"{path}: lora_rank metadata must be an int >= 1, got {meta['lora_rank']!r}")
+    if file_alpha is not None and not (math.isfinite(file_alpha) and file_alpha > 0):
+        raise ValueError(f"{path}: lora_alpha metadata must be a finite number > 0, got "
+                         f"{meta['lora_alpha']!r}")
     if rank is not None and rank != cfg.lora_rank:
         raise ValueError(f"{path} holds rank-{rank} adapters; this model has lora_rank={cfg.lora_rank}")
     if file_alpha is None:

@@ -452,3 +452,72 @@ def test_files_written_by_peft_and_diffusers(tmp_path):
     assert len(rep.mapped) == 16  # q/k/v/o of self- and cross-attention, 2 blocks
     with torch.no_grad():
         torch.testing.assert_close(fused(x, ts, ctx), wan_out(adapted), atol=1e-4, rtol=0)
+
+
+# ============================================================================ bad alphas and ranks
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), 0, -4])
+def test_peft_bad_alpha_is_refused_and_model_unchanged(tmp_path, alpha):
+    """An alpha that is not a finite number > 0 (a NaN scale would turn every output NaN) is an
+    error naming the file; nothing is written."""
+    f = _write_peft(tmp_path / "p", _pairs(_qkv_modules()), {"r": 4, "lora_alpha": alpha})
+    m = _model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match="adapter_model.safetensors.*alpha"):
+        load_peft_adapter(m, str(f))
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert m.cfg.lora_alpha == CFG.lora_alpha
+
+
+def test_peft_rank_zero_pair_is_refused(tmp_path):
+    pairs = _pairs(_qkv_modules())
+    pairs["blocks.0.attn1.to_q"] = (torch.zeros(0, 64), torch.zeros(64, 0))
+    f = _write_peft(tmp_path / "p", pairs,
+                    {"r": 4, "lora_alpha": 4, "rank_pattern": {"blocks.0.attn1.to_q": 0}})
+    m = _model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"rank < 1.*\n.*blocks\.0\.attn1\.to_q"):
+        load_peft_adapter(m, str(f))
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("alpha, err", [(float("nan"), ValueError), (-1.0, ValueError), (0, ValueError),
+                                        ("8", TypeError), (True, TypeError)])
+def test_diffusers_lora_alpha_argument_is_checked(tmp_path, alpha, err):
+    m = _model()
+    with pytest.raises(err, match="alpha"):
+        load_diffusers_lora(m, str(tmp_path / "never_read.safetensors"), alpha=alpha)
+
+
+@pytest.mark.parametrize("meta", [{"lora_alpha": "nan"}, {"lora_alpha": "inf"}, {"lora_alpha": "-8.0"},
+                                  {"lora_alpha": "0"}, {"lora_rank": "0"}, {"lora_rank": "-4"}])
+def test_wildactor_adapter_file_bad_metadata(tmp_path, meta):
+    """``lora_alpha='nan'`` in a file's metadata used to be adopted by ``alpha='file'`` (every
+    adapted output NaN); now it is refused whatever the alpha mode."""
+    src = _model(seed=3)
+    sd = {k: v.contiguous() for k, v in src.adapter_state_dict().items()}
+    path = str(tmp_path / "w.safetensors")
+    save_file(sd, path, metadata={"format": "pt", "lora_rank": "4", "lora_alpha": "4.0", **meta})
+    m = _model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    for mode in ("check", "file", "model"):
+        with pytest.raises(ValueError, match="w.safetensors"):
+            m.load_adapters(path, alpha=mode)
+    with pytest.raises(ValueError, match="w.safetensors"):
+        load_adapter_file(m, path)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert m.cfg.lora_alpha == CFG.lora_alpha
+
+
+def test_load_adapter_file_never_ignores_alpha(tmp_path):
+    """``alpha=`` is honoured for diffusers files only; for a format that carries its own alpha
+    it is an error (it used to be dropped silently)."""
+    src = _model(seed=3)
+    path = str(tmp_path / "w.safetensors")
+    src.save_adapters(path)
+    peft = _write_peft(tmp_path / "p", _pairs(_qkv_modules()), {"r": 4, "lora_alpha": 4})
+    m = _model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    for f in (path, str(peft)):
+        with pytest.raises(ValueError, match="alpha= applies to diffusers LoRA files only"):
+            load_adapter_file(m, f, alpha=16.0)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())

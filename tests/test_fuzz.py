@@ -293,14 +293,14 @@ def _draw_module(rng):
 
 def _draw_quant(rng):
     lead = rng.choice([(), (0,), (1,), (7,), (2, 3)])
-    return dict(shape=lead + (rng.choice([1, 7, 16, 33]),), dtype=rng.choice(["fp32", "fp32", "fp16"]),
+    return dict(shape=lead + (rng.choice([0, 1, 7, 16, 33]),), dtype=rng.choice(["fp32", "fp32", "fp16"]),
                 pad_to=rng.choice([1, 1, 16, 3]), how=_how(rng), zero_row=rng.random() < 0.3,
                 mag=rng.choice([1.0, 1e-3, 300.0]))
 
 
 def _draw_fp8_linear(rng):
     lead = rng.choice([(3,), (2, 5), (0,)])
-    return dict(lead=lead, k=rng.choice([1, 8, 19]), n=rng.choice([1, 6, 16]), bias=rng.random() < 0.6,
+    return dict(lead=lead, k=rng.choice([0, 1, 8, 19]), n=rng.choice([1, 6, 16]), bias=rng.random() < 0.6,
                 dtype=rng.choice(["fp32", "fp32", "fp16"]), how=_how(rng), bias_how=_how(rng),
                 grad_x=rng.random() < 0.6, grad_b=rng.random() < 0.5)
 
@@ -324,6 +324,7 @@ INVALID = {
         ("scale_inf", ["scale"]), ("scale_list", ["scale"]), ("scale_str", ["scale"]),
         ("scale_bool", ["scale"]), ("scale_tensor", ["scale"]), ("backend", ["backend"]),
         ("rope_mode", ["rope_mode"]), ("q_list", ["q"]), ("cos_meta", ["cos"]), ("precision", ["precision"]),
+        ("cos_grad", ["cos", "sin", "cos/sin"]),
     ],
     "cached_asym_attention": [
         ("q_rank", ["q_v"]), ("k_shape", ["k_v"]), ("v_dtype", ["v_v"]), ("ref_shape", ["ref_k", "ref_v"]),
@@ -332,18 +333,20 @@ INVALID = {
         ("backend", ["backend"]), ("rope_mode", ["rope_mode"]), ("ref_meta", ["ref_v"]),
         ("precision", ["precision"]), ("cache_ref_v", ["ref_v"]), ("cache_no_fp8", ["precision"]),
         ("cache_heads", ["q_v", "ref_k"]), ("cache_block_n", ["block_n"]),
+        ("cos_grad", ["cos", "sin", "cos/sin"]),
     ],
     "apply_rope": [
         ("x_rank", ["x"]), ("x_int", ["x"]), ("odd_d", ["head_dim", "x"]),
         ("cos_shape", ["cos", "sin", "cos/sin"]),
         ("no_tables", ["cos", "sin"]), ("cos_only", ["cos", "sin"]), ("cos_int", ["cos"]),
         ("backend", ["backend"]), ("x_list", ["x"]), ("cos_meta", ["cos"]),
+        ("cos_grad", ["cos", "sin", "cos/sin"]),
     ],
     "qk_norm_rope": [
         ("k_shape", ["k"]), ("qw_shape", ["q_weight"]), ("kw_int", ["k_weight"]), ("eps_none", ["eps"]),
         ("eps_nan", ["eps"]), ("eps_neg", ["eps"]), ("eps_str", ["eps"]),
         ("cos_shape", ["cos", "sin", "cos/sin"]),
-        ("backend", ["backend"]), ("qw_meta", ["q_weight"]),
+        ("backend", ["backend"]), ("qw_meta", ["q_weight"]), ("cos_grad", ["cos", "sin", "cos/sin"]),
     ],
     "ref_lora_linear": [
         ("x_rank", ["x"]), ("w_shape", ["weight"]), ("a_shape", ["lora_a"]), ("b_shape", ["lora_b"]),
@@ -506,6 +509,9 @@ def _spoil_attention(c, args: dict, cached: bool) -> None:
         "rope_mode": lambda: args.update(rope_mode="inline"),
         "q_list": lambda: args.update({qn: q.tolist()}),
         "cos_meta": lambda: args.update(cos=torch.zeros(n, d // 2, device="meta"),
+                                        sin=torch.zeros(n, d // 2, device=DEVICE)),
+        # tables are constants on both backends: one that requires grad is refused
+        "cos_grad": lambda: args.update(cos=torch.ones(n, d // 2, device=DEVICE, requires_grad=True),
                                         sin=torch.zeros(n, d // 2, device=DEVICE)),
         "ref_shape": lambda: args.update(
             ref_v=torch.randn(b, args["ref_k"].shape[1] + 1, h, d, device=DEVICE)),
@@ -789,6 +795,7 @@ def _bad_rope(c, fn: str):
             "no_tables": lambda: a.update(cos=None, sin=None), "cos_only": lambda: a.update(sin=None),
             "cos_int": lambda: a.update(cos=ang.long()), "backend": lambda: a.update(backend="gpu"),
             "cos_meta": lambda: a.update(cos=ang.to("meta")),
+            "cos_grad": lambda: a.update(sin=ang.sin().requires_grad_()),
             "k_shape": lambda: a.update(k=x[:, 1:]),
             "qw_shape": lambda: a.update(q_weight=torch.ones(h * d + 1)),
             "kw_int": lambda: a.update(k_weight=torch.ones(h * d, dtype=torch.int64)),

@@ -308,3 +308,101 @@ def test_attention_empty_queries_give_zero_grads(backend):
     for t in (qv, kv, vv):
         assert t.grad is not None and t.grad.shape == t.shape
     assert torch.equal(rk.grad, torch.zeros_like(rk)) and torch.equal(rv.grad, torch.zeros_like(rv))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rope_tables_that_require_grad_raise_on_both_backends(backend):
+    """The reference used to differentiate cos/sin while the Triton kernels silently gave them no
+    gradient: one rule now, a ValueError naming the tables (none under ``torch.no_grad``)."""
+    x, k, v = _leaf(1, 5, 2, 16), _leaf(1, 5, 2, 16), _leaf(1, 5, 2, 16)
+    cos, sin = wk.rope_cos_sin(torch.randint(0, 7, (5, 3), device=DEVICE), 16)
+    w = torch.ones(32, device=DEVICE)
+    calls = {
+        "apply_rope": lambda c, s: wk.apply_rope(x, c, s, backend=backend),
+        "qk_norm_rope": lambda c, s: wk.qk_norm_rope(x, k, w, w, c, s, backend=backend),
+        "asym_attention": lambda c, s: wk.asym_attention(x, k, v, 3, c, s, backend=backend),
+        "cached_asym_attention": lambda c, s: wk.cached_asym_attention(x, k, v, k[:, :2], v[:, :2], c, s,
+                                                                       backend=backend),
+    }
+    for call in calls.values():
+        for c, s in ((cos.clone().requires_grad_(), sin), (cos, sin.clone().requires_grad_())):
+            with pytest.raises(ValueError, match="cos and sin must not require grad"):
+                call(c, s)
+            with torch.no_grad():
+                call(c, s)
+        out = call(cos, sin)
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (2, 3, 0), (0, 0), (0,)])
+@pytest.mark.parametrize("pad_to", [1, 16])
+def test_fp8_quant_and_linear_with_zero_k(shape, pad_to):
+    """K = 0 (the reference handled it, the Triton launcher reshaped with -1 and crashed): both
+    backends give codes [..., K_pad] and the zero-row scale; fp8_linear gives the bias, and a
+    bias gradient for N = 0 outputs."""
+    x = torch.randn(*shape, device=DEVICE)
+    ref = wk.per_token_quant_fp8(x, pad_to=pad_to, backend="reference")
+    tri = wk.per_token_quant_fp8(x, pad_to=pad_to, backend="triton")
+    for a, b in zip(ref, tri):
+        assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.float(), b.float())
+    assert ref[0].shape == (*shape[:-1], 0)
+    fp8 = torch.float8_e4m3fn
+    for act in BACKENDS:
+        x = torch.randn(2, 3, 0, device=DEVICE, requires_grad=True)
+        b = torch.randn(5, device=DEVICE, requires_grad=True)
+        y = wk.fp8_linear(x, torch.zeros(5, 0, device=DEVICE).to(fp8), torch.ones(5, 1, device=DEVICE), b,
+                          gemm="emulate", act_backend=act)
+        torch.testing.assert_close(y, b.detach().expand(2, 3, 5))
+        y.sum().backward()
+        assert x.grad.shape == x.shape and torch.equal(b.grad, torch.full_like(b, 6.0))
+        x = torch.randn(2, 3, 8, device=DEVICE, requires_grad=True)
+        b = torch.randn(0, device=DEVICE, requires_grad=True)
+        y = wk.fp8_linear(x, torch.zeros(0, 8, device=DEVICE).to(fp8), torch.ones(0, 1, device=DEVICE), b,
+                          gemm="emulate", act_backend=act)
+        assert y.shape == (2, 3, 0)
+        y.sum().backward()
+        assert b.grad.shape == (0,) and torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("n,nv", [(9, 4), (0, 0), (5, 0)])
+def test_autocast_one_rule_on_both_backends(n, nv):
+    """Under autocast on the inputs' device, attention and the LoRA linear compute in the
+    autocast dtype and return it on both backends, as F.scaled_dot_product_attention and
+    F.linear do (the Triton attention ignored autocast, the reference followed it; the Triton
+    LoRA followed CUDA autocast only). Gradients come back in the leaves' dtypes."""
+    dev, dt = DEVICE.type, torch.bfloat16
+    outs = {}
+    for backend in BACKENDS:
+        torch.manual_seed(0)
+        q, k, v = _leaf(2, n, 2, 16), _leaf(2, n, 2, 16), _leaf(2, n, 2, 16)
+        rk, rv = _leaf(2, 3, 2, 16), _leaf(2, 3, 2, 16)
+        x, w, b, a, lb = _leaf(2, n, 24), _leaf(12, 24), _leaf(12), _leaf(4, 24), _leaf(12, 4)
+        with torch.autocast(dev, dtype=dt):
+            o1 = wk.asym_attention(q, k, v, nv, backend=backend)
+            o2 = wk.cached_asym_attention(q, k, v, rk, rv, backend=backend)
+            o3 = wk.ref_lora_linear(x, w, b, a, lb, 0.5, nv, backend=backend)
+        for o in (o1, o2, o3):
+            assert o.dtype == dt, (backend, o.dtype)
+        (o1.float().sum() + o2.float().sum() + o3.float().sum()).backward()
+        for t in (q, k, v, rk, rv, x, w, b, a, lb):
+            assert t.grad is not None and t.grad.dtype == torch.float32 and t.grad.shape == t.shape
+        outs[backend] = (o1, o2, o3)
+    for r, t in zip(outs["reference"], outs["triton"]):
+        torch.testing.assert_close(t.float(), r.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_cached_kv_of_another_dtype_is_cast_on_both_backends():
+    """The cached K/V may be kept in another float dtype: both backends cast it to q_v's dtype,
+    give the same result, and return its gradient in its own dtype."""
+    outs = {}
+    for backend in BACKENDS:
+        torch.manual_seed(0)
+        q, k, v = _leaf(2, 6, 2, 16), _leaf(2, 6, 2, 16), _leaf(2, 6, 2, 16)
+        rk, rv = _leaf(2, 3, 2, 16, dtype=torch.float64), _leaf(2, 3, 2, 16, dtype=torch.float16)
+        o = wk.cached_asym_attention(q, k, v, rk, rv, backend=backend)
+        assert o.dtype == torch.float32
+        o.sum().backward()
+        assert rk.grad.dtype == torch.float64 and rv.grad.dtype == torch.float16
+        outs[backend] = (o, rk.grad, rv.grad)
+    for r, t in zip(outs["reference"], outs["triton"]):
+        torch.testing.assert_close(t.float(), r.float(), rtol=2e-3, atol=2e-3)

@@ -337,3 +337,102 @@ def test_from_diffusers_refuses_bad_tensors():
         WildActor.from_diffusers(wan, lora_rank=8)
     with pytest.raises(TypeError, match="wan_model"):
         WildActor.from_diffusers(np.zeros(3))
+
+
+# ============================================================================ load_quantized
+def _fp8(seed: int):
+    from wildactor_kernels.model.quant import quantize_model
+
+    return quantize_model(_model(seed=seed), "fp8")
+
+
+@pytest.mark.parametrize("kind", ["int64", "shape", "float-for-codes", "e5m2-codes", "missing", "unexpected"])
+def test_load_quantized_bad_entry_leaves_model_unchanged(tmp_path, kind):
+    """A bad entry late in the file fails before the first write (it used to fail after most of
+    the state dict was overwritten); FP8 codes are never cast from another dtype."""
+    from safetensors.torch import load_file, save_file
+    from wildactor_kernels.model.quant import load_quantized, save_quantized
+
+    path = str(tmp_path / "q.safetensors")
+    save_quantized(_fp8(seed=3), path)
+    sd = load_file(path)
+    codes = "proj_out.weight" if sd["proj_out.weight"].dtype == torch.float8_e4m3fn else \
+        "blocks.1.ffn.net.2.weight"
+    assert sd[codes].dtype == torch.float8_e4m3fn
+    if kind in ("int64", "shape"):
+        sd[LAST] = _bad(kind, sd[LAST]).contiguous()
+    elif kind == "float-for-codes":
+        sd[codes] = sd[codes].float()
+    elif kind == "e5m2-codes":
+        sd[codes] = sd[codes].float().to(torch.float8_e5m2)
+    elif kind == "missing":
+        del sd[LAST]
+    else:
+        sd["blocks.1.extra.weight"] = torch.zeros(3)
+    save_file(sd, path, metadata={"quantization_mode": "fp8", "format": "wildactor-quantized"})
+    m = _fp8(seed=0)
+    snap = _snapshot(m)
+    err = TypeError if kind in ("int64", "float-for-codes", "e5m2-codes") else ValueError
+    with pytest.raises(err, match=r"q\.safetensors"):
+        load_quantized(m, path)
+    _assert_unchanged(m, snap)
+
+
+def test_load_quantized_file_errors_name_the_file(tmp_path):
+    from wildactor_kernels.model.quant import load_quantized
+
+    m = _fp8(seed=0)
+    snap = _snapshot(m)
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="broken.safetensors"):
+        load_quantized(m, str(bad))
+    with pytest.raises(FileNotFoundError, match="absent.safetensors"):
+        load_quantized(m, str(tmp_path / "absent.safetensors"))
+    _assert_unchanged(m, snap)
+
+
+def test_load_quantized_refuses_a_meta_model(tmp_path):
+    """Copying into meta tensors is a no-op: a meta-built model would have stayed without data."""
+    from wildactor_kernels.model.quant import load_quantized, quantize_model, save_quantized
+
+    path = str(tmp_path / "q.safetensors")
+    save_quantized(_fp8(seed=3), path)
+    m = quantize_model(WildActor(TINY, device="meta"), "fp8")
+    with pytest.raises(ValueError, match="on meta"):
+        load_quantized(m, path)
+    assert all(p.is_meta for p in m.parameters())
+
+
+def test_float_checkpoint_into_fp8_model_is_quantized_not_cast():
+    """load_wan_state_dict of a float checkpoint into an FP8-quantized model quantizes each weight
+    with its scale (as quantize_model does), strict or not; it used to cast the floats straight
+    to codes and keep the old scales."""
+    from wildactor_kernels.model.quant import quantize_model
+
+    src = _model(seed=4)
+    want = quantize_model(_model(seed=4), "fp8").state_dict()
+    for strict in (True, False):
+        m = _fp8(seed=0)
+        m.load_wan_state_dict(src.state_dict(), strict=strict)
+        got = m.state_dict()
+        assert got.keys() == want.keys()
+        for k, v in got.items():
+            assert v.dtype == want[k].dtype and torch.equal(v.float(), want[k].float()), k
+
+
+def test_meta_model_assigns_contiguous_parameters():
+    """On a meta-built model the tensors become the parameters: an expanded (stride-0) or
+    transposed view is made contiguous first, so an in-place update (an optimizer step) can
+    write every parameter afterwards."""
+    sd = _other_weights()
+    sd["proj_out.bias"] = sd["proj_out.bias"][:1].expand_as(sd["proj_out.bias"])
+    sd["proj_out.weight"] = sd["proj_out.weight"].t().contiguous().t()
+    m = WildActor(TINY, device="meta")
+    m.load_wan_state_dict(sd)
+    for k, p in m.named_parameters():
+        assert p.is_contiguous(), k
+        assert torch.equal(p, sd[k]), k
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)

@@ -111,6 +111,38 @@ def test_forward_x_type_and_plain_paths():
     torch.testing.assert_close(m(x4), F.linear(x4, m.weight, m.bias))
 
 
+@pytest.mark.parametrize("nv", [None, 2, 6], ids=["nv-None", "nv<N", "nv=N"])
+@pytest.mark.parametrize("rank", [0, 2])
+def test_forward_same_errors_on_every_path(nv, rank):
+    """A wrong Din or dtype of x raises the same TypeError/ValueError naming x whichever path runs
+    (the plain linear for num_video None or N used to raise a raw matmul RuntimeError, the
+    adapted path a TypeError from the op)."""
+    m = RefLoRALinear(8, 6, rank=rank, device=DEVICE)
+    with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., Din\] with Din = in_features = 8"):
+        m(torch.randn(2, 6, 7, device=DEVICE), nv)
+    with pytest.raises(TypeError, match=r"x must have the dtype of this layer's weight \(torch.float32\)"):
+        m(torch.randn(2, 6, 8, device=DEVICE, dtype=torch.float16), nv)
+    with pytest.raises(ValueError, match="x is on meta"):
+        m(torch.randn(2, 6, 8, device="meta"), nv)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):  # autocast decides the dtypes: no error
+        assert m(torch.randn(2, 6, 8, device=DEVICE, dtype=torch.float16), nv).shape == (2, 6, 6)
+
+
+def test_forward_numpy_num_video_and_meta_layer():
+    """A NumPy integer num_video is an int (never a float, never truncated); a layer built on
+    meta runs on meta inputs (shapes only) on the reference path."""
+    np = pytest.importorskip("numpy")
+    m = _layer(din=8, dout=6, rank=2)
+    x = torch.randn(2, 6, 8, device=DEVICE)
+    torch.testing.assert_close(m(x, np.int64(2)), m(x, 2), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="num_video must be an int"):
+        m(x, np.float64(2.0))
+    with pytest.raises(TypeError, match="num_video must be an int"):
+        m(x, np.bool_(True))
+    mm = RefLoRALinear(8, 6, rank=2, backend="reference", device="meta")
+    assert mm(torch.empty(2, 6, 8, device="meta"), 2).shape == (2, 6, 6)
+
+
 # ----------------------------------------------------------------------------- autograd
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
                                    pytest.param(torch.float16, id="fp16")])

@@ -198,6 +198,7 @@ _NAN, _INF = float("nan"), float("inf")
     (lambda: wk.rope_cos_sin(_POS, 16, theta="1e4"), TypeError, "theta must be a Python float"),
     (lambda: wk.rope_cos_sin(_POS, 16, theta=torch.tensor(1e4)), TypeError, "theta must be a Python float"),
     (lambda: wk.rope_cos_sin(_POS, 16.0), TypeError, "head_dim must be an int"),
+    (lambda: wk.rope_cos_sin(_POS > 0, 16), TypeError, "pos must be an integer tensor, got dtype torch.bool"),
     (lambda: wk.axis_dims(True), TypeError, "head_dim must be an int"),
     # scale / eps
     (lambda: wk.asym_attention(_X, _X, _X, 2, scale=_NAN), ValueError, "scale must be finite"),

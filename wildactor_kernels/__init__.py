@@ -24,6 +24,11 @@ Backends and gradients:
   and ``act_backend=`` the backend of its per-token activation quantization; it is
   differentiable in ``x`` and ``bias`` (the FP8 weight is frozen).
 
+Both backends follow one set of rules: the rotary tables ``cos``/``sin`` are constants (a table
+that requires grad raises); under autocast, attention and the LoRA linear compute in the autocast
+dtype as ``F.scaled_dot_product_attention`` and ``F.linear`` do; mixed dtypes are a TypeError
+naming the argument; empty outputs give zero-filled gradients.
+
 ``backend="auto"`` is the PyTorch reference on the CPU and the Triton kernels on CUDA (for
 attention: the fastest measured backend, see :func:`attention_backends`); ``"triton"`` on CPU
 tensors needs ``TRITON_INTERPRET=1`` in the environment before the first import.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import os
 from collections.abc import Callable, Iterable, Sequence
 
@@ -174,11 +175,24 @@ def check_qkv(names: tuple[str, str, str], q, k, v) -> None:
     check_head_dim(names[0], q.shape[-1])
 
 
+def autocast_active(device: torch.device) -> bool:
+    """Whether autocast is on for ``device``'s type (False for types autocast does not know,
+    such as ``meta``, where ``torch.is_autocast_enabled`` raises)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:
+        return False
+
+
 def check_num_video(num_video: object, n: int) -> int:
     if isinstance(num_video, torch.Tensor):
         raise TypeError("num_video must be a Python int, not a tensor")
-    if not isinstance(num_video, int) or isinstance(num_video, bool):
-        raise TypeError(f"num_video must be an int, got {type(num_video).__name__}")
+    if isinstance(num_video, bool) or type(num_video).__name__ == "bool_":
+        raise TypeError(f"num_video must be an int, got bool {num_video!r}")
+    try:  # a Python or NumPy integer; a float is never truncated
+        num_video = int(operator.index(num_video))
+    except TypeError:
+        raise TypeError(f"num_video must be an int, got {type(num_video).__name__}") from None
     if not 0 <= num_video <= n:
         raise ValueError(f"num_video must lie in [0, N] = [0, {n}], got {num_video}")
     return num_video
@@ -197,6 +211,11 @@ def check_rope_tables(cos: torch.Tensor | None, sin: torch.Tensor | None, n: int
             f"{what} must have shape [N, D//2] = [{n}, {d // 2}], got cos {tuple(cos.shape)} and "
             f"sin {tuple(sin.shape)}"
         )
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        # one rule on both backends: the Triton kernels take no gradient for the tables, so
+        # the reference must not give one either (it would differ silently)
+        raise ValueError(f"{what}: cos and sin must not require grad: the rotary tables are constants "
+                         f"on every backend (no gradient flows to them); pass cos.detach(), sin.detach()")
 
 
 # --------------------------------------------------------------------------- kernel plumbing

@@ -153,7 +153,7 @@ def rope_cos_sin(
     if not isinstance(pos, torch.Tensor) or pos.ndim != 2 or pos.shape[1] != 3:
         got = tuple(pos.shape) if isinstance(pos, torch.Tensor) else type(pos).__name__
         raise ValueError(f"pos must be an integer tensor of shape [N, 3], got {got}")
-    if pos.is_floating_point() or pos.is_complex():
+    if pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool:
         raise TypeError(f"pos must be an integer tensor, got dtype {pos.dtype}")
     dims = axis_dims(head_dim)
     theta = check_theta(theta)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .._utils import (
     ROPE_MODES,
+    autocast_active,
     check_num_video,
     check_qkv,
     check_rope_tables,
@@ -18,6 +21,18 @@ from . import fp8_op
 from .reference import asym_attention_ref, cached_asym_attention_ref
 
 __all__ = ["asym_attention", "cached_asym_attention", "ROPE_MODES"]
+
+
+def _under_autocast(device: torch.device, *ts: torch.Tensor) -> tuple[list[torch.Tensor], object]:
+    """One autocast rule on every backend, as ``F.scaled_dot_product_attention``: under autocast
+    on the inputs' device the tensors are cast to the autocast dtype (differentiably: gradients
+    come back in the callers' dtypes) and the backend runs with autocast off, so the reference
+    and the Triton kernels see the same plain inputs and return that dtype (the Triton kernels
+    used to ignore autocast and the reference to follow it)."""
+    if not autocast_active(device):
+        return list(ts), contextlib.nullcontext()
+    dt = torch.get_autocast_dtype(device.type)
+    return [t.to(dt) for t in ts], torch.autocast(device.type, enabled=False)
 
 
 def _check_rope_mode(rope_mode: object) -> None:
@@ -38,6 +53,7 @@ def asym_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_video:
         q, k, v: ``[B, N, H, D]``, one float dtype, tokens video-first.
         num_video: ``Nv`` in ``[0, N]``.
         cos, sin: optional float ``[N, D//2]``: when given, q and k are rotated first.
+            Constants: a table that requires grad raises (no backend differentiates them).
         scale: softmax scale, default ``1/sqrt(D)``.
         backend: ``"auto" | "triton" | "reference"``.
         rope_mode: where the Triton backend rotates q and k when cos/sin are given:
@@ -50,6 +66,8 @@ def asym_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_video:
             forward only: a gradient through it raises.
     Returns:
         ``[B, N, H, D]`` in the dtype of q. Differentiable in q, k, v (``precision=None``).
+        Under autocast on q's device, as ``F.scaled_dot_product_attention`` (both backends):
+        q, k, v are cast to the autocast dtype, which the output then has.
     """
     scale = check_attention_scale(scale)
     check_qkv(("q", "k", "v"), q, k, v)
@@ -60,15 +78,17 @@ def asym_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_video:
     _check_rope_mode(rope_mode)
     if fp8_op.check_precision(precision):
         return fp8_op.asym_attention_fp8(q, k, v, num_video, cos, sin, scale, backend)
-    if resolve_backend(backend, q) == "reference":
-        return asym_attention_ref(q, k, v, num_video, cos, sin, scale)
-    if backend == "auto":  # on CUDA: the measured choice of dispatch.py (docs/design.md §9)
-        from .dispatch import asym_attention_auto
+    (q, k, v), ctx = _under_autocast(q.device, q, k, v)
+    with ctx:
+        if resolve_backend(backend, q) == "reference":
+            return asym_attention_ref(q, k, v, num_video, cos, sin, scale)
+        if backend == "auto":  # on CUDA: the measured choice of dispatch.py (docs/design.md §9)
+            from .dispatch import asym_attention_auto
 
-        return asym_attention_auto(q, k, v, num_video, cos, sin, scale, rope_mode)
-    from .kernels import asym_attention_triton
+            return asym_attention_auto(q, k, v, num_video, cos, sin, scale, rope_mode)
+        from .kernels import asym_attention_triton
 
-    return asym_attention_triton(q, k, v, num_video, cos, sin, scale, rope_mode=rope_mode)
+        return asym_attention_triton(q, k, v, num_video, cos, sin, scale, rope_mode=rope_mode)
 
 
 def cached_asym_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tensor,
@@ -81,6 +101,8 @@ def cached_asym_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tenso
     Args:
         q_v, k_v, v_v: ``[B, Nv, H, D]`` video projections (cos/sin ``[Nv, D//2]`` rotate q_v, k_v).
         ref_k, ref_v: ``[B, Nr, H, D]`` cached reference keys (already rotated) and values.
+            Any float dtype on both backends: they are cast to q_v's dtype (a cache may be
+            kept in another precision); q_v, k_v, v_v share one dtype.
         scale, backend, rope_mode: as in :func:`asym_attention` (``rope_mode`` concerns the
             rotation of q_v and k_v only; the cached keys are never rotated again).
         precision: as in :func:`asym_attention`. With ``"fp8"``, ``ref_k`` may be a
@@ -105,13 +127,15 @@ def cached_asym_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tenso
     check_rope_tables(cos, sin, nv, d)
     check_same_device(q_v=q_v, k_v=k_v, v_v=v_v, ref_k=ref_k, ref_v=ref_v, cos=cos, sin=sin)
     _check_rope_mode(rope_mode)
-    if resolve_backend(backend, q_v) == "reference":
-        return cached_asym_attention_ref(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale)
-    if backend == "auto":  # on CUDA: the measured choice of dispatch.py (docs/design.md §9)
-        from .dispatch import cached_asym_attention_auto
+    (q_v, k_v, v_v, ref_k, ref_v), ctx = _under_autocast(q_v.device, q_v, k_v, v_v, ref_k, ref_v)
+    with ctx:
+        if resolve_backend(backend, q_v) == "reference":
+            return cached_asym_attention_ref(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale)
+        if backend == "auto":  # on CUDA: the measured choice of dispatch.py (docs/design.md §9)
+            from .dispatch import cached_asym_attention_auto
 
-        return cached_asym_attention_auto(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale, rope_mode)
-    from .kernels import cached_asym_attention_triton
+            return cached_asym_attention_auto(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale, rope_mode)
+        from .kernels import cached_asym_attention_triton
 
-    return cached_asym_attention_triton(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale,
-                                        rope_mode=rope_mode)
+        return cached_asym_attention_triton(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale,
+                                            rope_mode=rope_mode)

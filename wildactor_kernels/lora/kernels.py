@@ -42,6 +42,7 @@ import triton.language as tl
 
 from .._utils import (
     SUPPORTED_DTYPES,
+    autocast_active,
     autotune_configs,
     device_guard,
     dot_flags,
@@ -501,15 +502,18 @@ _ref_folded_linear_fwd_op.register_autograd(_ref_folded_backward, setup_context=
 
 # ----------------------------------------------------------------------------- public
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """x's dtype, or the autocast dtype when CUDA autocast is on (what F.linear would use)."""
-    if x.is_cuda and torch.is_autocast_enabled("cuda"):
-        return torch.get_autocast_dtype("cuda")
+    """x's dtype, or the autocast dtype when autocast is on for x's device (what F.linear, and
+    so the reference backend, would use; on the CPU too, under the interpreter)."""
+    if autocast_active(x.device):
+        return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
 
 def _no_autocast(x: torch.Tensor):
     # inputs are already in the compute dtype; keep autocast from re-casting the torch pieces
-    return torch.autocast("cuda", enabled=False) if x.is_cuda else contextlib.nullcontext()
+    if autocast_active(x.device):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _cast(dtype: torch.dtype, *ts: torch.Tensor | None) -> list[torch.Tensor | None]:

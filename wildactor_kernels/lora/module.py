@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._utils import check_num_video, check_tensor, resolve_backend
+from .._utils import autocast_active, check_num_video, check_tensor, resolve_backend
 from .._validate import check_bool, check_int, check_real
 from .op import ref_lora_linear
 
@@ -48,7 +48,7 @@ def folded_linear_torch(x: torch.Tensor, weight: torch.Tensor, weight_ref: torch
     same_dtype = all(t is None or t.dtype == x.dtype for t in (weight, weight_ref, bias))
     records = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                               for t in (x, weight, weight_ref, bias))
-    if records or not same_dtype or torch.is_autocast_enabled(x.device.type):
+    if records or not same_dtype or autocast_active(x.device):
         return torch.cat([F.linear(x[:, :num_video], weight, bias),
                           F.linear(x[:, num_video:], weight_ref, bias)], dim=1)
     # inference: each GEMM writes its rows of one output (out[b, rows] is contiguous), no cat
@@ -272,9 +272,22 @@ class RefLoRALinear(nn.Module):
             ``[..., Dout]`` with the leading dims of ``x``.
         """
         x3, num_video = ref_rows_input(x, num_video)
+        self._check_input(x)
         if num_video is None or self.rank == 0 or num_video == x3.shape[1]:
             return F.linear(x, self.weight, self.bias)
         return ref_rows_output(x, self._adapted(x3, num_video))
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """The same errors whichever path runs (the plain linear included): a TypeError or
+        ValueError naming ``x``, never a raw matmul error."""
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape [..., Din] with Din = in_features = {self.in_features}, "
+                             f"got {tuple(x.shape)}")
+        if x.device != self.weight.device:
+            raise ValueError(f"x is on {x.device} but this layer's weight is on {self.weight.device}")
+        if x.dtype != self.weight.dtype and not autocast_active(x.device):
+            raise TypeError(f"x must have the dtype of this layer's weight ({self.weight.dtype}), got "
+                            f"{x.dtype}: cast one of them, or run under torch.autocast")
 
     def _adapted(self, x: torch.Tensor, num_video: int) -> torch.Tensor:
         """``x [B, N, Din]`` with ``0 <= num_video < N`` and an adapter: ``[B, N, Dout]``."""

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from .._utils import check_dtypes, check_num_video, check_same_device, check_tensor, resolve_backend
+from .._utils import (
+    autocast_active,
+    check_dtypes,
+    check_num_video,
+    check_same_device,
+    check_tensor,
+    resolve_backend,
+)
 from .._validate import check_lora_scale
 from .reference import ref_lora_linear_ref
 
@@ -49,7 +56,7 @@ def ref_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
     num_video = check_num_video(num_video, x.shape[1])
     check_same_device(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
-    if not torch.is_autocast_enabled(x.device.type):
+    if not autocast_active(x.device):
         check_dtypes("ref_lora_linear", x.dtype, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
     if resolve_backend(backend, x) == "reference":
         return ref_lora_linear_ref(x, weight, bias, lora_a, lora_b, float(scale), num_video)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import torch
 import triton
@@ -134,7 +135,7 @@ def per_token_quant_fp8_fwd(x: torch.Tensor, pad_to: int = 1,
 
 def _quant(x, pad_to, store_mode):
     lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k)  # a view whenever the leading dims can be merged
+    x2 = x.reshape(math.prod(lead), k)  # a view whenever the leading dims can be merged (K may be 0)
     m = x2.shape[0]
     k_out = _round_up(k, pad_to)
     mode = store_mode or fp8_store_mode(x.device)

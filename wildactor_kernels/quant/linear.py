@@ -30,6 +30,7 @@ bias requires grad. This is what QLoRA-style training of adapters above an FP8 b
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -119,8 +120,9 @@ class Fp8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_q, w_scale, bias, path, act_backend, use_fast_accum, fuse_bias):
         lead = x.shape[:-1]
-        y = fp8_gemm(x.reshape(-1, x.shape[-1]), w_q, w_scale, bias, path, act_backend, use_fast_accum,
-                     fuse_bias)
+        # math.prod, not -1: K or the batch may be 0
+        y = fp8_gemm(x.reshape(math.prod(lead), x.shape[-1]), w_q, w_scale, bias, path, act_backend,
+                     use_fast_accum, fuse_bias)
         ctx.save_for_backward(w_q, w_scale)
         ctx.bias_grad = bias is not None and bias.requires_grad
         return y.reshape(*lead, w_q.shape[0])
@@ -129,7 +131,8 @@ class Fp8LinearFn(torch.autograd.Function):
     def backward(ctx, grad_y):
         w_q, w_scale = ctx.saved_tensors
         grad_x = grad_y @ dequantize_fp8(w_q, w_scale, grad_y.dtype) if ctx.needs_input_grad[0] else None
-        grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.bias_grad else None
+        n = grad_y.shape[-1]
+        grad_b = grad_y.reshape(math.prod(grad_y.shape[:-1]), n).sum(0) if ctx.bias_grad else None
         return grad_x, None, None, grad_b, None, None, None, None
 
 

@@ -21,6 +21,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     Args:
         x: ``[B, N, H, D]`` any float dtype (D even, >= 8).
         cos, sin: float ``[N, D//2]`` from :func:`wildactor_kernels.rope_cos_sin`.
+            Constants: a table that requires grad raises (no backend differentiates them).
         backend: ``"auto" | "triton" | "reference"``.
     Returns:
         ``[B, N, H, D]`` in ``x.dtype`` (maths in fp32). Differentiable in ``x``.
@@ -46,6 +47,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None
         q, k: ``[B, N, H, D]`` (same shape).
         q_weight, k_weight: ``[H*D]`` norm weights, or None for no affine weight.
         cos, sin: ``[N, D//2]`` float tables.
+            Constants: a table that requires grad raises (no backend differentiates them).
     Returns:
         ``(q', k')`` with the shapes and dtypes of ``q, k``. Differentiable in q, k and weights.
     """
