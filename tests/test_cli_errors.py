@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -87,6 +88,7 @@ def _cases(tmp: str) -> dict[str, dict]:
     with open(os.path.join(bad_weights, "model.safetensors"), "wb") as fh:
         fh.write(b"\0" * 16)
     out = os.path.join(tmp, "out")
+    w = _weight_dirs(tmp)
     c: dict[str, dict] = {
         # first: bitsandbytes prints its noise on its first import only
         "info-no-third-party-noise": dict(argv=["info"], status=0, needles=[]),
@@ -135,9 +137,53 @@ def _cases(tmp: str) -> dict[str, dict]:
         "export-engine-without-tensorrt": dict(argv=["export", "--out", os.path.join(tmp, "engine_out"),
                                                      "--engine"],
                                                without=["tensorrt"], needles=["--engine", "tensorrt"]),
-        # past the argument checks: a failure inside the work is one line too (exit 1)
+        # bad weight files are refused at the checks, before any model is built (exit 2); a failure
+        # inside the work is one line with exit 1 (test_failure_inside_the_work_is_one_line)
         "export-broken-weights": dict(argv=["export", "--out", out, "--weights", bad_weights],
-                                      needles=["error", "--debug"], status=1),
+                                      needles=["--weights", "config.json", "not a WildActor config"]),
+        "export-weights-not-json": dict(argv=["export", "--out", out, "--weights", w["not_json"]],
+                                        needles=["--weights", "config.json", "JSON"]),
+        "export-weights-other-file-name": dict(argv=["export", "--out", out, "--weights", w["other_name"]],
+                                               needles=["--weights", "model.safetensors"]),
+        "export-weights-not-safetensors": dict(argv=["export", "--out", out, "--weights", w["not_st"]],
+                                               needles=["--weights", "model.safetensors", "safetensors"]),
+        "export-weights-missing-tensors": dict(argv=["export", "--out", out, "--weights", w["deeper"]],
+                                               needles=["--weights", "lacks", "blocks.1."]),
+        "export-weights-wrong-shapes": dict(argv=["export", "--out", out, "--weights", w["narrower"]],
+                                            needles=["--weights", "shape", "expected"]),
+        "export-out-empty": dict(argv=["export", "--out", ""], needles=["--out", "directory"]),
+        "export-workspace-nan": dict(argv=["export", "--out", out, "--workspace-gb", "nan"],
+                                     needles=["--workspace-gb", "nan"]),
+        "export-workspace-inf": dict(argv=["export", "--out", out, "--workspace-gb", "inf"],
+                                     needles=["--workspace-gb", "inf"]),
+        "export-seed-overflow": dict(argv=["export", "--out", out, "--seed", str(2 ** 70)],
+                                     needles=["--seed"]),
+        "export-layers-text": dict(argv=["export", "--out", out, "--layers", "two"],
+                                   needles=["--layers", "two"]),
+        "demo-seed-overflow": dict(argv=["demo", "--seed", str(2 ** 70)], needles=["--seed"]),
+        "demo-negative-tol": dict(argv=["demo", "--tol", "-1"], needles=["--tol", "-1"]),
+        # sizes whose activations cannot fit: refused before the model is built (any machine)
+        "demo-size-too-big": dict(argv=["demo", "--height", "100000", "--width", "100000"],
+                                  needles=["--height 100000", "GB", "free"]),
+        # sequence-parallel flags: checked before the model is built
+        "demo-ulysses-zero": dict(argv=["demo", "--ulysses", "0"], needles=["--ulysses 0", ">= 1"]),
+        "demo-ring-negative": dict(argv=["demo", "--ring", "-1"], needles=["--ring -1", ">= 1"]),
+        "demo-ulysses-without-torchrun": dict(argv=["demo", "--ulysses", "2"],
+                                              needles=["--ulysses 2", "torchrun"]),
+        "demo-cfg-parallel-without-torchrun": dict(argv=["demo", "--cfg-parallel"],
+                                                   needles=["--cfg-parallel", "torchrun"]),
+        "demo-parallel-wrong-world": dict(argv=["demo", "--ulysses", "2"],
+                                          env={"WORLD_SIZE": "4", "RANK": "0"},
+                                          needles=["--ulysses 2", "torchrun started 4"]),
+        "demo-ulysses-not-dividing-heads": dict(argv=["demo", "--ulysses", "3"],
+                                                env={"WORLD_SIZE": "3", "RANK": "0"},
+                                                needles=["--ulysses 3", "4 attention heads"]),
+        "demo-cfg-parallel-without-guidance": dict(argv=["demo", "--cfg-parallel", "--guidance", "1"],
+                                                   env={"WORLD_SIZE": "2", "RANK": "0"},
+                                                   needles=["--cfg-parallel", "--guidance 1"]),
+        "quantize-big-preset-on-cpu": dict(argv=["quantize-report", "--preset", "wan2.1-14b",
+                                                 "--device", "cpu"],
+                                           needles=["--preset wan2.1-14b", "--layers"]),
         "bench-json-in-proc": dict(entry="suite", argv=["--json", "/proc/nope/x.jsonl"],
                                    needles=["--json", "/proc/nope/x.jsonl"]),
         "bench-json-is-a-dir": dict(entry="suite", argv=["--json", tmp], needles=["--json", "directory"]),
@@ -170,6 +216,36 @@ def _cases(tmp: str) -> dict[str, dict]:
                                               needles=["--iters", "smoke run"]),
         })
     return c
+
+
+def _weight_dirs(tmp: str) -> dict[str, str]:
+    """Directories that look like ``--weights`` folders but are not usable ones."""
+    from wildactor_kernels.model import WildActor, WildActorConfig
+
+    d = {name: os.path.join(tmp, "weights_" + name)
+         for name in ("good", "not_json", "other_name", "not_st", "deeper", "narrower")}
+    m = WildActor(WildActorConfig.preset("tiny", num_layers=1))
+    m.save_pretrained(d["good"])
+    for name in ("not_json", "other_name", "not_st", "deeper", "narrower"):
+        os.makedirs(d[name])
+    with open(os.path.join(d["not_json"], "config.json"), "w") as fh:
+        fh.write("{oops")
+    with open(os.path.join(d["not_json"], "model.safetensors"), "wb") as fh:
+        fh.write(b"\0" * 16)
+    cfg = m.cfg.to_dict()
+    with open(os.path.join(d["other_name"], "config.json"), "w") as fh:
+        json.dump(cfg, fh)
+    shutil.copy(os.path.join(d["good"], "model.safetensors"),
+                os.path.join(d["other_name"], "weights.safetensors"))
+    with open(os.path.join(d["not_st"], "config.json"), "w") as fh:
+        json.dump(cfg, fh)
+    with open(os.path.join(d["not_st"], "model.safetensors"), "wb") as fh:
+        fh.write(b"\0" * 16)
+    for name, change in (("deeper", {"num_layers": 2}), ("narrower", {"dim": 32})):
+        with open(os.path.join(d[name], "config.json"), "w") as fh:
+            json.dump({**cfg, **change}, fh)
+        shutil.copy(os.path.join(d["good"], "model.safetensors"), d[name])
+    return d
 
 
 def _env() -> dict:
@@ -405,3 +481,58 @@ def test_third_party_noise_filter_is_narrow():
             log.setLevel(level)
             log.propagate = propagate
         assert keep.msgs == ["a warning that matters"], (name, keep.msgs)
+
+
+def test_failure_inside_the_work_is_one_line(monkeypatch, capsys):
+    """Past the argument checks, an error inside the work is one line on stderr with exit 1 (and
+    a hint at --debug); --debug re-raises it."""
+    from wildactor_kernels.model import cli
+
+    def broken(args):
+        raise RuntimeError("something broke deep inside\nsecond line")
+
+    monkeypatch.setattr(cli, "cmd_info", broken)
+    assert cli.main(["info"]) == 1
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines == ["wildactor info: error: RuntimeError: something broke deep inside "
+                     "(run again with --debug for the traceback)"], err
+    with pytest.raises(RuntimeError, match="something broke"):
+        cli.main(["--debug", "info"])
+
+
+def test_version(capsys):
+    from wildactor_kernels.model import cli
+
+    import wildactor_kernels
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"wildactor {wildactor_kernels.__version__}"
+
+
+def test_memory_check(monkeypatch):
+    """Sizes are compared with the free memory of the device; the defaults pass."""
+    from wildactor_kernels.model import cli
+
+    args = cli.build_parser().parse_args(["demo", "--device", "cpu"])
+    cli.check_demo(args)  # the default demo fits anywhere
+    monkeypatch.setattr(cli, "free_memory_bytes", lambda device: 10 ** 6)  # 1 MB free
+    with pytest.raises(cli.UsageError, match=r"--frames 3 --height 16 --width 16: 192 video tokens.*GB"):
+        cli.check_demo(cli.build_parser().parse_args(["demo", "--device", "cpu"]))
+    monkeypatch.setattr(cli, "free_memory_bytes", lambda device: None)  # unknown: no check
+    cli.check_demo(cli.build_parser().parse_args(["demo", "--device", "cpu"]))
+    monkeypatch.undo()
+    if sys.platform.startswith("linux"):
+        assert cli.free_memory_bytes("cpu") > 10 ** 6
+
+
+def test_weights_check_accepts_a_saved_model(tmp_path):
+    from wildactor_kernels.model import cli
+
+    d = _weight_dirs(str(tmp_path))
+    assert cli.check_weights_dir(d["good"]) == d["good"]
+    for name in ("not_json", "other_name", "not_st", "deeper", "narrower"):
+        with pytest.raises(cli.UsageError, match="--weights"):
+            cli.check_weights_dir(d[name])
