@@ -283,8 +283,9 @@ def check_parallel(args: argparse.Namespace) -> None:
     if asked and world is not None and world.isdigit():
         want = ulysses * ring * (2 if cfg_par else 1)
         if want != int(world):
-            raise UsageError(f"--ulysses {ulysses} x --ring {ring} x {2 if cfg_par else 1} (--cfg-parallel) "
-                             f"= {want} processes, but torchrun started {world}")
+            branches = " x 2 (--cfg-parallel)" if cfg_par else ""
+            raise UsageError(f"--ulysses {ulysses} x --ring {ring}{branches} = {want} processes, but "
+                             f"torchrun started {world}")
     heads = WildActorConfig.preset(args.preset).num_heads
     if heads % ulysses:
         raise UsageError(f"--ulysses {ulysses}: must divide the {heads} attention heads of preset "
@@ -773,7 +774,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         if debug:
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank checks; rank 0 tells
+            print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if debug:

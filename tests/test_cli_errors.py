@@ -181,6 +181,9 @@ def _cases(tmp: str) -> dict[str, dict]:
         "demo-cfg-parallel-without-guidance": dict(argv=["demo", "--cfg-parallel", "--guidance", "1"],
                                                    env={"WORLD_SIZE": "2", "RANK": "0"},
                                                    needles=["--cfg-parallel", "--guidance 1"]),
+        # under torchrun every rank checks the flags; only rank 0 prints the line
+        "demo-parallel-error-on-rank-1": dict(argv=["demo", "--ulysses", "4"],
+                                              env={"WORLD_SIZE": "2", "RANK": "1"}, needles=[], silent=True),
         "quantize-big-preset-on-cpu": dict(argv=["quantize-report", "--preset", "wan2.1-14b",
                                                  "--device", "cpu"],
                                            needles=["--preset wan2.1-14b", "--layers"]),
@@ -285,7 +288,8 @@ def _all_case_names() -> list[str]:
 
 def _mistakes() -> list[str]:
     with tempfile.TemporaryDirectory() as d:
-        return [n for n, c in _cases(d).items() if not c.get("traceback") and c.get("status", 2) != 0]
+        return [n for n, c in _cases(d).items()
+                if not c.get("traceback") and not c.get("silent") and c.get("status", 2) != 0]
 
 
 @pytest.mark.parametrize("name", _mistakes())
@@ -536,3 +540,22 @@ def test_weights_check_accepts_a_saved_model(tmp_path):
     for name in ("not_json", "other_name", "not_st", "deeper", "narrower"):
         with pytest.raises(cli.UsageError, match="--weights"):
             cli.check_weights_dir(d[name])
+
+
+def test_only_rank_0_prints_a_mistake(results):
+    r = results["demo-parallel-error-on-rank-1"]
+    assert r["rc"] == 2 and r["err"].strip() == "" and "Traceback" not in r["out"], r
+
+
+def test_bench_help_lists_shapes_and_an_example(capsys):
+    from benchmarks.suite import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for shape in ("tiny", "wan1.3b-480p", "wan5b-720p", "wan14b-720p"):
+        assert shape in out.split("--shape NAME", 2)[-1], shape
+    assert "examples:" in out and "wildactor bench" in out.split("examples:")[1]
+    for bad in ("\u00a7", "``", ":class:", "DESIGN"):
+        assert bad not in out, bad
