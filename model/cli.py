@@ -257,8 +257,7 @@ def _check_sizes(args: argparse.Namespace) -> None:
                              f"{p} (for example {max(p, v - v % p)} or {v - v % p + p})")
     tokens = -(-args.frames // pt) * (args.height // ph) * (args.width // pw)
     need = tokens * (cfg.dim * DEMO_BYTES_PER_TOKEN_DIM + cfg.ffn_dim * DEMO_BYTES_PER_TOKEN_FFN)
-    if args.device == "cpu":  # random fp32 weights built on the device
-        need += 4 * demo_parameters(args.preset, args.layers)
+    need += 4 * demo_parameters(args.preset, args.layers)  # the random fp32 weights, on the device
     check_memory(need, args.device, f"--frames {args.frames} --height {args.height} --width {args.width}: "
                  f"{tokens} video tokens; one denoising step of preset {args.preset}")
 
@@ -770,7 +769,14 @@ def main(argv: list[str] | None = None) -> int:
         check = getattr(args, "check", None)
         if check is not None:
             check(args)
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe (`wildactor demo | head -1`) shows here, inside the try
+        return rc
+    except BrokenPipeError:  # the reader went away: stop quietly, as shell tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE
     except UsageError as e:
         if debug:
             raise

@@ -559,3 +559,17 @@ def test_bench_help_lists_shapes_and_an_example(capsys):
     assert "examples:" in out and "wildactor bench" in out.split("examples:")[1]
     for bad in ("\u00a7", "``", ":class:", "DESIGN"):
         assert bad not in out, bad
+
+
+def test_closed_pipe_stops_quietly():
+    """`wildactor demo | head -1`: the reader closes the pipe (here before the first line, so the
+    first write meets it closed, whatever the buffering); the command stops without an error line
+    or a traceback (exit 141, as shell tools)."""
+    p = subprocess.Popen([sys.executable, "-m", "wildactor_kernels.model.cli", "demo", "--steps", "1",
+                          "--repeats", "1", "--frames", "1", "--height", "4", "--width", "4", "--no-progress",
+                          "--device", "cpu"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    p.stdout.close()
+    err = p.stderr.read()
+    rc = p.wait(timeout=300)
+    assert rc == 141 and "Traceback" not in err and "BrokenPipe" not in err and "error" not in err, (rc, err)
