@@ -410,8 +410,6 @@ def check_cpu_model_size(preset: str, layers: int | None, what: str, elsewhere: 
 
 def check_demo(args: argparse.Namespace) -> None:
     args.device = check_device(args.device)
-    if args.tol < 0:
-        raise UsageError(f"--tol {args.tol:g}: expected a number >= 0")
     check_parallel(args)
     if args.device == "cpu":
         check_cpu_model_size(args.preset, args.layers, "the demo", "run it on a CUDA device")

@@ -161,7 +161,6 @@ def _cases(tmp: str) -> dict[str, dict]:
         "export-layers-text": dict(argv=["export", "--out", out, "--layers", "two"],
                                    needles=["--layers", "two"]),
         "demo-seed-overflow": dict(argv=["demo", "--seed", str(2 ** 70)], needles=["--seed"]),
-        "demo-negative-tol": dict(argv=["demo", "--tol", "-1"], needles=["--tol", "-1"]),
         # sizes whose activations cannot fit: refused before the model is built (any machine)
         "demo-size-too-big": dict(argv=["demo", "--height", "100000", "--width", "100000"],
                                   needles=["--height 100000", "GB", "free"]),
@@ -198,6 +197,8 @@ def _cases(tmp: str) -> dict[str, dict]:
         "quantize-report-progress": dict(argv=["quantize-report", "--device", "cpu"], status=0, needles=[]),
         "export-progress": dict(argv=["export", "--out", os.path.join(tmp, "progress_out"), "--fp8",
                                       "--precision", "fp32", "--layers", "1"], status=0, needles=[]),
+        "export-saved-weights": dict(argv=["export", "--out", os.path.join(tmp, "weights_out"), "--weights",
+                                           w["good"], "--no-check", "--no-progress"], status=0, needles=[]),
         "debug-flag": dict(argv=["--debug", "demo", "--preset", "huge"], traceback=True,
                            needles=["--preset"]),
         "debug-flag-after-subcommand": dict(argv=["demo", "--height", "15", "--debug"], traceback=True,
@@ -573,3 +574,12 @@ def test_closed_pipe_stops_quietly():
     err = p.stderr.read()
     rc = p.wait(timeout=300)
     assert rc == 141 and "Traceback" not in err and "BrokenPipe" not in err and "error" not in err, (rc, err)
+
+
+def test_export_of_saved_weights_says_so(results):
+    """With --weights the export names the folder, never the default preset it did not use."""
+    r = results["export-saved-weights"]
+    assert r["rc"] == 0 and "Traceback" not in r["out"] + r["err"], r["out"] + r["err"]
+    header = r["out"].splitlines()[0]
+    weights = r["argv"][r["argv"].index("--weights") + 1]
+    assert f"weights {weights}" in header and "preset" not in header and "1 layers" in header, header
