@@ -589,6 +589,15 @@ def _add_export(sub) -> None:
             a.help = a.help or "random seed of the weights and the check inputs (default: 0)"
         elif a.dest == "layers":
             a.type = _positive_int
+            a.help = ("build only this many transformer blocks of the preset (random weights only; e.g. 2 "
+                      "for a quick export of a big preset)")
+        elif a.dest == "weights":
+            a.metavar = "DIR"
+            a.help = ("a folder written by WildActor.save_pretrained (config.json + model.safetensors); "
+                      "default: random weights of --preset")
+        elif a.dest == "out":
+            a.metavar = "DIR"
+            a.help = "output folder for the graphs and manifest.json (made if missing)"
     _add_debug(p)
 
 

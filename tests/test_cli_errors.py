@@ -429,6 +429,7 @@ def test_help_texts_are_plain_and_list_presets():
             assert bad not in text, f"{name or 'top-level'} help has {bad!r}"
     for name in ("demo", "quantize-report", "export"):
         assert all(p in texts[name] for p in PRESETS), name
+    assert "num_layers" not in texts["export"] and "--weights DIR" in texts["export"]
     for name in ("info", "demo", "quantize-report", "export"):
         assert "examples:" in texts[name] and f"wildactor {name}" in texts[name].split("examples:")[1], name
         assert sub[name].description, name
