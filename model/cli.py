@@ -495,6 +495,9 @@ def check_quantize_report(args: argparse.Namespace) -> None:
     args.device = check_device(args.device)
     if args.device == "cpu":  # the model and its quantized copy, random weights built on the CPU
         check_cpu_model_size(args.preset, args.layers, "quantize-report", "run it on a CUDA device")
+    # fp32 weights as built, their bf16 cast and the quantized copy (at most 1 byte a weight)
+    n = demo_parameters(args.preset, args.layers)
+    check_memory(7 * n, args.device, f"--preset {args.preset}: {_count(n)} parameters; quantize-report")
     if args.mode in ("int8", "nf4"):
         require_module("bitsandbytes", f"--mode {args.mode}", "pip install bitsandbytes "
                        "(or pip install wildactor-kernels[quant]), or use --mode fp8")

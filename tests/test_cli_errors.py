@@ -584,3 +584,13 @@ def test_export_of_saved_weights_says_so(results):
     header = r["out"].splitlines()[0]
     weights = r["argv"][r["argv"].index("--weights") + 1]
     assert f"weights {weights}" in header and "preset" not in header and "1 layers" in header, header
+
+
+def test_quantize_report_memory_check(monkeypatch):
+    from wildactor_kernels.model import cli
+
+    args = cli.build_parser().parse_args(["quantize-report", "--device", "cpu"])
+    cli.check_quantize_report(args)  # tiny fits anywhere
+    monkeypatch.setattr(cli, "free_memory_bytes", lambda device: 10 ** 5)
+    with pytest.raises(cli.UsageError, match=r"--preset tiny: .* parameters; quantize-report needs about"):
+        cli.check_quantize_report(cli.build_parser().parse_args(["quantize-report", "--device", "cpu"]))
