@@ -594,3 +594,31 @@ def test_quantize_report_memory_check(monkeypatch):
     monkeypatch.setattr(cli, "free_memory_bytes", lambda device: 10 ** 5)
     with pytest.raises(cli.UsageError, match=r"--preset tiny: .* parameters; quantize-report needs about"):
         cli.check_quantize_report(cli.build_parser().parse_args(["quantize-report", "--device", "cpu"]))
+
+
+BASE_INSTALL = r"""
+import sys
+for m in ("onnx", "onnxscript", "onnxruntime", "bitsandbytes", "diffusers", "transformers", "tensorrt",
+          "flash_attn"):
+    sys.modules[m] = None  # a base install: none of the optional packages imports
+from wildactor_kernels.model.cli import main
+print("rc", main(sys.argv[1:]), flush=True)
+"""
+
+
+@pytest.mark.parametrize("argv,status,needle", [
+    (["info"], 0, None),
+    (["export", "--out", "OUT"], 2, "pip install onnx"),
+    (["quantize-report", "--mode", "nf4"], 2, "pip install bitsandbytes"),
+])
+def test_base_install_in_a_fresh_process(tmp_path, argv, status, needle):
+    """Without any optional package, in a fresh interpreter (nothing imported before): the parser
+    builds, `info` works, and commands that need a missing package say which, in one line."""
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    p = subprocess.run([sys.executable, "-c", BASE_INSTALL, *argv], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert "Traceback" not in p.stdout + p.stderr, p.stderr
+    assert f"rc {status}" in p.stdout, p.stdout + p.stderr
+    if needle:
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and needle in lines[0], p.stderr
