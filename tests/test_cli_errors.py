@@ -622,3 +622,20 @@ def test_base_install_in_a_fresh_process(tmp_path, argv, status, needle):
     if needle:
         lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and needle in lines[0], p.stderr
+
+
+def test_bench_outside_a_checkout_is_one_line(monkeypatch, capsys):
+    """benchmarks/ is not installed: from a wheel install, outside the repository, `wildactor bench`
+    says where the benchmarks are, in one line."""
+    from wildactor_kernels.model import cli
+
+    monkeypatch.setattr(cli, "find_checkout", lambda start=None: None)
+    assert cli.main(["bench", "--suite", "kernels"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "source checkout" in lines[0] and "Traceback" not in lines[0], lines
+
+
+def test_find_checkout_finds_this_repository(tmp_path):
+    from wildactor_kernels.model.cli import find_checkout
+
+    assert os.path.samefile(find_checkout(str(tmp_path)), ROOT)  # beside the imported package
