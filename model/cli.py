@@ -515,6 +515,11 @@ def cmd_quantize_report(args: argparse.Namespace) -> int:
 MIN_OPSET = 18  # the torch.onnx dynamo exporter
 
 
+def _given(args: argparse.Namespace, flag: str) -> bool:
+    """Whether ``flag`` is on the command line (also as ``flag=value`` or an abbreviation of it)."""
+    return any(flag.startswith(g) and len(g) > 2 for g in getattr(args, "given_flags", ()))
+
+
 def check_export(args: argparse.Namespace) -> None:
     """Checks of ``wildactor export``'s arguments (the subcommand itself lives with the exporter;
     an option it does not declare is read as its default)."""
@@ -531,7 +536,7 @@ def check_export(args: argparse.Namespace) -> None:
         if layers is not None:
             raise UsageError(f"--layers {layers}: applies to random weights only; with --weights the "
                              f"saved config.json sets the depth")
-        if "--preset" in getattr(args, "given_flags", ()):
+        if _given(args, "--preset") or args.preset != "tiny":
             raise UsageError(f"--preset {args.preset}: applies to random weights only; with --weights the "
                              f"saved config.json sets the model")
         check_weights_dir(weights)
@@ -562,6 +567,9 @@ def check_export(args: argparse.Namespace) -> None:
                              "here; drop --engine to export the ONNX graphs only")
     if not (math.isfinite(workspace_gb) and workspace_gb > 0):
         raise UsageError(f"--workspace-gb {workspace_gb:g}: expected a positive number of GB")
+    if not engine and (_given(args, "--workspace-gb") or workspace_gb != 8.0):
+        raise UsageError(f"--workspace-gb {workspace_gb:g}: applies to the TensorRT build only; add --engine "
+                         f"or drop it")
     check_out_dir(args.out)
 
 
