@@ -164,7 +164,7 @@ def _check_weight_files(path: str, flag: str) -> None:
 
     from . import WildActor, WildActorConfig
     from .adapters import is_adapter
-    from .weights import CONFIG_NAME, WEIGHTS_NAME
+    from .weights import _IGNORED_KEYS, CONFIG_NAME, WEIGHTS_NAME  # the loader's own rule (same package)
 
     cfg_path, w_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
     try:
@@ -193,6 +193,10 @@ def _check_weight_files(path: str, flag: str) -> None:
     if missing:
         raise UsageError(f"{flag} {path}: {WEIGHTS_NAME} lacks {len(missing)} tensor(s) of the model its "
                          f"{CONFIG_NAME} describes (e.g. {missing[0]})")
+    unknown = [k for k in shapes if k not in own and not _IGNORED_KEYS.search(k)]
+    if unknown:
+        raise UsageError(f"{flag} {path}: {WEIGHTS_NAME} has {len(unknown)} tensor(s) that the model its "
+                         f"{CONFIG_NAME} describes does not have (e.g. {unknown[0]})")
     wrong = [k for k in own if k in shapes and shapes[k] != own[k]]
     if wrong:
         k = wrong[0]

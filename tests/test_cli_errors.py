@@ -23,6 +23,7 @@ import tempfile
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA = torch.cuda.is_available()
@@ -149,6 +150,8 @@ def _cases(tmp: str) -> dict[str, dict]:
                                                needles=["--weights", "model.safetensors", "safetensors"]),
         "export-weights-missing-tensors": dict(argv=["export", "--out", out, "--weights", w["deeper"]],
                                                needles=["--weights", "lacks", "blocks.1."]),
+        "export-weights-unknown-tensor": dict(argv=["export", "--out", out, "--weights", w["extra"]],
+                                              needles=["--weights", "blocks.0.extra.weight"]),
         "export-weights-wrong-shapes": dict(argv=["export", "--out", out, "--weights", w["narrower"]],
                                             needles=["--weights", "shape", "expected"]),
         "export-out-empty": dict(argv=["export", "--out", ""], needles=["--out", "directory"]),
@@ -232,10 +235,10 @@ def _weight_dirs(tmp: str) -> dict[str, str]:
     from wildactor_kernels.model import WildActor, WildActorConfig
 
     d = {name: os.path.join(tmp, "weights_" + name)
-         for name in ("good", "not_json", "other_name", "not_st", "deeper", "narrower")}
+         for name in ("good", "not_json", "other_name", "not_st", "deeper", "narrower", "extra")}
     m = WildActor(WildActorConfig.preset("tiny", num_layers=1))
     m.save_pretrained(d["good"])
-    for name in ("not_json", "other_name", "not_st", "deeper", "narrower"):
+    for name in ("not_json", "other_name", "not_st", "deeper", "narrower", "extra"):
         os.makedirs(d[name])
     with open(os.path.join(d["not_json"], "config.json"), "w") as fh:
         fh.write("{oops")
@@ -254,6 +257,10 @@ def _weight_dirs(tmp: str) -> dict[str, str]:
         with open(os.path.join(d[name], "config.json"), "w") as fh:
             json.dump({**cfg, **change}, fh)
         shutil.copy(os.path.join(d["good"], "model.safetensors"), d[name])
+    with open(os.path.join(d["extra"], "config.json"), "w") as fh:
+        json.dump(cfg, fh)
+    save_file({**m.state_dict(), "blocks.0.extra.weight": torch.zeros(2)},
+              os.path.join(d["extra"], "model.safetensors"))
     return d
 
 
@@ -544,7 +551,7 @@ def test_weights_check_accepts_a_saved_model(tmp_path):
 
     d = _weight_dirs(str(tmp_path))
     assert cli.check_weights_dir(d["good"]) == d["good"]
-    for name in ("not_json", "other_name", "not_st", "deeper", "narrower"):
+    for name in ("not_json", "other_name", "not_st", "deeper", "narrower", "extra"):
         with pytest.raises(cli.UsageError, match="--weights"):
             cli.check_weights_dir(d[name])
 
