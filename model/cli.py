@@ -261,7 +261,11 @@ def _check_sizes(args: argparse.Namespace) -> None:
                              f"{p} (for example {max(p, v - v % p)} or {v - v % p + p})")
     tokens = -(-args.frames // pt) * (args.height // ph) * (args.width // pw)
     need = tokens * (cfg.dim * DEMO_BYTES_PER_TOKEN_DIM + cfg.ffn_dim * DEMO_BYTES_PER_TOKEN_FFN)
-    need += 4 * demo_parameters(args.preset, args.layers)  # the random fp32 weights, on the device
+    need += 4 * demo_parameters(args.preset, args.layers)  # the random fp32 weights
+    if args.device != "cpu":
+        # the estimate is fitted on the CPU path; on CUDA an out-of-memory error is itself one line
+        # (exit 1), while a CPU process past the memory is killed by the system without a word
+        return
     check_memory(need, args.device, f"--frames {args.frames} --height {args.height} --width {args.width}: "
                  f"{tokens} video tokens; one denoising step of preset {args.preset}")
 
@@ -500,8 +504,9 @@ def check_quantize_report(args: argparse.Namespace) -> None:
     if args.device == "cpu":  # the model and its quantized copy, random weights built on the CPU
         check_cpu_model_size(args.preset, args.layers, "quantize-report", "run it on a CUDA device")
     # fp32 weights as built, their bf16 cast and the quantized copy (at most 1 byte a weight)
-    n = demo_parameters(args.preset, args.layers)
-    check_memory(7 * n, args.device, f"--preset {args.preset}: {_count(n)} parameters; quantize-report")
+    if args.device == "cpu":  # (on CUDA an out-of-memory error is itself one line)
+        n = demo_parameters(args.preset, args.layers)
+        check_memory(7 * n, "cpu", f"--preset {args.preset}: {_count(n)} parameters; quantize-report")
     if args.mode in ("int8", "nf4"):
         require_module("bitsandbytes", f"--mode {args.mode}", "pip install bitsandbytes "
                        "(or pip install wildactor-kernels[quant]), or use --mode fp8")
