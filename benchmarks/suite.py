@@ -263,10 +263,11 @@ def smoke_label(row: dict[str, Any], device: torch.device) -> str:
 # ============================================================================ command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", choices=SUITES, default="all", help="what to run (default: all)")
-    p.add_argument("--shape", action="append", default=None, metavar="NAME",
-                   choices=sorted(set(KERNEL_SHAPES) | set(bench_model.SHAPES)),
-                   help="limit to this benchmark shape (CUDA only; repeatable; default: wan5b-720p and "
-                        "wan1.3b-480p for the model, each script's own default for the kernels)")
+    shapes = sorted(set(KERNEL_SHAPES) | set(bench_model.SHAPES))
+    p.add_argument("--shape", action="append", default=None, metavar="NAME", choices=shapes,
+                   help=f"limit to this benchmark shape, one of {', '.join(shapes)} (CUDA only; repeatable; "
+                        f"default: wan5b-720p and wan1.3b-480p for the model, each script's own default for "
+                        f"the kernels)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="append all rows to this JSON-lines file (default: benchmarks/results/<kind>.jsonl "
                         "on CUDA, a temp file for the CPU smoke run)")

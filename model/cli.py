@@ -61,11 +61,30 @@ def _finite_float(text: str) -> float:
     return v
 
 
+SEED_RANGE = (-0x8000_0000_0000_0000, 0xFFFF_FFFF_FFFF_FFFF)  # what torch.manual_seed accepts
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not SEED_RANGE[0] <= v <= SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"expected a whole number from -2**63 to 2**64-1, got {v}")
+    return v
+
+
 def _device_name(text: str) -> str:
     t = text.strip().lower()
     if t == "cpu" or t == "cuda" or (t.startswith("cuda:") and t[5:].isdigit()):
         return t
     raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+
+
+def _version() -> str:
+    import wildactor_kernels
+
+    return wildactor_kernels.__version__
 
 
 def _presets() -> tuple[str, ...]:
@@ -98,6 +117,8 @@ def check_device(device: str | None, flag: str = "--device") -> str:
 
 def check_out_dir(path: str, flag: str = "--out") -> str:
     """Create the output directory ``path`` (if needed) and check that files can be written in it."""
+    if not path.strip():
+        raise UsageError(f"{flag} {path!r}: expected a directory name (it is made if missing)")
     p = os.path.abspath(path)
     if os.path.exists(p) and not os.path.isdir(p):
         raise UsageError(f"{flag} {path}: is a file, not a directory")
@@ -124,11 +145,65 @@ def check_weights_dir(path: str, flag: str = "--weights") -> str:
     if not os.path.isdir(path):
         raise UsageError(f"{flag} {path}: is a file; give the directory written by "
                          f"WildActor.save_pretrained (config.json + .safetensors weights)")
+    from .weights import CONFIG_NAME, WEIGHTS_NAME
+
     names = os.listdir(path)
-    if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
+    if CONFIG_NAME not in names or WEIGHTS_NAME not in names:
         raise UsageError(f"{flag} {path}: not a directory written by WildActor.save_pretrained "
-                         f"(it needs config.json and a .safetensors weights file)")
+                         f"(it needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    _check_weight_files(path, flag)
     return path
+
+
+def _check_weight_files(path: str, flag: str) -> None:
+    """The saved config builds a WildActorConfig and the weights file's header (read without the
+    tensors) has every backbone tensor of that model, in its shape."""
+    import json
+
+    import torch
+
+    from . import WildActor, WildActorConfig
+    from .adapters import is_adapter
+    from .weights import _IGNORED_KEYS, CONFIG_NAME, WEIGHTS_NAME  # the loader's own rule (same package)
+
+    cfg_path, w_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
+    try:
+        with open(cfg_path, encoding="utf-8") as fh:
+            raw = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{flag} {path}: {CONFIG_NAME} cannot be read as JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{flag} {path}: {CONFIG_NAME} must hold a JSON object, got {type(raw).__name__}")
+    try:
+        cfg = WildActorConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"{flag} {path}: {CONFIG_NAME} is not a WildActor config ({first})") from None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(w_path, framework="pt", device="cpu") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"{flag} {path}: {WEIGHTS_NAME} cannot be read as safetensors ({first})") from None
+    with torch.device("meta"):
+        own = {k: tuple(v.shape) for k, v in WildActor(cfg).state_dict().items()}
+    missing = [k for k in own if not is_adapter(k) and k not in shapes]
+    if missing:
+        raise UsageError(f"{flag} {path}: {WEIGHTS_NAME} lacks {len(missing)} tensor(s) of the model its "
+                         f"{CONFIG_NAME} describes (e.g. {missing[0]})")
+    unknown = [k for k in shapes if k not in own and not _IGNORED_KEYS.search(k)]
+    if unknown:
+        raise UsageError(f"{flag} {path}: {WEIGHTS_NAME} has {len(unknown)} tensor(s) that the model its "
+                         f"{CONFIG_NAME} describes does not have (e.g. {unknown[0]})")
+    wrong = [k for k in own if k in shapes and shapes[k] != own[k]]
+    if wrong:
+        k = wrong[0]
+        raise UsageError(f"{flag} {path}: {WEIGHTS_NAME} has {len(wrong)} tensor(s) whose shape does not "
+                         f"match {CONFIG_NAME} (e.g. {k}: {list(shapes[k])}, expected {list(own[k])})")
+    numel = sum(math.prod(shape) for shape in shapes.values())
+    check_memory(4 * numel, "cpu", f"{flag} {path}: loading {_count(numel)} parameters as fp32 on the CPU")
 
 
 def require_module(module: str, needed_for: str, install: str) -> None:
@@ -140,15 +215,91 @@ def require_module(module: str, needed_for: str, install: str) -> None:
                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); {install}") from None
 
 
+def free_memory_bytes(device: str) -> int | None:
+    """Bytes of memory free for new tensors on ``device`` (``MemAvailable`` of /proc/meminfo on
+    the CPU, ``torch.cuda.mem_get_info`` on CUDA), or None where it cannot be read."""
+    if device.startswith("cuda"):
+        import torch
+
+        try:
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        except Exception:  # noqa: BLE001 - unknown: no check
+            return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+#: Bytes per video token and per unit of model width held during one denoising step of the
+#: demo (activations of both guidance branches, fp32), fitted on the tiny preset on a CPU
+#: (about 11.6 kB per token at dim 64, ffn 128); used to refuse sizes that cannot fit.
+DEMO_BYTES_PER_TOKEN_DIM = 4 * 40
+DEMO_BYTES_PER_TOKEN_FFN = 4 * 4
+
+
+def check_memory(need: int, device: str, what: str) -> None:
+    """Refuse (one line) work that needs about ``need`` bytes where less memory is free."""
+    free = free_memory_bytes(device)
+    if free is not None and need > free:
+        raise UsageError(f"{what} needs about {need / 1e9:.1f} GB of memory and only {free / 1e9:.1f} GB "
+                         f"is free on {device}")
+
+
 def _check_sizes(args: argparse.Namespace) -> None:
     from .config import WildActorConfig
 
-    cfg = WildActorConfig.preset(args.preset)
-    _, ph, pw = cfg.patch_size
+    cfg = WildActorConfig.preset(args.preset, **({"num_layers": args.layers} if args.layers else {}))
+    pt, ph, pw = cfg.patch_size
     for flag, v, p in (("--height", args.height, ph), ("--width", args.width, pw)):
         if v % p:
             raise UsageError(f"{flag} {v}: the latent {flag[2:]} must be a multiple of the patch size "
                              f"{p} (for example {max(p, v - v % p)} or {v - v % p + p})")
+    tokens = -(-args.frames // pt) * (args.height // ph) * (args.width // pw)
+    need = tokens * (cfg.dim * DEMO_BYTES_PER_TOKEN_DIM + cfg.ffn_dim * DEMO_BYTES_PER_TOKEN_FFN)
+    need += 4 * demo_parameters(args.preset, args.layers)  # the random fp32 weights
+    if args.device != "cpu":
+        # the estimate is fitted on the CPU path; on CUDA an out-of-memory error is itself one line
+        # (exit 1), while a CPU process past the memory is killed by the system without a word
+        return
+    check_memory(need, args.device, f"--frames {args.frames} --height {args.height} --width {args.width}: "
+                 f"{tokens} video tokens; one denoising step of preset {args.preset}")
+
+
+def check_parallel(args: argparse.Namespace) -> None:
+    """``--ulysses/--ring/--cfg-parallel``: sizes >= 1, started by torchrun with as many processes
+    as they multiply to, Ulysses dividing the heads (all before the model is built)."""
+    from .config import WildActorConfig
+
+    ulysses, ring = getattr(args, "ulysses", 1), getattr(args, "ring", 1)
+    cfg_par = getattr(args, "cfg_parallel", False)
+    for flag, v in (("--ulysses", ulysses), ("--ring", ring)):
+        if v < 1:
+            raise UsageError(f"{flag} {v}: expected a whole number >= 1")
+    asked = (ulysses, ring, cfg_par) != (1, 1, False)
+    world = os.environ.get("WORLD_SIZE")
+    if asked and (world is None or "RANK" not in os.environ):
+        flags = " ".join(f for f, on in ((f"--ulysses {ulysses}", ulysses > 1), (f"--ring {ring}", ring > 1),
+                                         ("--cfg-parallel", cfg_par)) if on)
+        raise UsageError(f"{flags}: sequence parallelism runs several processes; start the command with "
+                         f"torchrun --nproc-per-node N -m wildactor_kernels.model.cli {args.command} ...")
+    if asked and world is not None and world.isdigit():
+        want = ulysses * ring * (2 if cfg_par else 1)
+        if want != int(world):
+            branches = " x 2 (--cfg-parallel)" if cfg_par else ""
+            raise UsageError(f"--ulysses {ulysses} x --ring {ring}{branches} = {want} processes, but "
+                             f"torchrun started {world}")
+    heads = WildActorConfig.preset(args.preset).num_heads
+    if heads % ulysses:
+        raise UsageError(f"--ulysses {ulysses}: must divide the {heads} attention heads of preset "
+                         f"{args.preset}; split the rest with --ring")
+    if cfg_par and args.guidance <= 1:
+        raise UsageError(f"--cfg-parallel: splits the two guidance branches, but --guidance "
+                         f"{args.guidance:g} turns guidance off")
 
 
 # --------------------------------------------------------------------------- noise from other packages
@@ -267,9 +418,10 @@ def check_cpu_model_size(preset: str, layers: int | None, what: str, elsewhere: 
 
 def check_demo(args: argparse.Namespace) -> None:
     args.device = check_device(args.device)
-    _check_sizes(args)
+    check_parallel(args)
     if args.device == "cpu":
         check_cpu_model_size(args.preset, args.layers, "the demo", "run it on a CUDA device")
+    _check_sizes(args)
 
 
 def _sync(device) -> None:
@@ -349,6 +501,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- quantize-report
 def check_quantize_report(args: argparse.Namespace) -> None:
     args.device = check_device(args.device)
+    if args.device == "cpu":  # the model and its quantized copy, random weights built on the CPU
+        check_cpu_model_size(args.preset, args.layers, "quantize-report", "run it on a CUDA device")
+    # fp32 weights as built, their bf16 cast and the quantized copy (at most 1 byte a weight)
+    if args.device == "cpu":  # (on CUDA an out-of-memory error is itself one line)
+        n = demo_parameters(args.preset, args.layers)
+        check_memory(7 * n, "cpu", f"--preset {args.preset}: {_count(n)} parameters; quantize-report")
     if args.mode in ("int8", "nf4"):
         require_module("bitsandbytes", f"--mode {args.mode}", "pip install bitsandbytes "
                        "(or pip install wildactor-kernels[quant]), or use --mode fp8")
@@ -366,6 +524,11 @@ def cmd_quantize_report(args: argparse.Namespace) -> int:
 MIN_OPSET = 18  # the torch.onnx dynamo exporter
 
 
+def _given(args: argparse.Namespace, flag: str) -> bool:
+    """Whether ``flag`` is on the command line (also as ``flag=value`` or an abbreviation of it)."""
+    return any(flag.startswith(g) and len(g) > 2 for g in getattr(args, "given_flags", ()))
+
+
 def check_export(args: argparse.Namespace) -> None:
     """Checks of ``wildactor export``'s arguments (the subcommand itself lives with the exporter;
     an option it does not declare is read as its default)."""
@@ -379,13 +542,13 @@ def check_export(args: argparse.Namespace) -> None:
         check_cpu_model_size(args.preset, layers, "the export of random weights",
                              "export real weights with --weights DIR")
     if weights:
-        check_weights_dir(weights)
         if layers is not None:
             raise UsageError(f"--layers {layers}: applies to random weights only; with --weights the "
                              f"saved config.json sets the depth")
-        if "--preset" in getattr(args, "given_flags", ()):
+        if _given(args, "--preset") or args.preset != "tiny":
             raise UsageError(f"--preset {args.preset}: applies to random weights only; with --weights the "
                              f"saved config.json sets the model")
+        check_weights_dir(weights)
     require_module("onnx", "wildactor export", "pip install onnx onnxscript (or pip install "
                    "wildactor-kernels[test])")
     require_module("onnxscript", "wildactor export", "pip install onnxscript")
@@ -411,8 +574,11 @@ def check_export(args: argparse.Namespace) -> None:
         if not torch.cuda.is_available():
             raise UsageError("--engine: TensorRT engines are built on a CUDA device and none is available "
                              "here; drop --engine to export the ONNX graphs only")
-    if workspace_gb <= 0:
+    if not (math.isfinite(workspace_gb) and workspace_gb > 0):
         raise UsageError(f"--workspace-gb {workspace_gb:g}: expected a positive number of GB")
+    if not engine and (_given(args, "--workspace-gb") or workspace_gb != 8.0):
+        raise UsageError(f"--workspace-gb {workspace_gb:g}: applies to the TensorRT build only; add --engine "
+                         f"or drop it")
     check_out_dir(args.out)
 
 
@@ -438,8 +604,20 @@ def _add_export(sub) -> None:
             a.help = f"ONNX opset, {MIN_OPSET} or more (default: 23, which has the Attention op)"
         elif a.dest == "workspace_gb" and not a.help:
             a.help = "TensorRT builder workspace in GB (default: 8)"
-        elif a.dest == "seed" and not a.help:
-            a.help = "random seed of the weights and the check inputs (default: 0)"
+        elif a.dest == "seed":
+            a.type = _seed
+            a.help = a.help or "random seed of the weights and the check inputs (default: 0)"
+        elif a.dest == "layers":
+            a.type = _positive_int
+            a.help = ("build only this many transformer blocks of the preset (random weights only; e.g. 2 "
+                      "for a quick export of a big preset)")
+        elif a.dest == "weights":
+            a.metavar = "DIR"
+            a.help = ("a folder written by WildActor.save_pretrained (config.json + model.safetensors); "
+                      "default: random weights of --preset")
+        elif a.dest == "out":
+            a.metavar = "DIR"
+            a.help = "output folder for the graphs and manifest.json (made if missing)"
     _add_debug(p)
 
 
@@ -547,6 +725,8 @@ def build_parser() -> argparse.ArgumentParser:
                 + EPILOG_HINT))
     p.add_argument("--debug", action="store_true", default=os.environ.get(DEBUG_ENV) == "1",
                    help="show the full traceback of an error (same as WILDACTOR_DEBUG=1)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                   help="print the version of wildactor-kernels and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     presets = _presets()
 
@@ -577,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale; 1 or less turns guidance off (default: 5)")
     s.add_argument("--device", type=_device_name, default=None,
                    help="cpu, cuda or cuda:N (default: cuda if a CUDA device is present, else cpu)")
-    s.add_argument("--seed", type=int, default=0,
+    s.add_argument("--seed", type=_seed, default=0,
                    help="random seed of weights, inputs and noise (default: 0)")
     s.add_argument("--repeats", type=_positive_int, default=3,
                    help="timed runs of each path; the median is reported (default: 3)")
@@ -647,11 +827,19 @@ def main(argv: list[str] | None = None) -> int:
         check = getattr(args, "check", None)
         if check is not None:
             check(args)
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe (`wildactor demo | head -1`) shows here, inside the try
+        return rc
+    except BrokenPipeError:  # the reader went away: stop quietly, as shell tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE
     except UsageError as e:
         if debug:
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank checks; rank 0 tells
+            print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if debug:

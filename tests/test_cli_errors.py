@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA = torch.cuda.is_available()
@@ -87,6 +89,7 @@ def _cases(tmp: str) -> dict[str, dict]:
     with open(os.path.join(bad_weights, "model.safetensors"), "wb") as fh:
         fh.write(b"\0" * 16)
     out = os.path.join(tmp, "out")
+    w = _weight_dirs(tmp)
     c: dict[str, dict] = {
         # first: bitsandbytes prints its noise on its first import only
         "info-no-third-party-noise": dict(argv=["info"], status=0, needles=[]),
@@ -135,9 +138,62 @@ def _cases(tmp: str) -> dict[str, dict]:
         "export-engine-without-tensorrt": dict(argv=["export", "--out", os.path.join(tmp, "engine_out"),
                                                      "--engine"],
                                                without=["tensorrt"], needles=["--engine", "tensorrt"]),
-        # past the argument checks: a failure inside the work is one line too (exit 1)
+        # bad weight files are refused at the checks, before any model is built (exit 2); a failure
+        # inside the work is one line with exit 1 (test_failure_inside_the_work_is_one_line)
         "export-broken-weights": dict(argv=["export", "--out", out, "--weights", bad_weights],
-                                      needles=["error", "--debug"], status=1),
+                                      needles=["--weights", "config.json", "not a WildActor config"]),
+        "export-weights-not-json": dict(argv=["export", "--out", out, "--weights", w["not_json"]],
+                                        needles=["--weights", "config.json", "JSON"]),
+        "export-weights-other-file-name": dict(argv=["export", "--out", out, "--weights", w["other_name"]],
+                                               needles=["--weights", "model.safetensors"]),
+        "export-weights-not-safetensors": dict(argv=["export", "--out", out, "--weights", w["not_st"]],
+                                               needles=["--weights", "model.safetensors", "safetensors"]),
+        "export-weights-missing-tensors": dict(argv=["export", "--out", out, "--weights", w["deeper"]],
+                                               needles=["--weights", "lacks", "blocks.1."]),
+        "export-weights-unknown-tensor": dict(argv=["export", "--out", out, "--weights", w["extra"]],
+                                              needles=["--weights", "blocks.0.extra.weight"]),
+        "export-weights-wrong-shapes": dict(argv=["export", "--out", out, "--weights", w["narrower"]],
+                                            needles=["--weights", "shape", "expected"]),
+        "export-out-empty": dict(argv=["export", "--out", ""], needles=["--out", "directory"]),
+        "export-workspace-nan": dict(argv=["export", "--out", out, "--workspace-gb", "nan"],
+                                     needles=["--workspace-gb", "nan"]),
+        "export-workspace-inf": dict(argv=["export", "--out", out, "--workspace-gb", "inf"],
+                                     needles=["--workspace-gb", "inf"]),
+        "export-workspace-without-engine": dict(argv=["export", "--out", out, "--workspace-gb", "4"],
+                                                needles=["--workspace-gb 4", "--engine"]),
+        "export-weights-with-abbreviated-preset": dict(argv=["export", "--out", out, "--weights", w["good"],
+                                                             "--pres", "wan2.2-5b"],
+                                                       needles=["--preset", "--weights"]),
+        "export-seed-overflow": dict(argv=["export", "--out", out, "--seed", str(2 ** 70)],
+                                     needles=["--seed"]),
+        "export-layers-text": dict(argv=["export", "--out", out, "--layers", "two"],
+                                   needles=["--layers", "two"]),
+        "demo-seed-overflow": dict(argv=["demo", "--seed", str(2 ** 70)], needles=["--seed"]),
+        # sizes whose activations cannot fit in the CPU's memory: refused before the model is built
+        "demo-size-too-big": dict(argv=["demo", "--height", "100000", "--width", "100000", "--device", "cpu"],
+                                  needles=["--height 100000", "GB", "free"]),
+        # sequence-parallel flags: checked before the model is built
+        "demo-ulysses-zero": dict(argv=["demo", "--ulysses", "0"], needles=["--ulysses 0", ">= 1"]),
+        "demo-ring-negative": dict(argv=["demo", "--ring", "-1"], needles=["--ring -1", ">= 1"]),
+        "demo-ulysses-without-torchrun": dict(argv=["demo", "--ulysses", "2"],
+                                              needles=["--ulysses 2", "torchrun"]),
+        "demo-cfg-parallel-without-torchrun": dict(argv=["demo", "--cfg-parallel"],
+                                                   needles=["--cfg-parallel", "torchrun"]),
+        "demo-parallel-wrong-world": dict(argv=["demo", "--ulysses", "2"],
+                                          env={"WORLD_SIZE": "4", "RANK": "0"},
+                                          needles=["--ulysses 2", "torchrun started 4"]),
+        "demo-ulysses-not-dividing-heads": dict(argv=["demo", "--ulysses", "3"],
+                                                env={"WORLD_SIZE": "3", "RANK": "0"},
+                                                needles=["--ulysses 3", "4 attention heads"]),
+        "demo-cfg-parallel-without-guidance": dict(argv=["demo", "--cfg-parallel", "--guidance", "1"],
+                                                   env={"WORLD_SIZE": "2", "RANK": "0"},
+                                                   needles=["--cfg-parallel", "--guidance 1"]),
+        # under torchrun every rank checks the flags; only rank 0 prints the line
+        "demo-parallel-error-on-rank-1": dict(argv=["demo", "--ulysses", "4"],
+                                              env={"WORLD_SIZE": "2", "RANK": "1"}, needles=[], silent=True),
+        "quantize-big-preset-on-cpu": dict(argv=["quantize-report", "--preset", "wan2.1-14b",
+                                                 "--device", "cpu"],
+                                           needles=["--preset wan2.1-14b", "--layers"]),
         "bench-json-in-proc": dict(entry="suite", argv=["--json", "/proc/nope/x.jsonl"],
                                    needles=["--json", "/proc/nope/x.jsonl"]),
         "bench-json-is-a-dir": dict(entry="suite", argv=["--json", tmp], needles=["--json", "directory"]),
@@ -149,6 +205,8 @@ def _cases(tmp: str) -> dict[str, dict]:
         "quantize-report-progress": dict(argv=["quantize-report", "--device", "cpu"], status=0, needles=[]),
         "export-progress": dict(argv=["export", "--out", os.path.join(tmp, "progress_out"), "--fp8",
                                       "--precision", "fp32", "--layers", "1"], status=0, needles=[]),
+        "export-saved-weights": dict(argv=["export", "--out", os.path.join(tmp, "weights_out"), "--weights",
+                                           w["good"], "--no-check", "--no-progress"], status=0, needles=[]),
         "debug-flag": dict(argv=["--debug", "demo", "--preset", "huge"], traceback=True,
                            needles=["--preset"]),
         "debug-flag-after-subcommand": dict(argv=["demo", "--height", "15", "--debug"], traceback=True,
@@ -170,6 +228,40 @@ def _cases(tmp: str) -> dict[str, dict]:
                                               needles=["--iters", "smoke run"]),
         })
     return c
+
+
+def _weight_dirs(tmp: str) -> dict[str, str]:
+    """Directories that look like ``--weights`` folders but are not usable ones."""
+    from wildactor_kernels.model import WildActor, WildActorConfig
+
+    d = {name: os.path.join(tmp, "weights_" + name)
+         for name in ("good", "not_json", "other_name", "not_st", "deeper", "narrower", "extra")}
+    m = WildActor(WildActorConfig.preset("tiny", num_layers=1))
+    m.save_pretrained(d["good"])
+    for name in ("not_json", "other_name", "not_st", "deeper", "narrower", "extra"):
+        os.makedirs(d[name])
+    with open(os.path.join(d["not_json"], "config.json"), "w") as fh:
+        fh.write("{oops")
+    with open(os.path.join(d["not_json"], "model.safetensors"), "wb") as fh:
+        fh.write(b"\0" * 16)
+    cfg = m.cfg.to_dict()
+    with open(os.path.join(d["other_name"], "config.json"), "w") as fh:
+        json.dump(cfg, fh)
+    shutil.copy(os.path.join(d["good"], "model.safetensors"),
+                os.path.join(d["other_name"], "weights.safetensors"))
+    with open(os.path.join(d["not_st"], "config.json"), "w") as fh:
+        json.dump(cfg, fh)
+    with open(os.path.join(d["not_st"], "model.safetensors"), "wb") as fh:
+        fh.write(b"\0" * 16)
+    for name, change in (("deeper", {"num_layers": 2}), ("narrower", {"dim": 32})):
+        with open(os.path.join(d[name], "config.json"), "w") as fh:
+            json.dump({**cfg, **change}, fh)
+        shutil.copy(os.path.join(d["good"], "model.safetensors"), d[name])
+    with open(os.path.join(d["extra"], "config.json"), "w") as fh:
+        json.dump(cfg, fh)
+    save_file({**m.state_dict(), "blocks.0.extra.weight": torch.zeros(2)},
+              os.path.join(d["extra"], "model.safetensors"))
+    return d
 
 
 def _env() -> dict:
@@ -209,7 +301,8 @@ def _all_case_names() -> list[str]:
 
 def _mistakes() -> list[str]:
     with tempfile.TemporaryDirectory() as d:
-        return [n for n, c in _cases(d).items() if not c.get("traceback") and c.get("status", 2) != 0]
+        return [n for n, c in _cases(d).items()
+                if not c.get("traceback") and not c.get("silent") and c.get("status", 2) != 0]
 
 
 @pytest.mark.parametrize("name", _mistakes())
@@ -348,6 +441,7 @@ def test_help_texts_are_plain_and_list_presets():
             assert bad not in text, f"{name or 'top-level'} help has {bad!r}"
     for name in ("demo", "quantize-report", "export"):
         assert all(p in texts[name] for p in PRESETS), name
+    assert "num_layers" not in texts["export"] and "--weights DIR" in texts["export"]
     for name in ("info", "demo", "quantize-report", "export"):
         assert "examples:" in texts[name] and f"wildactor {name}" in texts[name].split("examples:")[1], name
         assert sub[name].description, name
@@ -405,3 +499,155 @@ def test_third_party_noise_filter_is_narrow():
             log.setLevel(level)
             log.propagate = propagate
         assert keep.msgs == ["a warning that matters"], (name, keep.msgs)
+
+
+def test_failure_inside_the_work_is_one_line(monkeypatch, capsys):
+    """Past the argument checks, an error inside the work is one line on stderr with exit 1 (and
+    a hint at --debug); --debug re-raises it."""
+    from wildactor_kernels.model import cli
+
+    def broken(args):
+        raise RuntimeError("something broke deep inside\nsecond line")
+
+    monkeypatch.setattr(cli, "cmd_info", broken)
+    assert cli.main(["info"]) == 1
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines == ["wildactor info: error: RuntimeError: something broke deep inside "
+                     "(run again with --debug for the traceback)"], err
+    with pytest.raises(RuntimeError, match="something broke"):
+        cli.main(["--debug", "info"])
+
+
+def test_version(capsys):
+    from wildactor_kernels.model import cli
+
+    import wildactor_kernels
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"wildactor {wildactor_kernels.__version__}"
+
+
+def test_memory_check(monkeypatch):
+    """Sizes are compared with the free memory of the device; the defaults pass."""
+    from wildactor_kernels.model import cli
+
+    args = cli.build_parser().parse_args(["demo", "--device", "cpu"])
+    cli.check_demo(args)  # the default demo fits anywhere
+    monkeypatch.setattr(cli, "free_memory_bytes", lambda device: 10 ** 6)  # 1 MB free
+    with pytest.raises(cli.UsageError, match=r"--frames 3 --height 16 --width 16: 192 video tokens.*GB"):
+        cli.check_demo(cli.build_parser().parse_args(["demo", "--device", "cpu"]))
+    monkeypatch.setattr(cli, "free_memory_bytes", lambda device: None)  # unknown: no check
+    cli.check_demo(cli.build_parser().parse_args(["demo", "--device", "cpu"]))
+    monkeypatch.undo()
+    if sys.platform.startswith("linux"):
+        assert cli.free_memory_bytes("cpu") > 10 ** 6
+
+
+def test_weights_check_accepts_a_saved_model(tmp_path):
+    from wildactor_kernels.model import cli
+
+    d = _weight_dirs(str(tmp_path))
+    assert cli.check_weights_dir(d["good"]) == d["good"]
+    for name in ("not_json", "other_name", "not_st", "deeper", "narrower", "extra"):
+        with pytest.raises(cli.UsageError, match="--weights"):
+            cli.check_weights_dir(d[name])
+
+
+def test_only_rank_0_prints_a_mistake(results):
+    r = results["demo-parallel-error-on-rank-1"]
+    assert r["rc"] == 2 and r["err"].strip() == "" and "Traceback" not in r["out"], r
+
+
+def test_bench_help_lists_shapes_and_an_example(capsys):
+    from benchmarks.suite import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for shape in ("tiny", "wan1.3b-480p", "wan5b-720p", "wan14b-720p"):
+        assert shape in out.split("--shape NAME", 2)[-1], shape
+    assert "examples:" in out and "wildactor bench" in out.split("examples:")[1]
+    for bad in ("\u00a7", "``", ":class:", "DESIGN"):
+        assert bad not in out, bad
+
+
+def test_closed_pipe_stops_quietly():
+    """`wildactor demo | head -1`: the reader closes the pipe (here before the first line, so the
+    first write meets it closed, whatever the buffering); the command stops without an error line
+    or a traceback (exit 141, as shell tools)."""
+    p = subprocess.Popen([sys.executable, "-m", "wildactor_kernels.model.cli", "demo", "--steps", "1",
+                          "--repeats", "1", "--frames", "1", "--height", "4", "--width", "4", "--no-progress",
+                          "--device", "cpu"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    p.stdout.close()
+    err = p.stderr.read()
+    rc = p.wait(timeout=300)
+    assert rc == 141 and "Traceback" not in err and "BrokenPipe" not in err and "error" not in err, (rc, err)
+
+
+def test_export_of_saved_weights_says_so(results):
+    """With --weights the export names the folder, never the default preset it did not use."""
+    r = results["export-saved-weights"]
+    assert r["rc"] == 0 and "Traceback" not in r["out"] + r["err"], r["out"] + r["err"]
+    header = r["out"].splitlines()[0]
+    weights = r["argv"][r["argv"].index("--weights") + 1]
+    assert f"weights {weights}" in header and "preset" not in header and "1 layers" in header, header
+
+
+def test_quantize_report_memory_check(monkeypatch):
+    from wildactor_kernels.model import cli
+
+    args = cli.build_parser().parse_args(["quantize-report", "--device", "cpu"])
+    cli.check_quantize_report(args)  # tiny fits anywhere
+    monkeypatch.setattr(cli, "free_memory_bytes", lambda device: 10 ** 5)
+    with pytest.raises(cli.UsageError, match=r"--preset tiny: .* parameters; quantize-report needs about"):
+        cli.check_quantize_report(cli.build_parser().parse_args(["quantize-report", "--device", "cpu"]))
+
+
+BASE_INSTALL = r"""
+import sys
+for m in ("onnx", "onnxscript", "onnxruntime", "bitsandbytes", "diffusers", "transformers", "tensorrt",
+          "flash_attn"):
+    sys.modules[m] = None  # a base install: none of the optional packages imports
+from wildactor_kernels.model.cli import main
+print("rc", main(sys.argv[1:]), flush=True)
+"""
+
+
+@pytest.mark.parametrize("argv,status,needle", [
+    (["info"], 0, None),
+    (["export", "--out", "OUT"], 2, "pip install onnx"),
+    (["quantize-report", "--mode", "nf4"], 2, "pip install bitsandbytes"),
+])
+def test_base_install_in_a_fresh_process(tmp_path, argv, status, needle):
+    """Without any optional package, in a fresh interpreter (nothing imported before): the parser
+    builds, `info` works, and commands that need a missing package say which, in one line."""
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    p = subprocess.run([sys.executable, "-c", BASE_INSTALL, *argv], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert "Traceback" not in p.stdout + p.stderr, p.stderr
+    assert f"rc {status}" in p.stdout, p.stdout + p.stderr
+    if needle:
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and needle in lines[0], p.stderr
+
+
+def test_bench_outside_a_checkout_is_one_line(monkeypatch, capsys):
+    """benchmarks/ is not installed: from a wheel install, outside the repository, `wildactor bench`
+    says where the benchmarks are, in one line."""
+    from wildactor_kernels.model import cli
+
+    monkeypatch.setattr(cli, "find_checkout", lambda start=None: None)
+    assert cli.main(["bench", "--suite", "kernels"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "source checkout" in lines[0] and "Traceback" not in lines[0], lines
+
+
+def test_find_checkout_finds_this_repository(tmp_path):
+    from wildactor_kernels.model.cli import find_checkout
+
+    assert os.path.samefile(find_checkout(str(tmp_path)), ROOT)  # beside the imported package

@@ -112,6 +112,31 @@ def test_cli_lines_parse(argv):
     assert callable(args.func)
 
 
+def _torchrun_lines() -> list[tuple[int, list[str]]]:
+    """``(processes, CLI argv)`` of each ``torchrun ... -m wildactor_kernels.model.cli ...`` line."""
+    lines = []
+    for _, code in blocks("bash"):
+        for line in code.splitlines():
+            words = shlex.split(line.split("#")[0])
+            if words[:1] == ["torchrun"] and "wildactor_kernels.model.cli" in words:
+                nproc = int(words[words.index("--nproc-per-node") + 1])
+                lines.append((nproc, words[words.index("wildactor_kernels.model.cli") + 1:]))
+    return lines
+
+
+def test_torchrun_lines_pass_the_checks(monkeypatch):
+    """The README's torchrun command parses and passes the CLI's checks for as many processes as
+    it starts (the flags multiply to --nproc-per-node, Ulysses divides the heads)."""
+    from wildactor_kernels.model.cli import build_parser, check_parallel
+
+    lines = _torchrun_lines()
+    assert lines, "the README's sequence-parallel command is gone"
+    for nproc, argv in lines:
+        monkeypatch.setenv("WORLD_SIZE", str(nproc))
+        monkeypatch.setenv("RANK", "0")
+        check_parallel(build_parser().parse_args(argv))
+
+
 def test_tested_versions_are_stated_and_admitted():
     import triton
     from packaging.requirements import Requirement

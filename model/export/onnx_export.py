@@ -452,7 +452,8 @@ def _cmd_export(args) -> int:
     m.eval()
     precision = "fp8" if args.fp8 else (args.precision or "fp32")
     fp8_base = args.precision or "bf16"
-    print(f"wildactor export: preset={args.preset}{' (' + args.weights + ')' if args.weights else ''}, "
+    source = f"weights {args.weights}" if args.weights else f"preset={args.preset} (random weights)"
+    print(f"wildactor export: {source}, {m.cfg.num_layers} layers, "
           f"{m.num_parameters() / 1e6:.2f}M backbone params, precision={precision}"
           f"{' on ' + fp8_base if args.fp8 else ''}, attention={args.attention}, opset {args.opset}")
     res = export_onnx(m, args.out, opset=args.opset, attention=args.attention, precision=precision,
@@ -502,7 +503,7 @@ def _cmd_export(args) -> int:
 
             try:
                 build_engines(args.out, args.out, workspace_gb=args.workspace_gb, log=log,
-                              **(small if args.preset == "tiny" else {}))
+                              **(small if args.preset == "tiny" and not args.weights else {}))
             except ImportError as e:
                 print(f"engine: not built: {e}")
                 return 2
