@@ -62,7 +62,7 @@ def register_with_diffusers() -> None:
 def register_if_diffusers_loaded() -> bool:
     """:func:`register_with_diffusers` when diffusers is already imported (never imports it);
     returns whether WildActor is registered."""
-    if "diffusers" not in sys.modules:
+    if sys.modules.get("diffusers") is None:  # not imported (or blocked with a None entry)
         return False
     plu = sys.modules.get("diffusers.pipelines.pipeline_loading_utils")
     if plu is not None and "WildActor" in plu.LOADABLE_CLASSES.get(DIFFUSERS_LIBRARY, {}):

@@ -173,8 +173,8 @@ def _cases(tmp: str) -> dict[str, dict]:
         "demo-size-too-big": dict(argv=["demo", "--height", "100000", "--width", "100000", "--device", "cpu"],
                                   needles=["--height 100000", "GB", "free"]),
         # sequence-parallel flags: checked before the model is built
-        "demo-ulysses-zero": dict(argv=["demo", "--ulysses", "0"], needles=["--ulysses 0", ">= 1"]),
-        "demo-ring-negative": dict(argv=["demo", "--ring", "-1"], needles=["--ring -1", ">= 1"]),
+        "demo-ulysses-zero": dict(argv=["demo", "--ulysses", "0"], needles=["--ulysses", "got 0", ">= 1"]),
+        "demo-ring-negative": dict(argv=["demo", "--ring", "-1"], needles=["--ring", "got -1", ">= 1"]),
         "demo-ulysses-without-torchrun": dict(argv=["demo", "--ulysses", "2"],
                                               needles=["--ulysses 2", "torchrun"]),
         "demo-cfg-parallel-without-torchrun": dict(argv=["demo", "--cfg-parallel"],

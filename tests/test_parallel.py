@@ -429,7 +429,8 @@ def test_torchrun_demo_on_gloo(tmp_path):
 
 
 def test_parallel_flags_errors(capsys, monkeypatch):
-    """Bad degrees are usage errors (exit 2) naming the flag; the flags without torchrun say to use it."""
+    """Bad degrees are usage errors (exit 2) naming the flag; the flags without torchrun are usage
+    errors too (checked before any model is built), saying to use it."""
     from wildactor_kernels.model.cli import main
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -440,7 +441,7 @@ def test_parallel_flags_errors(capsys, monkeypatch):
         assert f"argument {flag}: expected a whole number >= 1" in err and "Traceback" not in err
     rc = main(["demo", "--ulysses", "2", "--steps", "1"])
     err = capsys.readouterr().err
-    assert rc == 1 and "torchrun --nproc-per-node" in err and "Traceback" not in err
+    assert rc == 2 and "--ulysses 2" in err and "torchrun --nproc-per-node" in err and "Traceback" not in err
 
 
 def test_sessions_are_quick(sessions):
