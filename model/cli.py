@@ -19,7 +19,7 @@ import sys
 import textwrap
 import time
 
-from .parallel.launch import add_parallel_arguments, parallel_from_args
+from .parallel.launch import add_parallel_arguments, parallel_from_args, positive_int
 
 DEBUG_ENV = "WILDACTOR_DEBUG"
 EPILOG_HINT = "Add --debug (or set WILDACTOR_DEBUG=1) to see the full traceback of an error."
@@ -41,16 +41,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 # --------------------------------------------------------------------------- argument types
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
-    return v
-
-
 def _finite_float(text: str) -> float:
     try:
         v = float(text)
@@ -157,52 +147,26 @@ def check_weights_dir(path: str, flag: str = "--weights") -> str:
 
 def _check_weight_files(path: str, flag: str) -> None:
     """The saved config builds a WildActorConfig and the weights file's header (read without the
-    tensors) has every backbone tensor of that model, in its shape."""
-    import json
-
+    tensors) has every backbone tensor of that model, in its shape (the loader's own checks, in
+    ``weights``, answered here in one line)."""
     import torch
 
-    from . import WildActor, WildActorConfig
-    from .adapters import is_adapter
-    from .weights import _IGNORED_KEYS, CONFIG_NAME, WEIGHTS_NAME  # the loader's own rule (same package)
+    from . import WildActor
+    from .weights import check_pretrained_header, read_config
 
-    cfg_path, w_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
-    try:
-        with open(cfg_path, encoding="utf-8") as fh:
-            raw = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{flag} {path}: {CONFIG_NAME} cannot be read as JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise UsageError(f"{flag} {path}: {CONFIG_NAME} must hold a JSON object, got {type(raw).__name__}")
-    try:
-        cfg = WildActorConfig.from_dict(raw)
-    except (TypeError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"{flag} {path}: {CONFIG_NAME} is not a WildActor config ({first})") from None
-    try:
-        from safetensors import safe_open
+    def first_line(e: Exception) -> str:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
 
-        with safe_open(w_path, framework="pt", device="cpu") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"{flag} {path}: {WEIGHTS_NAME} cannot be read as safetensors ({first})") from None
+    try:
+        cfg = read_config(path)
+    except (OSError, TypeError, ValueError) as e:
+        raise UsageError(f"{flag} {path}: {first_line(e)}") from None
     with torch.device("meta"):
         own = {k: tuple(v.shape) for k, v in WildActor(cfg).state_dict().items()}
-    missing = [k for k in own if not is_adapter(k) and k not in shapes]
-    if missing:
-        raise UsageError(f"{flag} {path}: {WEIGHTS_NAME} lacks {len(missing)} tensor(s) of the model its "
-                         f"{CONFIG_NAME} describes (e.g. {missing[0]})")
-    unknown = [k for k in shapes if k not in own and not _IGNORED_KEYS.search(k)]
-    if unknown:
-        raise UsageError(f"{flag} {path}: {WEIGHTS_NAME} has {len(unknown)} tensor(s) that the model its "
-                         f"{CONFIG_NAME} describes does not have (e.g. {unknown[0]})")
-    wrong = [k for k in own if k in shapes and shapes[k] != own[k]]
-    if wrong:
-        k = wrong[0]
-        raise UsageError(f"{flag} {path}: {WEIGHTS_NAME} has {len(wrong)} tensor(s) whose shape does not "
-                         f"match {CONFIG_NAME} (e.g. {k}: {list(shapes[k])}, expected {list(own[k])})")
-    numel = sum(math.prod(shape) for shape in shapes.values())
+    try:
+        numel = check_pretrained_header(path, own)
+    except ValueError as e:
+        raise UsageError(f"{flag} {path}: {first_line(e)}") from None
     check_memory(4 * numel, "cpu", f"{flag} {path}: loading {_count(numel)} parameters as fp32 on the CPU")
 
 
@@ -608,7 +572,7 @@ def _add_export(sub) -> None:
             a.type = _seed
             a.help = a.help or "random seed of the weights and the check inputs (default: 0)"
         elif a.dest == "layers":
-            a.type = _positive_int
+            a.type = positive_int
             a.help = ("build only this many transformer blocks of the preset (random weights only; e.g. 2 "
                       "for a quick export of a big preset)")
         elif a.dest == "weights":
@@ -744,14 +708,14 @@ def build_parser() -> argparse.ArgumentParser:
              presets=True)
     s.add_argument("--preset", default="tiny", choices=presets, metavar="NAME",
                    help="model configuration (default: tiny)")
-    s.add_argument("--layers", type=_positive_int, default=None,
+    s.add_argument("--layers", type=positive_int, default=None,
                    help="build only this many transformer blocks (e.g. 2 to try a big preset on a CPU, "
                         f"where the demo builds at most {_count(CPU_DEMO_MAX_PARAMS)} parameters)")
-    s.add_argument("--steps", type=_positive_int, default=8, help="denoising steps (default: 8)")
-    s.add_argument("--frames", type=_positive_int, default=3, help="latent frames (default: 3)")
-    s.add_argument("--height", type=_positive_int, default=16,
+    s.add_argument("--steps", type=positive_int, default=8, help="denoising steps (default: 8)")
+    s.add_argument("--frames", type=positive_int, default=3, help="latent frames (default: 3)")
+    s.add_argument("--height", type=positive_int, default=16,
                    help="latent height, a multiple of 2 (default: 16)")
-    s.add_argument("--width", type=_positive_int, default=16,
+    s.add_argument("--width", type=positive_int, default=16,
                    help="latent width, a multiple of 2 (default: 16)")
     s.add_argument("--guidance", type=_finite_float, default=5.0,
                    help="classifier-free guidance scale; 1 or less turns guidance off (default: 5)")
@@ -759,7 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu, cuda or cuda:N (default: cuda if a CUDA device is present, else cpu)")
     s.add_argument("--seed", type=_seed, default=0,
                    help="random seed of weights, inputs and noise (default: 0)")
-    s.add_argument("--repeats", type=_positive_int, default=3,
+    s.add_argument("--repeats", type=positive_int, default=3,
                    help="timed runs of each path; the median is reported (default: 3)")
     s.add_argument("--tol", type=_finite_float, default=1e-4,
                    help="largest allowed |uncached - cached| difference of the results (default: 1e-4)")
@@ -778,7 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model configuration (default: tiny)")
     s.add_argument("--mode", default="fp8", choices=["fp8", "int8", "nf4"],
                    help="fp8 (our kernels) or int8 / nf4 (bitsandbytes) (default: fp8)")
-    s.add_argument("--layers", type=_positive_int, default=None,
+    s.add_argument("--layers", type=positive_int, default=None,
                    help="build only this many transformer blocks (e.g. 2 to try a big preset quickly)")
     s.add_argument("--device", type=_device_name, default=None,
                    help="cpu, cuda or cuda:N (default: cuda if a CUDA device is present, else cpu)")

@@ -43,7 +43,7 @@ ALPHA_MODES = ("check", "model", "file")
 FP8_CODE_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
                                                    "float8_e5m2fnuz") if hasattr(torch, n))
 # diffusers declares these as ignorable when loading a Wan checkpoint.
-_IGNORED_KEYS = re.compile(r"(^|\.)norm_added_q\.")
+IGNORED_KEYS = re.compile(r"(^|\.)norm_added_q\.")
 
 
 class LoadResult(NamedTuple):
@@ -240,7 +240,7 @@ def load_wan_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]
     own = model.state_dict()
     if isinstance(state_dict, Mapping):
         state_dict = {k: v for k, v in state_dict.items()
-                      if not (isinstance(k, str) and _IGNORED_KEYS.search(k))}
+                      if not (isinstance(k, str) and IGNORED_KEYS.search(k))}
         state_dict = _quantize_float_weights(own, state_dict)
     assign = any(p.is_meta for p in own.values())
     try:
@@ -290,23 +290,60 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
                {"format": "pt", "model": "WildActor"})
 
 
+def read_config(directory: str) -> WildActorConfig:
+    """The :class:`WildActorConfig` of a :func:`save_pretrained` directory. A file that is not JSON,
+    not an object or not a WildActor config raises ValueError/TypeError naming the file; a missing
+    file raises the OSError of ``open``."""
+    cfg_path = os.path.join(directory, CONFIG_NAME)
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_path} must hold a JSON object, got {type(raw).__name__}")
+    try:
+        return WildActorConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{cfg_path} is not a WildActor config: {e}") from e
+
+
+def check_pretrained_header(directory: str, model_shapes: dict[str, tuple[int, ...]]) -> int:
+    """Check a :func:`save_pretrained` directory's weights file against ``model_shapes`` (name ->
+    shape of the model its config builds) from the safetensors header alone, no tensor read: every
+    backbone tensor present in its shape, no tensor the model lacks. Returns the file's element
+    count; raises ValueError naming the file and the first offending tensor."""
+    from safetensors import safe_open
+
+    w_path = os.path.join(directory, WEIGHTS_NAME)
+    try:
+        with safe_open(w_path, framework="pt", device="cpu") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{w_path} cannot be read as safetensors ({first})") from e
+    missing = [k for k in model_shapes if not is_adapter(k) and k not in shapes]
+    if missing:
+        raise ValueError(f"{w_path} lacks {len(missing)} tensor(s) of the model its {CONFIG_NAME} "
+                         f"describes (e.g. {missing[0]})")
+    unknown = [k for k in shapes if k not in model_shapes and not IGNORED_KEYS.search(k)]
+    if unknown:
+        raise ValueError(f"{w_path} has {len(unknown)} tensor(s) that the model its {CONFIG_NAME} "
+                         f"describes does not have (e.g. {unknown[0]})")
+    wrong = [k for k in model_shapes if k in shapes and shapes[k] != model_shapes[k]]
+    if wrong:
+        k = wrong[0]
+        raise ValueError(f"{w_path} has {len(wrong)} tensor(s) whose shape does not match {CONFIG_NAME} "
+                         f"(e.g. {k}: {list(shapes[k])}, expected {list(model_shapes[k])})")
+    return sum(math.prod(shape) for shape in shapes.values())
+
+
 def read_pretrained(directory: str, device: torch.device | str | None = None, **overrides
                     ) -> tuple[WildActorConfig, dict[str, torch.Tensor], torch.dtype]:
     """``(config, state dict, saved dtype)`` of a :func:`save_pretrained` directory, for
     :meth:`WildActor.from_pretrained`. ``overrides`` change config fields that do not alter
     shapes (e.g. ``backend="reference"``). Errors name the file."""
-    cfg_path = os.path.join(directory, CONFIG_NAME)
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
-    if not isinstance(raw, dict):
-        raise ValueError(f"{cfg_path} must hold a JSON object, got {type(raw).__name__}")
-    try:
-        cfg = WildActorConfig.from_dict(raw)
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"{cfg_path}: {e}") from e
+    cfg = read_config(directory)
     if overrides:
         cfg = cfg.replace(**overrides)
     weights_path = os.path.join(directory, WEIGHTS_NAME)

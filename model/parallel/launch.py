@@ -14,11 +14,12 @@ import atexit
 import os
 import sys
 
-__all__ = ["add_parallel_arguments", "parallel_from_args", "is_main_process"]
+__all__ = ["add_parallel_arguments", "parallel_from_args", "is_main_process", "positive_int"]
 
 
-def _degree(text: str) -> int:
-    """A parallel degree: a whole number >= 1 (a usage error otherwise, before any process group)."""
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (a usage error otherwise). The parallel degrees use it,
+    and the CLI's sizes and counts."""
     try:
         v = int(text)
     except ValueError:
@@ -31,8 +32,8 @@ def _degree(text: str) -> int:
 def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--ulysses N``, ``--ring N``, ``--cfg-parallel`` to a subcommand's parser."""
     g = parser.add_argument_group("sequence parallelism (run under torchrun; docs/parallel.md)")
-    g.add_argument("--ulysses", type=_degree, default=1, help="Ulysses degree (must divide the heads)")
-    g.add_argument("--ring", type=_degree, default=1, help="ring-attention degree")
+    g.add_argument("--ulysses", type=positive_int, default=1, help="Ulysses degree (must divide the heads)")
+    g.add_argument("--ring", type=positive_int, default=1, help="ring-attention degree")
     g.add_argument("--cfg-parallel", action="store_true",
                    help="run the two guidance branches on two halves of the ranks")
 
