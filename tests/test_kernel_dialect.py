@@ -217,6 +217,10 @@ def test_every_autotune_goes_through_the_interpreter_rule():
                     if configs is None or not _builds_with_autotune_configs(configs, tree):
                         bad.append(f"{os.path.relpath(path, ROOT)}:{fn.lineno} {fn.name}: configs do "
                                    f"not come from _utils.autotune_configs")
+                    bench = next((k.value for k in d.keywords if k.arg == "do_bench"), None)
+                    if bench is None or ast.unparse(bench) != "autotune_bench()":
+                        bad.append(f"{os.path.relpath(path, ROOT)}:{fn.lineno} {fn.name}: no "
+                                   f"do_bench=autotune_bench() (Triton 3.6 times even one config)")
     assert seen >= 5
     assert not bad, "\n".join(bad)
 
@@ -269,3 +273,35 @@ def test_supported_dtypes_are_not_spelled_out_again():
             if literal and {ast.unparse(e) for e in n.elts} == supported:
                 bad.append(f"{os.path.relpath(path, ROOT)}:{n.lineno} {ast.unparse(n)}")
     assert not bad, "use _utils.SUPPORTED_DTYPES:\n" + "\n".join(bad)
+
+
+def test_interpreter_runs_a_loop_with_a_runtime_bound_and_skips_timing():
+    """The two interpreter rules of ``_utils``: a ``range`` over a runtime bound works (Triton 3.6
+    with NumPy >= 2.4 needs ``_interpreter_compat``), and ``autotune_bench`` times nothing there."""
+    import torch
+    import triton
+    import triton.language as tl
+
+    from wildactor_kernels import _utils
+
+    if not _utils.interpreter_active():
+        pytest.skip("the interpreter rules apply under TRITON_INTERPRET=1 only")
+    assert _utils.autotune_bench()(lambda: 1 / 0, quantiles=(0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
+    _utils._interpreter_compat()  # idempotent: a second call changes nothing
+
+    @triton.autotune(configs=[triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})], key=["N"],
+                     prune_configs_by={"early_config_prune": lambda configs, *a, **k: configs[:1]},
+                     do_bench=_utils.autotune_bench())
+    @triton.jit
+    def _count(p_out, N, BLOCK: tl.constexpr):
+        i_b = tl.program_id(0)
+        n = N - i_b  # a runtime value, as the attention kernels' segment ends
+        b_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n, BLOCK):
+            o_x = start + tl.arange(0, BLOCK)
+            b_acc += tl.where(o_x < n, 1.0, 0.0)
+        tl.store(p_out + i_b, tl.sum(b_acc))
+
+    out = torch.full((3,), float("nan"))
+    _count[(3,)](out, 37)
+    assert out.tolist() == [37.0, 36.0, 35.0]

@@ -61,9 +61,52 @@ def _import_triton() -> bool:
     return True
 
 
+def _interpreter_compat() -> None:
+    """Make Triton 3.6's CPU interpreter work with NumPy >= 2.4 (a no-op elsewhere).
+
+    The interpreter holds a scalar as a one-element array and converts it with ``int(array)``
+    when a loop bound is a runtime value (``for start in range(0, n, BLOCK)``); NumPy 2.4 refuses
+    that for arrays of ndim > 0. Newer Triton squeezes the array first, and so does this patch of
+    the 3.6 hook, applied only when the installed interpreter still has the old conversion and
+    NumPy refuses it."""
+    import inspect
+
+    import numpy as np
+
+    try:
+        int(np.ones(1))
+        return  # this NumPy still converts one-element arrays
+    except TypeError:
+        pass
+    try:
+        from triton.runtime import interpreter
+    except Exception:  # pragma: no cover - a Triton without the interpreter module
+        return
+    hook = getattr(interpreter, "_patch_lang_tensor", None)
+    if hook is None or getattr(hook, "_wildactor_compat", False):
+        return
+    try:
+        old = "int(self.handle.data))" in inspect.getsource(hook)
+    except (OSError, TypeError):  # pragma: no cover - no source to read
+        return
+    if not old:
+        return
+
+    def patched(tensor, scope):
+        hook(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._wildactor_compat = True
+    interpreter._patch_lang_tensor = patched
+    logger.debug("Triton interpreter: one-element scalars converted with squeeze() (Triton 3.6 with "
+                 "NumPy >= 2.4)")
+
+
 # Computed once at import: a plain constant is free to read under torch.compile (dynamo warns on
 # ``functools.lru_cache``-wrapped functions and would guard on the cache).
 _TRITON_AVAILABLE: bool = _import_triton()
+if _TRITON_AVAILABLE and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    _interpreter_compat()
 
 
 def triton_available() -> bool:
@@ -241,6 +284,18 @@ def autotune_configs(gpu: Sequence, interpreted) -> list:
     if not interpreter_active():
         return list(gpu)
     return list(interpreted) if isinstance(interpreted, (list, tuple)) else [interpreted]
+
+
+def _no_timing(kernel_call, quantiles=None, **kwargs) -> list[float]:
+    return [0.0, 0.0, 0.0] if quantiles is not None else 0.0
+
+
+def autotune_bench() -> Callable | None:
+    """The ``do_bench`` of every ``triton.autotune`` here: None (Triton's own timing) when
+    compiled. Under the interpreter each kernel's prune leaves one config, so there is nothing to
+    time; Triton 3.9 then skips the timing, Triton 3.6 would still time that one config through a
+    GPU driver the CPU does not have. This no-op timing makes both versions just run it."""
+    return _no_timing if interpreter_active() else None
 
 
 def register_fake(op, fake: Callable) -> None:

@@ -52,6 +52,7 @@ import triton.language as tl
 from .._utils import (
     LOG2E,
     SUPPORTED_DTYPES,
+    autotune_bench,
     autotune_configs,
     device_guard,
     interpreter_active,
@@ -174,7 +175,8 @@ _FP8_INTERPRETED = triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1)
 
 @triton.autotune(configs=autotune_configs([triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
                                            for m, w, s in _FP8_GPU], _FP8_INTERPRETED),
-                 key=["HEAD_DIM", "BLOCK_N", "SCALE_NEG", "UPCAST"])
+                 key=["HEAD_DIM", "BLOCK_N", "SCALE_NEG", "UPCAST"],
+                 do_bench=autotune_bench())
 @triton.jit
 def _fp8_attn_fwd_kernel(
     p_q, p_o, p_kq1, p_ks1, p_vt1, p_kq2, p_ks2, p_vt2, p_ratio, p_oscale,

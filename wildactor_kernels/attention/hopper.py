@@ -54,6 +54,7 @@ from .._utils import (
     HOPPER_HEAD_DIMS,
     LOG2E,
     SUPPORTED_DTYPES,
+    autotune_bench,
     autotune_configs,
     device_guard,
     dot_flags,
@@ -184,7 +185,8 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=_hopper_configs(), key=["HEAD_DIM", "CACHED", "WS_MODE", "DOT_PREC"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": _prune},
+                 do_bench=autotune_bench())
 @triton.jit
 def _hopper_fwd_kernel(
     p_q, p_k, p_v, p_k2, p_v2, p_o, p_lse,

@@ -60,6 +60,7 @@ from .._utils import LOG2E as _LOG2E
 from .._utils import (
     ROPE_MODES,
     SUPPORTED_DTYPES,
+    autotune_bench,
     autotune_configs,
     device_guard,
     dot_flags,
@@ -304,7 +305,8 @@ def _make_prune(kind: str):
 
 @triton.autotune(configs=_configs(_FWD_GPU, _FWD_INTERPRETED),
                  key=["HEAD_DIM", "ROTATE", "CACHED", "DOT_PREC"],
-                 prune_configs_by={"early_config_prune": _make_prune("fwd")})
+                 prune_configs_by={"early_config_prune": _make_prune("fwd")},
+                 do_bench=autotune_bench())
 @triton.jit
 def _attn_fwd_kernel(
     p_q, p_k, p_v, p_k2, p_v2, p_o, p_lse, p_cos, p_sin,
@@ -490,7 +492,8 @@ _DKDV_GPU = {
 @triton.autotune(configs=_configs(_DKDV_GPU, _BWD_INTERPRETED),
                  key=["HEAD_DIM", "ROTATE", "CACHED", "DOT_PREC"],
                  prune_configs_by={"early_config_prune": _make_prune("dkdv")},
-                 reset_to_zero=["p_dqa"])
+                 reset_to_zero=["p_dqa"],
+                 do_bench=autotune_bench())
 @triton.jit
 def _attn_bwd_kernel(
     p_q, p_k, p_v, p_k2, p_v2, p_do, p_lse, p_delta, p_dk, p_dv, p_dk2, p_dv2, p_dqa, p_cos, p_sin,

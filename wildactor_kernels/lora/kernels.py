@@ -43,6 +43,7 @@ import triton.language as tl
 from .._utils import (
     SUPPORTED_DTYPES,
     autocast_active,
+    autotune_bench,
     autotune_configs,
     device_guard,
     dot_flags,
@@ -92,7 +93,8 @@ _SHRINK_CONFIGS = autotune_configs(
     triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}))
 
 
-@triton.autotune(configs=_SHRINK_CONFIGS, key=["M_BUCKET", "K", "RANK"])
+@triton.autotune(configs=_SHRINK_CONFIGS, key=["M_BUCKET", "K", "RANK"],
+                 do_bench=autotune_bench())
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _lora_shrink_kernel(
@@ -181,7 +183,8 @@ _GEMM_CONFIGS = autotune_configs(
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}))
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "K", "NOUT", "RANK", "REF_MODE", "HAS_BIAS"])
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "K", "NOUT", "RANK", "REF_MODE", "HAS_BIAS"],
+                 do_bench=autotune_bench())
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _lora_gemm_kernel(

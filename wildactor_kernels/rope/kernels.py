@@ -31,7 +31,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import autotune_configs, device_guard, interpreter_active, register_fake, unit_last
+from .._utils import (
+    autotune_bench,
+    autotune_configs,
+    device_guard,
+    interpreter_active,
+    register_fake,
+    unit_last,
+)
 
 __all__ = ["apply_rope_triton", "qk_norm_rope_triton", "apply_rope_fwd", "apply_rope_bwd",
            "qk_norm_rope_fwd", "qk_norm_rope_bwd"]
@@ -89,6 +96,7 @@ def _load_cos_sin(p_cos, p_sin, o_n, m_n, stride_cn, D, D_PAD: tl.constexpr):
 @triton.autotune(
     configs=_configs([(4, 4), (8, 4), (16, 4), (16, 8), (32, 8)]),
     key=["H", "D_PAD"],
+    do_bench=autotune_bench(),
 )
 @triton.heuristics({"BLOCK_H": _block_h})
 @triton.jit
@@ -133,6 +141,7 @@ def _rope_kernel(
 @triton.autotune(
     configs=_configs([(2, 4), (4, 4), (4, 8), (8, 8), (16, 8)]),
     key=["H", "D_PAD"],
+    do_bench=autotune_bench(),
 )
 @triton.heuristics({"BLOCK_H": _block_h})
 @triton.jit
