@@ -105,8 +105,10 @@ def check_device(device: str | None, flag: str = "--device") -> str:
     return device
 
 
-def check_out_dir(path: str, flag: str = "--out") -> str:
-    """Create the output directory ``path`` (if needed) and check that files can be written in it."""
+def check_out_dir(path: str, flag: str = "--out", create: bool = True) -> str:
+    """Create the output directory ``path`` (if needed) and check that files can be written in it.
+    With ``create=False`` nothing is left behind: a name, not a file, no file on the way, and a
+    probe file made and removed in the nearest existing folder."""
     if not path.strip():
         raise UsageError(f"{flag} {path!r}: expected a directory name (it is made if missing)")
     p = os.path.abspath(path)
@@ -117,6 +119,15 @@ def check_out_dir(path: str, flag: str = "--out") -> str:
         anc = os.path.dirname(anc)
     if not os.path.isdir(anc):
         raise UsageError(f"{flag} {path}: {anc} is a file, so no directory can be made below it")
+    if not create:
+        import tempfile
+
+        try:
+            with tempfile.TemporaryFile(dir=anc):
+                pass
+        except OSError as e:
+            raise UsageError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+        return p
     try:
         os.makedirs(p, exist_ok=True)
         probe = os.path.join(p, f".wildactor-write-test-{os.getpid()}")
@@ -513,6 +524,24 @@ def check_export(args: argparse.Namespace) -> None:
             raise UsageError(f"--preset {args.preset}: applies to random weights only; with --weights the "
                              f"saved config.json sets the model")
         check_weights_dir(weights)
+    # the arguments first (a mistake in them is answered whatever is installed), then the packages
+    if opset < MIN_OPSET:
+        raise UsageError(f"--opset {opset}: expected at least {MIN_OPSET} (the exporter needs opset >= "
+                         f"{MIN_OPSET}; default 23)")
+    if not (math.isfinite(workspace_gb) and workspace_gb > 0):
+        raise UsageError(f"--workspace-gb {workspace_gb:g}: expected a positive number of GB")
+    if not engine and (_given(args, "--workspace-gb") or workspace_gb != 8.0):
+        raise UsageError(f"--workspace-gb {workspace_gb:g}: applies to the TensorRT build only; add --engine "
+                         f"or drop it")
+    check_out_dir(args.out, create=False)  # made at the end, once every check has passed
+    if engine:
+        require_module("tensorrt", "--engine", "install TensorRT 10 (pip install tensorrt) on a CUDA "
+                       "machine, or drop --engine to export the ONNX graphs only")
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--engine: TensorRT engines are built on a CUDA device and none is available "
+                             "here; drop --engine to export the ONNX graphs only")
     require_module("onnx", "wildactor export", "pip install onnx onnxscript (or pip install "
                    "wildactor-kernels[test])")
     require_module("onnxscript", "wildactor export", "pip install onnxscript")
@@ -530,19 +559,6 @@ def check_export(args: argparse.Namespace) -> None:
     if not no_check:
         require_module("onnxruntime", "the onnxruntime check of wildactor export",
                        "pip install onnxruntime, or skip the check with --no-check")
-    if engine:
-        require_module("tensorrt", "--engine", "install TensorRT 10 (pip install tensorrt) on a CUDA "
-                       "machine, or drop --engine to export the ONNX graphs only")
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError("--engine: TensorRT engines are built on a CUDA device and none is available "
-                             "here; drop --engine to export the ONNX graphs only")
-    if not (math.isfinite(workspace_gb) and workspace_gb > 0):
-        raise UsageError(f"--workspace-gb {workspace_gb:g}: expected a positive number of GB")
-    if not engine and (_given(args, "--workspace-gb") or workspace_gb != 8.0):
-        raise UsageError(f"--workspace-gb {workspace_gb:g}: applies to the TensorRT build only; add --engine "
-                         f"or drop it")
     check_out_dir(args.out)
 
 

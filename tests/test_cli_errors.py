@@ -366,7 +366,14 @@ def test_quantize_report_shows_progress(results):
     assert "model output" in r["out"] and "quantize-report:" not in r["out"]  # table on stdout, bar not
 
 
+def _needs_exporter():
+    """A real export needs onnx, onnxscript and onnxruntime (the GPU machine lacks onnxscript)."""
+    for m in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(m, reason=f"{m} is not installed: no real export here")
+
+
 def test_export_shows_progress(results):
+    _needs_exporter()
     r = results["export-progress"]
     text = r["out"] + r["err"]
     assert r["rc"] == 0 and "Traceback" not in text, text
@@ -591,6 +598,7 @@ def test_closed_pipe_stops_quietly():
 
 def test_export_of_saved_weights_says_so(results):
     """With --weights the export names the folder, never the default preset it did not use."""
+    _needs_exporter()
     r = results["export-saved-weights"]
     assert r["rc"] == 0 and "Traceback" not in r["out"] + r["err"], r["out"] + r["err"]
     header = r["out"].splitlines()[0]
