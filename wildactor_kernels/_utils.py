@@ -218,6 +218,20 @@ def check_qkv(names: tuple[str, str, str], q, k, v) -> None:
     check_head_dim(names[0], q.shape[-1])
 
 
+def check_ref_kv(ref_k, ref_v, q_shape: Sequence[int]) -> None:
+    """The cached reference K/V of a cached attention op: 4-D float tensors of one shape
+    ``[B, Nr, H, D]`` whose B, H and D are those of the video queries (shape ``q_shape``)."""
+    check_tensor("ref_k", ref_k, ndim=4, floating=True)
+    check_tensor("ref_v", ref_v, ndim=4, floating=True)
+    b, _, h, d = q_shape
+    if ref_k.shape != ref_v.shape:
+        raise ValueError(f"ref_k and ref_v must share one shape, got {tuple(ref_k.shape)} and "
+                         f"{tuple(ref_v.shape)}")
+    if ref_k.shape[0] != b or ref_k.shape[2:] != (h, d):
+        raise ValueError(f"ref_k must have shape [B, Nr, H, D] = [{b}, Nr, {h}, {d}], got "
+                         f"{tuple(ref_k.shape)}")
+
+
 def autocast_active(device: torch.device) -> bool:
     """Whether autocast is on for ``device``'s type (False for types autocast does not know,
     such as ``meta``, where ``torch.is_autocast_enabled`` raises)."""

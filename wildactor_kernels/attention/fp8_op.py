@@ -13,6 +13,7 @@ import torch
 
 from .._utils import (
     check_qkv,
+    check_ref_kv,
     check_rope_tables,
     check_same_device,
     check_tensor,
@@ -162,14 +163,7 @@ def cached_asym_attention_fp8(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.T
                              f"QuantizedKV cache is on {ref_k.device}")
         check_same_device(q_v=q_v, k_v=k_v, v_v=v_v, cos=cos, sin=sin)
     else:
-        check_tensor("ref_k", ref_k, ndim=4, floating=True)
-        check_tensor("ref_v", ref_v, ndim=4, floating=True)
-        if ref_k.shape != ref_v.shape:
-            raise ValueError(f"ref_k and ref_v must share one shape, got {tuple(ref_k.shape)} and "
-                             f"{tuple(ref_v.shape)}")
-        if ref_k.shape[0] != b or ref_k.shape[2:] != (h, d):
-            raise ValueError(f"ref_k must have shape [B, Nr, H, D] = [{b}, Nr, {h}, {d}], got "
-                             f"{tuple(ref_k.shape)}")
+        check_ref_kv(ref_k, ref_v, q_v.shape)
         check_same_device(q_v=q_v, k_v=k_v, v_v=v_v, ref_k=ref_k, ref_v=ref_v, cos=cos, sin=sin)
     check_rope_tables(cos, sin, nv, d)
     with torch.no_grad():

@@ -11,9 +11,9 @@ from .._utils import (
     autocast_active,
     check_num_video,
     check_qkv,
+    check_ref_kv,
     check_rope_tables,
     check_same_device,
-    check_tensor,
     resolve_backend,
 )
 from .._validate import check_attention_scale
@@ -115,15 +115,8 @@ def cached_asym_attention(q_v: torch.Tensor, k_v: torch.Tensor, v_v: torch.Tenso
         _check_rope_mode(rope_mode)
         return fp8_op.cached_asym_attention_fp8(q_v, k_v, v_v, ref_k, ref_v, cos, sin, scale, backend)
     check_qkv(("q_v", "k_v", "v_v"), q_v, k_v, v_v)
-    check_tensor("ref_k", ref_k, ndim=4, floating=True)
-    check_tensor("ref_v", ref_v, ndim=4, floating=True)
+    check_ref_kv(ref_k, ref_v, q_v.shape)
     b, nv, h, d = q_v.shape
-    if ref_k.shape != ref_v.shape:
-        raise ValueError(f"ref_k and ref_v must share one shape, got {tuple(ref_k.shape)} and "
-                         f"{tuple(ref_v.shape)}")
-    if ref_k.shape[0] != b or ref_k.shape[2:] != (h, d):
-        raise ValueError(f"ref_k must have shape [B, Nr, H, D] = [{b}, Nr, {h}, {d}], got "
-                         f"{tuple(ref_k.shape)}")
     check_rope_tables(cos, sin, nv, d)
     check_same_device(q_v=q_v, k_v=k_v, v_v=v_v, ref_k=ref_k, ref_v=ref_v, cos=cos, sin=sin)
     _check_rope_mode(rope_mode)
